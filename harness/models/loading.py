@@ -1,0 +1,92 @@
+"""Load LLaVA-family checkpoints: Hub ids, local folders, and the models bundled with the project.
+
+Every model, bundled or downloaded, goes through ``load_model`` so that the bundled default is a
+faithful stand-in for ``llava-hf/llava-1.5-7b-hf``: same classes, same processor, same hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model name is neither bundled, a local folder, nor reachable on the Hub."""
+
+
+def bundled_models() -> dict[str, Path]:
+    """Bundled checkpoints by name: every folder under harness/models/bundled with a config.json."""
+    if not BUNDLED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Bundled name -> its folder; an existing local folder -> itself; anything else is a Hub id."""
+    bundled = bundled_models()
+    if name_or_path in bundled:
+        return str(bundled[name_or_path])
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    return name_or_path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(DTYPES))}") from None
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp16 on GPUs as in the papers; fp32 on CPU, where fp16 matmuls are slow or unsupported."""
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A model with its processor and where it came from (recorded in every result)."""
+
+    name: str
+    path: str
+    model: Any
+    processor: Any
+    dtype: torch.dtype
+    device: str
+
+
+def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
+               device: str = "cpu") -> LoadedModel:
+    """Load a ``LlavaForConditionalGeneration``-compatible checkpoint and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = resolve_model_path(name_or_path)
+    torch_dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    except OSError as exc:
+        valid = ", ".join(bundled_models()) or "(none)"
+        raise ModelNotFoundError(
+            f"could not load model {name_or_path!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}\n"
+            f"Use a bundled model ({valid}), a local folder in Hugging Face format, or a Hub id "
+            f"such as llava-hf/llava-1.5-7b-hf with the Hub reachable."
+        ) from exc
+    model.to(device).eval()
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"  # batched greedy generation must not depend on batch size
+        if tok.pad_token is None:
+            tok.pad_token = tok.unk_token or tok.eos_token
+    return LoadedModel(name=name_or_path, path=path, model=model, processor=processor,
+                       dtype=torch_dtype, device=str(device))

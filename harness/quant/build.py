@@ -1,0 +1,79 @@
+"""Building blocks methods share to turn a model and a ``QuantConfig`` into a ``QuantState``."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..models.layers import select_linears
+from .config import QuantConfig
+from .quantizer import qparams, rtn_weight
+from .state import ActQuant, LinearQuant, QuantState
+
+
+def target_linears(model: nn.Module, qcfg: QuantConfig) -> dict[str, nn.Linear]:
+    """The linear layers ``qcfg`` asks to quantize (by model part)."""
+    if qcfg.is_float:
+        return {}
+    return select_linears(model, qcfg.parts)
+
+
+def act_quantizer(qcfg: QuantConfig) -> ActQuant | None:
+    """The input activation quantizer a linear gets under ``qcfg`` (None at 16 bits)."""
+    if not qcfg.quantizes_acts:
+        return None
+    return ActQuant(bits=qcfg.a_bits, sym=qcfg.a_sym, granularity=qcfg.a_granularity,
+                    clip_ratio=qcfg.a_clip)
+
+
+def linear_from_weight(weight: torch.Tensor, qcfg: QuantConfig,
+                       clip_ratio: float | torch.Tensor | None = None,
+                       act: ActQuant | None = None) -> LinearQuant:
+    """Round-to-nearest entry for a (possibly transformed) float weight."""
+    if not qcfg.quantizes_weights:
+        return LinearQuant(bits=16, act=act)
+    clip = qcfg.w_clip if clip_ratio is None else clip_ratio
+    codes, scale, zero = rtn_weight(weight.detach().float(), qcfg.w_bits, qcfg.w_sym,
+                                    qcfg.w_group_size, clip)
+    return LinearQuant(bits=qcfg.w_bits, codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(),
+                       group_size=qcfg.w_group_size, sym=qcfg.w_sym, act=act)
+
+
+def rtn_state(model: nn.Module, qcfg: QuantConfig, method: str) -> QuantState:
+    """Round-to-nearest for every target linear: RTN itself, and the start of other methods."""
+    state = QuantState(method=method, config=qcfg)
+    for name, lin in target_linears(model, qcfg).items():
+        state.linears[name] = linear_from_weight(lin.weight, qcfg, act=act_quantizer(qcfg))
+    return state
+
+
+def calibrate_static_acts(model: nn.Module, state: QuantState, batches: Iterable[dict]) -> None:
+    """Fill per-tensor activation ranges from calibration batches (min/max over all tokens)."""
+    names = [n for n, lq in state.linears.items()
+             if lq.act is not None and lq.act.granularity == "per_tensor"]
+    if not names:
+        return
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(_m, args, _n=name):
+            x = args[0].detach().float()
+            lo[_n] = torch.minimum(lo[_n], x.min()) if _n in lo else x.min()
+            hi[_n] = torch.maximum(hi[_n], x.max()) if _n in hi else x.max()
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        act = state.linears[name].act
+        if name not in lo:
+            raise RuntimeError(f"calibration never reached {name}; cannot set its static range")
+        span = torch.stack([lo[name], hi[name]]).cpu()
+        act.scale, act.zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)

@@ -1,0 +1,135 @@
+"""The simulated (fake-quant) model: a float model that computes exactly what the state says.
+
+``apply_state`` swaps each quantized ``nn.Linear`` for a ``FakeQuantLinear`` holding the
+dequantized weight and the input activation quantizer, and loads the method's float overrides.
+It returns a handle whose ``restore()`` puts the float model back, so one loaded model serves
+every (method, scheme) cell without a second copy in memory.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .quantizer import fake_quant
+from .state import ActQuant, LinearQuant, QuantState
+
+
+def quantize_activation(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    """Fake-quantize a linear layer's input as the activation quantizer prescribes."""
+    if act.granularity == "per_token":
+        return fake_quant(x, act.bits, act.sym, act.clip_ratio, dim=-1)
+    if act.scale is None:
+        raise ValueError("a per-tensor activation quantizer needs a calibrated scale")
+    scale = act.scale.to(x.device)
+    zero = act.zero.to(x.device)
+    q = torch.round(x.float() / scale) + zero
+    return ((q.clamp_(0, 2 ** act.bits - 1) - zero) * scale).to(x.dtype)
+
+
+class FakeQuantLinear(nn.Module):
+    """``y = Q_a(x) @ dequant(codes).T + b``; counts how often its activation quantizer fired."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: ActQuant | None,
+                 quant: LinearQuant | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.act = act
+        self.quant = quant  # the state entry, for real-kernel backends and proofs
+        self.act_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = quantize_activation(x, self.act)
+            self.act_calls += 1
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        wb = self.quant.bits if self.quant is not None and self.quant.codes is not None else 16
+        ab = self.act.bits if self.act is not None else 16
+        return f"in={self.in_features}, out={self.out_features}, w{wb}a{ab}"
+
+
+def build_fake_linear(linear: nn.Linear, lq: LinearQuant) -> FakeQuantLinear:
+    """The simulated replacement of ``linear`` described by ``lq``."""
+    ref = linear.weight
+    if lq.codes is not None:
+        weight = lq.dequantized()
+    elif lq.weight is not None:
+        weight = lq.weight
+    else:
+        weight = ref.detach()
+    weight = weight.to(device=ref.device, dtype=ref.dtype)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return FakeQuantLinear(weight, bias, lq.act, lq)
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+@dataclass
+class AppliedState:
+    """Handle on a model that currently runs a state; ``restore()`` undoes ``apply_state``."""
+
+    model: nn.Module
+    state: QuantState
+    replaced: dict[str, nn.Module] = field(default_factory=dict)
+    saved_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    restored: bool = False
+
+    def fake_linears(self) -> dict[str, FakeQuantLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+    def act_quantizers_fired(self) -> int:
+        """How many activation quantizers ran at least once since the state was applied."""
+        return sum(1 for m in self.fake_linears().values() if m.act is not None and m.act_calls > 0)
+
+    def restore(self) -> None:
+        if self.restored:
+            return
+        for name, original in self.replaced.items():
+            parent, child = _split(name)
+            setattr(self.model.get_submodule(parent), child, original)
+        with torch.no_grad():
+            for name, value in self.saved_params.items():
+                self.model.get_parameter(name).copy_(value)
+        self.restored = True
+
+
+def apply_state(model: nn.Module, state: QuantState) -> AppliedState:
+    """Make ``model`` compute what ``state`` describes (in place, reversible)."""
+    handle = AppliedState(model=model, state=state)
+    try:
+        with torch.no_grad():
+            for name, value in state.float_params.items():
+                param = model.get_parameter(name)
+                handle.saved_params[name] = param.detach().clone()
+                param.copy_(value.to(device=param.device, dtype=param.dtype))
+        for name, lq in state.linears.items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"state entry {name!r} is a {type(linear).__name__}, not nn.Linear")
+            parent, child = _split(name)
+            setattr(model.get_submodule(parent), child, build_fake_linear(linear, lq))
+            handle.replaced[name] = linear
+    except Exception:
+        handle.restore()
+        raise
+    return handle
+
+
+@contextmanager
+def applied(model: nn.Module, state: QuantState):
+    """``with applied(model, state): ...`` — the model runs the state inside the block only."""
+    handle = apply_state(model, state)
+    try:
+        yield handle
+    finally:
+        handle.restore()

@@ -1,0 +1,101 @@
+"""Method plug-ins: a base class, a decorator for in-tree methods, entry points for the rest.
+
+In-tree methods live one per file under ``baselines/`` and ``methods/``; every module there is
+imported on discovery, so adding a method never needs an edit inside ``harness/``. Other
+packages register through the entry-point group ``qvlm_bench.methods``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+from .quant.config import QuantConfig
+from .quant.state import QuantState
+
+ENTRY_POINT_GROUP = "qvlm_bench.methods"
+IN_TREE_PACKAGES = ("baselines", "methods")
+
+_REGISTRY: dict[str, type["Method"]] = {}
+_discovered = False
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.args[0]
+
+
+class Method:
+    """A post-training quantization method.
+
+    Subclasses set ``name`` and implement ``quantize``, which returns a ``QuantState`` and leaves
+    the model exactly as it found it (the runner reuses one loaded model for every cell).
+    ``defaults`` lists the method's hyper-parameters; each record stores the resolved values.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        bad = [k for k in options if k not in self.defaults]
+        if bad:
+            valid = ", ".join(self.defaults) or "(none)"
+            raise ValueError(f"method {self.name!r} has no option(s) {bad}; valid: {valid}")
+        self.options: dict[str, Any] = {**self.defaults, **options}
+
+    def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
+        """``lm``: a ``LoadedModel``; ``calib``: a ``CalibrationSet`` (None if not needed)."""
+        raise NotImplementedError
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator (or plain call) that makes a method available by its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a subclass of harness.registry.Method")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a non-empty `name`")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls and (
+            existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _import_in_tree() -> None:
+    for pkg_name in IN_TREE_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg_name}."):
+            importlib.import_module(info.name)
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Method):
+            register_method(obj)
+
+
+def discover() -> None:
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        _import_in_tree()
+        _load_entry_points()
+
+
+def available_methods() -> dict[str, type[Method]]:
+    discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> type[Method]:
+    methods = available_methods()
+    if name not in methods:
+        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(methods)}")
+    return methods[name]
