@@ -1,0 +1,132 @@
+"""``qvlm-bench``: run suites, write leaderboards, list what is available, measure GPU perf."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_run(args) -> int:
+    from .config import SuiteError, load_suite
+    from .leaderboard import write_leaderboard
+    from .runner import run_suite
+
+    overrides = {}
+    for key in ("models", "methods", "schemes", "tasks"):
+        if getattr(args, key):
+            overrides[key] = _csv(getattr(args, key))
+    for key in ("limit", "device", "data_dir", "output", "batch_size", "seed"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    try:
+        suite = load_suite(args.suite, overrides=overrides)
+    except SuiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = run_suite(suite, show_progress=not args.quiet)
+    print(f"{suite.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done "
+          f"-> {suite.output_dir / 'records.jsonl'}")
+    try:
+        paths = write_leaderboard(suite.output_dir)
+        print(paths["md"].read_text())
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"no leaderboard: {exc}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def cmd_table(args) -> int:
+    from .leaderboard import write_leaderboard
+
+    try:
+        paths = write_leaderboard(args.results, with_stderr=args.stderr)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .models.loading import bundled_models
+    from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
+    from .registry import available_methods
+    from .tasks_index import available_tasks
+
+    what = args.what
+    if what in (None, "methods"):
+        print("methods:")
+        for name, cls in available_methods().items():
+            print(f"  {name:<16} {cls.summary}")
+    if what in (None, "tasks"):
+        print("tasks:")
+        for name in available_tasks():
+            print(f"  {name}")
+    if what in (None, "schemes"):
+        print("schemes: w<bits>a<bits>, bits in 2..8 or 16, e.g. " + ", ".join(COMMON_SCHEMES))
+        print("  overrides: " + ", ".join(OVERRIDE_KEYS))
+    if what in (None, "models"):
+        print("bundled models:")
+        for name, path in bundled_models().items():
+            print(f"  {name:<16} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvlm-bench", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a suite (default: the bundled offline suite)",
+                       description="Run every (model × method × scheme × task) cell of a suite, "
+                                   "resuming where a previous run stopped, then write the leaderboard.")
+    r.add_argument("suite", nargs="?", default=None, help="suite YAML file or bundled suite name (default: default)")
+    r.add_argument("--models", help="comma-separated models (bundled name, folder or Hub id)")
+    r.add_argument("--methods", help="comma-separated method names (see `qvlm-bench list methods`)")
+    r.add_argument("--schemes", help="comma-separated schemes, e.g. w4a4,w6a6")
+    r.add_argument("--tasks", help="comma-separated task names")
+    r.add_argument("--limit", type=int, help="at most N examples per task")
+    r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--data-dir", dest="data_dir", help="folder with local copies of the task datasets")
+    r.add_argument("--output", help="results folder (default results/<suite name>)")
+    r.add_argument("--batch-size", dest="batch_size", type=int, help="evaluation batch size")
+    r.add_argument("--seed", type=int, help="random seed")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("table", help="write leaderboard tables from a results folder",
+                       description="Write leaderboard.{md,csv,tex,html} from results/<suite>/records.jsonl.")
+    t.add_argument("results", help="results folder holding records.jsonl")
+    t.add_argument("--stderr", action="store_true", help="show ± standard error in the tables")
+    t.set_defaults(func=cmd_table)
+
+    ls = sub.add_parser("list", help="list methods, tasks, schemes and bundled models")
+    ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])
+    ls.set_defaults(func=cmd_list)
+
+    try:
+        from .perf.cli import add_perf_parser
+    except ImportError:
+        add_perf_parser = None
+    if add_perf_parser is not None:
+        add_perf_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lm-eval", "lm_eval", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Suite files: which models, methods, schemes and tasks to cross, validated up front.
+
+A suite is YAML (or a dict). Validation happens before anything is loaded, and every error names
+the offending key and lists the valid choices, so a typo costs seconds, not a failed night run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .quant.config import OVERRIDE_KEYS, QuantConfig, SchemeError, parse_scheme
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+
+SUITE_KEYS = {
+    "name": "suite name; results go to results/<name>/ unless `output` is set",
+    "models": "list of model names (bundled), local folders or Hub ids; or {name, dtype}",
+    "methods": "list of method names or {name, options}; `all` for every registered method",
+    "schemes": "list of scheme strings (w4a4, w6a6, ...) or {scheme, overrides}",
+    "quant": "quantization overrides applied to every scheme (e.g. w_group_size, parts)",
+    "tasks": "list of task names or {name, data, options}",
+    "limit": "evaluate at most this many examples per task (null: all)",
+    "seed": "random seed for calibration sampling and methods",
+    "batch_size": "evaluation batch size",
+    "calibration": "{task, split, n, batch_size, seed}: calibration pairs shared by all methods",
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "auto, fp16, bf16 or fp32",
+    "data_dir": "folder with local copies of task datasets (<data_dir>/<task>/<split>.parquet)",
+    "include_paths": "extra folders of lm-eval task YAMLs",
+    "output": "results folder (default results/<name>)",
+}
+CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed")
+TASK_KEYS = ("name", "data", "options")
+METHOD_KEYS = ("name", "options")
+MODEL_KEYS = ("name", "dtype")
+SCHEME_KEYS = ("scheme", "overrides")
+
+
+class SuiteError(ValueError):
+    """A suite file is malformed; the message names the key and the fix."""
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    data: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    dtype: str | None = None
+
+
+@dataclass
+class Suite:
+    name: str
+    models: list[ModelSpec]
+    methods: list[MethodSpec]
+    schemes: list[QuantConfig]
+    tasks: list[TaskSpec]
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    calibration: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: str | None = None
+    include_paths: list[str] = field(default_factory=list)
+    output: str | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("results") / self.name
+
+
+def _list(value, key: str) -> list:
+    if value is None:
+        raise SuiteError(f"suite key `{key}` is required ({SUITE_KEYS[key]})")
+    if isinstance(value, (str, dict)):
+        return [value]
+    if not isinstance(value, list):
+        raise SuiteError(f"suite key `{key}` must be a list ({SUITE_KEYS[key]}), got {type(value).__name__}")
+    return value
+
+
+def _entry(item, key: str, main: str, allowed: tuple[str, ...]) -> dict:
+    if isinstance(item, str):
+        return {main: item}
+    if isinstance(item, dict):
+        bad = [k for k in item if k not in allowed]
+        if bad:
+            raise SuiteError(f"unknown key(s) {bad} in an entry of `{key}`; valid: {list(allowed)}")
+        if main not in item:
+            raise SuiteError(f"an entry of `{key}` lacks `{main}`: {item}")
+        return item
+    raise SuiteError(f"entries of `{key}` are strings or mappings, got {item!r}")
+
+
+def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
+    """Validate a suite mapping and resolve it (method and task names checked when asked)."""
+    if not isinstance(data, dict):
+        raise SuiteError("a suite file must be a YAML mapping of keys: " + ", ".join(SUITE_KEYS))
+    unknown = [k for k in data if k not in SUITE_KEYS]
+    if unknown:
+        raise SuiteError(f"unknown suite key(s) {unknown}; valid keys: {', '.join(SUITE_KEYS)}")
+    name = str(data.get("name") or "suite")
+
+    models = [ModelSpec(**_entry(m, "models", "name", MODEL_KEYS)) for m in _list(data.get("models"), "models")]
+
+    raw_methods = data.get("methods")
+    if raw_methods == "all":
+        from .registry import available_methods
+
+        raw_methods = list(available_methods())
+    methods = [MethodSpec(**_entry(m, "methods", "name", METHOD_KEYS)) for m in _list(raw_methods, "methods")]
+
+    quant = data.get("quant") or {}
+    if not isinstance(quant, dict):
+        raise SuiteError("`quant` must be a mapping of overrides; valid: " + ", ".join(OVERRIDE_KEYS))
+    schemes = []
+    for s in _list(data.get("schemes", ["w4a4", "w6a6"]), "schemes"):
+        entry = _entry(s, "schemes", "scheme", SCHEME_KEYS)
+        try:
+            schemes.append(parse_scheme(entry["scheme"], **{**quant, **(entry.get("overrides") or {})}))
+        except SchemeError as exc:
+            raise SuiteError(f"in `schemes`: {exc}") from None
+
+    tasks = [TaskSpec(**_entry(t, "tasks", "name", TASK_KEYS)) for t in _list(data.get("tasks"), "tasks")]
+
+    calibration = data.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise SuiteError(f"`calibration` must be a mapping with keys {list(CALIBRATION_KEYS)}")
+    bad = [k for k in calibration if k not in CALIBRATION_KEYS]
+    if bad:
+        raise SuiteError(f"unknown key(s) {bad} in `calibration`; valid: {list(CALIBRATION_KEYS)}")
+
+    for key, typ in (("limit", int), ("seed", int), ("batch_size", int)):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
+            raise SuiteError(f"`{key}` must be a non-negative integer, got {v!r}")
+    device = str(data.get("device") or "auto")
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise SuiteError(f"`device` is {device!r}; valid: auto, cpu, cuda, cuda:N")
+    dtype = str(data.get("dtype") or "auto")
+    if dtype not in ("auto", "fp16", "bf16", "fp32"):
+        raise SuiteError(f"`dtype` is {dtype!r}; valid: auto, fp16, bf16, fp32")
+
+    suite = Suite(name=name, models=models, methods=methods, schemes=schemes, tasks=tasks,
+                  limit=data.get("limit"), seed=int(data.get("seed") or 0),
+                  batch_size=int(data.get("batch_size") or 16), calibration=dict(calibration),
+                  device=device, dtype=dtype, data_dir=data.get("data_dir"),
+                  include_paths=[str(p) for p in data.get("include_paths") or []],
+                  output=data.get("output"))
+    if validate_names:
+        validate_names_exist(suite)
+    return suite
+
+
+def validate_names_exist(suite: Suite) -> None:
+    from .registry import available_methods, get_method
+
+    valid = available_methods()
+    for m in suite.methods:
+        if m.name not in valid:
+            raise SuiteError(f"unknown method {m.name!r} in `methods`; valid methods: {', '.join(valid)}")
+        try:
+            get_method(m.name)(**(m.options or {}))
+        except ValueError as exc:
+            raise SuiteError(f"in `methods` ({m.name}): {exc}") from None
+    from .tasks_index import available_tasks
+
+    known = available_tasks(suite.include_paths)
+    for t in suite.tasks:
+        if t.name not in known:
+            raise SuiteError(f"unknown task {t.name!r} in `tasks`; valid tasks: {', '.join(sorted(known))}")
+    cal_task = suite.calibration.get("task")
+    if cal_task and cal_task not in known:
+        raise SuiteError(f"unknown task {cal_task!r} in `calibration.task`; valid: {', '.join(sorted(known))}")
+
+
+def read_suite_data(path_or_name: str | Path | None = None) -> tuple[dict, Path]:
+    """The raw mapping of a suite file, or of a bundled suite by name (``default``)."""
+    if path_or_name is None:
+        path_or_name = "default"
+    path = Path(path_or_name)
+    if not path.exists():
+        bundled = SUITES_DIR / f"{path_or_name}.yaml"
+        if not bundled.exists():
+            names = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+            raise SuiteError(f"suite {str(path_or_name)!r} is neither a file nor a bundled suite; "
+                             f"bundled: {', '.join(names)}")
+        path = bundled
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SuiteError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: a suite file must be a YAML mapping of keys: " + ", ".join(SUITE_KEYS))
+    return data, path
+
+
+def load_suite(path_or_name: str | Path | None = None, *, overrides: dict | None = None,
+               validate_names: bool = True) -> Suite:
+    """Load and validate a suite; ``overrides`` (e.g. from the command line) replace its keys."""
+    data, path = read_suite_data(path_or_name)
+    try:
+        return parse_suite({**data, **(overrides or {})}, validate_names=validate_names)
+    except SuiteError as exc:
+        raise SuiteError(f"{path}: {exc}") from None

@@ -1,0 +1,218 @@
+"""The lm-eval bridge: run lm-eval generation tasks on an in-memory (quantized) LLaVA model.
+
+Tasks stay plain lm-eval tasks (``lm_eval --include_path tasks`` works on a float model too);
+this module supplies the model side as an ``lm_eval.api.model.LM`` instance, which is what
+lm-eval accepts for a model that lives in memory. Prompt framing comes from the model's chat
+template (image first), batches are left-padded so batch size cannot change greedy answers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .prompting import chat_prompt
+
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stops:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+def generate_answers(lm, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int,
+                     stops: Sequence[str] = (), batch_size: int = 8, progress=None) -> list[str]:
+    """Greedy answers for (text prompt, image) pairs, in input order.
+
+    Padding is on the left and the attention mask covers it, so a prompt's answer does not depend
+    on which other prompts share its batch (tests check batch 1 against batch 8).
+    """
+    processor = lm.processor
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [chat_prompt(processor, p, with_image=images[start + i] is not None)
+                 for i, p in enumerate(prompts[start:start + batch_size])]
+        imgs = [im for im in images[start:start + batch_size] if im is not None]
+        enc = processor(images=imgs or None, text=texts, return_tensors="pt", padding=True)
+        enc = {k: v.to(lm.device) for k, v in enc.items()}
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(lm.dtype)
+        with torch.inference_mode():
+            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    num_beams=1, pad_token_id=tok.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row in tok.batch_decode(new, skip_special_tokens=True):
+            answers.append(_cut_at_stops(row, stops).strip())
+        if progress is not None:
+            progress.update(len(texts))
+    return answers
+
+
+def _lm_class():
+    """Defined lazily: importing lm-eval is slow and the GPU image lacks it."""
+    from lm_eval.api.model import LM
+
+    class InMemoryVLM(LM):
+        """An ``lm_eval`` model backed by a ``LoadedModel`` (quantized or not)."""
+
+        MULTIMODAL = True
+
+        def __init__(self, lm, batch_size: int = 8, show_progress: bool = True):
+            super().__init__()
+            self.lm = lm
+            self.batch_size = batch_size
+            self.show_progress = show_progress
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            from tqdm.auto import tqdm
+
+            groups: dict[tuple, list[int]] = {}
+            for i, req in enumerate(requests):
+                gen_kwargs = req.args[1] if len(req.args) > 1 else {}
+                key = (int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_NEW_TOKENS)),
+                       tuple(gen_kwargs.get("until", []) or []))
+                groups.setdefault(key, []).append(i)
+            results: list[str | None] = [None] * len(requests)
+            bar = tqdm(total=len(requests), desc="generate", unit="q", leave=False,
+                       disable=disable_tqdm or not self.show_progress)
+            for (max_new, stops), idx in groups.items():
+                prompts, images = [], []
+                for i in idx:
+                    args = requests[i].args
+                    prompts.append(args[0])
+                    visual = (args[2] or {}).get("visual") if len(args) > 2 else None
+                    if isinstance(visual, (list, tuple)):
+                        if len(visual) > 1:
+                            raise ValueError("one image per question is supported")
+                        visual = visual[0] if visual else None
+                    images.append(visual.convert("RGB") if visual is not None else None)
+                answers = generate_answers(self.lm, prompts, images, max_new_tokens=max_new,
+                                           stops=stops, batch_size=self.batch_size, progress=bar)
+                for i, ans in zip(idx, answers):
+                    results[i] = ans
+            bar.close()
+            return results
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("qvlm-bench evaluates generation tasks only (output_type: generate_until)")
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("qvlm-bench evaluates generation tasks only (output_type: generate_until)")
+
+    return InMemoryVLM
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric: str
+    value: float  # percent, 0-100
+    stderr: float | None
+    n: int
+    n_empty: int
+    n_unparsed: int
+    samples: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def task_manager(include_paths: Sequence[str | Path] = ()):
+    from lm_eval.tasks import TaskManager
+
+    import tasks
+
+    paths = [str(Path(tasks.__file__).parent)] + [str(p) for p in include_paths]
+    return TaskManager(include_path=paths, include_defaults=False)
+
+
+def _sample_logger(task_obj):
+    import importlib
+
+    meta = getattr(task_obj.config, "metadata", None) or {}
+    target = meta.get("sample_logger") if isinstance(meta, dict) else None
+    if not target:
+        return None
+    mod_name, _, fn = target.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(mod_name), fn)
+
+
+def _sample_row(task_obj, logger, s: dict) -> dict:
+    doc = s.get("doc", {})
+    args = s.get("arguments")
+    prompt = None
+    if args:
+        first = args[0] if isinstance(args, (list, tuple)) else args
+        prompt = first[0] if isinstance(first, (list, tuple)) else first
+        if isinstance(prompt, dict):  # lm-eval may key arguments as {"gen_args_0": {"arg_0": ...}}
+            prompt = next(iter(prompt.values()), None)
+            if isinstance(prompt, dict):
+                prompt = prompt.get("arg_0")
+    resp = s.get("filtered_resps") or s.get("resps")
+    while isinstance(resp, (list, tuple)) and resp:
+        resp = resp[0]
+    generation = resp if isinstance(resp, str) else ""
+    row = {"doc_id": s.get("doc_id"), "prompt": prompt, "generation": generation}
+    if logger is not None:
+        row.update(logger(doc, generation))
+    else:
+        row["score"] = s.get("accuracy")
+    return row
+
+
+def evaluate_tasks(lm, task_specs: Sequence[str | dict], *, limit: int | None = None,
+                   batch_size: int = 8, include_paths: Sequence[str | Path] = (),
+                   seed: int = 0, show_progress: bool = True) -> list[TaskResult]:
+    """Evaluate ``lm`` on lm-eval tasks; accuracies in percent with per-sample logs."""
+    from lm_eval import evaluator
+
+    model = _lm_class()(lm, batch_size=batch_size, show_progress=show_progress)
+    tm = task_manager(include_paths)
+    task_dict = tm.load_task_or_group(list(task_specs))
+    out = evaluator.evaluate(model, task_dict, limit=limit, log_samples=True,
+                             bootstrap_iters=1000, verbosity="ERROR")
+    results = []
+    for name, metrics in out["results"].items():
+        task_obj = _find_task(task_dict, name)
+        n = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
+        samples = out.get("samples", {}).get(name, [])
+        n = n or len(samples)
+        acc = metrics.get("accuracy,none")
+        if acc is None:
+            continue
+        se = metrics.get("accuracy_stderr,none")
+        se = float(se) * 100 if isinstance(se, (int, float)) and not math.isnan(se) else None
+        logger = _sample_logger(task_obj) if task_obj is not None else None
+        rows = [_sample_row(task_obj, logger, s) for s in samples]
+        results.append(TaskResult(
+            task=name, metric="accuracy", value=float(acc) * 100, stderr=se, n=n,
+            n_empty=round(float(metrics.get("empty,none", 0.0)) * n),
+            n_unparsed=round(float(metrics.get("unparsed,none", 0.0)) * n),
+            samples=rows,
+        ))
+    return results
+
+
+def _find_task(task_dict, name):
+    from lm_eval.api.task import Task
+
+    stack = [task_dict]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            for k, v in d.items():
+                key = getattr(k, "group_name", k)
+                if isinstance(v, Task) and (key == name or getattr(v.config, "task", None) == name):
+                    return v
+                stack.append(v)
+    return None
