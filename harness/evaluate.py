@@ -178,12 +178,12 @@ def evaluate_tasks(lm, task_specs: Sequence[str | dict], *, limit: int | None = 
 
     model = _lm_class()(lm, batch_size=batch_size, show_progress=show_progress)
     tm = task_manager(include_paths)
-    task_dict = tm.load_task_or_group(list(task_specs))
+    task_dict = tm.load(list(task_specs))
     out = evaluator.evaluate(model, task_dict, limit=limit, log_samples=True,
                              bootstrap_iters=1000, verbosity="ERROR")
     results = []
     for name, metrics in out["results"].items():
-        task_obj = _find_task(task_dict, name)
+        task_obj = task_dict["tasks"].get(name)
         n = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
         samples = out.get("samples", {}).get(name, [])
         n = n or len(samples)
@@ -201,18 +201,3 @@ def evaluate_tasks(lm, task_specs: Sequence[str | dict], *, limit: int | None = 
             samples=rows,
         ))
     return results
-
-
-def _find_task(task_dict, name):
-    from lm_eval.api.task import Task
-
-    stack = [task_dict]
-    while stack:
-        d = stack.pop()
-        if isinstance(d, dict):
-            for k, v in d.items():
-                key = getattr(k, "group_name", k)
-                if isinstance(v, Task) and (key == name or getattr(v.config, "task", None) == name):
-                    return v
-                stack.append(v)
-    return None

@@ -81,9 +81,10 @@ def _load_entry_points() -> None:
             register_method(obj)
 
 
-def discover() -> None:
+def discover(refresh: bool = False) -> None:
+    """Import in-tree methods and load entry points (again when ``refresh``, e.g. after installs)."""
     global _discovered
-    if not _discovered:
+    if refresh or not _discovered:
         _discovered = True
         _import_in_tree()
         _load_entry_points()

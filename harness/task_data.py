@@ -23,14 +23,11 @@ def _target_text(task, doc) -> str:
 
 def task_pairs(spec: str | dict, split: str, include_paths: Sequence[str] = ()) -> list[tuple[Any, str, str]]:
     """``(image, prompt, answer)`` for every doc of ``split`` of the task ``spec``."""
-    from lm_eval.api.task import Task
-
     from .evaluate import task_manager
 
     if split not in SPLIT_DOCS:
         raise ValueError(f"calibration split {split!r}; valid: {', '.join(SPLIT_DOCS)}")
-    loaded = task_manager(include_paths).load_task_or_group([spec])
-    tasks = [v for v in loaded.values() if isinstance(v, Task)]
+    tasks = list(task_manager(include_paths).load([spec])["tasks"].values())
     if len(tasks) != 1:
         raise ValueError(f"calibration source {spec!r} must be a single task")
     task = tasks[0]

@@ -1,0 +1,161 @@
+"""The suite runner end to end on the tiny model and a toy task: records, resume, failures, plug-ins."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness.config import SuiteError, load_suite, parse_suite
+from harness.records import read_records
+from harness.registry import Method, available_methods, discover, register_method
+from harness.runner import run_suite
+from toy_task import write_toy_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_include(tmp_path_factory):
+    return write_toy_task(tmp_path_factory.mktemp("toy"))
+
+
+def suite_dict(model, include, out, **over):
+    d = {"name": "toy", "models": [str(model)], "methods": ["fp16", "rtn"],
+         "schemes": ["w4a4", "w8a8"], "tasks": ["toy_colors"], "include_paths": [str(include)],
+         "calibration": {"task": "toy_colors", "n": 8}, "batch_size": 4, "output": str(out),
+         "device": "cpu"}
+    d.update(over)
+    return d
+
+
+def test_suite_runs_writes_records_and_leaderboard_then_resumes(tiny_llava_path, toy_include, tmp_path):
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path))
+    first = run_suite(suite, show_progress=False)
+    assert (first.ok, first.failed) == (3, 0)  # fp16 once + rtn × 2 schemes
+    recs = read_records(tmp_path / "records.jsonl")
+    assert {(r["method"], r["scheme"]) for r in recs} == {("fp16", "w16a16"), ("rtn", "w4a4"), ("rtn", "w8a8")}
+    for r in recs:
+        assert r["status"] == "ok" and r["n"] == 12 and 0 <= r["value"] <= 100
+        assert r["quant_config"]["scheme"] == r["scheme"]
+        assert (tmp_path / r["samples_file"]).exists()
+    w4 = next(r for r in recs if r["scheme"] == "w4a4")
+    assert w4["proof"]["quantized_linears"] == 14 and w4["proof"]["max_codes_per_row"] <= 16
+    assert w4["proof"]["act_quantizers_fired"] == 14
+    sample = json.loads((tmp_path / w4["samples_file"]).read_text().splitlines()[0])
+    assert {"prompt", "generation"} <= set(sample)
+    # second run: nothing new is computed or recorded
+    again = run_suite(suite, show_progress=False)
+    assert (again.ok, again.failed, again.skipped) == (0, 0, 3)
+    assert len(read_records(tmp_path / "records.jsonl")) == 3
+    assert main(["table", str(tmp_path)]) == 0
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "| rtn" in md and "Δ fp16" in md
+    assert "\\toprule" in (tmp_path / "leaderboard.tex").read_text()
+    assert "<table" in (tmp_path / "leaderboard.html").read_text()
+    csv = (tmp_path / "leaderboard.csv").read_text()
+    assert "toy_colors stderr" in csv and "toy_colors n" in csv
+
+
+class Exploding(Method):
+    name = "test-exploding"
+    summary = "raises during quantization"
+
+    def quantize(self, lm, qcfg, calib):
+        raise RuntimeError("boom at " + qcfg.scheme)
+
+
+def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include, tmp_path):
+    register_method(Exploding)
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path,
+                                   methods=["test-exploding", "rtn"], schemes=["w4a4"]))
+    summary = run_suite(suite, show_progress=False)
+    assert (summary.ok, summary.failed) == (1, 1)
+    failed = [r for r in read_records(tmp_path / "records.jsonl") if r["status"] == "failed"]
+    assert failed[0]["method"] == "test-exploding" and "boom at w4a4" in failed[0]["error"]
+    # a re-run retries the failed cell only
+    assert run_suite(suite, show_progress=False).skipped == 1
+
+
+def test_method_from_an_entry_point_runs_in_a_suite(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+    pkg = tmp_path / "site"
+    (pkg / "extmethod").mkdir(parents=True)
+    (pkg / "extmethod" / "__init__.py").write_text(textwrap.dedent('''
+        from harness.registry import Method
+        from harness.quant.build import rtn_state
+
+        class HalfClip(Method):
+            name = "ext-halfclip"
+            summary = "RTN with weight ranges clipped to 90% (plug-in test)"
+
+            def quantize(self, lm, qcfg, calib):
+                from dataclasses import replace
+                return rtn_state(lm.model, replace(qcfg, w_clip=0.9), self.name)
+    '''))
+    dist = pkg / "extmethod-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: extmethod\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[qvlm_bench.methods]\nhalfclip = extmethod:HalfClip\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    discover(refresh=True)
+    assert "ext-halfclip" in available_methods()
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "out",
+                                   methods=["ext-halfclip"], schemes=["w4a16"]))
+    summary = run_suite(suite, show_progress=False)
+    assert summary.ok == 1 and summary.records[0]["quant_config"]["w_clip"] == 1.0
+    assert summary.records[0]["proof"]["max_codes_per_row"] <= 16
+
+
+def test_unknown_method_exits_nonzero_listing_valid_ones(capsys):
+    assert main(["run", "--methods", "fp16,nope", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "rtn" in err and "fp16" in err
+
+
+@pytest.mark.parametrize("mutation, message", [
+    ({"methodz": ["rtn"]}, "unknown suite key(s) ['methodz']"),
+    ({"schemes": ["w4a5x"]}, "in `schemes`"),
+    ({"tasks": ["nope_task"]}, "unknown task 'nope_task' in `tasks`"),
+    ({"calibration": {"size": 3}}, "unknown key(s) ['size'] in `calibration`"),
+    ({"limit": -1}, "`limit` must be a non-negative integer"),
+    ({"device": "tpu"}, "`device` is 'tpu'"),
+    ({"methods": [{"name": "rtn", "options": {"alpha": 1}}]}, "has no option(s) ['alpha']"),
+])
+def test_malformed_suite_points_at_the_key(tiny_llava_path, toy_include, tmp_path, mutation, message):
+    data = suite_dict(tiny_llava_path, toy_include, tmp_path, **mutation)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SuiteError) as exc:
+        load_suite(path)
+    assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_killed_run_resumes_without_losing_records(tiny_llava_path, toy_include, tmp_path):
+    data = suite_dict(tiny_llava_path, toy_include, tmp_path / "out", methods=["fp16", "rtn"],
+                      schemes=["w4a4", "w6a6", "w8a8"])
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(data))
+    records = tmp_path / "out" / "records.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(path), "-q"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_records(records)) < 1:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = read_records(records)
+    assert 1 <= len(done_before) < 4, "the kill should land mid-suite"
+    summary = run_suite(load_suite(path), show_progress=False)
+    assert summary.skipped == len(done_before) and summary.ok == 4 - len(done_before)
+    final = read_records(records)
+    assert len(final) == 4 and final[: len(done_before)] == done_before
