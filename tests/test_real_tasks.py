@@ -362,3 +362,33 @@ def test_offline_error_surfaces_from_lm_eval(tmp_path):
     assert "'lmms-lab/VizWiz-VQA'" in msg and "split 'val'" in msg and "'vizwiz_vqa_val'" in msg
     assert "--data-dir DIR" in msg and "`data:` for the task in the suite file" in msg
     assert "DIR/vizwiz_vqa_val/val.parquet" in msg
+
+
+# ---------------------------------------------------------------- through lm-eval's evaluator
+
+
+@needs_data
+def test_lm_eval_evaluate_aggregates(sqa_task):
+    """lm-eval's evaluate() runs the task and averages the per-doc metrics."""
+    from lm_eval.api.model import LM
+    from lm_eval.evaluator import evaluate
+
+    class AlwaysC(LM):
+        MULTIMODAL = True
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+        def generate_until(self, requests):
+            for r in requests:
+                _, gen_kwargs, visual = r.args
+                assert len(visual["visual"]) == 1 and gen_kwargs["max_gen_toks"] == 16
+            return ["C"] * len(requests)
+
+    out = evaluate(AlwaysC(), {"scienceqa_img": sqa_task}, log_samples=False)["results"]
+    # 10 of the 64 sample rows have gold index 2 ("C") -> 10/64 = 0.15625.
+    assert out["scienceqa_img"]["accuracy,none"] == pytest.approx(10 / 64)
+    assert out["scienceqa_img"]["empty,none"] == 0.0 and out["scienceqa_img"]["unparsed,none"] == 0.0
