@@ -101,7 +101,7 @@ def write_leaderboard(results_dir: str | Path, with_stderr: bool = False) -> dic
     md = _formatted(table, ("**", "**"), with_stderr)
     failed = [r for r in records if r.get("status") == "failed"]
     notes = _notes(records, failed)
-    paths["md"].write_text(md.to_markdown(index=False, tablefmt="github") + "\n\n" + notes)
+    paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n\n" + notes)
     tex = _formatted(table, ("\\textbf{", "}"), with_stderr)
     paths["tex"].write_text(_booktabs(tex))
     html = _formatted(table, ("<b>", "</b>"), with_stderr)

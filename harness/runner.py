@@ -170,8 +170,9 @@ class SuiteRunner:
             from .calibration import encode_pairs, sample_pairs
             from .task_data import task_pairs
 
-            task = TaskSpec(name=spec["task"])
-            pairs = task_pairs(_task_spec(task, self.suite), spec["split"], self.suite.include_paths)
+            task = next((t for t in self.suite.tasks if t.name == spec["task"]), TaskSpec(spec["task"]))
+            pairs = task_pairs(task.name, spec["split"], task.data or self.suite.data_dir,
+                               task.options, self.suite.include_paths)
             chosen = sample_pairs(pairs, int(spec["n"]), int(spec["seed"]))
             cache[key] = encode_pairs(lm, chosen, int(spec["batch_size"]), source=spec)
         return cache[key]
@@ -249,8 +250,14 @@ class SuiteRunner:
             git=git_describe(), config_hash=cell_hash(self.suite, cell, calib_spec),
             method_options=get_method(cell.method.name).defaults | (cell.method.options or {}),
             calibration=calib_spec, limit=self.suite.limit, batch_size=self.suite.batch_size,
-            kernel="simulated" if cell.method.name not in FLOAT_METHODS else "fp16",
+            kernel="simulated" if cell.method.name not in FLOAT_METHODS else self.float_kernel,
         )
+
+    @property
+    def float_kernel(self) -> str:
+        """The float reference runs the model's own dtype: "fp16", "bf16" or "fp32"."""
+        dtype = self.suite.dtype if self.suite.dtype != "auto" else ("fp16" if self.device.startswith("cuda") else "fp32")
+        return dtype
 
     def _device_name(self) -> str:
         if self.device.startswith("cuda"):

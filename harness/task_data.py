@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-SPLIT_DOCS = {"train": "training_docs", "validation": "validation_docs", "test": "test_docs"}
+def _split_docs(task, split: str):
+    """The docs of ``split``, whichever role (train/validation/test) the task gives it."""
+    cfg = task.config
+    for role, attr in (("training_split", "training_docs"), ("validation_split", "validation_docs"),
+                       ("test_split", "test_docs")):
+        if getattr(cfg, role, None) == split:
+            return getattr(task, attr)()
+    have = [getattr(cfg, r) for r in ("training_split", "validation_split", "test_split") if getattr(cfg, r, None)]
+    raise ValueError(f"task {cfg.task!r} has no {split!r} split for calibration (it has: {', '.join(have)}); "
+                     f"set calibration.split to one of those")
 
 
 def _target_text(task, doc) -> str:
@@ -21,22 +30,37 @@ def _target_text(task, doc) -> str:
     return str(target)
 
 
-def task_pairs(spec: str | dict, split: str, include_paths: Sequence[str] = ()) -> list[tuple[Any, str, str]]:
-    """``(image, prompt, answer)`` for every doc of ``split`` of the task ``spec``."""
+def _load_task(spec, include_paths):
     from .evaluate import task_manager
 
-    if split not in SPLIT_DOCS:
-        raise ValueError(f"calibration split {split!r}; valid: {', '.join(SPLIT_DOCS)}")
     tasks = list(task_manager(include_paths).load([spec])["tasks"].values())
     if len(tasks) != 1:
         raise ValueError(f"calibration source {spec!r} must be a single task")
-    task = tasks[0]
-    has = getattr(task, f"has_{SPLIT_DOCS[split].replace('_docs', '')}_docs")()
-    if not has:
-        raise ValueError(f"task {task.config.task!r} has no {split} split for calibration; "
-                         f"set calibration.split to one it has")
+    return tasks[0]
+
+
+def task_pairs(name: str, split: str, data: str | None = None, options: dict | None = None,
+               include_paths: Sequence[str] = ()) -> list[tuple[Any, str, str]]:
+    """``(image, prompt, answer)`` for every doc of ``split`` of task ``name``.
+
+    A task that declares ``split`` (e.g. ``training_split: train``) is used as it is; one that
+    loads a single split through ``tasks.sources`` is re-pointed at ``split``.
+    """
+    try:
+        from tasks.sources import task_spec
+    except ImportError:  # a checkout without the bundled tasks package's loader
+        task_spec = None
+    options = dict(options or {})
+    task = _load_task(task_spec(name, data, **options) if task_spec else name, include_paths)
+    try:
+        docs = _split_docs(task, split)
+    except ValueError:
+        if task_spec is None:
+            raise
+        task = _load_task(task_spec(name, data, **{**options, "split": split}), include_paths)
+        docs = _split_docs(task, split)
     pairs = []
-    for doc in getattr(task, SPLIT_DOCS[split])():
+    for doc in docs:
         images = task.doc_to_image(doc)
         image = images[0] if isinstance(images, (list, tuple)) else images
         pairs.append((image.convert("RGB") if image is not None else None,
