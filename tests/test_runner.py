@@ -159,3 +159,20 @@ def test_killed_run_resumes_without_losing_records(tiny_llava_path, toy_include,
     assert summary.skipped == len(done_before) and summary.ok == 4 - len(done_before)
     final = read_records(records)
     assert len(final) == 4 and final[: len(done_before)] == done_before
+
+
+def test_list_shows_methods_tasks_schemes_and_models(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fp16", "rtn", "scienceqa_img", "vizwiz_vqa_val", "vqav2_val", "w4a4", "w_group_size"):
+        assert name in out
+    assert main(["list", "methods"]) == 0
+    assert "scienceqa_img" not in capsys.readouterr().out
+
+
+def test_help_on_each_command(capsys):
+    for cmd in (["--help"], ["run", "--help"], ["table", "--help"], ["list", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(cmd)
+        assert exc.value.code == 0
+    assert "--methods" in capsys.readouterr().out
