@@ -10,6 +10,14 @@ from harness.quant.config import parse_scheme
 from harness.quant.simulated import applied
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: extra threads only add sync cost on a shared box
+    yield
+    torch.set_num_threads(n)
+
+
 def _rtn_process(qcfg, seen):
     def process(block):
         seen.append(([c.hidden.clone() for c in block.calls], block))

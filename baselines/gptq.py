@@ -1,0 +1,379 @@
+"""GPTQ (Frantar et al., 2022): second-order weight rounding with error feedback, layer by layer.
+
+For each linear layer, with ``X`` its calibration inputs (``[tokens, in]``) and ``H = 2 XᵀX / n``,
+columns are quantized one at a time and each column's rounding error is spread over the columns
+not yet quantized through the upper Cholesky factor of ``H⁻¹`` (lazy batches of ``blocksize``
+columns), which minimizes ``‖W X − Ŵ X‖²`` greedily. As in IST-DASLab/gptq and AutoGPTQ:
+
+- dampening ``H += percdamp · mean(diag H) · I``; columns never activated (``H_jj = 0``) are
+  zeroed; per-channel ranges come from the original weight (min/max, ``w_clip``);
+- groups: without act-order, a group's range is taken from the already error-updated weights
+  when the loop reaches the group's first column; with act-order the groups are *static*
+  (ranges from the original weight before any update, AutoGPTQ's ``static_groups``) because the
+  state stores contiguous groups of input channels and has no permutation index;
+- act-order processes columns by decreasing ``diag H``;
+- true-sequential: within a transformer layer the linears are quantized in stages of those that
+  share an input (q/k/v, o, gate/up, down), each stage's Hessian measured with the earlier stages
+  already quantized; layers are processed one after another with inputs from the already
+  quantized previous layers (``harness.quant.blockwise``). Linears sharing an input share one
+  Hessian and are solved together (their rows are independent given H).
+
+Activation quantization (A<16): the deployed layer multiplies ``Q_a(x)``, never ``x``. GPTQ's
+objective ``‖W X − Ŵ X‖²`` is about the inputs the weight will actually see, so by default
+(``hessian_inputs="quantized"``) H is built from the fake-quantized activations, exactly what the
+simulated model feeds the weight (QuaRot's GPTQ does the same). The activation rounding error
+itself is not something a weight update can undo, so it is not put into the target; the other
+choice (``"float"``) is an option. Upstream errors (quantized weights and activations of earlier
+layers) enter through the propagated inputs. Per-tensor static activation ranges are calibrated
+from the same (quantized-stream) inputs right before each stage's Hessian is measured.
+
+Projector and lm_head linears (when ``parts`` asks for them) are not in transformer layers:
+they get GPTQ with Hessians from a full forward pass with everything quantized so far applied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from harness.models.layers import part_of
+from harness.quant.blockwise import Block, part_inputs, run_blockwise, token_rows
+from harness.quant.build import act_quantizer, rtn_state, target_linears, calibrate_static_acts
+from harness.quant.config import QuantConfig
+from harness.quant.quantizer import qparams, weight_qparams
+from harness.quant.simulated import applied, quantize_activation
+from harness.quant.state import ActQuant, LinearQuant, QuantState
+from harness.registry import Method, register_method
+
+
+# ---- the GPTQ update ----------------------------------------------------------------------------
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # uint8 [out, in]
+    scale: torch.Tensor  # [out, n_groups]
+    zero: torch.Tensor  # [out, n_groups]
+    loss: float  # Σ (w - q)² / (2 [H⁻¹]_jj²), the reference's error estimate
+    damp: float  # the dampening actually used (raised if H was not positive definite)
+
+
+def _round_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
+
+
+def _upper_cholesky_inverse(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp·I)⁻¹, raising damp tenfold until H is positive definite."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    frac = percdamp
+    for _ in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, frac
+        frac = max(frac * 10, 1e-6)
+    raise RuntimeError("GPTQ: Hessian is not positive definite even after strong dampening")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool = False,
+                  group_size: int | None = None, clip: float = 1.0, *, percdamp: float = 0.01,
+                  blocksize: int = 128, act_order: bool = False,
+                  static_groups: bool = False) -> GPTQResult:
+    """Quantize ``W`` [out, in] given ``H`` [in, in]; computes in float64 if ``W`` is, else float32."""
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dt).clone()
+    H = H.detach().to(device=W.device, dtype=dt).clone()
+    out_f, n = W.shape
+    maxq = 2 ** bits - 1
+    grouped = group_size is not None and 0 < group_size < n
+    if grouped and n % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {n}")
+    gs = group_size if grouped else n
+    n_groups = n // gs
+    if not grouped:  # per channel, from the original weight (before dead columns are zeroed)
+        s, z = weight_qparams(W, bits, sym, None, clip)
+        scale = s.to(dt).expand(out_f, 1).clone()
+        zero = z.to(dt).expand(out_f, 1).clone()
+    else:
+        scale = torch.zeros(out_f, n_groups, dtype=dt, device=W.device)
+        zero = torch.zeros_like(scale)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if grouped and (static_groups or act_order):
+        static_groups = True
+        s, z = weight_qparams(W, bits, sym, gs, clip)
+        scale.copy_(s)
+        zero.copy_(z)
+    else:
+        static_groups = False
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Hinv, damp = _upper_cholesky_inverse(H, percdamp)
+    del H
+
+    if grouped and not static_groups:
+        # align lazy batches with groups so a group's columns are fully updated when its range is taken
+        if blocksize % gs and gs % blocksize:
+            blocksize = math.gcd(blocksize, gs)
+    Q = torch.zeros(out_f, n, dtype=torch.uint8, device=W.device)
+    loss = torch.zeros((), dtype=dt, device=W.device)
+    col_group = (perm if perm is not None else torch.arange(n, device=W.device)) // gs
+    col_group = col_group.tolist()
+    s_col, z_col = scale[:, :1], zero[:, :1]
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if grouped:
+                g = col_group[col]
+                if not static_groups and col % gs == 0:
+                    src = W1[:, i:i + gs] if i + gs <= count else W[:, col:col + gs]
+                    s, z = weight_qparams(src, bits, sym, None, clip)
+                    scale[:, g:g + 1] = s.to(dt)
+                    zero[:, g:g + 1] = z.to(dt)
+                s_col, z_col = scale[:, g], zero[:, g]
+            else:
+                s_col, z_col = scale[:, 0], zero[:, 0]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q, deq = _round_col(w, s_col, z_col, maxq)
+            Q[:, col] = q.to(torch.uint8)
+            err = (w - deq) / d
+            loss += (err * err).sum() / 2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return GPTQResult(codes=Q, scale=scale.float(), zero=zero.float(), loss=float(loss), damp=damp)
+
+
+# ---- Hessians from calibration inputs ----------------------------------------------------------
+
+class HessianAccumulator:
+    """``H = 2/n Σ x xᵀ`` over the real tokens seen (float32)."""
+
+    def __init__(self):
+        self.H: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        rows = token_rows(x, mask).float()
+        if self.H is None:
+            self.H = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+        self.H.addmm_(rows.T, rows)
+        self.n += rows.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.H is None or self.n == 0:
+            raise RuntimeError("no calibration tokens reached this linear layer")
+        return self.H * (2.0 / self.n)
+
+
+class RangeAccumulator:
+    def __init__(self):
+        self.lo = self.hi = None
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        rows = token_rows(x, mask).float()
+        lo, hi = rows.min(), rows.max()
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def set_static(self, act: ActQuant) -> None:
+        span = torch.stack([self.lo, self.hi]).cpu()
+        act.scale, act.zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)
+
+
+def _new_act(qcfg: QuantConfig) -> ActQuant | None:
+    return act_quantizer(qcfg)
+
+
+def _shared_input_sets(names: list[str], run) -> list[list[str]]:
+    """Consecutive linears (in call order) that receive the very same input tensor.
+
+    Inputs are held until the end, so a freed buffer cannot be reused by a later input and be
+    mistaken for a shared one.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def fn(name, x, _mask):
+        if name not in seen:
+            seen.add(name)
+            order.append((name, x))
+    run(names, fn, first_call_only=True)
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise RuntimeError(f"calibration never reached {missing}")
+
+    def same(a, b):
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+    sets: list[list[str]] = []
+    for i, (name, x) in enumerate(order):
+        if i and same(x, order[i - 1][1]):
+            sets[-1].append(name)
+        else:
+            sets.append([name])
+    return sets
+
+
+# ---- the method --------------------------------------------------------------------------------
+
+@register_method
+class GPTQ(Method):
+    name = "gptq"
+    summary = "GPTQ: Hessian-based error-feedback rounding, sequential over layers"
+    needs_calibration = True
+    defaults = {
+        "percdamp": 0.01,
+        "blocksize": 128,
+        "act_order": False,
+        "static_groups": False,
+        "true_sequential": True,
+        "hessian_inputs": "quantized",  # with A<16: H from the fake-quantized activations
+        "propagate": "quantized",  # each layer's inputs from the already-quantized layers
+    }
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options["hessian_inputs"] not in ("quantized", "float"):
+            raise ValueError("hessian_inputs must be 'quantized' or 'float'")
+
+    # one stage: Hessians (and static act ranges) for `sets`, then GPTQ on each set
+    def _solve_sets(self, sets, weights, run, qcfg, frag: QuantState, log: dict) -> None:
+        o = self.options
+        acts = {s[0]: _new_act(qcfg) for s in sets}
+        firsts = [s[0] for s in sets]
+        if qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor":
+            ranges = {n: RangeAccumulator() for n in firsts}
+            run(firsts, lambda n, x, m: ranges[n].add(x, m))
+            for n in firsts:
+                ranges[n].set_static(acts[n])
+        hess = {n: HessianAccumulator() for n in firsts}
+        use_q = qcfg.quantizes_acts and o["hessian_inputs"] == "quantized"
+
+        def add(n, x, m):
+            hess[n].add(quantize_activation(x, acts[n]) if use_q else x, m)
+        run(firsts, add)
+        for s in sets:
+            H = hess[s[0]].value()
+            ws = [weights[n].detach() for n in s]
+            res = gptq_quantize(torch.cat(ws, 0), H, qcfg.w_bits, qcfg.w_sym, qcfg.w_group_size,
+                                qcfg.w_clip, percdamp=o["percdamp"], blocksize=o["blocksize"],
+                                act_order=o["act_order"], static_groups=o["static_groups"])
+            log["loss"] += res.loss
+            log["max_damp"] = max(log["max_damp"], res.damp)
+            row = 0
+            for n, w in zip(s, ws):
+                r = slice(row, row + w.shape[0])
+                row += w.shape[0]
+                act = acts[s[0]]
+                if act is not None:
+                    act = ActQuant(act.bits, act.sym, act.granularity, act.clip_ratio,
+                                   None if act.scale is None else act.scale.clone(),
+                                   None if act.zero is None else act.zero.clone())
+                frag.linears[n] = LinearQuant(
+                    bits=qcfg.w_bits, codes=res.codes[r].cpu(), scale=res.scale[r].cpu(),
+                    zero=res.zero[r].cpu(), group_size=qcfg.w_group_size, sym=qcfg.w_sym, act=act)
+
+    def _process_block(self, block: Block, qcfg: QuantConfig, targets: dict, log: dict) -> QuantState:
+        frag = block.fragment(self.name, qcfg)
+        names = [n for n in block.linears() if n in targets]
+        if not names:
+            return frag
+
+        def run(hook_names, fn, first_call_only=False):
+            calls = block.calls[:1] if first_call_only else None
+            block.linear_inputs(hook_names, fn, state=frag, calls=calls)
+
+        sets = _shared_input_sets(names, run)
+        # true-sequential: one stage per shared-input set, measured with earlier stages quantized
+        stages = [[s] for s in sets] if self.options["true_sequential"] else [sets]
+        for ss in stages:
+            self._solve_sets(ss, {n: targets[n].weight for s in ss for n in s}, run, qcfg, frag, log)
+        return frag
+
+    def _process_loose(self, model, names, batches, state, qcfg, targets, log) -> None:
+        """Linears outside transformer layers (projector, lm_head): Hessians from a full forward."""
+        if not names:
+            return
+
+        def run(hook_names, fn, first_call_only=False):
+            current = {"mask": None}
+            handles = []
+            for n in hook_names:
+                handles.append(model.get_submodule(n).register_forward_pre_hook(
+                    lambda _m, args, _n=n: fn(_n, args[0].detach(), current["mask"])))
+            try:
+                with torch.no_grad(), applied(model, state):
+                    for b in (batches[:1] if first_call_only else batches):
+                        am = b.get("attention_mask")
+                        current["mask"] = None if am is None else am.bool()
+                        model(**b, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+
+        sets = [[n] for n in names]
+        frag = QuantState(method=self.name, config=qcfg)
+        self._solve_sets(sets, {n: targets[n].weight for n in names}, run, qcfg, frag, log)
+        state.linears.update(frag.linears)
+
+    def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
+        t0 = time.perf_counter()
+        model = lm.model
+        o = self.options
+        if not qcfg.quantizes_weights:  # activation-only schemes: nothing for GPTQ to solve
+            state = rtn_state(model, qcfg, self.name)
+            if qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor":
+                calibrate_static_acts(model, state, calib.batches)
+            state.meta.update(options=dict(o), quantize_s=time.perf_counter() - t0)
+            return state
+        if calib is None:
+            raise ValueError("gptq needs calibration data")
+        targets = target_linears(model, qcfg)
+        batches = list(calib.inputs())
+        state = QuantState(method=self.name, config=qcfg)
+        log = {"loss": 0.0, "max_damp": o["percdamp"]}
+        timings = {}
+        parts = [p for p in ("vision", "projector", "language", "lm_head") if p in qcfg.parts]
+        for part in parts:
+            tp = time.perf_counter()
+            if part in ("vision", "language"):
+                inputs = part_inputs(model, part, batches, state=state)
+                frag = run_blockwise(
+                    model, inputs, lambda blk: self._process_block(blk, qcfg, targets, log),
+                    propagate=o["propagate"])
+                state.linears.update(frag.linears)
+            else:
+                names = [n for n in targets if part_of(n) == part]
+                self._process_loose(model, names, batches, state, qcfg, targets, log)
+            timings[part] = round(time.perf_counter() - tp, 3)
+        missing = [n for n in targets if n not in state.linears]
+        if missing:
+            raise RuntimeError(f"gptq left target linears unquantized: {missing[:5]}")
+        state.linears = {n: state.linears[n] for n in targets}  # model order
+        state.meta.update(options=dict(o), hessian_inputs=o["hessian_inputs"] if qcfg.quantizes_acts else None,
+                          gptq_loss=log["loss"], max_percdamp_used=log["max_damp"],
+                          part_s=timings, quantize_s=time.perf_counter() - t0)
+        return state
