@@ -133,11 +133,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool = False
     loss = torch.zeros((), dtype=dt, device=W.device)
     col_group = (perm if perm is not None else torch.arange(n, device=W.device)) // gs
     col_group = col_group.tolist()
-    s_col, z_col = scale[:, :1], zero[:, :1]
+    s_col, z_col = scale[:, 0], zero[:, 0]
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(count):
@@ -150,16 +151,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, sym: bool = False
                     scale[:, g:g + 1] = s.to(dt)
                     zero[:, g:g + 1] = z.to(dt)
                 s_col, z_col = scale[:, g], zero[:, g]
-            else:
-                s_col, z_col = scale[:, 0], zero[:, 0]
             w = W1[:, i]
-            d = Hinv1[i, i]
             q, deq = _round_col(w, s_col, z_col, maxq)
-            Q[:, col] = q.to(torch.uint8)
-            err = (w - deq) / d
-            loss += (err * err).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Q1[:, i] = q
+            err = (w - deq) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.uint8)
+        loss += Err1.pow(2).sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
@@ -237,6 +236,14 @@ def _shared_input_sets(names: list[str], run) -> list[list[str]]:
     return sets
 
 
+def _to_cpu(lq: LinearQuant) -> LinearQuant:
+    for key in ("codes", "scale", "zero"):
+        setattr(lq, key, getattr(lq, key).cpu())
+    if lq.act is not None and lq.act.scale is not None:
+        lq.act.scale, lq.act.zero = lq.act.scale.cpu(), lq.act.zero.cpu()
+    return lq
+
+
 # ---- the method --------------------------------------------------------------------------------
 
 @register_method
@@ -292,9 +299,10 @@ class GPTQ(Method):
                     act = ActQuant(act.bits, act.sym, act.granularity, act.clip_ratio,
                                    None if act.scale is None else act.scale.clone(),
                                    None if act.zero is None else act.zero.clone())
+                # codes stay on the model's device until quantize() ends: later stages apply them
                 frag.linears[n] = LinearQuant(
-                    bits=qcfg.w_bits, codes=res.codes[r].cpu(), scale=res.scale[r].cpu(),
-                    zero=res.zero[r].cpu(), group_size=qcfg.w_group_size, sym=qcfg.w_sym, act=act)
+                    bits=qcfg.w_bits, codes=res.codes[r], scale=res.scale[r],
+                    zero=res.zero[r], group_size=qcfg.w_group_size, sym=qcfg.w_sym, act=act)
 
     def _process_block(self, block: Block, qcfg: QuantConfig, targets: dict, log: dict) -> QuantState:
         frag = block.fragment(self.name, qcfg)
@@ -372,7 +380,7 @@ class GPTQ(Method):
         missing = [n for n in targets if n not in state.linears]
         if missing:
             raise RuntimeError(f"gptq left target linears unquantized: {missing[:5]}")
-        state.linears = {n: state.linears[n] for n in targets}  # model order
+        state.linears = {n: _to_cpu(state.linears[n]) for n in targets}  # model order
         state.meta.update(options=dict(o), hessian_inputs=o["hessian_inputs"] if qcfg.quantizes_acts else None,
                           gptq_loss=log["loss"], max_percdamp_used=log["max_damp"],
                           part_s=timings, quantize_s=time.perf_counter() - t0)

@@ -62,6 +62,8 @@ padding.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -75,6 +77,7 @@ from .simulated import applied
 from .state import QuantState
 
 PROPAGATE = ("quantized", "float")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -234,8 +237,11 @@ def run_blockwise(model: nn.Module, inputs: PartInputs,
                       layers=[inputs.layers[i] for i in ids],
                       calls=float_calls if propagate == "float" else calls,
                       masks=inputs.masks, float_calls=float_calls, model=model)
+        t0 = time.perf_counter()
         frag = process(block)
         _merge(merged, frag)
+        log.info("%s block %d/%d (layers %s) processed in %.2fs", inputs.path, index + 1,
+                 len(blocks), ids, time.perf_counter() - t0)
         if on_block is not None:
             on_block(block, frag)
         if index == len(blocks) - 1:
