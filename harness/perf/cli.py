@@ -1,0 +1,112 @@
+"""``qvlm-bench perf``: GPU latency and memory on real low-bit kernels, gated against the simulated model.
+
+The lead wires ``add_perf_parser`` into ``harness/cli.py``; until then (and on machines without the
+evaluation dependencies) the same command runs as ``python -m harness.perf.cli ...``.
+Nothing on this path imports lm-eval or datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+DEFAULT_SCHEMES = "w4a16,w8a8,w4a4,w6a6"
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in _csv(s)]
+
+
+def _override(s: str) -> tuple[str, object]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"override {s!r} must look like KEY=VALUE")
+    k, v = s.split("=", 1)
+    import yaml
+
+    return k.strip(), yaml.safe_load(v)
+
+
+def add_perf_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``perf`` sub-command on an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser(
+        "perf", help="GPU latency and memory with real low-bit kernels",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True,
+                   help="architecture name (llava-1.5-7b, llava-1.5-13b: random weights, no download), "
+                        "a local folder or a Hub id; repeat for several")
+    p.add_argument("--methods", type=_csv, default=["rtn"],
+                   help="comma-separated registered methods (default rtn); fp16 is always measured first")
+    p.add_argument("--schemes", type=_csv, default=_csv(DEFAULT_SCHEMES),
+                   help=f"comma-separated schemes (default {DEFAULT_SCHEMES})")
+    p.add_argument("--batch", type=_ints, default=[1, 8, 32], help="batch sizes (default 1,8,32)")
+    p.add_argument("--override", type=_override, action="append", default=[],
+                   help="quantization override KEY=VALUE, e.g. w_group_size=128 (repeatable)")
+    p.add_argument("--new-tokens", type=int, default=128, help="forced new tokens (EOS ignored)")
+    p.add_argument("--text-tokens", type=int, default=70, help="text tokens around the image")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up generates (>= 5 for reported numbers)")
+    p.add_argument("--reps", type=int, default=20, help="timed generates (>= 20 for reported numbers)")
+    p.add_argument("--gate", choices=["auto", "strict"], default="auto",
+                   help="correctness gate policy (docs/benchmarks/perf.md)")
+    p.add_argument("--gate-tokens", type=int, default=8, help="greedy tokens compared by the gate")
+    p.add_argument("--kernels", type=_csv, default=None,
+                   help="restrict kernel candidates by name prefix (experiments)")
+    p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="fp16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/perf", help="folder for records.jsonl and leaderboard.md")
+    p.add_argument("--suite", default="perf")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds per model; variants not started by then are skipped and listed")
+    p.add_argument("--leaderboard-only", action="store_true",
+                   help="only re-render leaderboard.md from records.jsonl")
+    p.set_defaults(func=run_from_args)
+    return p
+
+
+def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from pathlib import Path
+
+    from .records import write_leaderboard
+
+    out = Path(args.out)
+    command = "python -m harness.perf.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.leaderboard_only:
+        print(write_leaderboard(out / "records.jsonl", out / "leaderboard.md"))
+        return 0
+    from .runner import run_perf
+
+    failed = 0
+    for model in args.model:
+        recs = run_perf(model, methods=args.methods, schemes=args.schemes, batches=args.batch,
+                        out=out, suite=args.suite, new_tokens=args.new_tokens,
+                        text_tokens=args.text_tokens, warmup=args.warmup, reps=args.reps,
+                        gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
+                        graphs=not args.no_graphs, device=args.device, dtype=args.dtype,
+                        seed=args.seed, overrides=dict(args.override),
+                        time_budget_s=args.time_budget, kernels=args.kernels, leaderboard=False)
+        failed += sum(r["status"] != "ok" for r in recs)
+    text = write_leaderboard(out / "records.jsonl", out / "leaderboard.md", command=command)
+    print(text)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qvlm-bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_perf_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "perf":
+        argv = ["perf", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

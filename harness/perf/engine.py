@@ -1,0 +1,344 @@
+"""Static-KV-cache generation for LLaVA (CLIP + projector + Llama decoder) on real-kernel layers.
+
+The engine reuses the loaded model's vision tower, projector, embeddings, norms, rotary
+frequencies and LM head, and runs the decoder's linear layers as ``RealLinear`` modules (q/k/v
+and gate/up fused side by side). Its forward is written out here rather than taken from
+transformers so that it is the same, compile-friendly code for every variant, fp16 included:
+
+* the KV cache is static (``[batch, kv_heads, prompt + new_tokens, head_dim]`` per layer);
+* the glue between the matrix products (residual add + RMSNorm, rotary, SiLU-gate) is compiled
+  with inductor (``torch.compile``, dynamic shapes, one compile shared by all layers);
+* the vision encoder + projector, the language prefill and one decode step are each captured as
+  a CUDA graph and replayed, so per-token decode time is GPU time, not Python launch time.
+
+Everything degrades to eager PyTorch (CPU tests, or ``compile=False, graphs=False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models.layers import language_layers
+
+# ---------------------------------------------------------------------------- glue (compiled)
+
+
+def _rms_norm(x, w, eps: float):
+    xf = x.float()
+    var = xf.pow(2).mean(-1, keepdim=True)
+    return w * (xf * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+def _add_rms_norm(res, delta, w, eps: float):
+    res = res + delta
+    return res, _rms_norm(res, w, eps)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(q, k, cos, sin):
+    # q [rows, H, D], k [rows, KV, D], cos/sin [rows, 1, D]: transformers' apply_rotary_pos_emb
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _cos_sin(pos, inv_freq, scaling: float, dtype: torch.dtype):
+    freqs = pos.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def _silu_mul(gu):
+    half = gu.shape[-1] // 2
+    return F.silu(gu[..., :half]) * gu[..., half:]
+
+
+GLUE = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope,
+        "cos_sin": _cos_sin, "silu_mul": _silu_mul}
+
+
+@dataclass
+class Block:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: nn.Module
+    o: nn.Module
+    gate_up: nn.Module
+    down: nn.Module
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+class LlavaEngine:
+    """Generate with a LLaVA model whose decoder linears are replaced by ``blocks``' modules."""
+
+    def __init__(self, model: nn.Module, blocks: list[Block], *, compile: bool = False,
+                 graphs: bool = False):
+        self.model = model
+        self.blocks = blocks
+        lang_path, _ = language_layers(model)
+        self.lang = model.get_submodule(lang_path.rsplit(".", 1)[0])
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config.text_config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden = cfg.hidden_size
+        self.eps = float(self.lang.norm.variance_epsilon)
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise NotImplementedError(f"the perf engine implements Llama decoders with SiLU, not {act!r}")
+        rot = self.lang.rotary_emb
+        self.inv_freq = rot.inv_freq
+        self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        self.image_token = model.config.image_token_id if hasattr(model.config, "image_token_id") \
+            else model.config.image_token_index
+        self.device = self.lm_head.weight.device
+        self.dtype = self.lm_head.weight.dtype
+        self.compiled = False
+        self.glue = dict(GLUE)
+        if compile:
+            self.glue = {k: torch.compile(v, dynamic=True) for k, v in GLUE.items()}
+            self.compiled = True
+        self.use_graphs = graphs and self.device.type == "cuda"
+        self.graph_notes: list[str] = []
+        self.batch = None
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    def setup(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, new_tokens: int) -> None:
+        """Allocate the static cache and input buffers for one batch shape (drops older graphs)."""
+        self.release()
+        B, T = input_ids.shape
+        self.batch, self.prompt_len, self.new_tokens = B, T, new_tokens
+        self.max_len = T + new_tokens
+        dev, dt = self.device, self.dtype
+        self.k_cache = [torch.zeros(B, self.n_kv, self.max_len, self.head_dim, device=dev, dtype=dt)
+                        for _ in self.blocks]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self.input_ids = input_ids.to(dev).clone()
+        self.pixel_values = pixel_values.to(dev, dt).clone()
+        img = (input_ids[0] == self.image_token).nonzero().flatten()
+        if not bool((input_ids == self.image_token).sum(1).eq(len(img)).all()):
+            raise ValueError("every row of the batch must hold the same number of image tokens")
+        self.img_pos = img.to(dev)
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.prefill_pos = torch.arange(T, device=dev)
+        self.kv_range = torch.arange(self.max_len, device=dev)
+        vocab = self.lm_head.weight.shape[0]
+        self.logits = torch.zeros(B, vocab, device=dev, dtype=torch.float32)
+        self.feats = None
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+
+    def release(self) -> None:
+        for name in ("k_cache", "v_cache", "graphs", "feats", "logits", "input_ids", "pixel_values"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.batch = None
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        if hasattr(out, "pooler_output"):
+            out = out.pooler_output
+        if isinstance(out, (list, tuple)):
+            out = torch.stack(list(out))
+        return out.to(self.dtype)
+
+    def _layers(self, res: torch.Tensor, B: int, T: int, pos: torch.Tensor, decode: bool):
+        """The decoder on ``res [B*T, hidden]`` (embeddings); returns the final-normed hidden."""
+        g = self.glue
+        cos, sin = g["cos_sin"](pos, self.inv_freq, self.rope_scaling, self.dtype)
+        rows = B * T
+        if decode:
+            cos, sin = cos.expand(rows, -1), sin.expand(rows, -1)
+            mask = (self.kv_range <= pos)[None, None, None, :]
+        else:
+            cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        delta = None
+        for i, blk in enumerate(self.blocks):
+            if delta is None:
+                h = g["rms_norm"](res, blk.ln1, self.eps)
+            else:
+                res, h = g["add_rms_norm"](res, delta, blk.ln1, self.eps)
+            qkv = blk.qkv(h)
+            q = qkv[:, : H * D].view(rows, H, D)
+            k = qkv[:, H * D: (H + KV) * D].view(rows, KV, D)
+            v = qkv[:, (H + KV) * D:].view(rows, KV, D)
+            q, k = g["rope"](q, k, cos, sin)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            k = k.view(B, T, KV, D).transpose(1, 2)
+            v = v.view(B, T, KV, D).transpose(1, 2)
+            if decode:
+                self.k_cache[i].index_copy_(2, pos, k)
+                self.v_cache[i].index_copy_(2, pos, v)
+                att = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                                     enable_gqa=KV != H)
+            else:
+                self.k_cache[i][:, :, :T].copy_(k)
+                self.v_cache[i][:, :, :T].copy_(v)
+                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+            att = att.transpose(1, 2).reshape(rows, H * D)
+            o = blk.o(att)
+            res, h = g["add_rms_norm"](res, o, blk.ln2, self.eps)
+            delta = blk.down(g["silu_mul"](blk.gate_up(h)))
+        res = res + delta
+        return g["rms_norm"](res, self.lang.norm.weight, self.eps)
+
+    def _vision(self) -> None:
+        feats = self.image_features(self.pixel_values)
+        if self.feats is None:
+            self.feats = torch.empty_like(feats)
+        self.feats.copy_(feats)
+
+    def _prefill(self) -> None:
+        B, T = self.input_ids.shape
+        emb = self.lang.embed_tokens(self.input_ids)
+        emb = emb.index_copy(1, self.img_pos, self.feats)
+        out = self._layers(emb.reshape(B * T, -1), B, T, self.prefill_pos, decode=False)
+        last = out.view(B, T, -1)[:, -1]
+        logits = self.lm_head(last)
+        self.logits.copy_(logits.float())
+        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.fill_(T)
+
+    def _decode(self) -> None:
+        B = self.tok.shape[0]
+        emb = self.lang.embed_tokens(self.tok).reshape(B, -1)
+        out = self._layers(emb, B, 1, self.pos, decode=True)
+        logits = self.lm_head(out)
+        self.logits.copy_(logits.float())
+        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+    # -- graphs ----------------------------------------------------------------------------------
+
+    def capture(self, warmup: int = 2) -> None:
+        """Run each phase eagerly (compile, autotune), then capture it as a CUDA graph."""
+        with torch.no_grad():
+            for _ in range(warmup):
+                self._vision()
+                self._prefill()
+                self._decode()
+            if not self.use_graphs:
+                return
+            torch.cuda.synchronize()
+            pool = torch.cuda.graph_pool_handle()
+            for name, fn in (("vision", self._vision), ("prefill", self._prefill), ("decode", self._decode)):
+                g = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(g, pool=pool):
+                        fn()
+                    self.graphs[name] = g
+                except Exception as exc:  # noqa: BLE001 - fall back to eager for this phase
+                    self.graph_notes.append(f"{name}: graph capture failed, eager: {type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}")
+                    torch.cuda.synchronize()
+            torch.cuda.synchronize()
+
+    def run_phase(self, name: str) -> None:
+        g = self.graphs.get(name) if self.use_graphs else None
+        if g is not None:
+            g.replay()
+        else:
+            with torch.no_grad():
+                {"vision": self._vision, "prefill": self._prefill, "decode": self._decode}[name]()
+
+    # -- user-level ------------------------------------------------------------------------------
+
+    def generate(self, n_new: int | None = None) -> torch.Tensor:
+        """Greedy tokens ``[B, n_new]`` from the current inputs (EOS ignored)."""
+        n_new = self.new_tokens if n_new is None else n_new
+        toks = []
+        self.run_phase("vision")
+        self.run_phase("prefill")
+        toks.append(self.tok.clone())
+        for _ in range(n_new - 1):
+            self.run_phase("decode")
+            toks.append(self.tok.clone())
+        return torch.cat(toks, dim=1)
+
+    def teacher_forced_logits(self, tokens: list[int]) -> torch.Tensor:
+        """Logits after the prompt, then after feeding each of ``tokens``: ``[B, 1 + len, vocab]``."""
+        self.run_phase("vision")
+        self.run_phase("prefill")
+        out = [self.logits.clone()]
+        for t in tokens:
+            self.tok.fill_(int(t))
+            self.run_phase("decode")
+            out.append(self.logits.clone())
+        return torch.stack(out, dim=1)
+
+    def linears(self) -> dict[str, nn.Module]:
+        out = {}
+        for i, b in enumerate(self.blocks):
+            for k in ("qkv", "o", "gate_up", "down"):
+                out[f"layers.{i}.{k}"] = getattr(b, k)
+        return out
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+SIBLINGS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "o": ("self_attn.o_proj",),
+            "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+            "down": ("mlp.down_proj",)}
+
+
+class _Concat(nn.Module):
+    """Fallback when siblings cannot share one kernel: run them one by one and concatenate."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def build_blocks(model: nn.Module, make_linear, *, fuse: bool = True) -> list[Block]:
+    """``make_linear(path, nn.Linear-or-None) -> RealLinear`` for every decoder linear.
+
+    q/k/v and gate/up are concatenated into one layer each when their formats agree.
+    """
+    from .real import RealLinear
+
+    lang_path, layers = language_layers(model)
+    blocks = []
+    for i, layer in enumerate(layers):
+        prefix = f"{lang_path}.{i}"
+        mods = {}
+        for key, names in SIBLINGS.items():
+            parts = []
+            for n in names:
+                path = f"{prefix}.{n}"
+                try:
+                    lin = model.get_submodule(path)
+                except AttributeError:
+                    lin = None
+                parts.append(make_linear(path, lin))
+            if len(parts) == 1:
+                mods[key] = parts[0]
+            elif fuse and RealLinear.can_concat(parts):
+                mods[key] = RealLinear.concat(parts, name=f"{prefix}.{key}")
+                del parts
+            else:
+                mods[key] = _Concat(parts)
+        blocks.append(Block(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                            **mods))
+    return blocks

@@ -1,0 +1,157 @@
+"""Timing and memory of one engine: CUDA events around each phase, repeated, summarised robustly.
+
+One repetition is one full generate of the fixed workload: vision encoder + projector, language
+prefill (together: time to first token), then ``new_tokens - 1`` decode steps, each bracketed by
+events. The summary per quantity is the median over repetitions with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def quantiles(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    if not xs:
+        return {"median": None, "q1": None, "q3": None, "iqr": None, "n": 0}
+    if len(xs) == 1:
+        return {"median": xs[0], "q1": xs[0], "q3": xs[0], "iqr": 0.0, "n": 1}
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "n": len(xs)}
+
+
+class Timer:
+    """Events on CUDA, a host clock elsewhere (CPU tests)."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def time_generate(engine, *, warmup: int = 5, reps: int = 20) -> dict:
+    """Latency of ``engine``'s current batch: vision ms, TTFT, per-token decode ms, tokens/s."""
+    timer = Timer(engine.device)
+    n_dec = engine.new_tokens - 1
+    for _ in range(warmup):
+        engine.generate()
+    timer.sync()
+    vision, ttft, decode, total, steps = [], [], [], [], []
+    for _ in range(reps):
+        marks = [timer.mark()]
+        engine.run_phase("vision")
+        marks.append(timer.mark())
+        engine.run_phase("prefill")
+        marks.append(timer.mark())
+        for _ in range(n_dec):
+            engine.run_phase("decode")
+            marks.append(timer.mark())
+        timer.sync()
+        vision.append(timer.ms(marks[0], marks[1]))
+        ttft.append(timer.ms(marks[0], marks[2]))
+        dec = timer.ms(marks[2], marks[-1])
+        decode.append(dec / max(1, n_dec))
+        total.append(timer.ms(marks[0], marks[-1]))
+        steps.extend(timer.ms(marks[i], marks[i + 1]) for i in range(2, len(marks) - 1))
+    B = engine.batch
+    tot = quantiles(total)
+    dec = quantiles(decode)
+    return {
+        "vision_ms": quantiles(vision)["median"],
+        "ttft_ms": quantiles(ttft)["median"],
+        "decode_ms_per_token": dec["median"],
+        "tokens_per_s": B * engine.new_tokens / (tot["median"] / 1e3),
+        "decode_tokens_per_s": B / (dec["median"] / 1e3),
+        "prefill_ms": quantiles([t - v for t, v in zip(ttft, vision)])["median"],
+        "generate_ms": tot["median"],
+        "iqr": {"vision_ms": quantiles(vision)["iqr"], "ttft_ms": quantiles(ttft)["iqr"],
+                "decode_ms_per_token": dec["iqr"], "generate_ms": tot["iqr"]},
+        "decode_step_ms": quantiles(steps),
+        "reps": reps, "warmup": warmup, "batch": B, "new_tokens": engine.new_tokens,
+        "prompt_tokens": engine.prompt_len,
+    }
+
+
+def peak_memory(engine) -> dict:
+    """``max_memory_allocated`` over one generate after a reset (graph pools and cache included)."""
+    if not str(engine.device).startswith("cuda"):
+        return {"peak_bytes": None, "resident_bytes": None}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    engine.generate()
+    torch.cuda.synchronize()
+    return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "resident_bytes": int(resident)}
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float | None:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    if not str(device).startswith("cuda"):
+        return None
+    a = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (statistics.median(times) / 1e3) / 1e9
+
+
+def device_info(device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        idx = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        info.update({"card": props.name, "sm_count": props.multi_processor_count,
+                     "memory_bytes": props.total_memory, "cuda": torch.version.cuda,
+                     "capability": f"{props.major}.{props.minor}"})
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            drv = out.stdout.strip().splitlines()[idx].split(", ")
+            info.update({"driver": drv[0], "max_sm_clock": drv[1], "power_limit": drv[2]})
+        except Exception:  # noqa: BLE001
+            info["driver"] = None
+    else:
+        info.update({"card": platform.processor() or "cpu", "driver": None})
+    return info

@@ -1,0 +1,149 @@
+"""Perf records (JSON lines, appended atomically) and the perf leaderboard (ratios to fp16).
+
+A leaderboard row compares a variant with the fp16 row of the same ``run_id`` and batch size:
+speed-ups are ``fp16 time / variant time`` (> 1 is faster), memory is ``variant / fp16``.
+Rows whose kernel is ``simulated``, or that failed the gate, show no ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """One ``write`` of a complete line on an O_APPEND file, then flush + fsync."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, default=_jsonable, allow_nan=False) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        data = line.encode()
+        written = os.write(fd, data)
+        if written != len(data):  # pragma: no cover - regular files write whole buffers
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def load_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            out.append(json.loads(line))
+    return [r for r in out if r.get("metric") == "perf"]
+
+
+def _ratio(base, val):
+    if base is None or val is None or val == 0:
+        return None
+    return base / val
+
+
+def leaderboard_frame(records: list[dict], latest_only: bool = True):
+    """A pandas DataFrame: one row per (run, model, batch, method, scheme)."""
+    import pandas as pd
+
+    if latest_only:  # the newest run per (model, batch); older runs stay in records.jsonl
+        newest: dict = {}
+        for r in records:
+            key = (r["model"], r.get("batch_size"))
+            if key not in newest or r.get("timestamp", "") > newest[key]:
+                newest[key] = r.get("timestamp", "")
+        runs = {(r["model"], r.get("batch_size"), r["run_id"]) for r in records
+                if r.get("timestamp", "") == newest[(r["model"], r.get("batch_size"))]}
+        records = [r for r in records if (r["model"], r.get("batch_size"), r["run_id"]) in runs]
+    base = {}
+    for r in records:
+        if r["method"] == "fp16" and r["status"] == "ok" and r.get("latency"):
+            base[(r["run_id"], r["model"], r.get("batch_size"))] = r
+    rows = []
+    for r in records:
+        lat = r.get("latency") or {}
+        mem = r.get("memory") or {}
+        b = base.get((r["run_id"], r["model"], r.get("batch_size")))
+        blat = (b or {}).get("latency") or {}
+        bmem = (b or {}).get("memory") or {}
+        g = r.get("gate") or {}
+        timed = bool(lat) and r["status"] == "ok" and r.get("kernel") != "simulated"
+        prefill = lat.get("prefill_ms")
+        rows.append({
+            "model": r["model"], "card": r.get("card"), "batch": r.get("batch_size"),
+            "method": r["method"], "scheme": r["scheme"],
+            "status": r["status"] if timed or r["status"] == "failed" else "simulated",
+            "gate": ("pass" if g.get("passed") else "FAIL") if g else "—",
+            "gate layer err": g.get("layerwise_max_rel_err"),
+            "gate e2e err": g.get("e2e_rel_logit_err"),
+            "gate tokens": ("same" if g.get("e2e_tokens_match") else "differ") if g else None,
+            "vision ms": lat.get("vision_ms"),
+            "TTFT ms": lat.get("ttft_ms"),
+            "prefill ms": prefill,
+            "prefill ×": _ratio(blat.get("prefill_ms"), prefill) if timed else None,
+            "decode ms/tok": lat.get("decode_ms_per_token"),
+            "decode IQR": (lat.get("iqr") or {}).get("decode_ms_per_token"),
+            "decode ×": _ratio(blat.get("decode_ms_per_token"), lat.get("decode_ms_per_token")) if timed else None,
+            "tok/s": lat.get("tokens_per_s"),
+            "peak GiB": mem["peak_bytes"] / 2**30 if mem.get("peak_bytes") else None,
+            "peak / fp16": (mem["peak_bytes"] / bmem["peak_bytes"]) if timed and mem.get("peak_bytes")
+            and bmem.get("peak_bytes") else None,
+            "LM weights GiB": mem["weight_bytes_language"] / 2**30 if mem.get("weight_bytes_language") else None,
+            "kernel": r.get("kernel"),
+            "error": r.get("error"),
+        })
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        order = {"fp16": 0}
+        df["_o"] = df["method"].map(lambda m: order.get(m, 1))
+        df = df.sort_values(["model", "batch", "_o", "method", "scheme"]).drop(columns="_o")
+    return df
+
+
+def write_leaderboard(records_path: str | Path, out_path: str | Path, command: str | None = None) -> str:
+    """Markdown leaderboard of the newest run per (model, batch) in ``records_path``."""
+    import pandas as pd  # noqa: F401 - pandas + tabulate render the table
+
+    records = load_records(records_path)
+    df = leaderboard_frame(records)
+    lines = ["# Perf leaderboard (generated by harness/perf; do not edit)", ""]
+    if df.empty:
+        lines.append("No perf records yet.")
+    else:
+        cards = sorted({str(c) for c in df["card"].dropna()})
+        lines.append(f"Card: {', '.join(cards) or 'unknown'}. Ratios are against fp16 of the same call and "
+                     "batch: `×` = fp16 time / variant time (> 1 faster); `peak / fp16` = memory ratio. "
+                     "See docs/benchmarks/perf.md for what each column means and what is simulated.")
+        if command:
+            lines += ["", f"Produced by: `{command}`"]
+        for (model, batch), part in df.groupby(["model", "batch"], sort=False):
+            first = [r for r in records if r["model"] == model and r.get("batch_size") == batch]
+            r0 = first[0] if first else {}
+            lines += ["", f"## {model}, batch {batch}", "",
+                      f"card {r0.get('card')}, driver {r0.get('driver')}, torch {r0.get('torch')}, "
+                      f"copy bandwidth {round(r0['copy_bandwidth_gbs']) if r0.get('copy_bandwidth_gbs') else '—'} GB/s, "
+                      f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt tokens "
+                      f"+ {r0.get('workload', {}).get('new_tokens')} new tokens", ""]
+            show = part.drop(columns=["model", "card", "batch"])
+            lines.append(show.to_markdown(index=False, floatfmt=".3g"))
+    text = "\n".join(lines) + "\n"
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(out_path) + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out_path)
+    return text

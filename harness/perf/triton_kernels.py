@@ -1,0 +1,300 @@
+"""Triton kernels of the real-kernel backend (GPU; they also run under ``TRITON_INTERPRET=1`` on CPU).
+
+``wq_matmul``: ``y = x @ dequant(W).T`` for fp16 ``x`` and int4-packed or int8-stored weights with
+per-group scales and zero points. The weight is dequantized in registers exactly as the simulated
+model does it, ``fp16((code - zero) * scale)`` in float32, so the only difference from the simulated
+layer is the order of the float32 accumulation. Two shapes of the same arithmetic:
+``gemv`` (CUDA-core multiply-add, for decode with a handful of rows) and ``dot`` (tensor cores).
+
+``scaled_gemm``: ``y = s_a[m] * s_w[n] * sum_k A[m, k] * W[n, k]`` with integer-valued operands held
+in FP8 e4m3 (|value| <= 16, exact) or INT8, accumulated in float32 / int32 (exact), scales applied
+in the epilogue of the same kernel. 4-bit weights stay packed two a byte and are unpacked into the
+tensor-core operand in registers. ``CORR`` subtracts ``zc[n] * rowsum_a[m]`` for int8-stored weights
+whose zero point is not the storage offset (asymmetric 8-bit weights).
+"""
+
+from __future__ import annotations
+
+import os
+
+try:  # pragma: no cover - exercised where triton is installed
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001 - any import problem means "no triton here"
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device | str) -> bool:
+    """Triton kernels run on CUDA, or anywhere under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    return INTERPRET or str(device).startswith("cuda")
+
+
+if HAS_TRITON:
+
+    # short autotuning benchmarks (ms): a perf run tunes dozens of shapes
+    _BENCH = {"warmup": 5, "rep": 25}
+
+    # ------------------------------------------------------------------ weight-dequant matmul
+
+    def _gemv_configs():
+        if INTERPRET:
+            return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+        out = []
+        for bn, bk in ((16, 128), (16, 256), (32, 128), (32, 256), (64, 128), (8, 512)):
+            for w in (4, 8):
+                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
+        return out
+
+    def _dot_configs():
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+        cfgs = [
+            # small M (decode, batch 8..64)
+            (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
+            (32, 128, 128, 4, 3),
+            # large M (prefill)
+            (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3),
+        ]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for m, n, k, w, s in cfgs]
+
+    def _prune_wq(configs, named_args, **kwargs):
+        K = named_args["K"]
+        group = named_args["GROUP"] if "GROUP" in named_args else kwargs["GROUP"]
+        mb = named_args["MB"] if "MB" in named_args else kwargs.get("MB", 1)
+        keep = []
+        for c in configs:
+            bk = c.kwargs["BLOCK_K"]
+            if K % bk or group % bk:
+                continue
+            if "BLOCK_M" not in c.kwargs:  # gemv: keep the broadcast product within registers
+                rows = kwargs.get("BLOCK_M", 1)
+                if rows * c.kwargs["BLOCK_N"] * bk > 16384:
+                    continue
+            bm = c.kwargs.get("BLOCK_M")
+            if bm is not None and mb <= 64 and bm > max(16, mb):
+                continue  # decode rows: don't tile far past M
+            if bm is not None and mb > 64 and bm < 64:
+                continue
+            keep.append(c)
+        if not keep:  # fall back to the smallest K tile that divides both
+            for c in configs:
+                bk = c.kwargs["BLOCK_K"]
+                if K % bk == 0 and group % bk == 0:
+                    return [c]
+            raise ValueError(f"no kernel tile divides K={K} and group={group}")
+        return keep
+
+    @triton.autotune(configs=_gemv_configs(), key=["MB", "N", "K", "GROUP", "PACKED"],
+                     prune_configs_by={"early_config_prune": _prune_wq}, **_BENCH)
+    @triton.jit
+    def _wq_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G, MB,
+                        stride_xm, stride_ym,
+                        PACKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PACKED:
+            HALF: tl.constexpr = BLOCK_K // 2
+            kh = tl.arange(0, HALF)
+            for k0 in range(0, K, BLOCK_K):
+                g = k0 // GROUP
+                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + kh)[None, :],
+                            mask=n_ok[:, None], other=0)
+                lo = (p & 15).to(tl.float32)
+                hi = (p >> 4).to(tl.float32)
+                wlo = ((lo - z[:, None]) * s[:, None]).to(tl.float16).to(tl.float32)
+                whi = ((hi - z[:, None]) * s[:, None]).to(tl.float16).to(tl.float32)
+                xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * kh)[None, :],
+                             mask=m_ok[:, None], other=0.0).to(tl.float32)
+                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * kh + 1)[None, :],
+                             mask=m_ok[:, None], other=0.0).to(tl.float32)
+                acc += tl.sum(xe[:, None, :] * wlo[None, :, :], axis=2)
+                acc += tl.sum(xo[:, None, :] * whi[None, :, :], axis=2)
+        else:
+            kk = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                g = k0 // GROUP
+                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                q = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :],
+                            mask=n_ok[:, None], other=0).to(tl.float32)
+                w = ((q - z[:, None]) * s[:, None]).to(tl.float16).to(tl.float32)
+                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
+                             mask=m_ok[:, None], other=0.0).to(tl.float32)
+                acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.autotune(configs=_dot_configs(), key=["MB", "N", "K", "GROUP", "PACKED"],
+                     prune_configs_by={"early_config_prune": _prune_wq}, **_BENCH)
+    @triton.jit
+    def _wq_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G, MB,
+                       stride_xm, stride_ym,
+                       PACKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PACKED:
+            HALF: tl.constexpr = BLOCK_K // 2
+            kh = tl.arange(0, HALF)
+            for k0 in range(0, K, BLOCK_K):
+                g = k0 // GROUP
+                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + kh)[None, :],
+                            mask=n_ok[:, None], other=0)
+                wlo = (((p & 15).to(tl.float32) - z[:, None]) * s[:, None]).to(tl.float16)
+                whi = (((p >> 4).to(tl.float32) - z[:, None]) * s[:, None]).to(tl.float16)
+                w = tl.interleave(wlo, whi)  # [BLOCK_N, BLOCK_K], even columns from the low nibble
+                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                             mask=m_ok[:, None], other=0.0)
+                acc = tl.dot(xk, tl.trans(w), acc)
+        else:
+            kk = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                g = k0 // GROUP
+                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                q = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :],
+                            mask=n_ok[:, None], other=0).to(tl.float32)
+                w = ((q - z[:, None]) * s[:, None]).to(tl.float16)
+                xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
+                             mask=m_ok[:, None], other=0.0)
+                acc = tl.dot(xk, tl.trans(w), acc)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    # ------------------------------------------------------------------ integer tensor-core GEMM
+
+    def _gemm_configs():
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                                  num_warps=4, num_stages=1)]
+        cfgs = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (128, 128, 64, 4, 4)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                              num_warps=w, num_stages=s) for m, n, k, w, s in cfgs]
+
+    def _prune_gemm(configs, named_args, **kwargs):
+        K = named_args["K"]
+        keep = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
+        return keep or [configs[-1]]
+
+    @triton.autotune(configs=_gemm_configs(), key=["MB", "N", "K", "WFMT", "FP8", "CORR"],
+                     prune_configs_by={"early_config_prune": _prune_gemm}, **_BENCH)
+    @triton.jit
+    def _scaled_gemm_kernel(a_ptr, w_ptr, zw_ptr, sa_ptr, sw_ptr, rs_ptr, y_ptr, M, N, K, MB,
+                            WFMT: tl.constexpr, FP8: tl.constexpr, CORR: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr):
+        # WFMT 0: int8 stored [N, K]; 1: int4 packed [N, K // 2] minus per-channel zero; 2: fp8 [N, K]
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        gid = pid // per_group
+        first_m = gid * GROUP_M
+        gsize = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % per_group) % gsize)
+        pid_n = (pid % per_group) // gsize
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        if FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        if WFMT == 1:
+            zq = tl.load(zw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.int32)
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + offs_m[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None], other=0)
+            if WFMT == 1:
+                HALF: tl.constexpr = BLOCK_K // 2
+                p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, HALF))[None, :],
+                            mask=n_ok[:, None], other=0).to(tl.int32)
+                wi = tl.interleave((p & 15) - zq[:, None], (p >> 4) - zq[:, None])
+                if FP8:
+                    w = wi.to(tl.float32).to(tl.float8e4nv)
+                else:
+                    w = wi.to(tl.int8)
+            else:
+                w = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None], other=0)
+            if FP8:
+                acc = tl.dot(a, tl.trans(w), acc)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        if CORR:
+            zc = tl.load(zw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.int32)
+            rs = tl.load(rs_ptr + offs_m, mask=m_ok, other=0)
+            acc = acc - zc[None, :] * rs[:, None]
+        sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
+        sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(tl.float16),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _mb(m: int) -> int:
+    """Row-count bucket for autotuning keys: exact up to 64 rows, then powers of two."""
+    if m <= 64:
+        return m
+    return 1 << (m - 1).bit_length()
+
+
+def wq_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              packed: bool, group: int, mode: str = "dot") -> torch.Tensor:
+    """``x [M, K]`` fp16 times dequantized weights -> ``[M, N]`` fp16. ``mode``: 'gemv' or 'dot'."""
+    M, K = x.shape
+    N = w.shape[0]
+    G = scale.shape[1]
+    y = torch.empty((M, N), device=x.device, dtype=torch.float16)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if mode == "gemv":
+        bm = 1 if M == 1 else min(8, 1 << (M - 1).bit_length())
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
+        _wq_gemv_kernel[grid](x, w, scale, zero, y, M, N, K, G, _mb(M), x.stride(0), y.stride(0),
+                              PACKED=packed, GROUP=group, BLOCK_M=bm)
+    else:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+        _wq_dot_kernel[grid](x, w, scale, zero, y, M, N, K, G, _mb(M), x.stride(0), y.stride(0),
+                             PACKED=packed, GROUP=group)
+    return y
+
+
+def scaled_gemm(a: torch.Tensor, w: torch.Tensor, zw: torch.Tensor, sa: torch.Tensor,
+                sw: torch.Tensor, rowsum: torch.Tensor | None, wfmt: int, fp8: bool,
+                corr: bool) -> torch.Tensor:
+    """Integer-operand GEMM with the row and column scales applied in the epilogue."""
+    M, K = a.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), device=a.device, dtype=torch.float16)
+    rs = rowsum if rowsum is not None else sa  # unused unless corr
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _scaled_gemm_kernel[grid](a, w, zw, sa, sw, rs, y, M, N, K, _mb(M), WFMT=wfmt, FP8=fp8, CORR=corr)
+    return y
