@@ -105,6 +105,11 @@ class LlavaEngine:
         self.compiled = False
         self.glue = dict(GLUE)
         if compile:
+            import torch._inductor.config as inductor_config
+
+            if hasattr(inductor_config, "emulate_precision_casts"):
+                # round intermediates as eager fp16 does: keeps the engine close to transformers' numbers
+                inductor_config.emulate_precision_casts = True
             self.glue = {k: torch.compile(v, dynamic=True) for k, v in GLUE.items()}
             self.compiled = True
         self.use_graphs = graphs and self.device.type == "cuda"
@@ -164,7 +169,8 @@ class LlavaEngine:
         rows = B * T
         if decode:
             cos, sin = cos.expand(rows, -1), sin.expand(rows, -1)
-            mask = (self.kv_range <= pos)[None, None, None, :]
+            # additive mask built once per step (a boolean one is converted inside every attention call)
+            mask = torch.where(self.kv_range <= pos, 0.0, float("-inf")).to(self.dtype)[None, None, None, :]
         else:
             cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
         cos, sin = cos[:, None, :], sin[:, None, :]
@@ -238,7 +244,13 @@ class LlavaEngine:
                 return
             torch.cuda.synchronize()
             pool = torch.cuda.graph_pool_handle()
+            from .real import sync_error
+
             for name, fn in (("vision", self._vision), ("prefill", self._prefill), ("decode", self._decode)):
+                bad = sync_error(fn)  # a synchronizing op would break the capture (and the context)
+                if bad:
+                    self.graph_notes.append(f"{name}: synchronizes, runs eager: {bad}")
+                    continue
                 g = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(g, pool=pool):

@@ -105,9 +105,9 @@ def simulated_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values:
                 mod = model.get_submodule(path)
 
                 def hook(_m, args, out, _p=path):
-                    if _p not in io:
-                        io[_p] = (args[0].detach().reshape(-1, args[0].shape[-1]).clone(),
-                                  out.detach().reshape(-1, out.shape[-1]).clone())
+                    if _p not in io:  # kept in host memory: it must not count in the engines' peak
+                        io[_p] = (args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu"),
+                                  out.detach().reshape(-1, out.shape[-1]).to("cpu"))
                 hooks.append(mod.register_forward_hook(hook))
     ids = input_ids[:1]
     pix = pixel_values[:1]
@@ -139,9 +139,9 @@ def layerwise_errors(engine, ref: SimReference, model_lang_path: str) -> dict[st
             paths = [f"{model_lang_path}.{i}.{n}" for n in names]
             if not all(p in ref.io for p in paths):
                 continue
-            x = ref.io[paths[0]][0]
-            want = torch.cat([ref.io[p][1] for p in paths], dim=-1)
             mod = getattr(blk, key)
+            x = ref.io[paths[0]][0].to(engine.device)
+            want = torch.cat([ref.io[p][1] for p in paths], dim=-1).to(engine.device)
             errs[f"layers.{i}.{key}.prefill"] = rel_err(mod(x), want)
             rows = min(B, x.shape[0])
             if rows <= 64:

@@ -125,6 +125,17 @@ def unpack_to(packed, zero, to_fp8):
     return _maybe_compiled(_unpack_to_impl)(packed, zero, to_fp8)
 
 
+def _dequant_impl(wdata, scale, zero, packed: bool, dtype):
+    if packed:
+        q = torch.stack([wdata & 0x0F, wdata >> 4], dim=-1).reshape(wdata.shape[0], -1).float()
+    else:
+        q = wdata.float()
+    n, k = q.shape
+    g = scale.shape[1]
+    w = (q.view(n, g, k // g) - zero[:, :, None]) * scale[:, :, None]
+    return w.view(n, k).to(dtype)
+
+
 # ---------------------------------------------------------------------------- the layer
 
 @dataclass
@@ -158,6 +169,9 @@ class RealLinear(nn.Module):
             self.register_buffer("scale", scale.float().contiguous())
             self.register_buffer("zero", zero.float().contiguous())  # int4: z; int8: z - 2**(b-1)
             self.group = in_features // scale.shape[1]
+            # int8 storage whose zero point is not the storage offset needs the row-sum correction;
+            # decided here, once, so that the forward never syncs (CUDA graphs)
+            self.corr = self.fmt == "int8" and bool((self.zero != 0).any())
         self.register_buffer("bias", bias)
         self.choice: dict[str, str] = {}
 
@@ -229,6 +243,8 @@ class RealLinear(nn.Module):
         """The float weight the simulated model uses: ``fp((code - zero) * scale)``."""
         if self.fmt == "float":
             return self.weight.to(dtype)
+        if _COMPILE["on"]:
+            return _maybe_compiled(_dequant_impl)(self.wdata, self.scale, self.zero, self.fmt == "int4", dtype)
         if self.fmt == "int4":
             from .packing import unpack_int4
 
@@ -271,7 +287,7 @@ class RealLinear(nn.Module):
         out = []
         if phase == "decode":
             if trit:
-                out += [f"triton-{self.fmt}-gemv", f"triton-{self.fmt}-dot"]
+                out += [f"triton-{self.fmt}-gemv2", f"triton-{self.fmt}-gemv", f"triton-{self.fmt}-dot"]
         else:
             comp = self.int_compute()
             if comp is not None:
@@ -300,6 +316,10 @@ class RealLinear(nn.Module):
         if kernel in ("dequant-fp16+cublas", "dequant+torch"):
             xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
             return F.linear(xq, self.dequantized(x.dtype), self.bias)
+        if kernel.endswith("-gemv2"):
+            xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
+            y = tk.wq_gemv2(xq, self.wdata, self.scale, self.zero, 4 if self.fmt == "int4" else 8, self.group)
+            return y if self.bias is None else y + self.bias
         if kernel.endswith("-gemv") or kernel.endswith("-dot"):
             xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
             y = tk.wq_matmul(xq, self.wdata, self.scale, self.zero, self.fmt == "int4", self.group,
@@ -307,7 +327,7 @@ class RealLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         # integer tensor-core paths: quantize the activation to codes here
         to_fp8 = "fp8" in kernel
-        corr = self.fmt == "int8" and bool((self.zero != 0).any())
+        corr = self.corr
         codes, sa, rowsum = act_codes(x, self.act, to_fp8, want_rowsum=corr)
         sw = self.scale[:, 0]
         zw = self.zero[:, 0]
@@ -370,6 +390,39 @@ def _time_ms(fn, reps: int, device) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def sync_error(fn) -> str | None:
+    """Run ``fn`` once with CUDA sync detection on: the message if it synchronizes (no graph then)."""
+    if not torch.cuda.is_available():
+        return None
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:200] if str(exc) else "RuntimeError"
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def _time_graph_ms(fn, reps: int, device) -> float:
+    """GPU time of ``fn`` (already warm) from replays of a CUDA graph of it: no launch overhead."""
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del g
+    return start.elapsed_time(end) / reps
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     if not torch.isfinite(out).all():
@@ -418,7 +471,13 @@ def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: to
                         def go():
                             for m in cycle:
                                 m.run(name, x)
-                        info["ms"] = _time_ms(go, reps, device) / len(cycle)
+                        if str(device).startswith("cuda"):
+                            bad = sync_error(lambda: first.run(name, x))
+                            if bad:
+                                raise RuntimeError(f"synchronizes, cannot be graph-captured: {bad}")
+                            info["ms"] = _time_graph_ms(go, reps, device) / len(cycle)
+                        else:
+                            info["ms"] = _time_ms(go, reps, device) / len(cycle)
             except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded, not fatal
                 info["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             rec.candidates[name] = info
@@ -457,7 +516,7 @@ def _reference_timings(layer: RealLinear, phase: str, rows: int, dtype, reps: in
             for w in ws:
                 F.linear(x, w)
         go()
-        out["ref-cublas-fp16"] = {"ms": _time_ms(go, reps, dev) / len(ws), "timing_only": True}
+        out["ref-cublas-fp16"] = {"ms": _time_graph_ms(go, reps, dev) / len(ws), "timing_only": True}
         del ws
     except Exception as exc:  # noqa: BLE001
         out["ref-cublas-fp16"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}", "timing_only": True}
@@ -471,7 +530,7 @@ def _reference_timings(layer: RealLinear, phase: str, rows: int, dtype, reps: in
                 for p in packs:
                     torch._weight_int4pack_mm(xb, p, 128, sz)
             go4()
-            out["ref-torch-int4pack"] = {"ms": _time_ms(go4, reps, dev) / len(packs), "timing_only": True}
+            out["ref-torch-int4pack"] = {"ms": _time_graph_ms(go4, reps, dev) / len(packs), "timing_only": True}
         except Exception as exc:  # noqa: BLE001
             out["ref-torch-int4pack"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}",
                                          "timing_only": True}

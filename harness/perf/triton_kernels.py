@@ -75,7 +75,7 @@ if HAS_TRITON:
         keep = []
         for c in configs:
             bk = c.kwargs["BLOCK_K"]
-            if K % bk or group % bk:
+            if K % bk:
                 continue
             if "BLOCK_M" not in c.kwargs:  # gemv: keep the broadcast product within registers
                 rows = kwargs.get("BLOCK_M", 1)
@@ -87,12 +87,15 @@ if HAS_TRITON:
             if bm is not None and mb > 64 and bm < 64:
                 continue
             keep.append(c)
-        if not keep:  # fall back to the smallest K tile that divides both
-            for c in configs:
-                bk = c.kwargs["BLOCK_K"]
-                if K % bk == 0 and group % bk == 0:
-                    return [c]
-            raise ValueError(f"no kernel tile divides K={K} and group={group}")
+        if not keep:  # small groups: shrink the K tile of the first config to fit
+            import math as _m
+
+            bk = 1 << (_m.gcd(K, group).bit_length() - 1)
+            if bk < 16:
+                raise ValueError(f"no kernel tile divides K={K} and group={group}")
+            c = configs[0]
+            kw = dict(c.kwargs, BLOCK_K=bk)
+            keep = [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
         return keep
 
     @triton.autotune(configs=_gemv_configs(), key=["MB", "N", "K", "GROUP", "PACKED"],
@@ -113,15 +116,23 @@ if HAS_TRITON:
             HALF: tl.constexpr = BLOCK_K // 2
             kh = tl.arange(0, HALF)
             for k0 in range(0, K, BLOCK_K):
-                g = k0 // GROUP
-                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
-                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
                 p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + kh)[None, :],
                             mask=n_ok[:, None], other=0)
                 lo = (p & 15).to(tl.float32)
                 hi = (p >> 4).to(tl.float32)
-                wlo = ((lo - z[:, None]) * s[:, None]).to(tl.float16).to(tl.float32)
-                whi = ((hi - z[:, None]) * s[:, None]).to(tl.float16).to(tl.float32)
+                if GROUP % BLOCK_K == 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                    z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                    wlo = ((lo - z) * s).to(tl.float16).to(tl.float32)
+                    whi = ((hi - z) * s).to(tl.float16).to(tl.float32)
+                else:  # groups smaller than the tile: scale per column (even and odd apart)
+                    ge = offs_n[:, None] * G + ((k0 + 2 * kh) // GROUP)[None, :]
+                    go = offs_n[:, None] * G + ((k0 + 2 * kh + 1) // GROUP)[None, :]
+                    wlo = ((lo - tl.load(z_ptr + ge, mask=n_ok[:, None], other=0.0))
+                           * tl.load(s_ptr + ge, mask=n_ok[:, None], other=0.0)).to(tl.float16).to(tl.float32)
+                    whi = ((hi - tl.load(z_ptr + go, mask=n_ok[:, None], other=0.0))
+                           * tl.load(s_ptr + go, mask=n_ok[:, None], other=0.0)).to(tl.float16).to(tl.float32)
                 xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * kh)[None, :],
                              mask=m_ok[:, None], other=0.0).to(tl.float32)
                 xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * kh + 1)[None, :],
@@ -131,12 +142,17 @@ if HAS_TRITON:
         else:
             kk = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
-                g = k0 // GROUP
-                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
-                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
                 q = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :],
                             mask=n_ok[:, None], other=0).to(tl.float32)
-                w = ((q - z[:, None]) * s[:, None]).to(tl.float16).to(tl.float32)
+                if GROUP % BLOCK_K == 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                    z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                else:
+                    gi = offs_n[:, None] * G + ((k0 + kk) // GROUP)[None, :]
+                    s = tl.load(s_ptr + gi, mask=n_ok[:, None], other=0.0)
+                    z = tl.load(z_ptr + gi, mask=n_ok[:, None], other=0.0)
+                w = ((q - z) * s).to(tl.float16).to(tl.float32)
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
                              mask=m_ok[:, None], other=0.0).to(tl.float32)
                 acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
@@ -161,13 +177,21 @@ if HAS_TRITON:
             HALF: tl.constexpr = BLOCK_K // 2
             kh = tl.arange(0, HALF)
             for k0 in range(0, K, BLOCK_K):
-                g = k0 // GROUP
-                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
-                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
                 p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + kh)[None, :],
                             mask=n_ok[:, None], other=0)
-                wlo = (((p & 15).to(tl.float32) - z[:, None]) * s[:, None]).to(tl.float16)
-                whi = (((p >> 4).to(tl.float32) - z[:, None]) * s[:, None]).to(tl.float16)
+                if GROUP % BLOCK_K == 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                    z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                    wlo = (((p & 15).to(tl.float32) - z) * s).to(tl.float16)
+                    whi = (((p >> 4).to(tl.float32) - z) * s).to(tl.float16)
+                else:
+                    ge = offs_n[:, None] * G + ((k0 + 2 * kh) // GROUP)[None, :]
+                    go = offs_n[:, None] * G + ((k0 + 2 * kh + 1) // GROUP)[None, :]
+                    wlo = (((p & 15).to(tl.float32) - tl.load(z_ptr + ge, mask=n_ok[:, None], other=0.0))
+                           * tl.load(s_ptr + ge, mask=n_ok[:, None], other=0.0)).to(tl.float16)
+                    whi = (((p >> 4).to(tl.float32) - tl.load(z_ptr + go, mask=n_ok[:, None], other=0.0))
+                           * tl.load(s_ptr + go, mask=n_ok[:, None], other=0.0)).to(tl.float16)
                 w = tl.interleave(wlo, whi)  # [BLOCK_N, BLOCK_K], even columns from the low nibble
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
                              mask=m_ok[:, None], other=0.0)
@@ -175,15 +199,96 @@ if HAS_TRITON:
         else:
             kk = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
-                g = k0 // GROUP
-                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
-                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
                 q = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :],
                             mask=n_ok[:, None], other=0).to(tl.float32)
-                w = ((q - z[:, None]) * s[:, None]).to(tl.float16)
+                if GROUP % BLOCK_K == 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                    z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
+                else:
+                    gi = offs_n[:, None] * G + ((k0 + kk) // GROUP)[None, :]
+                    s = tl.load(s_ptr + gi, mask=n_ok[:, None], other=0.0)
+                    z = tl.load(z_ptr + gi, mask=n_ok[:, None], other=0.0)
+                w = ((q - z) * s).to(tl.float16)
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
                              mask=m_ok[:, None], other=0.0)
                 acc = tl.dot(xk, tl.trans(w), acc)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    # ------------------------------------------------------------------ bandwidth-bound GEMV (v2)
+    # Weights are read as 32-bit words (8 int4 or 4 int8 codes); each code becomes a float with
+    # the 2**23 magic-number trick (no int->float conversion instructions), and for per-channel
+    # scales the scale and zero point leave the inner loop:
+    #     y[m, n] = s[n] * (sum_k x[m, k] * c[n, k] - z[n] * sum_k x[m, k])
+    # Groups (GROUP % BLOCK_K == 0) apply the same identity per group.
+
+    def _gemv2_configs():
+        if INTERPRET:
+            return [triton.Config({"BLOCK_N": 8, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bn, bk, w, s in ((4, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 2), (16, 512, 4, 2),
+                                     (16, 256, 4, 3), (8, 2048, 8, 1), (4, 2048, 4, 1), (32, 256, 4, 3))]
+
+    def _prune_gemv2(configs, named_args, **kwargs):
+        K = named_args["K"]
+        group = kwargs.get("GROUP", named_args.get("GROUP"))
+        rows = kwargs.get("BLOCK_M", 1)
+        keep = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0 and group % c.kwargs["BLOCK_K"] == 0
+                and rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 65536]
+        if not keep:
+            import math as _m
+
+            bk = 1 << (_m.gcd(K, group).bit_length() - 1)
+            keep = [triton.Config({"BLOCK_N": 8, "BLOCK_K": bk}, num_warps=4, num_stages=2)]
+        return keep
+
+    @triton.autotune(configs=_gemv2_configs(), key=["MB", "N", "K", "GROUP", "BITS"],
+                     prune_configs_by={"early_config_prune": _prune_gemv2}, **_BENCH)
+    @triton.jit
+    def _gemv2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G, MB, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        PER: tl.constexpr = 32 // BITS  # codes per 32-bit word
+        MASK: tl.constexpr = (1 << BITS) - 1
+        BW: tl.constexpr = BLOCK_K // PER  # words per row per tile
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        KW = K // PER
+        wo = tl.arange(0, BW)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(w_ptr + offs_n[:, None] * KW + (k0 // PER + wo)[None, :], mask=n_ok[:, None], other=0)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                c = (v >> (BITS * j)) & MASK
+                if BITS == 8:
+                    c = c ^ 0x80  # signed byte -> byte + 128
+                c = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                if BITS == 8:
+                    c = c - 128.0
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + PER * wo + j)[None, :],
+                             mask=m_ok[:, None], other=0.0).to(tl.float32)
+                part += tl.sum(xj[:, None, :] * c[None, :, :], axis=2)
+                tsum += tl.sum(xj, axis=1)
+            if GROUP == K:
+                acc += part
+                xsum += tsum
+            else:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)
+                acc += s[None, :] * (part - z[None, :] * tsum[:, None])
+        if GROUP == K:
+            s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+            z = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0)
+            acc = s[None, :] * (acc - z[None, :] * xsum[:, None])
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -284,6 +389,23 @@ def wq_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
         _wq_dot_kernel[grid](x, w, scale, zero, y, M, N, K, G, _mb(M), x.stride(0), y.stride(0),
                              PACKED=packed, GROUP=group)
+    return y
+
+
+def wq_gemv2(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             bits: int, group: int) -> torch.Tensor:
+    """Decode GEMV on 32-bit words of codes (``bits`` 4: packed int4; 8: int8 storage)."""
+    M, K = x.shape
+    N = w.shape[0]
+    G = scale.shape[1]
+    y = torch.empty((M, N), device=x.device, dtype=torch.float16)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    words = w.view(torch.int32)
+    bm = 1 if M == 1 else min(8, 1 << (M - 1).bit_length())
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
+    _gemv2_kernel[grid](x, words, scale, zero, y, M, N, K, G, _mb(M), x.stride(0), y.stride(0),
+                        BITS=bits, GROUP=group, BLOCK_M=bm)
     return y
 
 

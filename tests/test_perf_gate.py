@@ -1,0 +1,93 @@
+"""The engine against the simulated model on the tiny LLaVA (CPU), and the gate's verdict logic."""
+
+import pytest
+import torch
+
+from harness.perf import gate as gate_mod
+from harness.perf.engine import LlavaEngine, build_blocks
+from harness.perf.real import RealLinear, select_kernels
+from harness.perf.runner import make_workload
+from harness.quant.build import rtn_state
+from harness.quant.config import parse_scheme
+from harness.quant.simulated import apply_state
+
+
+def _engine_for(lm, state, B, wl):
+    def make(path, lin):
+        lq = None if state is None else state.linears.get(path)
+        if lq is None:
+            return RealLinear.from_linear(lin, path)
+        return RealLinear.from_quant(lq, lin, device="cpu", dtype=lm.dtype, name=path)
+    eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
+    ids, pix = wl.batch(B)
+    eng.setup(ids, pix, wl.new_tokens)
+    layers = [p for m in eng.linears().values() for p in getattr(m, "parts", [m])]
+    for phase, rows in (("decode", B), ("prefill", B * ids.shape[1])):
+        select_kernels(layers, phase, rows, dtype=lm.dtype, reps=1)
+    eng.capture(warmup=1)
+    return eng
+
+
+@pytest.mark.parametrize("scheme", ["w16a16", "w4a16", "w8a8", "w4a4"])
+def test_engine_matches_simulated_model(tiny_lm, scheme):
+    wl = make_workload(tiny_lm.model.config, text_tokens=12, new_tokens=5)
+    ids, pix = wl.batch(1)
+    state = None if scheme == "w16a16" else rtn_state(tiny_lm.model, parse_scheme(scheme), "rtn")
+    handle = apply_state(tiny_lm.model, state) if state else None
+    try:
+        ref = gate_mod.simulated_reference(tiny_lm.model, ids, pix, n_tokens=4)
+    finally:
+        if handle:
+            handle.restore()
+    assert len(ref.tokens) == 5 and ref.logits.shape[0] == 5 and ref.io
+    eng = _engine_for(tiny_lm, state, 2, wl)
+    g = gate_mod.check(eng, ref, act_quant=scheme.endswith(("a8", "a4")), policy="strict")
+    assert g["layerwise_max_rel_err"] < 1e-4, g["layerwise"]
+    assert g["e2e_rel_logit_err"] < 1e-4 and g["e2e_tokens_match"], g
+    assert g["passed"] and g["strict_passed"]
+    assert {k.rsplit(".", 1)[1] for k in g["layerwise"]} == {"prefill", "decode"}
+    # free-running greedy decode gives the simulated model's tokens, on every batch row
+    toks = eng.generate(5)
+    assert toks.shape == (2, 5) and toks[0].tolist() == ref.tokens == toks[1].tolist()
+
+
+def test_gate_fails_a_wrong_kernel(tiny_lm, monkeypatch):
+    wl = make_workload(tiny_lm.model.config, text_tokens=12, new_tokens=4)
+    ids, pix = wl.batch(1)
+    state = rtn_state(tiny_lm.model, parse_scheme("w4a16"), "rtn")
+    with torch.no_grad():
+        handle = apply_state(tiny_lm.model, state)
+        ref = gate_mod.simulated_reference(tiny_lm.model, ids, pix, n_tokens=3)
+        handle.restore()
+    eng = _engine_for(tiny_lm, state, 1, wl)
+    orig = RealLinear.run
+    monkeypatch.setattr(RealLinear, "run", lambda self, k, x, pq=False: orig(self, k, x, pq) * 1.05)
+    g = gate_mod.check(eng, ref, act_quant=False, policy="auto")
+    assert not g["layerwise_ok"] and not g["passed"]
+
+
+
+
+@pytest.mark.parametrize("layer_ok,e2e_ok,act,policy,passed", [
+    (True, True, False, "strict", True), (True, False, False, "auto", False),
+    (True, False, True, "auto", True), (True, False, True, "strict", False),
+    (False, True, True, "auto", False), (False, True, False, "strict", False),
+])
+def test_gate_policies(monkeypatch, layer_ok, e2e_ok, act, policy, passed):
+    monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
+    monkeypatch.setattr(gate_mod, "layerwise_errors",
+                        lambda e, r, p: {"layers.0.qkv.prefill": 1e-4 if layer_ok else 0.5})
+    ref = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.5]]), tokens=[1])
+
+    class Eng:
+        batch = 1
+        model = None
+
+        def teacher_forced_logits(self, tokens):
+            lg = torch.tensor([[[0.0, 1.0, 0.5]]]) if e2e_ok else torch.tensor([[[0.0, 0.4, 1.0]]])
+            return lg
+    g = gate_mod.check(Eng(), ref, act_quant=act, policy=policy)
+    assert g["passed"] is passed
+    assert g["strict_passed"] is (layer_ok and e2e_ok)
+    with pytest.raises(ValueError):
+        gate_mod.check(Eng(), ref, act_quant=act, policy="lenient")

@@ -1,0 +1,100 @@
+"""Perf records, the leaderboard's ratios, the CLI parser and the architecture configs."""
+
+import argparse
+import json
+import threading
+
+import pytest
+import torch
+
+from harness.perf.arch import arch_config, architectures
+from harness.perf.cli import add_perf_parser, main
+from harness.perf.measure import quantiles
+from harness.perf.records import append_record, leaderboard_frame, load_records, write_leaderboard
+
+
+def _rec(method, scheme, decode, ttft, peak, kernel="k", status="ok", run="r1", batch=1, gate=True):
+    return {"suite": "perf", "model": "m", "method": method, "scheme": scheme, "task": None,
+            "metric": "perf", "value": None, "batch_size": batch, "run_id": run, "card": "H100",
+            "status": status, "kernel": kernel, "timestamp": "2026-01-01T00:00:00",
+            "gate": {"passed": gate, "layerwise_max_rel_err": 1e-3, "e2e_rel_logit_err": 1e-3,
+                     "e2e_tokens_match": True},
+            "latency": {"decode_ms_per_token": decode, "ttft_ms": ttft, "prefill_ms": ttft - 1,
+                        "vision_ms": 1.0, "tokens_per_s": 1.0, "iqr": {"decode_ms_per_token": 0.1}}
+            if status == "ok" and kernel != "simulated" else None,
+            "memory": {"peak_bytes": peak, "weight_bytes_language": peak // 2} if peak else None}
+
+
+def test_append_is_whole_lines_and_concurrent_safe(tmp_path):
+    path = tmp_path / "perf" / "records.jsonl"
+    threads = [threading.Thread(target=lambda i=i: [append_record(path, _rec("rtn", f"w{i}a16", 1.0, 2.0, 10))
+                                                    for _ in range(20)]) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 80 and all(json.loads(x)["metric"] == "perf" for x in lines)
+    assert len(load_records(path)) == 80
+
+
+def test_leaderboard_ratios_against_fp16_of_the_same_run(tmp_path):
+    recs = [_rec("fp16", "w16a16", 8.0, 40.0, 1000), _rec("rtn", "w4a16", 2.0, 30.0, 300),
+            _rec("rtn", "w4a4", 4.0, 20.0, 400, gate=False, status="failed"),
+            _rec("rtn", "w6a6", 4.0, 20.0, 400, kernel="simulated"),
+            _rec("fp16", "w16a16", 1.0, 1.0, 1, run="other", batch=8)]
+    df = leaderboard_frame(recs)
+    row = df[(df.scheme == "w4a16") & (df.batch == 1)].iloc[0]
+    assert row["decode ×"] == pytest.approx(4.0) and row["peak / fp16"] == pytest.approx(0.3)
+    assert row["prefill ×"] == pytest.approx(39 / 29)
+    failed = df[df.scheme == "w4a4"].iloc[0]
+    assert failed["gate"] == "FAIL" and (failed["decode ×"] is None or failed["decode ×"] != failed["decode ×"])
+    sim = df[df.scheme == "w6a6"].iloc[0]
+    assert sim["status"] == "simulated"
+    path = tmp_path / "records.jsonl"
+    for r in recs:
+        append_record(path, r)
+    text = write_leaderboard(path, tmp_path / "leaderboard.md", command="python -m harness.perf.cli x")
+    assert "## m, batch 1" in text and "H100" in text and "python -m harness.perf.cli x" in text
+
+
+def test_quantiles():
+    q = quantiles([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert q["median"] == 3.0 and q["iqr"] == pytest.approx(2.0) and q["n"] == 5
+    assert quantiles([])["median"] is None
+
+
+def test_parser_defaults_and_overrides():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_perf_parser(sub)
+    args = parser.parse_args(["perf", "--model", "llava-1.5-7b", "--override", "w_group_size=128"])
+    assert args.schemes == ["w4a16", "w8a8", "w4a4", "w6a6"] and args.batch == [1, 8, 32]
+    assert args.methods == ["rtn"] and args.reps >= 20 and args.warmup >= 5
+    assert dict(args.override) == {"w_group_size": 128} and callable(args.func)
+
+
+def test_leaderboard_only(tmp_path, capsys):
+    append_record(tmp_path / "records.jsonl", _rec("fp16", "w16a16", 8.0, 40.0, 1000))
+    assert main(["perf", "--model", "x", "--out", str(tmp_path), "--leaderboard-only"]) == 0
+    assert (tmp_path / "leaderboard.md").exists()
+
+
+@pytest.mark.parametrize("name,params", [("llava-1.5-7b", 7.06e9), ("llava-1.5-13b", 13.35e9)])
+def test_shipped_architectures(name, params):
+    from transformers import LlavaForConditionalGeneration
+
+    assert name in architectures()
+    cfg = arch_config(name)
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=2e-3)
+
+
+def test_no_eval_dependencies_on_the_perf_path():
+    import subprocess
+    import sys
+
+    code = ("import sys, harness.perf.cli, harness.perf.runner, harness.perf.engine, harness.perf.gate;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('lm_eval','datasets')]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
