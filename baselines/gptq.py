@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from harness.models.layers import part_of
 from harness.quant.blockwise import Block, part_inputs, run_blockwise, token_rows
