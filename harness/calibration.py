@@ -67,6 +67,8 @@ def encode_pairs(lm, pairs: Sequence[tuple[Any, str, str]], batch_size: int = 8,
         batch = {k: v.to(lm.device) for k, v in enc.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(lm.dtype)
+        # positions count real tokens only, as generate() does under left padding
+        batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         batch["labels"] = labels.to(lm.device)
         batches.append(batch)
     return CalibrationSet(batches=batches, source=dict(source or {}, n=len(pairs), batch_size=batch_size))

@@ -185,7 +185,7 @@ def task_spec(name: str, data: str | None = None, **options: Any) -> str | dict:
     kwargs.update(options)
     if files is not None:
         kwargs["data_files"] = files
-    if ours:  # the one split loaded is the one evaluated
+    if ours or "split" in options:  # the one split loaded is the one evaluated
         cfg.pop("validation_split", None)
         cfg.pop("training_split", None)
         cfg["test_split"] = kwargs["split"]

@@ -14,7 +14,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny models: one thread is faster than two and immune to a busy second core
+torch.set_num_threads(1)
 
 
 def shared_data(*parts: str) -> Path:

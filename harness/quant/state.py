@@ -64,9 +64,9 @@ class LinearQuant:
         """Largest number of distinct codes in any output row: ≤ 2**bits proves the weights are quantized."""
         if self.codes is None:
             return 0
-        sorted_codes = self.codes.to(torch.int16).sort(dim=1).values
-        distinct = 1 + (sorted_codes[:, 1:] != sorted_codes[:, :-1]).sum(dim=1)
-        return int(distinct.max())
+        seen = torch.zeros(self.codes.shape[0], 256, dtype=torch.bool, device=self.codes.device)
+        seen.scatter_(1, self.codes.long(), True)
+        return int(seen.sum(dim=1).max())
 
 
 @dataclass
