@@ -91,3 +91,23 @@ def test_gate_policies(monkeypatch, layer_ok, e2e_ok, act, policy, passed):
     assert g["strict_passed"] is (layer_ok and e2e_ok)
     with pytest.raises(ValueError):
         gate_mod.check(Eng(), ref, act_quant=act, policy="lenient")
+
+
+def test_near_ties_pass_auto_but_not_strict(monkeypatch):
+    monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
+    monkeypatch.setattr(gate_mod, "layerwise_errors", lambda e, r, p: {"layers.0.o.prefill": 1e-4})
+    ref = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.995]]), tokens=[1])
+
+    class Eng:
+        batch = 1
+        model = None
+
+        def teacher_forced_logits(self, tokens):
+            return torch.tensor([[[0.0, 0.99, 1.0]]])
+    auto = gate_mod.check(Eng(), ref, act_quant=False, policy="auto")
+    strict = gate_mod.check(Eng(), ref, act_quant=False, policy="strict")
+    assert auto["passed"] and not strict["passed"]
+    assert auto["token_mismatches"][0]["gap"] == pytest.approx(0.005, abs=1e-6)
+    # a decisive difference is never a tie
+    ref2 = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.5]]), tokens=[1])
+    assert not gate_mod.check(Eng(), ref2, act_quant=False, policy="auto")["passed"]

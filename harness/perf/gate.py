@@ -18,7 +18,9 @@ step, and 30+ layers amplify that. On random LLaVA weights an exact integer kern
 ~2% (w8a8), ~8% (w6a6), ~30% (w4a4) relative logit error from the fp16 simulated model
 (docs/benchmarks/perf.md). Policy ``strict`` applies both checks to every variant; policy
 ``auto`` (default) applies both to weight-only and float variants and the layerwise check to
-activation-quantized ones, and the record keeps both numbers and verdicts.
+activation-quantized ones, and the record keeps both numbers and verdicts. Under ``auto`` a greedy
+token that differs only where the simulated model's own gap between the two tokens is below
+``tol x rms(logits)`` counts as a tie (recorded in ``token_mismatches``); ``strict`` counts it.
 """
 
 from __future__ import annotations
@@ -162,6 +164,16 @@ def check(engine, ref: SimReference, *, act_quant: bool, policy: str = "auto",
     match = real_tokens == ref.tokens
     top2 = sim.topk(2, dim=-1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()
+    # a differing token is a tie when the simulated model itself separates the two tokens by less
+    # than the allowed logit error (tol x the rms of that step's logits): random-weight models have
+    # near-ties that any rounding difference can flip
+    ties = []
+    for i, (a, b) in enumerate(zip(ref.tokens, real_tokens)):
+        if a != b:
+            gap = float(sim[i, a] - sim[i, b])
+            ties.append({"step": i, "sim": a, "real": b, "gap": gap,
+                         "tie_tol": float(tol * sim[i].pow(2).mean().sqrt())})
+    match_or_tie = all(t["gap"] <= t["tie_tol"] for t in ties)
     rows_agree = None
     if engine.batch and engine.batch > 1:
         full = engine.logits
@@ -169,16 +181,18 @@ def check(engine, ref: SimReference, *, act_quant: bool, policy: str = "auto",
     layer_max = max(layer.values()) if layer else 0.0
     layer_ok = layer_max <= tol
     e2e_ok = e2e <= tol and match
+    e2e_ok_ties = e2e <= tol and match_or_tie
     if policy == "strict":
         passed = layer_ok and e2e_ok
     elif policy == "auto":
-        passed = layer_ok and (e2e_ok or act_quant)
+        passed = layer_ok and (e2e_ok_ties or act_quant)
     else:
         raise ValueError(f"unknown gate policy {policy!r}; valid: auto, strict")
     return {
         "policy": policy, "tol": tol, "passed": bool(passed), "strict_passed": bool(layer_ok and e2e_ok),
         "layerwise_max_rel_err": layer_max, "layerwise_ok": layer_ok, "layerwise": layer,
         "e2e_rel_logit_err": e2e, "e2e_tokens_match": match, "e2e_ok": e2e_ok,
+        "e2e_tokens_match_up_to_ties": match_or_tie, "token_mismatches": ties,
         "tokens_sim": ref.tokens, "tokens_real": real_tokens,
         "min_top2_margin": min(margins) if margins else None,
         "batch_rows_max_rel_diff": rows_agree, "n_tokens": len(ref.tokens),

@@ -337,7 +337,8 @@ if HAS_TRITON:
             zq = tl.load(zw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.int32)
         kk = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr + offs_m[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None], other=0)
+            # masked rows/columns are never stored, so no fill value (0 would not cast to fp8)
+            a = tl.load(a_ptr + offs_m[:, None] * K + (k0 + kk)[None, :], mask=m_ok[:, None])
             if WFMT == 1:
                 HALF: tl.constexpr = BLOCK_K // 2
                 p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, HALF))[None, :],
@@ -348,7 +349,7 @@ if HAS_TRITON:
                 else:
                     w = wi.to(tl.int8)
             else:
-                w = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None], other=0)
+                w = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :], mask=n_ok[:, None])
             if FP8:
                 acc = tl.dot(a, tl.trans(w), acc)
             else:
