@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -74,9 +74,6 @@ def encode_pairs(lm, pairs: Sequence[tuple[Any, str, str]], batch_size: int = 8,
     return CalibrationSet(batches=batches, source=dict(source or {}, n=len(pairs), batch_size=batch_size))
 
 
-def sample_pairs(pairs: Iterable, n: int, seed: int) -> list:
-    """A seeded random subset of ``n`` pairs (all of them if fewer), in a stable order."""
-    pairs = list(pairs)
-    rng = random.Random(seed)
-    idx = sorted(rng.sample(range(len(pairs)), min(n, len(pairs))))
-    return [pairs[i] for i in idx]
+def sample_indices(total: int, n: int, seed: int) -> list[int]:
+    """A seeded random subset of ``n`` of ``range(total)`` (all if fewer), in ascending order."""
+    return sorted(random.Random(seed).sample(range(total), min(n, total)))

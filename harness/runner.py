@@ -167,13 +167,13 @@ class SuiteRunner:
             return None
         key = _digest(spec)
         if key not in cache:
-            from .calibration import encode_pairs, sample_pairs
+            from .calibration import encode_pairs
             from .task_data import task_pairs
 
             task = next((t for t in self.suite.tasks if t.name == spec["task"]), TaskSpec(spec["task"]))
-            pairs = task_pairs(task.name, spec["split"], task.data or self.suite.data_dir,
-                               task.options, self.suite.include_paths)
-            chosen = sample_pairs(pairs, int(spec["n"]), int(spec["seed"]))
+            chosen = task_pairs(task.name, spec["split"], task.data or self.suite.data_dir,
+                                task.options, self.suite.include_paths, n=int(spec["n"]),
+                                seed=int(spec["seed"]))
             cache[key] = encode_pairs(lm, chosen, int(spec["batch_size"]), source=spec)
         return cache[key]
 

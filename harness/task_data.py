@@ -40,8 +40,9 @@ def _load_task(spec, include_paths):
 
 
 def task_pairs(name: str, split: str, data: str | None = None, options: dict | None = None,
-               include_paths: Sequence[str] = ()) -> list[tuple[Any, str, str]]:
-    """``(image, prompt, answer)`` for every doc of ``split`` of task ``name``.
+               include_paths: Sequence[str] = (), n: int | None = None,
+               seed: int = 0) -> list[tuple[Any, str, str]]:
+    """``(image, prompt, answer)`` for ``n`` seeded random docs (all when None) of ``split``.
 
     A task that declares ``split`` (e.g. ``training_split: train``) is used as it is; one that
     loads a single split through ``tasks.sources`` is re-pointed at ``split``.
@@ -59,6 +60,11 @@ def task_pairs(name: str, split: str, data: str | None = None, options: dict | N
             raise
         task = _load_task(task_spec(name, data, **{**options, "split": split}), include_paths)
         docs = _split_docs(task, split)
+    docs = list(docs)
+    if n is not None:
+        from .calibration import sample_indices
+
+        docs = [docs[i] for i in sample_indices(len(docs), n, seed)]
     pairs = []
     for doc in docs:
         images = task.doc_to_image(doc)
