@@ -25,7 +25,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "big")
-RADIUS = {"small": (5.0, 6.0), "big": (9.0, 10.5)}  # half-extent in pixels at SIZE
+RADIUS = {"small": (4.5, 5.5), "big": (8.5, 10.0)}  # half-extent in pixels at SIZE
 MAX_OBJECTS = 5
 
 
