@@ -137,6 +137,8 @@ def _git() -> dict:
                              timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
                                text=True, timeout=10).stdout.strip() != ""
+        if len(sha) != 40:  # a copied tree without history answers "HEAD" or nothing
+            sha = ""
         return {"commit": sha or os.environ.get("QVLM_GIT_COMMIT"), "dirty": dirty if sha else None}
     except Exception:  # noqa: BLE001
         return {"commit": os.environ.get("QVLM_GIT_COMMIT"), "dirty": None}
@@ -303,9 +305,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     skipped = []
     for B in batches:
         for v in variants:
-            if time_budget_s is not None and time.time() - t_start > time_budget_s:
-                skipped.append((v.method, v.scheme, B))
-                continue
+            skip = time_budget_s is not None and time.time() - t_start > time_budget_s
             rec = dict(common, method=v.method, scheme=v.scheme, batch_size=B,
                        quant_config=v.qcfg.to_dict() if v.qcfg is not None else None,
                        quantize_s=v.quantize_s, proof=v.proof, n=reps, latency=None, memory=None,
@@ -313,7 +313,10 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
                        config_hash=hashlib.sha256(json.dumps(
                            [model, v.method, v.qcfg.to_dict() if v.qcfg else v.scheme, B, wl.describe()],
                            sort_keys=True, default=str).encode()).hexdigest()[:16])
-            if v.error is None:
+            if skip:
+                skipped.append((v.method, v.scheme, B))
+                rec["error"] = f"not run: time budget of {time_budget_s:.0f}s spent"
+            elif v.error is None:
                 engine = None
                 try:
                     t_eval = time.time()
