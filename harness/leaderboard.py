@@ -19,7 +19,9 @@ REFERENCE_METHOD = "fp16"
 
 def latest_ok(records: list[dict]) -> pd.DataFrame:
     """One row per (model, method, scheme, task): the most recent successful record."""
-    rows = [r for r in records if r.get("status") == "ok"]
+    # latency/memory columns show the batch-1 workload; other batch sizes stay in the perf tables
+    rows = [r for r in records if r.get("status") == "ok"
+            and not (r.get("metric") == "perf" and r.get("batch_size") not in (None, 1))]
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
