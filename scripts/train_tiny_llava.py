@@ -1,0 +1,535 @@
+#!/usr/bin/env python
+"""Train the bundled default model, qvlm-tiny-llava, on the synthetic tasks' train splits.
+
+A real ``LlavaForConditionalGeneration`` (CLIP vision tower, projector, Llama decoder) built by
+``harness.models.tiny``, trained LLaVA-style: "USER: <image>\\n{prompt} ASSISTANT: {answer}</s>"
+with the loss on the answer tokens only. Imports torch, transformers, numpy and Pillow only (no
+lm-eval, no datasets), so it runs on a bare GPU machine.
+
+Subcommands:
+  prepare  generate the train splits once (parallel) and the vocabulary  -> DATA/
+  train    train one model from DATA, save it in Hugging Face format, evaluate it -> OUT/
+  eval     greedy test-split accuracy of a saved model: float, and simulated W8A8 / W4A4 RTN
+  stats    activation statistics of the decoder linear inputs (for the model card)
+
+Reproduce the committed model (exact command and machine in
+harness/models/bundled/qvlm-tiny-llava/MODEL_CARD.md):
+  python scripts/train_tiny_llava.py prepare --data /tmp/synth-data
+  python scripts/train_tiny_llava.py train --data /tmp/synth-data --out /tmp/tiny --spec base --steps 4000 --no-deterministic
+  python scripts/train_tiny_llava.py eval --model /tmp/tiny            # CPU: float / W8A8 / W4A4
+  python scripts/train_tiny_llava.py stats --model /tmp/tiny --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tasks import synth  # noqa: E402  (numpy + Pillow only)
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+# The bundled model's shape. Chosen so that one evaluation cell (150 questions) takes a few
+# seconds on a 2-core CPU while the model is still a real multi-layer LLaVA.
+SPECS = {
+    "base": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
+                 image_size=64, patch_size=8, text_hidden=256, text_layers=4, text_heads=4,
+                 text_kv_heads=4, text_intermediate=768, max_positions=512),
+    "p16": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
+                image_size=64, patch_size=16, text_hidden=256, text_layers=4, text_heads=4,
+                text_kv_heads=4, text_intermediate=768, max_positions=512),
+    "wide": dict(vision_hidden=192, vision_layers=4, vision_heads=4, vision_intermediate=768,
+                 image_size=64, patch_size=8, text_hidden=320, text_layers=4, text_heads=5,
+                 text_kv_heads=5, text_intermediate=960, max_positions=512),
+}
+TRAIN_PER_TASK = 60_000
+EVAL_SPLIT = "test"
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# ---------------------------------------------------------------- data
+def _labels(meta) -> np.ndarray:
+    """Patch labels for 8x8 and 4x4 patch grids (patch 8 / patch 16), 255 where the photo is degraded."""
+    from tasks.synth.scene import patch_labels
+
+    if not meta.get("clean"):
+        return np.full((3, 80), 255, dtype=np.uint8)
+    return np.concatenate([patch_labels(meta["scene"], 8), patch_labels(meta["scene"], 4)], axis=1)
+
+
+def _gen_chunk(args):
+    from tasks.synth.generators import ROW_FNS, caption_example
+
+    task, start, n, seed = args
+    imgs, prompts, answers, labels = [], [], [], []
+    for i in range(start, start + n):
+        meta: dict = {}
+        if task == "captions":
+            e = caption_example(seed, i, meta)
+            img, prompt, answer = e["image"], e["prompt"], e["answer"]
+        else:
+            r = ROW_FNS[task](seed, "train", i, meta)
+            img, prompt, answer = r["image"], synth.prompt_text(task, r), synth.canonical_answer(task, r)
+        imgs.append(np.asarray(img, dtype=np.uint8))
+        prompts.append(prompt)
+        answers.append(answer)
+        labels.append(_labels(meta))
+    return task, start, np.stack(imgs), prompts, answers, np.stack(labels)
+
+
+def vocabulary(prompts: list[str], answers: list[str]) -> list[str]:
+    """Every word of the corpus (prompts of all splits, answers), sorted for stability."""
+    from harness.models.tiny import words_in
+
+    texts = list(prompts) + list(answers)
+    for task in synth.TASKS:
+        for split in ("validation", "test"):
+            rows = synth.generate_rows(task, split, seed=synth.DEFAULT_SEED)
+            texts += [synth.prompt_text(task, r) for r in rows]
+    return sorted(words_in(texts))
+
+
+def cmd_prepare(a):
+    from multiprocessing import Pool
+
+    out = Path(a.data)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    sources = list(synth.TASKS) + (["captions"] if a.captions else [])
+    jobs = [(task, s, min(a.chunk, a.per_task - s), a.seed)
+            for task in sources for s in range(0, a.per_task, a.chunk)]
+    with Pool(a.workers or os.cpu_count()) as pool:
+        parts = pool.map(_gen_chunk, jobs)
+    parts.sort(key=lambda p: (sources.index(p[0]), p[1]))
+    images = np.concatenate([p[2] for p in parts])
+    prompts = [x for p in parts for x in p[3]]
+    answers = [x for p in parts for x in p[4]]
+    tasks = [p[0] for p in parts for _ in p[3]]
+    np.save(out / "patch_labels.npy", np.concatenate([p[5] for p in parts]))
+    log(f"generated {len(prompts)} train rows in {time.time() - t0:.1f}s")
+    vocab = vocabulary(prompts, answers)
+    np.save(out / "images.npy", images)
+    (out / "text.json").write_text(json.dumps({"prompts": prompts, "answers": answers, "tasks": tasks,
+                                               "seed": a.seed, "per_task": a.per_task, "captions": a.captions,
+                                               "synth_version": synth.SYNTH_VERSION}))
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    log(f"prepared {out}: {images.shape}, vocab {len(vocab)} words, {time.time() - t0:.1f}s")
+
+
+def chat_text(prompt: str) -> str:
+    """LLaVA-1.5 framing as the bundled processor's chat template renders it (checked in tests)."""
+    return f"USER: <image>\n{prompt} ASSISTANT:"
+
+
+def pixel_values(images_uint8):
+    """CLIP normalisation of 64x64 RGB uint8 images, identical to the processor's (checked in tests)."""
+    import torch
+
+    x = images_uint8.float().div_(255.0)
+    mean = torch.as_tensor(CLIP_MEAN, device=x.device)
+    std = torch.as_tensor(CLIP_STD, device=x.device)
+    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+
+def encode(tokenizer, prompts, answers, n_image_tokens: int):
+    """Token ids of prompt+answer+eos (image token expanded) and the answer start of each row."""
+    img_id = tokenizer.convert_tokens_to_ids("<image>")
+    eos = tokenizer.eos_token_id
+    p_ids = tokenizer([chat_text(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    seqs, starts = [], []
+    for p, ans in zip(p_ids, a_ids):
+        k = p.index(img_id)
+        p = p[:k] + [img_id] * n_image_tokens + p[k + 1:]
+        seqs.append(p + ans + [eos])
+        starts.append(len(p))
+    L = max(map(len, seqs))
+    ids = np.full((len(seqs), L), tokenizer.pad_token_id, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+    return ids, np.array([len(s) for s in seqs]), np.array(starts)
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(a):
+    if a.deterministic:  # must precede CUDA initialisation
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    if a.deterministic:
+        # warn_only: ops without a deterministic kernel warn instead of failing the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    from harness.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    data = Path(a.data)
+    meta = json.loads((data / "text.json").read_text())
+    vocab = json.loads((data / "vocab.json").read_text())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = TinyLlavaSpec(**SPECS[a.spec], extra_words=vocab, seed=a.seed)
+    build_tiny_llava(out, spec)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(dev).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_img = (spec.image_size // spec.patch_size) ** 2
+    log(f"spec {a.spec}: {n_params / 1e6:.2f}M parameters, {n_img} image tokens, vocab {len(processor.tokenizer)}, device {dev}"
+        + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else ""))
+
+    images = torch.from_numpy(np.load(data / "images.npy"))
+    ids, lens, starts = encode(processor.tokenizer, meta["prompts"], meta["answers"], n_img)
+    if a.limit:
+        images, ids, lens, starts = images[:a.limit], ids[:a.limit], lens[:a.limit], starts[:a.limit]
+    N = len(lens)
+    images = images.to(dev)
+    ids_t = torch.from_numpy(ids).to(dev)
+    lens_t = torch.from_numpy(lens).to(dev)
+    starts_t = torch.from_numpy(starts).to(dev)
+    pos = torch.arange(ids.shape[1], device=dev)
+    lens_cpu = torch.from_numpy(lens)
+    log(f"train rows {N}, max len {ids.shape[1]}")
+
+    aux = None
+    if a.aux_weight > 0:
+        # Dense auxiliary signal for the vision tower (training only; the head is not saved):
+        # per patch, the shape / colour / size of the object covering it, read from the vision
+        # features the projector consumes (layer vision_feature_layer, CLS dropped).
+        from harness.models.layers import vision_layers
+
+        grid = spec.image_size // spec.patch_size
+        lab = np.load(data / "patch_labels.npy")
+        lab = lab[:, :, :64] if grid == 8 else lab[:, :, 64:80]
+        if a.limit:
+            lab = lab[:a.limit]
+        labels_t = torch.from_numpy(lab.astype(np.int64)).to(dev)
+        labels_t[labels_t == 255] = -100
+        _, vlayers = vision_layers(model)
+        feat_box = {}
+        vlayers[model.config.vision_feature_layer].register_forward_hook(
+            lambda _m, _i, o: feat_box.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        aux = torch.nn.Linear(spec.vision_hidden, 5 + 7 + 3).to(dev)
+    decay, no_decay = [], []
+    for n, p in list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else []):
+        (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+    gen = torch.Generator(device="cpu").manual_seed(a.seed)
+    total = a.steps
+    probe = 30
+
+    def lr_at(step):
+        if step < a.warmup:
+            return a.lr * (step + 1) / a.warmup
+        prog = min(1.0, (step - a.warmup) / max(1, total - a.warmup))
+        return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    t0 = time.time()
+    ema = None
+    step = 0
+    stopped_at = None
+    while step < total:
+        idx_cpu = torch.randint(0, N, (a.batch,), generator=gen)
+        L = int(lens_cpu[idx_cpu].max())  # on the CPU: no device sync per step
+        idx = idx_cpu.to(dev, non_blocking=True)
+        x = ids_t[idx, :L]
+        attn = (pos[:L][None, :] < lens_t[idx][:, None]).long()
+        # predict token t+1 from position t; the targets are the answer tokens and </s>
+        tgt_mask = (pos[1:L][None, :] >= starts_t[idx][:, None]) & attn[:, 1:].bool()
+        pv = pixel_values(images[idx])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with torch.autocast(**amp):
+            logits = model(input_ids=x, pixel_values=pv, attention_mask=attn).logits
+        tok_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+        ).view(x.shape[0], L - 1)
+        # every example weighs the same, whatever its answer length (captions are long, answers one word)
+        m = tgt_mask.float()
+        loss = ((tok_loss * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        if aux is not None:
+            with torch.autocast(**amp):
+                ao = aux(feat_box["h"][:, 1:]).float()
+            y = labels_t[idx]
+            aux_loss = sum(torch.nn.functional.cross_entropy(ao[..., lo:hi].reshape(-1, hi - lo), y[:, k].reshape(-1))
+                           for k, (lo, hi) in enumerate(((0, 5), (5, 12), (12, 15))))
+            loss = loss + a.aux_weight * aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        lv = None
+        if step % 50 == 0 or step % a.log_every == 0 or step == probe:
+            lv = float(loss.detach())
+            ema = lv if ema is None else 0.8 * ema + 0.2 * lv
+        if step == probe:
+            log(f"{(time.time() - t0) / probe * 1000:.1f} ms/step over the first {probe} steps (incl. warm-up)")
+        if a.max_seconds and time.time() - t0 > a.max_seconds and step < total:
+            log(f"time guard: stopping at step {step} of {total} (schedule not finished)")
+            stopped_at = step
+            break
+        if step % a.log_every == 0:
+            log(f"step {step}/{total} loss {lv:.4f} (ema {ema:.4f}) lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+    train_s = time.time() - t0
+    log(f"trained {step} steps in {train_s:.0f}s")
+    model.eval()
+    model.to(torch.float16)
+    model.config.dtype = "float16"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    info = {"spec": a.spec, "spec_args": SPECS[a.spec], "steps": total, "batch": a.batch, "lr": a.lr, "wd": a.wd,
+            "warmup": a.warmup, "seed": a.seed, "stopped_at": stopped_at, "aux_weight": a.aux_weight,
+            "deterministic": a.deterministic, "captions": meta.get("captions", False), "data_seed": meta["seed"], "train_per_task": meta["per_task"],
+            "synth_version": meta["synth_version"], "train_seconds": round(train_s, 1), "params": n_params,
+            "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "final_loss_ema": ema}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    (out / "training_info.json").write_text(json.dumps(info, indent=1))
+    if a.eval:
+        res = evaluate(out, dev=str(dev), schemes=("float", "w8a8", "w4a4"), split=a.eval_split)
+        info["eval"] = res
+        (out / "training_info.json").write_text(json.dumps(info, indent=1))
+
+
+# ---------------------------------------------------------------- simulated quantization
+def _fake_quant_weight(w, bits):
+    """Per-output-channel asymmetric RTN (the harness's default weight format)."""
+    qmax = 2 ** bits - 1
+    lo = w.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = w.amax(dim=1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = torch_round(-lo / scale)
+    q = (torch_round(w / scale) + zero).clamp(0, qmax)
+    return (q - zero) * scale
+
+
+def torch_round(x):
+    import torch
+
+    return torch.round(x)
+
+
+def _act_hook(bits):
+    qmax = 2 ** (bits - 1) - 1
+
+    def hook(_mod, args):
+        x = args[0].float()  # in float32: a 1e-8 floor underflows to 0 in fp16 (NaN on all-zero rows)
+        s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+        return ((x / s).round().clamp(-qmax - 1, qmax) * s).to(args[0].dtype), *args[1:]
+    return hook
+
+
+def decoder_linears(model):
+    from torch import nn
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "language_model" in n}
+
+
+def simulate(model, scheme: str):
+    """Fake-quantize every decoder nn.Linear in place: per-channel weight RTN, per-token symmetric activations."""
+    import torch
+
+    if scheme == "float":
+        return []
+    wb, ab = (int(s) for s in scheme[1:].split("a"))
+    handles = []
+    with torch.no_grad():
+        for m in decoder_linears(model).values():
+            m.weight.copy_(_fake_quant_weight(m.weight.float(), wb).to(m.weight.dtype))
+            handles.append(m.register_forward_pre_hook(_act_hook(ab)))
+    return handles
+
+
+# ---------------------------------------------------------------- evaluation
+def generate(model, processor, rows, task, dev, batch=32, max_new_tokens=8):
+    import torch
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    outs = []
+    for s in range(0, len(rows), batch):
+        chunk = rows[s:s + batch]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": synth.prompt_text(task, r)}]}],
+            add_generation_prompt=True) for r in chunk]
+        enc = processor(images=[r["image"] for r in chunk], text=texts, return_tensors="pt", padding=True).to(dev)
+        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return outs
+
+
+def score(task, row, pred) -> float:
+    from tasks import metrics
+
+    if task == "synth_scienceqa":
+        return float(metrics.scienceqa_correct(pred, int(row["answer"]), len(row["choices"])))
+    answers = [a["answer"] if isinstance(a, dict) else a for a in row["answers"]]
+    return float(metrics.vqa_accuracy(pred, answers))
+
+
+def evaluate(path, dev="cpu", schemes=("float",), split=EVAL_SPLIT, n=None, batch=32, dtype=None):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dtype = dtype or (torch.float16 if str(dev).startswith("cuda") else torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    res = {}
+    for scheme in schemes:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
+        simulate(model, scheme)
+        res[scheme] = {}
+        for task in synth.TASKS:
+            rows = synth.generate_rows(task, split, n=n) if n else synth.load_split(task, split, cache=False)
+            t0 = time.time()
+            preds = generate(model, processor, rows, task, dev, batch=batch)
+            dt = time.time() - t0
+            acc = 100.0 * float(np.mean([score(task, r, p) for r, p in zip(rows, preds)]))
+            res[scheme][task] = round(acc, 2)
+            log(f"{scheme:6s} {task:16s} {split} n={len(rows)} acc {acc:6.2f}  ({dt:.2f}s, {dt / len(rows) * 1000:.1f} ms/q)"
+                f"  e.g. {preds[:4]}")
+    return res
+
+
+def cmd_eval(a):
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = evaluate(a.model, dev=a.device, schemes=tuple(a.schemes.split(",")), split=a.split, n=a.n,
+                   batch=a.batch, dtype=getattr(torch, a.dtype) if a.dtype else None)
+    print(json.dumps(res, indent=1))
+
+
+# ---------------------------------------------------------------- activation statistics
+def cmd_stats(a):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(a.model)
+    model = LlavaForConditionalGeneration.from_pretrained(a.model, dtype=torch.float32).eval()
+    lins = decoder_linears(model)
+    store: dict[str, list] = {n: [] for n in lins}
+    mask_box = {}
+
+    def mk(name):
+        def hook(_m, args):
+            x = args[0].detach().float()
+            m = mask_box["mask"]
+            store[name].append(x[m.bool()] if x.shape[:2] == m.shape else x.reshape(-1, x.shape[-1]))
+        return hook
+
+    hs = [m.register_forward_pre_hook(mk(n)) for n, m in lins.items()]
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    for task in synth.TASKS:
+        rows = synth.load_split(task, "validation", cache=False)[:a.n]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": synth.prompt_text(task, r)}]}],
+            add_generation_prompt=True) for r in rows]
+        enc = processor(images=[r["image"] for r in rows], text=texts, return_tensors="pt", padding=True)
+        mask_box["mask"] = enc["attention_mask"]
+        with torch.no_grad():
+            model(**enc)
+    for h in hs:
+        h.remove()
+    table = []
+    for name, xs in store.items():
+        x = torch.cat(xs)  # tokens x channels
+        ax = x.abs()
+        flat = x.flatten()
+        z = (flat - flat.mean()) / flat.std()
+        ch_max = ax.amax(dim=0)
+        table.append({
+            "layer": name.split("layers.")[-1],
+            "max": round(float(ax.max()), 3),
+            "median": round(float(ax.median()), 4),
+            "max_over_median": round(float(ax.max() / ax.median()), 1),
+            "kurtosis": round(float((z ** 4).mean()), 1),
+            "top_channel_max_over_median_channel_max": round(float(ch_max.max() / ch_max.median()), 1),
+            "tokens": int(x.shape[0]),
+        })
+    print(json.dumps(table, indent=1))
+    if a.markdown:
+        print("| layer | max abs | median abs | max/median | kurtosis | top channel / median channel (max abs) |")
+        print("|---|---|---|---|---|---|")
+        for r in table:
+            print(f"| {r['layer']} | {r['max']} | {r['median']} | {r['max_over_median']} | {r['kurtosis']} |"
+                  f" {r['top_channel_max_over_median_channel_max']} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("prepare")
+    q.add_argument("--data", required=True)
+    q.add_argument("--per-task", type=int, default=TRAIN_PER_TASK)
+    q.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
+    q.add_argument("--chunk", type=int, default=1000)
+    q.add_argument("--workers", type=int, default=0)
+    q.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
+                   help="add per-task-many dense scene descriptions (LLaVA stage-1 style) to the training mix")
+    q = sub.add_parser("train")
+    q.add_argument("--data", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--spec", default="base", choices=sorted(SPECS))
+    q.add_argument("--steps", type=int, default=4000)
+    q.add_argument("--batch", type=int, default=512)
+    q.add_argument("--lr", type=float, default=2e-3)
+    q.add_argument("--wd", type=float, default=0.05)
+    q.add_argument("--warmup", type=int, default=300)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--limit", type=int, default=0, help="use only the first N train rows (debugging)")
+    q.add_argument("--log-every", type=int, default=250)
+    q.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the dense per-patch shape/colour/size loss on the vision features (0: off)")
+    q.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="deterministic CUDA kernels where they exist (re-runs on one machine give one model)")
+    q.add_argument("--max-seconds", type=float, default=0.0,
+                   help="safety guard: stop training after this many seconds (recorded as stopped_at)")
+    q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--eval-split", default=EVAL_SPLIT)
+    q = sub.add_parser("eval")
+    q.add_argument("--model", required=True)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--schemes", default="float,w8a8,w4a4")
+    q.add_argument("--split", default=EVAL_SPLIT)
+    q.add_argument("--n", type=int, default=None)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--dtype", default=None)
+    q.add_argument("--threads", type=int, default=0)
+    q = sub.add_parser("stats")
+    q.add_argument("--model", required=True)
+    q.add_argument("--n", type=int, default=48)
+    q.add_argument("--markdown", action="store_true")
+    a = p.parse_args(argv)
+    {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "stats": cmd_stats}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
