@@ -59,6 +59,6 @@ def test_veo_micro_batches_approximate_whole_batches(tiny_lm, tiny_calib):
     _, a = optimize_vision_encoder(tiny_lm.model, parse_scheme("w6a6"), tiny_calib.batches, VEOConfig(**cfg))
     _, b = optimize_vision_encoder(tiny_lm.model, parse_scheme("w6a6"), tiny_calib.batches,
                                    VEOConfig(**cfg, micro_batch=4))
-    assert a["before"] == b["before"]
-    for k in ("reg", "ent", "err", "total"):
+    for k in ("reg", "err"):  # entropy positions are drawn per chunk: not comparable
+        assert abs(a["before"][k] - b["before"][k]) < 1e-3 * abs(a["before"][k])
         assert abs(a["after"][k] - b["after"][k]) <= 0.1 * abs(a["before"][k] - a["after"][k]) + 1e-6

@@ -108,3 +108,17 @@ def test_weight_clip_ratios_are_monotone():
         for hi, lo in zip(DEFAULT_GRID, DEFAULT_GRID[1:]):
             assert (r[lo] <= r[hi]).all() and (r[lo] > 0).all()
         assert r[0.98].shape == (16, 1 if gs is None else 4, 1)
+
+
+def test_layer_coordinates_share_one_pair_per_layer(tiny_lm, tiny_calib):
+    qcfg = parse_scheme("w4a4")
+    _, lw, _ = _search(tiny_lm, tiny_calib, qcfg, joint=False)
+    inputs, layers, names = _block_setup(tiny_lm, tiny_calib, [0, 1])
+    f_in = [c.hidden for c in inputs.calls]
+    res = search_block(layers, [0, 1], inputs.calls, f_in, f_in, inputs.masks, qcfg, names,
+                       coordinates="layer", eval_batches=1)
+    for groups in res.percentiles.values():
+        assert len({(p["a"], p["w"]) for p in groups.values()}) == 1
+    assert res.block_error <= res.layerwise_error
+    assert res.evaluations == 2 * (1 + 2 * 4) + 2 * 2 * 4  # init per layer, then one block sweep
+    assert len(res.q_out) == 1  # the objective (and q_out) cover the first batch only

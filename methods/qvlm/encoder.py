@@ -42,10 +42,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.models.layers import language_layers, part_of
-from harness.quant.build import act_quantizer, calibrate_static_acts, rtn_state
+from harness.quant.build import act_quantizer, calibrate_static_acts, target_linears
 from harness.quant.config import QuantConfig
+from harness.quant.quantizer import dequantize_weight, rtn_weight
 from harness.quant.simulated import quantize_activation
-from harness.quant.state import ActQuant, LinearQuant
+from harness.quant.state import ActQuant, LinearQuant, QuantState
 
 from .search import ActCache
 from .dependency import PositionSampler, code_units, conditional_entropy, joint_distribution, \
@@ -78,16 +79,24 @@ def ste_quant(x: torch.Tensor, act: ActQuant | None) -> torch.Tensor:
 
 
 class DualLinear(nn.Module):
-    """A linear that computes in float, or as the quantized model (STE on activation rounding)."""
+    """A linear that computes in float, or as the quantized model (STE on activation rounding).
 
-    def __init__(self, linear: nn.Linear, lq: LinearQuant, flags: dict, cache: ActCache):
+    The quantized weight is round-to-nearest at the config's bits and clip, computed on the
+    weight's device with the same functions ``linear_from_weight`` uses.
+    """
+
+    def __init__(self, linear: nn.Linear, qcfg: QuantConfig, act: ActQuant | None, flags: dict,
+                 cache: ActCache):
         super().__init__()
-        self.cache = cache
         self.linear = linear
-        self.act = lq.act
-        w = lq.dequantized() if lq.codes is not None else linear.weight.detach()
-        self.register_buffer("wq", w.to(device=linear.weight.device, dtype=linear.weight.dtype),
-                             persistent=False)
+        self.act = act
+        self.cache = cache
+        w = linear.weight.detach()
+        if qcfg.quantizes_weights:
+            codes, scale, zero = rtn_weight(w.float(), qcfg.w_bits, qcfg.w_sym, qcfg.w_group_size,
+                                            qcfg.w_clip)
+            w = dequantize_weight(codes, scale, zero).to(w.dtype)
+        self.register_buffer("wq", w, persistent=False)
         self.flags = flags
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,10 +147,12 @@ class VEO:
         model = self.model
         saved = {n: p.detach().clone() for n, p in self.vision_params.items()}
         grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        state = rtn_state(model, self.qcfg, "qvlm-veo")
+        acts = QuantState("qvlm-veo", self.qcfg)
+        for name in target_linears(model, self.qcfg):
+            acts.linears[name] = LinearQuant(bits=16, act=act_quantizer(self.qcfg))
         if self.qcfg.quantizes_acts and self.qcfg.a_granularity == "per_tensor":
-            calibrate_static_acts(model, state, [{k: v for k, v in b.items() if k != "labels"}
-                                                 for b in self.batches])
+            calibrate_static_acts(model, acts, [{k: v for k, v in b.items() if k != "labels"}
+                                                for b in self.batches])
         replaced = {}
         handles = []
         try:
@@ -151,11 +162,11 @@ class VEO:
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
                 p.requires_grad_(True)
-            for name, lq in state.linears.items():
+            for name, lq in acts.linears.items():
                 parent, _, child = name.rpartition(".")
                 owner = model.get_submodule(parent)
                 lin = getattr(owner, child)
-                setattr(owner, child, DualLinear(lin, lq, self.flags, self.cache))
+                setattr(owner, child, DualLinear(lin, self.qcfg, lq.act, self.flags, self.cache))
                 replaced[name] = lin
 
             def layer_hook(_m, _args, out):
@@ -230,21 +241,25 @@ class VEO:
     def jacobian_weights(self) -> torch.Tensor:
         """Mean over batches of ‖∂E^(n)/∂X^(k)‖ for k = 0..n-2, normalized to sum 1."""
         n = len(self.layers)
-        acc = torch.zeros(max(n - 1, 1), dtype=torch.float64)
-        for batch in self.batches:
-            with torch.no_grad():
-                out_r, _, _ = self._forward(batch, quant=False)
-            out_q, hid_q, _ = self._forward(batch, quant=True)
-            err = _rel_err(out_q.logits, out_r.logits, batch.get("attention_mask"))
-            used = [h for h in hid_q[: n - 1] if h.requires_grad]
-            if len(used) < n - 1:
-                raise RuntimeError("language layer outputs do not depend on the vision encoder")
-            grads = torch.autograd.grad(err, used, allow_unused=True)
-            for k, g in enumerate(grads):
-                if g is not None:
-                    acc[k] += float(g.float().norm())
         if n < 2:
             return torch.ones(1)
+        acc = torch.zeros(n - 1, dtype=torch.float64)
+        for batch in self.batches:
+            sq = torch.zeros(n - 1, dtype=torch.float64)
+            for chunk, frac in _chunks(batch, self.cfg.micro_batch):
+                with torch.no_grad():
+                    out_r, _, _ = self._forward(chunk, quant=False)
+                out_q, hid_q, _ = self._forward(chunk, quant=True)
+                err = frac * _rel_err(out_q.logits, out_r.logits, chunk.get("attention_mask"))
+                used = hid_q[: n - 1]
+                if not all(h.requires_grad for h in used):
+                    raise RuntimeError("language layer outputs do not depend on the vision encoder")
+                grads = torch.autograd.grad(err, used, allow_unused=True)
+                for k, g in enumerate(grads):
+                    if g is not None:
+                        sq[k] += float(g.float().pow(2).sum())
+                del out_r, out_q, hid_q, grads
+            acc += sq.sqrt()
         total = acc.sum()
         return (acc / total if total > 0 else torch.full_like(acc, 1.0 / len(acc))).float()
 
@@ -253,10 +268,11 @@ class VEO:
         """Mean loss terms over the calibration set, fixed entropy positions (seed + 1)."""
         sums: dict[str, float] = {}
         for b, batch in enumerate(self.batches):
-            t = self.terms(batch, weights, self.cfg.seed + 1 + b)
-            t["total"] = self.total(t)
-            for k, v in t.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for chunk, frac in _chunks(batch, self.cfg.micro_batch):
+                t = self.terms(chunk, weights, self.cfg.seed + 1 + b)
+                t["total"] = self.total(t)
+                for k, v in t.items():
+                    sums[k] = sums.get(k, 0.0) + frac * float(v)
         return {k: v / len(self.batches) for k, v in sums.items()}
 
     # -- training ---------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 What is searched: for every *quantizer group* of a transformer layer — one activation tensor and
 the linear layers that read it (Llama: q/k/v, o, gate/up, down; found by watching which linears
 receive the same tensor object) — an activation clipping percentile and a weight clipping
-percentile, each from ``grid`` (default 1.0, 0.995, ..., 0.98).
+percentile, each from ``grid`` (default 1.0, 0.995, ..., 0.98). ``coordinates="layer"`` shares
+one activation and one weight percentile among all groups of a layer (4x fewer evaluations on
+Llama layers).
 
 How a percentile becomes a quantizer (the core's ``clip_ratio`` form, so the simulated model
 computes exactly what was searched):
@@ -19,7 +21,7 @@ Both are multiplied by the config's ``w_clip`` / ``a_clip`` (1.0 by default), so
 everywhere is exactly round-to-nearest.
 
 Objective: mean squared error at the output of the layer (layer-wise) or block (block-wise) over
-the real calibration tokens, the quantized layers fed by the already-quantized previous blocks,
+the real calibration tokens (of the first ``eval_batches`` batches when set, for speed), the quantized layers fed by the already-quantized previous blocks,
 the target the float model's own activation there.
 
 Search order (a coordinate search, since a full grid over a block's quantizers is exponential):
@@ -51,6 +53,7 @@ from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
 
 DEFAULT_GRID = (1.0, 0.995, 0.99, 0.985, 0.98)
+COORDINATES = ("group", "layer")
 PER_TENSOR_SAMPLES = 65536
 
 
@@ -60,21 +63,27 @@ def _quantile_index(n: int, p: float) -> int:
     return min(n - 1, max(0, int(round(p * (n - 1)))))
 
 
+def upper_quantiles(x: torch.Tensor, grid: Sequence[float]) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
+    """``(max, {p: q_p})`` of ``x`` along the last dim (kept), for percentiles near 1.
+
+    Uses ``topk`` of the few largest values instead of a full sort; ``q_p`` is the order
+    statistic at index ``round(p * (n - 1))`` of the ascending order.
+    """
+    n = x.shape[-1]
+    idx = {p: _quantile_index(n, p) for p in grid}
+    k = n - min(idx.values())
+    top = x.topk(k, dim=-1).values  # descending
+    return top[..., :1], {p: top[..., n - 1 - i:n - i] for p, i in idx.items()}
+
+
 def weight_clip_ratios(weight: torch.Tensor, group_size: int | None,
                        grid: Sequence[float]) -> dict[float, torch.Tensor]:
     """Per group ``q_p(|w|) / max|w|`` as ``[out, n_groups, 1]`` tensors (1.0 at p = 1)."""
     out_f, in_f = weight.shape
     gs = in_f if group_size is None or group_size <= 0 or group_size >= in_f else group_size
-    s = weight.detach().float().abs().reshape(out_f, in_f // gs, gs).sort(dim=-1).values
-    mx = s[..., -1:].clamp_min(1e-12)
-    ratios = {}
-    for p in grid:
-        if p >= 1.0:
-            ratios[p] = torch.ones_like(mx)
-        else:
-            i = _quantile_index(gs, p)
-            ratios[p] = s[..., i:i + 1] / mx
-    return ratios
+    mx, q = upper_quantiles(weight.detach().float().abs().reshape(out_f, in_f // gs, gs), grid)
+    mx = mx.clamp_min(1e-12)
+    return {p: torch.ones_like(mx) if p >= 1.0 else q[p] / mx for p in grid}
 
 
 @dataclass
@@ -104,13 +113,12 @@ class ActStats:
                 flat = flat[idx.to(flat.device)]
             self.samples.append(flat.cpu())
             return
-        s = rows.abs().sort(dim=-1).values
-        mx = s[:, -1].clamp_min(1e-12)
+        mx, q = upper_quantiles(rows.abs(), grid)
+        mx = mx.clamp_min(1e-12)
         for p in grid:
             if p < 1.0:
-                r = (s[:, _quantile_index(s.shape[1], p)] / mx).sum()
-                self.ratio_sum[p] = self.ratio_sum.get(p, 0.0) + float(r)
-        self.tokens += s.shape[0]
+                self.ratio_sum[p] = self.ratio_sum.get(p, 0.0) + float((q[p] / mx).sum())
+        self.tokens += rows.shape[0]
 
     def quantizer(self, qcfg: QuantConfig, p: float) -> ActQuant:
         """The activation quantizer for percentile ``p`` (the config's bits, symmetry, granularity)."""
@@ -219,7 +227,10 @@ class SearchLayer:
     """A transformer layer prepared for the search: its quantizer groups and float targets."""
 
     def __init__(self, layer: nn.Module, qcfg: QuantConfig, grid: Sequence[float],
-                 linear_names: Sequence[str]):
+                 linear_names: Sequence[str], coordinates: str = "group"):
+        if coordinates not in COORDINATES:
+            raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
+        self.coordinates = coordinates
         self.layer = layer
         self.qcfg = qcfg
         self.grid = tuple(grid)
@@ -273,9 +284,8 @@ class SearchLayer:
             sl = SearchLinear(getattr(owner, child), self.qcfg, self.grid, self.cache)
             setattr(owner, child, sl)
             self.swapped[name] = sl
-        for g in self.groups:
-            self.set(g, "a", 1.0)
-            self.set(g, "w", 1.0)
+        self.set(self.groups, "a", 1.0)
+        self.set(self.groups, "w", 1.0)
 
     def swap_out(self) -> None:
         for name, sl in self.swapped.items():
@@ -285,29 +295,32 @@ class SearchLayer:
         self.swapped = {}
         self.cache.clear()
 
-    def coords(self) -> list[tuple[Group, str]]:
+    def coords(self) -> list[tuple[list[Group], str]]:
+        """Search coordinates: ``(groups sharing the value, "a" | "w")`` in forward order."""
+        units = [[g] for g in self.groups] if self.coordinates == "group" else [list(self.groups)]
         out = []
-        for g in self.groups:
+        for unit in units:
             if self.qcfg.quantizes_acts:
-                out.append((g, "a"))
+                out.append((unit, "a"))
             if self.qcfg.quantizes_weights:
-                out.append((g, "w"))
+                out.append((unit, "w"))
         return out
 
-    def set(self, g: Group, kind: str, p: float) -> None:
-        if kind == "a":
-            g.p_a = p
-            act = g.stats.quantizer(self.qcfg, p) if self.qcfg.quantizes_acts else None
-            for n in g.linears:
-                self.swapped[n].act = act
-        else:
-            g.p_w = p
-            for n in g.linears:
-                self.swapped[n].p_w = p
+    def set(self, unit: list[Group], kind: str, p: float) -> None:
+        for g in unit:
+            if kind == "a":
+                g.p_a = p
+                act = g.stats.quantizer(self.qcfg, p) if self.qcfg.quantizes_acts else None
+                for n in g.linears:
+                    self.swapped[n].act = act
+            else:
+                g.p_w = p
+                for n in g.linears:
+                    self.swapped[n].p_w = p
 
     @staticmethod
-    def get(g: Group, kind: str) -> float:
-        return g.p_a if kind == "a" else g.p_w
+    def get(unit: list[Group], kind: str) -> float:
+        return unit[0].p_a if kind == "a" else unit[0].p_w
 
 
 # ---- the search ----------------------------------------------------------------------------------
@@ -345,22 +358,30 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
                  q_in: Sequence[torch.Tensor], f_in: Sequence[torch.Tensor],
                  masks: Sequence[torch.Tensor | None], qcfg: QuantConfig,
                  linear_names: Sequence[Sequence[str]], grid: Sequence[float] = DEFAULT_GRID,
-                 passes: int = 1, joint: bool = True, seed: int = 0) -> BlockResult:
+                 passes: int = 1, joint: bool = True, seed: int = 0, coordinates: str = "group",
+                 eval_batches: int | None = None) -> BlockResult:
     """Search one block of consecutive layers (see the module doc for the order).
 
     ``q_in``/``f_in``: the block's input in the quantized/float model, one tensor per batch.
-    ``joint=False`` stops after the layer-wise initialization (Eq. 2).
+    ``joint=False`` stops after the layer-wise initialization (Eq. 2). ``coordinates``: "group"
+    (a value per quantizer group) or "layer" (one activation and one weight value per layer).
+    ``eval_batches``: the objective uses the first that many batches (all when None); the
+    activation statistics always use every batch. ``q_out`` covers the evaluated batches.
     """
     grid = tuple(grid)
     if 1.0 not in grid:
         grid = (1.0,) + grid
     n = len(layers)
-    sls = [SearchLayer(layer, qcfg, grid, names) for layer, names in zip(layers, linear_names)]
+    sls = [SearchLayer(layer, qcfg, grid, names, coordinates)
+           for layer, names in zip(layers, linear_names)]
     f_outs: list[list[torch.Tensor]] = []
     h = list(f_in)
     for j, sl in enumerate(sls):
         h = sl.probe(calls, h, masks, seed + 7919 * indices[j])
         f_outs.append(h)
+    k = len(calls) if not eval_batches else max(1, min(int(eval_batches), len(calls)))
+    calls, q_in, masks = list(calls)[:k], list(q_in)[:k], list(masks)[:k]
+    f_outs = [f[:k] for f in f_outs]
     evals = 0
 
     def run(j0: int, hid: Sequence[torch.Tensor], j1: int) -> list[torch.Tensor]:
@@ -433,7 +454,8 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
 def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], qcfg: QuantConfig,
                       blocks: Sequence[Sequence[int]], grid: Sequence[float] = DEFAULT_GRID,
                       passes: int = 1, joint: bool = True, seed: int = 0,
-                      method: str = "qvlm") -> tuple[dict[str, LinearQuant], list[dict], dict]:
+                      method: str = "qvlm", coordinates: str = "group",
+                      eval_batches: int | None = None) -> tuple[dict[str, LinearQuant], list[dict], dict]:
     """Search every block in order, each fed by the already-quantized previous blocks.
 
     Runs on the shared loop ``harness.quant.blockwise.run_blockwise`` (``inputs`` from its
@@ -452,7 +474,8 @@ def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], q
             names.append([n[len(path) + 1:] for n in targets if n.startswith(path + ".")])
         res = search_block(block.layers, block.layer_ids, block.calls,
                            [c.hidden for c in block.calls], [c.hidden for c in block.float_calls],
-                           block.masks, qcfg, names, grid, passes, joint, seed)
+                           block.masks, qcfg, names, grid, passes, joint, seed, coordinates,
+                           eval_batches)
         frag = block.fragment(method, qcfg)
         for key, lq in res.entries.items():
             i, _, local = key.partition(".")
