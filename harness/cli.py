@@ -21,7 +21,7 @@ def cmd_run(args) -> int:
     for key in ("models", "methods", "schemes", "tasks"):
         if getattr(args, key):
             overrides[key] = _csv(getattr(args, key))
-    for key in ("limit", "device", "data_dir", "output", "batch_size", "seed"):
+    for key in ("limit", "device", "data_dir", "output", "batch_size", "seed", "threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="results folder (default results/<suite name>)")
     r.add_argument("--batch-size", dest="batch_size", type=int, help="evaluation batch size")
     r.add_argument("--seed", type=int, help="random seed")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default 1)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 

@@ -29,6 +29,7 @@ SUITE_KEYS = {
     "calibration": "{task, split, n, batch_size, seed}: calibration pairs shared by all methods",
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "auto, fp16, bf16 or fp32",
+    "threads": "CPU threads for torch (default 1: small models run fastest single-threaded)",
     "data_dir": "folder with local copies of task datasets (<data_dir>/<task>/<split>.parquet)",
     "include_paths": "extra folders of lm-eval task YAMLs",
     "output": "results folder (default results/<name>)",
@@ -76,6 +77,7 @@ class Suite:
     calibration: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
+    threads: int = 1
     data_dir: str | None = None
     include_paths: list[str] = field(default_factory=list)
     output: str | None = None
@@ -146,7 +148,7 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if bad:
         raise SuiteError(f"unknown key(s) {bad} in `calibration`; valid: {list(CALIBRATION_KEYS)}")
 
-    for key, typ in (("limit", int), ("seed", int), ("batch_size", int)):
+    for key, typ in (("limit", int), ("seed", int), ("batch_size", int), ("threads", int)):
         v = data.get(key)
         if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
             raise SuiteError(f"`{key}` must be a non-negative integer, got {v!r}")
@@ -160,7 +162,8 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     suite = Suite(name=name, models=models, methods=methods, schemes=schemes, tasks=tasks,
                   limit=data.get("limit"), seed=int(data.get("seed") or 0),
                   batch_size=int(data.get("batch_size") or 16), calibration=dict(calibration),
-                  device=device, dtype=dtype, data_dir=data.get("data_dir"),
+                  device=device, dtype=dtype, threads=int(data.get("threads") or 1),
+                  data_dir=data.get("data_dir"),
                   include_paths=[str(p) for p in data.get("include_paths") or []],
                   output=data.get("output"))
     if validate_names:

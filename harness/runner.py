@@ -95,6 +95,7 @@ class SuiteRunner:
         self.show_progress = show_progress
         self.on_record = on_record
         self.device = resolve_device(suite.device)
+        torch.set_num_threads(suite.threads)
 
     # ---- planning ---------------------------------------------------------------------------
 
