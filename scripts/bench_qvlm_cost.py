@@ -50,6 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--veo-steps", type=int, default=3)
     ap.add_argument("--veo-micro-batch", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=float("inf"))
+    ap.add_argument("--stages", default="cdm,search,veo",
+                    help="comma-separated subset of cdm,search,veo,methods")
+    ap.add_argument("--methods", nargs="*", default=[],
+                    help='end-to-end runs of registered methods, each NAME or NAME:{json options}')
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -109,7 +113,38 @@ def main(argv=None) -> int:
     def save():
         (out / "qvlm_results.json").write_text(json.dumps(res, indent=1))
 
+    stages = set(args.stages.split(","))
+
+    # 0. end-to-end runs of the registered methods (Method.quantize, the path a suite takes)
+    if "methods" in stages:
+        from harness.registry import get_method
+
+        res["methods"] = []
+        for spec_ in args.methods:
+            name, _, opts = spec_.partition(":")
+            opts = json.loads(opts) if opts else {}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            state = get_method(name)(**opts).quantize(lm, qcfg, calib)
+            sync()
+            run = {"method": name, "options": opts, "wall_s": round(time.perf_counter() - t0, 1),
+                   "search_cost_s": state.meta["search_cost_s"], "summary": state.meta["summary"],
+                   "veo": {k: state.meta["veo"][k] for k in ("before", "after", "steps")}
+                   if "veo" in state.meta else None,
+                   "quantized_linears": len(state.linears),
+                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if cuda else None}
+            res["methods"].append(run)
+            log("METHOD", json.dumps(run))
+            save()
+            del state
+
     # 1. CDM
+    if not stages & {"cdm", "search"}:
+        res["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+        save()
+        log("done", res["total_wall_s"])
+        return 0
     t0 = time.perf_counter()
     inputs = part_inputs(model, "language", calib.inputs())
     masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool, device=c.hidden.device)
@@ -141,7 +176,7 @@ def main(argv=None) -> int:
     joint_blocks += [[j] for j in range(i, k)]
     res["search"] = []
     per_layer_s = None
-    for coords in args.coordinates.split(","):
+    for coords in (args.coordinates.split(",") if "search" in stages else []):
         for joint, blks in ((True, joint_blocks), (False, [[j] for j in range(k)])):
             est = per_layer_s * k * (3 if joint else 1) if per_layer_s else 0
             if left() < est + 60:
@@ -179,7 +214,9 @@ def main(argv=None) -> int:
             save()
 
     # 3. VEO
-    if left() < 90:
+    if "veo" not in stages:
+        pass
+    elif left() < 90:
         log("skip VEO: budget")
     else:
         cfg = VEOConfig(micro_batch=args.veo_micro_batch)
