@@ -19,6 +19,7 @@ and the search cost in seconds per stage.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -87,21 +88,22 @@ class QVLMBase(Method):
         o = self.options
         state = QuantState(method=self.name, config=qcfg)
         meta: dict[str, Any] = {"stages": {"veo": self.use_veo, "cdm": self.use_cdm},
-                                "options": dict(o)}
+                                "options": copy.deepcopy(o)}
         state.meta = meta
         if qcfg.is_float:
             return state
         if calib is None or not calib.batches:
             raise ValueError(f"{self.name} needs calibration data")
         model = lm.model
-        seed = int(o["seed"])
-        torch.manual_seed(seed)
+        seed = int(o["seed"])  # every random draw uses its own generator seeded from this
         cost = {"veo": 0.0, "cdm": 0.0, "search": 0.0}
         t_all = time.perf_counter()
 
         # 1. visual encoder optimization (float)
         veo_params: dict[str, torch.Tensor] = {}
-        if self.use_veo and int(o["veo_epochs"]) > 0 and any("pixel_values" in b for b in calib.batches):
+        if self.use_veo and not any("pixel_values" in b for b in calib.batches):
+            meta["veo_skipped"] = "calibration batches carry no images"
+        elif self.use_veo and int(o["veo_epochs"]) > 0:
             t0 = time.perf_counter()
             cfg = VEOConfig(epochs=int(o["veo_epochs"]), lr=float(o["veo_lr"]),
                             optimizer=o["veo_optimizer"], weight_decay=float(o["veo_weight_decay"]),
