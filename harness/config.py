@@ -20,6 +20,7 @@ SUITE_KEYS = {
     "name": "suite name; results go to results/<name>/ unless `output` is set",
     "models": "list of model names (bundled), local folders or Hub ids; or {name, dtype}",
     "methods": "list of method names or {name, options}; `all` for every registered method",
+    "method_options": "{method name: {option: value}} applied wherever that method runs (works with `all`)",
     "schemes": "list of scheme strings (w4a4, w6a6, ...) or {scheme, overrides}",
     "quant": "quantization overrides applied to every scheme (e.g. w_group_size, parts)",
     "tasks": "list of task names or {name, data, options}",
@@ -127,6 +128,15 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
 
         raw_methods = list(available_methods())
     methods = [MethodSpec(**_entry(m, "methods", "name", METHOD_KEYS)) for m in _list(raw_methods, "methods")]
+    shared = data.get("method_options") or {}
+    if not isinstance(shared, dict) or not all(isinstance(v, dict) for v in shared.values()):
+        raise SuiteError("`method_options` must map method names to mappings of options")
+    unused = sorted(set(shared) - {m.name for m in methods})
+    if unused:
+        raise SuiteError(f"`method_options` names {unused}, which the suite does not run; "
+                         f"its methods: {', '.join(m.name for m in methods)}")
+    for m in methods:
+        m.options = {**shared.get(m.name, {}), **(m.options or {})}
 
     quant = data.get("quant") or {}
     if not isinstance(quant, dict):

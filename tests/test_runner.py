@@ -129,6 +129,8 @@ def test_unknown_method_exits_nonzero_listing_valid_ones(capsys):
     ({"limit": -1}, "`limit` must be a non-negative integer"),
     ({"device": "tpu"}, "`device` is 'tpu'"),
     ({"methods": [{"name": "rtn", "options": {"alpha": 1}}]}, "has no option(s) ['alpha']"),
+    ({"method_options": {"gptq": {"percdamp": 0.1}}}, "`method_options` names ['gptq']"),
+    ({"method_options": {"rtn": {"alpha": 1}}}, "has no option(s) ['alpha']"),
 ])
 def test_malformed_suite_points_at_the_key(tiny_llava_path, toy_include, tmp_path, mutation, message):
     data = suite_dict(tiny_llava_path, toy_include, tmp_path, **mutation)
