@@ -25,49 +25,19 @@ token that differs only where the simulated model's own gap between the two toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..models.layers import language_layers
-from ..quant.simulated import AppliedState, FakeQuantLinear, build_fake_linear
-from ..quant.state import QuantState
+from ..quant.simulated import FakeQuantLinear
 from .real import rel_err
 
 GATE_TOL = 1e-2
 SIBLING_KEYS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
                 "down": ("mlp.down_proj",)}
-
-
-def apply_state_on_device(model: nn.Module, state: QuantState, device) -> AppliedState:
-    """``apply_state`` with the dequantization done on ``device`` (fast for 7B/13B on a GPU).
-
-    Same fake-quant modules and the same float overrides as ``harness.quant.simulated.apply_state``.
-    """
-    handle = AppliedState(model=model, state=state)
-    try:
-        with torch.no_grad():
-            for name, value in state.float_params.items():
-                param = model.get_parameter(name)
-                handle.saved_params[name] = param.detach().clone()
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
-        for name, lq in state.linears.items():
-            linear = model.get_submodule(name)
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(f"state entry {name!r} is a {type(linear).__name__}, not nn.Linear")
-            moved = replace(lq, **{k: getattr(lq, k).to(device) for k in ("codes", "scale", "zero", "weight")
-                                   if getattr(lq, k) is not None})
-            fake = build_fake_linear(linear, moved)
-            fake.quant = lq
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, fake)
-            handle.replaced[name] = linear
-    except Exception:
-        handle.restore()
-        raise
-    return handle
 
 
 @dataclass

@@ -40,15 +40,10 @@ def _jsonable(o):
 
 
 def load_records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            out.append(json.loads(line))
-    return [r for r in out if r.get("metric") == "perf"]
+    """The perf records of a records file (accuracy records in the same file are skipped)."""
+    from ..records import read_records
+
+    return [r for r in read_records(path) if r.get("metric") == "perf"]
 
 
 def _ratio(base, val):

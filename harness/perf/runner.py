@@ -27,6 +27,7 @@ import torch
 
 from ..models.layers import language_layers, select_linears
 from ..quant.config import parse_scheme
+from ..quant.simulated import apply_state
 from ..quant.state import QuantState
 from . import gate as gate_mod
 from .arch import load_for_perf
@@ -260,7 +261,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
                     torch.cuda.synchronize()
                 v.quantize_s = time.time() - t0
                 v.proof = v.state.proof()
-                handle = gate_mod.apply_state_on_device(lm.model, v.state, device)
+                handle = apply_state(lm.model, v.state, device=device)
                 try:
                     v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, gate_tokens)
                     v.proof["act_quantizers_fired"] = gate_mod.fake_linears_fired(lm.model)

@@ -9,7 +9,7 @@ every (method, scheme) cell without a second copy in memory.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -103,8 +103,12 @@ class AppliedState:
         self.restored = True
 
 
-def apply_state(model: nn.Module, state: QuantState) -> AppliedState:
-    """Make ``model`` compute what ``state`` describes (in place, reversible)."""
+def apply_state(model: nn.Module, state: QuantState, device=None) -> AppliedState:
+    """Make ``model`` compute what ``state`` describes (in place, reversible).
+
+    ``device``: where to dequantize (e.g. the GPU for 7B/13B states kept on the CPU); the
+    modules keep the original, un-moved state entries for real-kernel backends and proofs.
+    """
     handle = AppliedState(model=model, state=state)
     try:
         with torch.no_grad():
@@ -116,8 +120,13 @@ def apply_state(model: nn.Module, state: QuantState) -> AppliedState:
             linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"state entry {name!r} is a {type(linear).__name__}, not nn.Linear")
+            source = lq if device is None else replace(lq, **{
+                k: getattr(lq, k).to(device) for k in ("codes", "scale", "zero", "weight")
+                if getattr(lq, k) is not None})
+            fake = build_fake_linear(linear, source)
+            fake.quant = lq
             parent, child = _split(name)
-            setattr(model.get_submodule(parent), child, build_fake_linear(linear, lq))
+            setattr(model.get_submodule(parent), child, fake)
             handle.replaced[name] = linear
     except Exception:
         handle.restore()
