@@ -62,3 +62,10 @@ def test_veo_micro_batches_approximate_whole_batches(tiny_lm, tiny_calib):
     for k in ("reg", "err"):  # entropy positions are drawn per chunk: not comparable
         assert abs(a["before"][k] - b["before"][k]) < 1e-3 * abs(a["before"][k])
         assert abs(a["after"][k] - b["after"][k]) <= 0.1 * abs(a["before"][k] - a["after"][k]) + 1e-6
+
+
+def test_veo_without_report_skips_the_evaluations(tiny_lm, tiny_calib):
+    cfg = VEOConfig(epochs=1, lr=1e-3, report=False, jacobian_batches=1)
+    new, info = optimize_vision_encoder(tiny_lm.model, parse_scheme("w4a4"), tiny_calib.batches, cfg)
+    assert new and info["before"] is None and info["after"] is None
+    assert len(info["jacobian_weights"]) == 1  # two decoder layers: one pair

@@ -65,6 +65,8 @@ class VEOConfig:
     tau: float = 0.01
     samples: int = 16384
     micro_batch: int | None = None
+    jacobian_batches: int | None = None  # batches for the Jacobian weights (None: all)
+    report: bool = True  # evaluate the loss terms on the calibration set before and after
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -244,7 +246,7 @@ class VEO:
         if n < 2:
             return torch.ones(1)
         acc = torch.zeros(n - 1, dtype=torch.float64)
-        for batch in self.batches:
+        for batch in self.batches[: self.cfg.jacobian_batches or len(self.batches)]:
             sq = torch.zeros(n - 1, dtype=torch.float64)
             for chunk, frac in _chunks(batch, self.cfg.micro_batch):
                 with torch.no_grad():
@@ -284,7 +286,7 @@ class VEO:
         with self.prepared():
             params = list(self.vision_params.values())
             weights = self.jacobian_weights()
-            before = self.evaluate(weights)
+            before = self.evaluate(weights) if cfg.report else None
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             step = 0
             for _epoch in range(cfg.epochs):
@@ -296,7 +298,7 @@ class VEO:
                         (self.total(t) * frac).backward()
                     opt.step()
                     step += 1
-            after = self.evaluate(weights)
+            after = self.evaluate(weights) if cfg.report else None
             changed = {}
             for n, p in self.vision_params.items():
                 changed[n] = p.detach().clone()

@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "veo_eta": 1.0,  # weight of the final-output error inside L_err
     "veo_samples": 16384,  # positions per step for the differentiable entropy
     "veo_micro_batch": None,  # split each batch for memory (same gradient), None = whole batch
+    "veo_jacobian_batches": None,  # batches for the Jacobian weights of L_ent (None: all)
+    "veo_report": True,  # record the loss terms before/after on the calibration set (2 passes)
 }
 
 
@@ -109,7 +111,9 @@ class QVLMBase(Method):
                             optimizer=o["veo_optimizer"], weight_decay=float(o["veo_weight_decay"]),
                             lambda1=float(o["veo_lambda1"]), lambda2=float(o["veo_lambda2"]),
                             eta=float(o["veo_eta"]), tau=float(o["cdm_tau"]),
-                            samples=int(o["veo_samples"]), micro_batch=o["veo_micro_batch"], seed=seed)
+                            samples=int(o["veo_samples"]), micro_batch=o["veo_micro_batch"],
+                            jacobian_batches=o["veo_jacobian_batches"], report=bool(o["veo_report"]),
+                            seed=seed)
             veo_params, meta["veo"] = optimize_vision_encoder(model, qcfg, calib.batches, cfg)
             cost["veo"] = time.perf_counter() - t0
 
