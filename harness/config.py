@@ -132,9 +132,13 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if not isinstance(shared, dict) or not all(isinstance(v, dict) for v in shared.values()):
         raise SuiteError("`method_options` must map method names to mappings of options")
     unused = sorted(set(shared) - {m.name for m in methods})
-    if unused:
-        raise SuiteError(f"`method_options` names {unused}, which the suite does not run; "
-                         f"its methods: {', '.join(m.name for m in methods)}")
+    if unused and validate_names:  # options for a method this run skips are fine; typos are not
+        from .registry import available_methods
+
+        unknown = [n for n in unused if n not in available_methods()]
+        if unknown:
+            raise SuiteError(f"unknown method(s) {unknown} in `method_options`; valid methods: "
+                             f"{', '.join(available_methods())}")
     for m in methods:
         m.options = {**shared.get(m.name, {}), **(m.options or {})}
 

@@ -129,7 +129,7 @@ def test_unknown_method_exits_nonzero_listing_valid_ones(capsys):
     ({"limit": -1}, "`limit` must be a non-negative integer"),
     ({"device": "tpu"}, "`device` is 'tpu'"),
     ({"methods": [{"name": "rtn", "options": {"alpha": 1}}]}, "has no option(s) ['alpha']"),
-    ({"method_options": {"gptq": {"percdamp": 0.1}}}, "`method_options` names ['gptq']"),
+    ({"method_options": {"gptqq": {"percdamp": 0.1}}}, "unknown method(s) ['gptqq'] in `method_options`"),
     ({"method_options": {"rtn": {"alpha": 1}}}, "has no option(s) ['alpha']"),
 ])
 def test_malformed_suite_points_at_the_key(tiny_llava_path, toy_include, tmp_path, mutation, message):
@@ -178,3 +178,9 @@ def test_help_on_each_command(capsys):
             main(cmd)
         assert exc.value.code == 0
     assert "--methods" in capsys.readouterr().out
+
+
+def test_method_options_apply_where_the_method_runs(tiny_llava_path, toy_include, tmp_path):
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path, methods=["fp16", "gptq"],
+                                   method_options={"gptq": {"percdamp": 0.05}, "awq": {"n_grid": 5}}))
+    assert {m.name: m.options for m in suite.methods} == {"fp16": {}, "gptq": {"percdamp": 0.05}}
