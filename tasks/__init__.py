@@ -12,7 +12,10 @@ TASKS_DIR = Path(__file__).resolve().parent
 
 
 def list_tasks() -> list[str]:
-    """Names of the tasks defined by YAMLs under tasks/ (subfolders included), sorted."""
-    from lm_eval.tasks import TaskManager
+    """Names of the tasks defined by YAMLs under tasks/ (subfolders included), sorted.
 
-    return sorted(TaskManager(include_path=str(TASKS_DIR), include_defaults=False).all_subtasks)
+    One implementation serves the CLI and this package: a YAML scan that needs no lm-eval import.
+    """
+    from harness.tasks_index import available_tasks
+
+    return available_tasks()
