@@ -46,6 +46,13 @@ class Method:
             raise ValueError(f"method {self.name!r} has no option(s) {bad}; valid: {valid}")
         self.options: dict[str, Any] = {**self.defaults, **options}
 
+    @classmethod
+    def calibrates(cls, qcfg: QuantConfig) -> bool:
+        """Whether a cell at ``qcfg`` gets calibration data: always for methods that need it, and
+        for any method when activations use static per-tensor ranges (they come from data)."""
+        static_acts = qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor"
+        return bool(cls.needs_calibration or static_acts)
+
     def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
         """``lm``: a ``LoadedModel``; ``calib``: a ``CalibrationSet`` (None if not needed)."""
         raise NotImplementedError

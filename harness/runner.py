@@ -108,8 +108,8 @@ class SuiteRunner:
                         out.append(Cell(model, method, qcfg, task))
         return out
 
-    def calibration_spec(self, method: MethodSpec) -> dict | None:
-        if not get_method(method.name).needs_calibration:
+    def calibration_spec(self, cell: Cell) -> dict | None:
+        if not get_method(cell.method.name).calibrates(cell.qcfg):
             return None
         spec = {**DEFAULT_CALIBRATION, "seed": self.suite.seed, **self.suite.calibration}
         if not spec.get("task"):
@@ -127,7 +127,7 @@ class SuiteRunner:
         summary = RunSummary()
         done = self.done_hashes()
         cells = self.cells()
-        pending = [c for c in cells if cell_hash(self.suite, c, self.calibration_spec(c.method)) not in done]
+        pending = [c for c in cells if cell_hash(self.suite, c, self.calibration_spec(c)) not in done]
         summary.skipped = len(cells) - len(pending)
         if not pending:
             log.info("all %d cells already recorded in %s", len(cells), self.records_path)
@@ -203,7 +203,7 @@ class SuiteRunner:
 
     def _run_group(self, lm, cells: list[Cell], calib_cache, summary: RunSummary, bar) -> None:
         head = cells[0]
-        calib_spec = self.calibration_spec(head.method)
+        calib_spec = self.calibration_spec(head)
         try:
             state, quantize_s, cached = self._quantize(lm, head, calib_spec, calib_cache)
         except Exception as exc:

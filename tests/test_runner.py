@@ -184,3 +184,17 @@ def test_method_options_apply_where_the_method_runs(tiny_llava_path, toy_include
     suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path, methods=["fp16", "gptq"],
                                    method_options={"gptq": {"percdamp": 0.05}, "awq": {"n_grid": 5}}))
     assert {m.name: m.options for m in suite.methods} == {"fp16": {}, "gptq": {"percdamp": 0.05}}
+
+
+def test_static_activation_ranges_get_calibration_for_any_method(tiny_llava_path, toy_include, tmp_path):
+    # RTN needs no data for per-token activations, but per-tensor static ranges come from data.
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path, methods=["rtn"],
+                                   schemes=["w4a4", "w8a8"], quant={"a_granularity": "per_tensor"}))
+    summary = run_suite(suite, show_progress=False)
+    assert (summary.ok, summary.failed) == (2, 0)
+    recs = read_records(tmp_path / "records.jsonl")
+    assert all(r["calibration"]["task"] == "toy_colors" for r in recs)
+    per_token = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "pt", methods=["rtn"],
+                                       schemes=["w4a4"]))
+    run_suite(per_token, show_progress=False)
+    assert read_records(tmp_path / "pt" / "records.jsonl")[0]["calibration"] is None

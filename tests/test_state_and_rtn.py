@@ -83,3 +83,17 @@ def test_static_per_tensor_activation_ranges_from_calibration(tiny_lm, tiny_cali
     state = get_method("rtn")().quantize(tiny_lm, parse_scheme("w8a8", a_granularity="per_tensor"), tiny_calib)
     acts = [lq.act for lq in state.linears.values()]
     assert all(a.scale is not None and a.scale.numel() == 1 for a in acts)
+
+
+def test_state_with_shared_activation_ranges_saves_and_loads(tiny_lm, tiny_calib, tmp_path):
+    # Methods may give q/k/v (one input) one static range object; safetensors refuses shared memory.
+    state = get_method("rtn")().quantize(tiny_lm, parse_scheme("w4a4", a_granularity="per_tensor"), tiny_calib)
+    names = [n for n in state.linears if n.endswith(("q_proj", "k_proj", "v_proj"))][:3]
+    shared = state.linears[names[0]].act
+    for n in names[1:]:
+        state.linears[n].act.scale = shared.scale
+        state.linears[n].act.zero = shared.zero
+    state.save(tmp_path / "s")
+    loaded = QuantState.load(tmp_path / "s")
+    for n in names:
+        assert torch.equal(loaded.linears[n].act.scale, shared.scale)

@@ -252,9 +252,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
                 v.qcfg = parse_scheme(s, **overrides)
                 cls = method_class(m)
                 method = cls()
-                needs = getattr(cls, "needs_calibration", False) or (
-                    v.qcfg.quantizes_acts and v.qcfg.a_granularity == "per_tensor")
-                calib = random_calibration(lm, wl) if needs else None
+                calib = random_calibration(lm, wl) if cls.calibrates(v.qcfg) else None
                 t0 = time.time()
                 v.state = method.quantize(lm, v.qcfg, calib)
                 if str(device).startswith("cuda"):

@@ -105,6 +105,17 @@ class QuantState:
         tmp = path.with_name(path.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            # safetensors refuses tensors that share memory (e.g. one static act range for the
+            # q/k/v projections that read the same input): store a copy of the second one.
+            t = t.detach().contiguous().cpu()
+            if t.numel() and t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            return t
+
         layers: dict[str, dict] = {}
         for name, lq in self.linears.items():
             entry = {"bits": lq.bits, "group_size": lq.group_size, "sym": lq.sym,
@@ -112,15 +123,15 @@ class QuantState:
             for key in ("codes", "scale", "zero", "weight"):
                 t = getattr(lq, key)
                 if t is not None:
-                    tensors[f"linears/{name}/{key}"] = t.contiguous().cpu()
+                    tensors[f"linears/{name}/{key}"] = own(t)
             if lq.act is not None:
                 for key in ("scale", "zero"):
                     t = getattr(lq.act, key)
                     if t is not None:
-                        tensors[f"linears/{name}/act_{key}"] = t.contiguous().cpu()
+                        tensors[f"linears/{name}/act_{key}"] = own(t)
             layers[name] = entry
         for name, t in self.float_params.items():
-            tensors[f"float/{name}"] = t.contiguous().cpu()
+            tensors[f"float/{name}"] = own(t)
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"method": self.method, "config": self.config.to_dict(), "linears": layers,
                 "float_params": list(self.float_params), "meta": self.meta}
