@@ -30,6 +30,16 @@ def latest_ok(records: list[dict]) -> pd.DataFrame:
     return df.sort_values("_order").groupby(["model", "method", "scheme", "task"], as_index=False).last()
 
 
+def unresolved_failures(records: list[dict]) -> list[dict]:
+    """Failed records whose cell has not succeeded since (a retried cell shows its result only)."""
+    last: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("status") in ("ok", "failed"):
+            last[(r.get("model"), r.get("method"), r.get("scheme"), r.get("task") or "",
+                  r.get("batch_size") if r.get("metric") == "perf" else None)] = r
+    return [r for r in last.values() if r.get("status") == "failed"]
+
+
 def build_table(records: list[dict]) -> pd.DataFrame:
     """The numeric leaderboard (no formatting): index model/method/scheme, task columns, Avg, Δ."""
     df = latest_ok(records)
@@ -101,8 +111,7 @@ def write_leaderboard(results_dir: str | Path, with_stderr: bool = False) -> dic
     paths = {ext: results_dir / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
     table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
     md = _formatted(table, ("**", "**"), with_stderr)
-    failed = [r for r in records if r.get("status") == "failed"]
-    notes = _notes(records, failed)
+    notes = _notes(records, unresolved_failures(records))
     paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n\n" + notes)
     tex = _formatted(table, ("\\textbf{", "}"), with_stderr)
     paths["tex"].write_text(_booktabs(tex))
