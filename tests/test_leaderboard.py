@@ -6,7 +6,7 @@ from harness.leaderboard import unresolved_failures, write_leaderboard
 
 
 def _rec(method, scheme, task, status="ok", value=50.0):
-    return {"model": "m", "method": method, "scheme": scheme, "task": task, "metric": "acc",
+    return {"model": "m", "method": method, "scheme": scheme, "task": task, "metric": "accuracy",
             "value": value if status == "ok" else None, "status": status, "device": "cpu",
             "kernel": "simulated", "batch_size": 8, "n": 10, "stderr": 1.0, "error": "boom" if status == "failed" else None}
 
