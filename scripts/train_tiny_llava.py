@@ -50,11 +50,21 @@ SPECS = {
     "p16": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
                 image_size=64, patch_size=16, text_hidden=256, text_layers=4, text_heads=4,
                 text_kv_heads=4, text_intermediate=768, max_positions=512),
+    # deeper decoder: the context and spatial ScienceQA families chain 3 look-ups (image -> attribute
+    # -> hint -> option letter), which 4 layers did not learn
+    "deep": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
+                 image_size=64, patch_size=8, text_hidden=256, text_layers=8, text_heads=4,
+                 text_kv_heads=4, text_intermediate=768, max_positions=512),
     "wide": dict(vision_hidden=192, vision_layers=4, vision_heads=4, vision_intermediate=768,
                  image_size=64, patch_size=8, text_hidden=320, text_layers=4, text_heads=5,
                  text_kv_heads=5, text_intermediate=960, max_positions=512),
 }
 TRAIN_PER_TASK = 60_000
+FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule's length
+OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
+# Training mix: the share of each batch drawn from each source (rows within a source uniformly).
+DEFAULT_MIX = {"synth_scienceqa": 0.35, "sqa_open": 0.10, "hint_qa": 0.05, "synth_vizwiz": 0.15,
+               "synth_vqav2": 0.15, "captions": 0.20}
 EVAL_SPLIT = "test"
 
 
@@ -82,6 +92,13 @@ def _gen_chunk(args):
         if task == "captions":
             e = caption_example(seed, i, meta)
             img, prompt, answer = e["image"], e["prompt"], e["answer"]
+        elif task == "hint_qa":
+            img, prompt, answer = hint_example(seed, i, meta)
+        elif task == "sqa_open":
+            # the ScienceQA questions asked open-ended (answer: the option's text), from rows the
+            # multiple-choice source doesn't use: teaches each look-up apart from the letter mapping
+            r = ROW_FNS["synth_scienceqa"](seed, "train", OPEN_ROW_OFFSET + i, meta)
+            img, prompt, answer = r["image"], open_prompt(r), r["choices"][int(r["answer"])]
         else:
             r = ROW_FNS[task](seed, "train", i, meta)
             img, prompt, answer = r["image"], synth.prompt_text(task, r), synth.canonical_answer(task, r)
@@ -90,6 +107,43 @@ def _gen_chunk(args):
         answers.append(answer)
         labels.append(_labels(meta))
     return task, start, np.stack(imgs), prompts, answers, np.stack(labels)
+
+
+HINT_SOURCE_ID = 99  # rng stream of the hint_qa source (apart from every task split's)
+
+
+def hint_example(seed: int, i: int, meta: dict):
+    """A look-up in a context hint alone ("Ava drew the circles. ..." -> "Who drew the circles?").
+
+    The context families of synth_scienceqa chain three look-ups (the object in the image, its
+    entry in the hint, the option letter); this source trains the middle one on its own.
+    """
+    import re
+
+    from tasks.synth import generators as gen
+    from tasks.synth import questions as qs
+
+    rng = np.random.default_rng([seed, HINT_SOURCE_ID, i])
+    family = (qs.h_labels, qs.h_owner, qs.h_material)[int(rng.integers(3))]
+    scene, q = gen._ask(rng, family)
+    sentence = str(rng.choice(re.findall(r"[^.]+\.", q.hint))).strip()
+    if m := re.fullmatch(r"(\w+) drew the (\w+)\.", sentence):
+        question, answer = f"Who drew the {m[2]}?", m[1]
+    else:
+        m = re.fullmatch(r"(.+) (?:shapes are|are made of) (\w+)\.", sentence)
+        items = [w.lower() for w in re.split(r", | and ", m[1])]
+        item = str(rng.choice(items))
+        question = (f"Which word describes {item} shapes?" if "shapes are" in sentence
+                    else f"What are {item} made of?")
+        answer = m[2]
+    meta.update(scene=scene, clean=True)
+    return gen.render(scene, rng), f"Context: {q.hint}\n{question}\n{synth.VQA_INSTRUCTION}", answer
+
+
+def open_prompt(row) -> str:
+    """A synth_scienceqa row as an open question, in the VQA prompt style."""
+    hint = f"Context: {row['hint']}\n" if row["hint"] else ""
+    return f"{hint}{row['question']}\n{synth.VQA_INSTRUCTION}"
 
 
 def vocabulary(prompts: list[str], answers: list[str]) -> list[str]:
@@ -110,9 +164,15 @@ def cmd_prepare(a):
     out = Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sources = list(synth.TASKS) + (["captions"] if a.captions else [])
-    jobs = [(task, s, min(a.chunk, a.per_task - s), a.seed)
-            for task in sources for s in range(0, a.per_task, a.chunk)]
+    sources = list(synth.TASKS) + (["captions"] if a.captions else []) + (["sqa_open"] if a.open_rows else []) + (["hint_qa"] if a.hint_rows else [])
+    counts = {src: a.per_task for src in sources}
+    counts["synth_scienceqa"] = a.sqa_rows or a.per_task
+    if a.open_rows:
+        counts["sqa_open"] = a.open_rows
+    if a.hint_rows:
+        counts["hint_qa"] = a.hint_rows
+    jobs = [(task, s, min(a.chunk, counts[task] - s), a.seed)
+            for task in sources for s in range(0, counts[task], a.chunk)]
     with Pool(a.workers or os.cpu_count()) as pool:
         parts = pool.map(_gen_chunk, jobs)
     parts.sort(key=lambda p: (sources.index(p[0]), p[1]))
@@ -126,6 +186,7 @@ def cmd_prepare(a):
     np.save(out / "images.npy", images)
     (out / "text.json").write_text(json.dumps({"prompts": prompts, "answers": answers, "tasks": tasks,
                                                "seed": a.seed, "per_task": a.per_task, "captions": a.captions,
+                                               "counts": counts,
                                                "synth_version": synth.SYNTH_VERSION}))
     (out / "vocab.json").write_text(json.dumps(vocab))
     log(f"prepared {out}: {images.shape}, vocab {len(vocab)} words, {time.time() - t0:.1f}s")
@@ -166,7 +227,39 @@ def encode(tokenizer, prompts, answers, n_image_tokens: int):
 
 
 # ---------------------------------------------------------------- train
+def batch_mix(spec: str, sources: list[str], batch: int):
+    """Parse ``--mix`` ("src=w,...", default DEFAULT_MIX) into per-step row counts per source.
+
+    Returns (weights used, {source: row indices}, {source: rows per batch}); sources absent from
+    the data are dropped and the weights renormalised; counts sum to ``batch``.
+    """
+    import torch
+
+    mix = dict(DEFAULT_MIX)
+    if spec:
+        mix = {}
+        for part in spec.split(","):
+            k, _, v = part.partition("=")
+            mix[k.strip()] = float(v)
+    src = np.asarray(sources)
+    groups = {k: torch.from_numpy(np.flatnonzero(src == k)) for k in mix}
+    missing = [k for k, g in groups.items() if len(g) == 0]
+    unknown = sorted(set(sources) - set(mix))
+    if unknown:
+        raise SystemExit(f"--mix gives no weight to source(s) {unknown} in the data; sources: {sorted(set(sources))}")
+    for k in missing:
+        mix.pop(k), groups.pop(k)
+    total = sum(mix.values())
+    mix = {k: v / total for k, v in mix.items()}
+    take = {k: int(batch * v) for k, v in mix.items()}
+    for k in sorted(mix, key=lambda k: batch * mix[k] - take[k], reverse=True)[:batch - sum(take.values())]:
+        take[k] += 1
+    return mix, groups, {k: n for k, n in take.items() if n}
+
+
 def cmd_train(a):
+    if a.fit_seconds and a.warmup <= FIT_AT:
+        raise SystemExit(f"--fit-seconds fixes the schedule at step {FIT_AT}: needs --warmup > {FIT_AT}")
     if a.deterministic:  # must precede CUDA initialisation
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import torch
@@ -233,7 +326,9 @@ def cmd_train(a):
     for n, p in list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else []):
         (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8, fused=dev.type == "cuda")
+    mix, groups, take = batch_mix(a.mix, meta["tasks"][:N], a.batch)
+    log("batch mix: " + ", ".join(f"{src} {k}/{a.batch} of {len(groups[src])} rows" for src, k in take.items()))
     gen = torch.Generator(device="cpu").manual_seed(a.seed)
     total = a.steps
     probe = 30
@@ -244,14 +339,20 @@ def cmd_train(a):
         prog = min(1.0, (step - a.warmup) / max(1, total - a.warmup))
         return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
 
+    fwd, L_fixed = model, 0
+    if a.compile:
+        fwd, L_fixed = torch.compile(model), ids.shape[1]
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     t0 = time.time()
     ema = None
     step = 0
     stopped_at = None
+    t_probe = t0
     while step < total:
-        idx_cpu = torch.randint(0, N, (a.batch,), generator=gen)
-        L = int(lens_cpu[idx_cpu].max())  # on the CPU: no device sync per step
+        idx_cpu = torch.cat([groups[src][torch.randint(0, len(groups[src]), (k,), generator=gen)]
+                             for src, k in take.items()])
+        # on the CPU: no device sync per step; compiled: one fixed length (no recompiles)
+        L = L_fixed or int(lens_cpu[idx_cpu].max())
         idx = idx_cpu.to(dev, non_blocking=True)
         x = ids_t[idx, :L]
         attn = (pos[:L][None, :] < lens_t[idx][:, None]).long()
@@ -261,7 +362,7 @@ def cmd_train(a):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast(**amp):
-            logits = model(input_ids=x, pixel_values=pv, attention_mask=attn).logits
+            logits = fwd(input_ids=x, pixel_values=pv, attention_mask=attn).logits
         tok_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
         ).view(x.shape[0], L - 1)
@@ -286,6 +387,16 @@ def cmd_train(a):
             ema = lv if ema is None else 0.8 * ema + 0.2 * lv
         if step == probe:
             log(f"{(time.time() - t0) / probe * 1000:.1f} ms/step over the first {probe} steps (incl. warm-up)")
+            t_probe = time.time()
+        if a.fit_seconds and step == FIT_AT:
+            # Fix the schedule's length from the measured speed, while still in warm-up (whose lr
+            # doesn't depend on the length): the run equals one started with --steps <fitted>.
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+            per_step = (time.time() - t_probe) / (FIT_AT - probe)
+            fitted = max(FIT_AT + 1, int((a.fit_seconds - (time.time() - t0)) / per_step) + step)
+            if fitted < total:
+                total = fitted
+                log(f"--fit-seconds {a.fit_seconds:.0f}: {per_step * 1000:.1f} ms/step, schedule set to {total} steps")
         if a.max_seconds and time.time() - t0 > a.max_seconds and step < total:
             log(f"time guard: stopping at step {step} of {total} (schedule not finished)")
             stopped_at = step
@@ -299,9 +410,10 @@ def cmd_train(a):
     model.config.dtype = "float16"
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    info = {"spec": a.spec, "spec_args": SPECS[a.spec], "steps": total, "batch": a.batch, "lr": a.lr, "wd": a.wd,
+    info = {"spec": a.spec, "spec_args": SPECS[a.spec], "steps": total, "steps_requested": a.steps, "batch": a.batch, "lr": a.lr, "wd": a.wd,
             "warmup": a.warmup, "seed": a.seed, "stopped_at": stopped_at, "aux_weight": a.aux_weight,
-            "deterministic": a.deterministic, "captions": meta.get("captions", False), "data_seed": meta["seed"], "train_per_task": meta["per_task"],
+            "deterministic": a.deterministic, "captions": meta.get("captions", False),
+            "mix": mix, "rows": meta.get("counts"), "data_seed": meta["seed"], "train_per_task": meta["per_task"],
             "synth_version": meta["synth_version"], "train_seconds": round(train_s, 1), "params": n_params,
             "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "final_loss_ema": ema}
@@ -409,7 +521,14 @@ def evaluate(path, dev="cpu", schemes=("float",), split=EVAL_SPLIT, n=None, batc
             t0 = time.time()
             preds = generate(model, processor, rows, task, dev, batch=batch)
             dt = time.time() - t0
-            acc = 100.0 * float(np.mean([score(task, r, p) for r, p in zip(rows, preds)]))
+            scores = [score(task, r, p) for r, p in zip(rows, preds)]
+            acc = 100.0 * float(np.mean(scores))
+            if task == "synth_scienceqa":
+                by: dict[str, list] = {}
+                for r, sc in zip(rows, scores):
+                    by.setdefault(r["skill"], []).append(sc)
+                log(f"{scheme:6s} {task} by skill: " + ", ".join(
+                    f"{k} {100 * np.mean(v):.0f} (n={len(v)})" for k, v in sorted(by.items())))
             res[scheme][task] = round(acc, 2)
             log(f"{scheme:6s} {task:16s} {split} n={len(rows)} acc {acc:6.2f}  ({dt:.2f}s, {dt / len(rows) * 1000:.1f} ms/q)"
                 f"  e.g. {preds[:4]}")
@@ -492,6 +611,9 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
     q.add_argument("--chunk", type=int, default=1000)
     q.add_argument("--workers", type=int, default=0)
+    q.add_argument("--sqa-rows", type=int, default=120_000, help="synth_scienceqa train rows (0: --per-task)")
+    q.add_argument("--open-rows", type=int, default=60_000, help="open-ended synth_scienceqa rows (0: none)")
+    q.add_argument("--hint-rows", type=int, default=30_000, help="context-hint look-up rows (0: none)")
     q.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
                    help="add per-task-many dense scene descriptions (LLaVA stage-1 style) to the training mix")
     q = sub.add_parser("train")
@@ -505,11 +627,18 @@ def main(argv=None):
     q.add_argument("--warmup", type=int, default=300)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--limit", type=int, default=0, help="use only the first N train rows (debugging)")
+    q.add_argument("--mix", default="", help="batch shares per source, e.g. synth_scienceqa=0.4,captions=0.2 "
+                                             "(default: DEFAULT_MIX)")
     q.add_argument("--log-every", type=int, default=250)
     q.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the dense per-patch shape/colour/size loss on the vision features (0: off)")
     q.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="deterministic CUDA kernels where they exist (re-runs on one machine give one model)")
+    q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (sequences padded to one length)")
+    q.add_argument("--fit-seconds", type=float, default=0.0,
+                   help="shorten the schedule so that training takes about this long (the fitted --steps "
+                        "is recorded; pass it as --steps to reproduce the run)")
     q.add_argument("--max-seconds", type=float, default=0.0,
                    help="safety guard: stop training after this many seconds (recorded as stopped_at)")
     q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True)
