@@ -60,6 +60,7 @@ SPECS = {
                  text_kv_heads=5, text_intermediate=960, max_positions=512),
 }
 TRAIN_PER_TASK = 60_000
+PROFILE_AT = 40  # --profile-steps starts the profiler here (after warm-up and compilation)
 FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule's length
 OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
 # Training mix: the share of each batch drawn from each source (rows within a source uniformly).
@@ -227,6 +228,25 @@ def encode(tokenizer, prompts, answers, n_image_tokens: int):
 
 
 # ---------------------------------------------------------------- train
+def multimodal_embeds(model, input_ids, pixel_values):
+    """LLaVA's input embeddings (image features in place of the <image> tokens), batched.
+
+    The same computation as ``LlavaModel.forward`` with ``pixel_values`` (checked in tests), which
+    splits the image features into one tensor per image: at batch 512 that Python loop, forward
+    and backward, made training CPU-bound (~75 of ~90 ms a step on an H200).
+    """
+    cfg = model.config
+    inner = model.model
+    out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    image = inner.multi_modal_projector(feats)
+    emb = inner.get_input_embeddings()(input_ids)
+    mask = (input_ids == cfg.image_token_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(mask, image.to(emb.dtype))
+
+
 def batch_mix(spec: str, sources: list[str], batch: int):
     """Parse ``--mix`` ("src=w,...", default DEFAULT_MIX) into per-step row counts per source.
 
@@ -267,6 +287,9 @@ def cmd_train(a):
     if a.deterministic:
         # warn_only: ops without a deterministic kernel warn instead of failing the run
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # ...but don't fill every new tensor with NaN (a debugging aid that deterministic mode turns
+        # on): ~900 extra kernels a step, and nothing here reads uninitialised memory
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
     from harness.models.tiny import TinyLlavaSpec, build_tiny_llava
 
@@ -348,6 +371,7 @@ def cmd_train(a):
     step = 0
     stopped_at = None
     t_probe = t0
+    prof = None
     while step < total:
         idx_cpu = torch.cat([groups[src][torch.randint(0, len(groups[src]), (k,), generator=gen)]
                              for src, k in take.items()])
@@ -362,7 +386,7 @@ def cmd_train(a):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         with torch.autocast(**amp):
-            logits = fwd(input_ids=x, pixel_values=pv, attention_mask=attn).logits
+            logits = fwd(inputs_embeds=multimodal_embeds(model, x, pv), attention_mask=attn).logits
         tok_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
         ).view(x.shape[0], L - 1)
@@ -376,6 +400,15 @@ def cmd_train(a):
             aux_loss = sum(torch.nn.functional.cross_entropy(ao[..., lo:hi].reshape(-1, hi - lo), y[:, k].reshape(-1))
                            for k, (lo, hi) in enumerate(((0, 5), (5, 12), (12, 15))))
             loss = loss + a.aux_weight * aux_loss
+        if prof is not None and step == PROFILE_AT + a.profile_steps:
+            prof.__exit__(None, None, None)
+            for key in ("self_cpu_time_total", "self_device_time_total"):
+                print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+            prof = None
+        if a.profile_steps and step == PROFILE_AT:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))
+            prof.__enter__()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -634,6 +667,8 @@ def main(argv=None):
                    help="weight of the dense per-patch shape/colour/size loss on the vision features (0: off)")
     q.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="deterministic CUDA kernels where they exist (re-runs on one machine give one model)")
+    q.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many steps (from step 40) and print the top operators")
     q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (sequences padded to one length)")
     q.add_argument("--fit-seconds", type=float, default=0.0,

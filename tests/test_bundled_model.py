@@ -112,3 +112,19 @@ def test_training_inputs_equal_what_the_processor_gives(bundled):
             assert ids[i, lens[i] - 1] == proc.tokenizer.eos_token_id
         pv = train.pixel_values(torch.from_numpy(np.stack([np.asarray(r["image"]) for r in rows])))
         assert torch.allclose(pv, enc["pixel_values"], atol=1e-5)
+
+
+def test_training_forward_equals_llava_forward(bundled):
+    """The training script's batched embedding path gives the logits of the model's own forward."""
+    train = _train_script()
+    model, proc = bundled.model, bundled.processor
+    rows = synth.generate_rows("synth_scienceqa", "validation", n=3)
+    prompts = [synth.prompt_text("synth_scienceqa", r) for r in rows]
+    ids, lens, _ = train.encode(proc.tokenizer, prompts, ["A"] * 3, model.config.image_seq_length)
+    x = torch.from_numpy(ids)
+    attn = (torch.arange(x.shape[1])[None] < torch.from_numpy(lens)[:, None]).long()
+    pv = train.pixel_values(torch.from_numpy(np.stack([np.asarray(r["image"]) for r in rows]))).to(model.dtype)
+    with torch.no_grad():
+        ref = model(input_ids=x, pixel_values=pv, attention_mask=attn).logits
+        got = model(inputs_embeds=train.multimodal_embeds(model, x, pv), attention_mask=attn).logits
+    assert torch.equal(got, ref)
