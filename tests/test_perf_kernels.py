@@ -95,3 +95,51 @@ def test_triton_kernels_under_interpreter(bits, abits, group, sym):
         for name in rl.candidates(phase, "cpu"):
             if name.startswith("triton") and "fp8" not in name:  # no fp8 casts in the interpreter
                 assert rel_err(rl.run(name, x).float(), ref) < 2e-3, name
+
+
+@pytest.mark.parametrize("group,expect", [(None, 256), (64, 64), (32, 32), (512, 256)])
+def test_tinygemm_operands_encode_the_same_weights(group, expect):
+    from harness.perf.packing import unpack_int4
+
+    lq, lin = _layer(4, None, group, False, k=1024)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
+    g = rl.tinygemm_group()
+    assert g == expect
+    swapped, sz = real.tinygemm_operands(rl.wdata, rl.scale, rl.zero, rl.group, g)
+    assert sz.shape == (1024 // g, 48, 2) and sz.dtype == torch.bfloat16
+    # tinygemm's reading of its inputs: even column in the high nibble, (q - 8) * scale + zero
+    q = torch.stack([swapped >> 4, swapped & 0x0F], dim=-1).reshape(48, 1024)
+    assert torch.equal(q, unpack_int4(rl.wdata))  # the codes, bit for bit
+    scale = sz[..., 0].double().t().repeat_interleave(g, dim=1)
+    zero = sz[..., 1].double().t().repeat_interleave(g, dim=1)
+    w = (q.double() - 8) * scale + zero
+    assert rel_err(w, rl.dequantized(torch.float64)) < 4e-3  # bf16 ranges: ~2**-9 each
+
+
+def test_tinygemm_only_for_weight_only_int4_on_cuda():
+    lq, lin = _layer(4, 4, None, False)
+    assert RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32).tinygemm_group() is None
+    lq, lin = _layer(8, None, None, False)
+    assert RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32).tinygemm_group() is None
+    lq, lin = _layer(4, None, None, False)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
+    assert real.TINYGEMM not in rl.candidates("decode", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._weight_int4pack_mm runs on CUDA only")
+@pytest.mark.parametrize("group", [None, 128])
+def test_tinygemm_kernel_matches_simulated_and_keeps_one_layout(group):
+    lq, lin = _layer(4, None, group, False, n=256, k=1024)
+    rl = RealLinear.from_quant(lq, lin, device="cuda", dtype=torch.float16)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    ref = rl.simulated(x)
+    assert rel_err(rl.run(real.TINYGEMM, x), ref) < 1e-2
+    recs = select_kernels([rl], "decode", 4, dtype=torch.float16, reps=2, only=[real.TINYGEMM])
+    assert recs[0].chosen == real.TINYGEMM
+    assert rl.candidates("prefill", "cuda") == [real.TINYGEMM]
+    select_kernels([rl], "prefill", 300, dtype=torch.float16, reps=2)
+    before = rl.weight_bytes()
+    rl.finalize_storage()
+    assert rl.wdata is None and rl.fmt == "int4-tinygemm"
+    assert rl.weight_bytes() < 1.1 * before  # one layout, not two
+    assert rel_err(rl(x), ref) < 1e-2

@@ -39,6 +39,8 @@ from .packing import pack_int4, storage_format, to_int8_storage
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 DECODE_MAX_ROWS = 64  # inputs with at most this many rows use the decode kernels
+TINYGEMM = "torch-int4pack"  # torch._weight_int4pack_mm (tinygemm): bf16 activations, int4 weights
+TINYGEMM_INNER_K_TILES = 8
 KERNEL_TOL = 1e-2  # relative error of a kernel against the simulated arithmetic on random inputs
 
 _COMPILE = {"on": False}
@@ -138,6 +140,20 @@ def _dequant_impl(wdata, scale, zero, packed: bool, dtype):
 
 # ---------------------------------------------------------------------------- the layer
 
+def tinygemm_operands(wdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, g: int):
+    """Our int4 packing and ranges as tinygemm's inputs, before its tiling.
+
+    Returns uint8 ``[N, K/2]`` with the even code of each byte in the high nibble, and bf16
+    ``scales_and_zeros [K/g, N, 2]`` such that ``(q - 8) * scale + zero == (q - z) * s``.
+    """
+    swapped = (((wdata & 0x0F) << 4) | (wdata >> 4)).contiguous()
+    rep = group // g
+    s = scale.float().repeat_interleave(rep, dim=1)
+    z = zero.float().repeat_interleave(rep, dim=1)
+    sz = torch.stack([s.t(), ((8 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    return swapped, sz
+
+
 @dataclass
 class KernelRecord:
     """What ``select_kernels`` found for one group of same-shaped layers and one phase."""
@@ -174,6 +190,7 @@ class RealLinear(nn.Module):
             self.corr = self.fmt == "int8" and bool((self.zero != 0).any())
         self.register_buffer("bias", bias)
         self.choice: dict[str, str] = {}
+        self.tg = None  # tinygemm layout (packed, scales_and_zeros, group), built on first use
 
     # -- construction ------------------------------------------------------------------------
 
@@ -243,6 +260,9 @@ class RealLinear(nn.Module):
         """The float weight the simulated model uses: ``fp((code - zero) * scale)``."""
         if self.fmt == "float":
             return self.weight.to(dtype)
+        if self.wdata is None:
+            raise RuntimeError(f"{self.name}: weights are kept in tinygemm's layout only; "
+                               "dequantize before finalize_storage()")
         if _COMPILE["on"]:
             return _maybe_compiled(_dequant_impl)(self.wdata, self.scale, self.zero, self.fmt == "int4", dtype)
         if self.fmt == "int4":
@@ -261,6 +281,46 @@ class RealLinear(nn.Module):
         if self.act is not None:
             x = quantize_activation(x, self.act)
         return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    # -- torch's tinygemm int4 weight-only matmul ---------------------------------------------
+
+    def tinygemm_group(self) -> int | None:
+        """Group size for ``torch._weight_int4pack_mm`` (32..256), or None where it can't serve.
+
+        Weight-only 4-bit layers only. Per-channel ranges become groups of 256 with the scale
+        repeated (exact); groups of ours that are a multiple of a tinygemm group size likewise.
+        """
+        if self.fmt not in ("int4", "int4-tinygemm") or self.act is not None:
+            return None
+        for g in (256, 128, 64, 32):
+            if self.group % g == 0 and self.in_features % g == 0:
+                return g
+        return None
+
+    def _tinygemm(self):
+        """(packed weight, scales_and_zeros, group) in tinygemm's layout, built once per layer.
+
+        tinygemm dequantizes ``(q - 8) * scale + zero`` in bf16, with the even code of a byte in
+        the high nibble (ours: low nibble). Our ``(q - z) * s`` is the same with ``zero = (8 - z) s``.
+        """
+        if self.tg is None:
+            g = self.tinygemm_group()
+            swapped, sz = tinygemm_operands(self.wdata, self.scale, self.zero, self.group, g)
+            packed = torch._convert_weight_to_int4pack(swapped, TINYGEMM_INNER_K_TILES)
+            self.tg = (packed, sz, g)
+        return self.tg
+
+    def finalize_storage(self) -> None:
+        """Keep one weight layout: tinygemm's when both phases run tinygemm (drop our packing)."""
+        if self.choice.get("decode") == TINYGEMM and self.choice.get("prefill") == TINYGEMM:
+            packed, sz, g = self._tinygemm()
+            self.wdata = None
+            self.register_buffer("tg_packed", packed)
+            self.register_buffer("tg_scales_zeros", sz)
+            self.tg = (self.tg_packed, self.tg_scales_zeros, g)
+            self.fmt = "int4-tinygemm"
+        else:
+            self.tg = None  # built while timing the candidate; not deployed
 
     # -- kernels -----------------------------------------------------------------------------
 
@@ -285,7 +345,12 @@ class RealLinear(nn.Module):
         if self.fmt == "float":
             return ["cublas-fp16" if cuda else "torch-float"]
         out = []
+        tiny = cuda and self.tinygemm_group() is not None
+        if phase == "prefill" and tiny and self.choice.get("decode") == TINYGEMM:
+            return [TINYGEMM]  # the weights will be kept in tinygemm's layout only (finalize_storage)
         if phase == "decode":
+            if tiny:
+                out.append(TINYGEMM)
             if trit:
                 out += [f"triton-{self.fmt}-gemv2", f"triton-{self.fmt}-gemv", f"triton-{self.fmt}-dot"]
         else:
@@ -316,6 +381,10 @@ class RealLinear(nn.Module):
         if kernel in ("dequant-fp16+cublas", "dequant+torch"):
             xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
             return F.linear(xq, self.dequantized(x.dtype), self.bias)
+        if kernel == TINYGEMM:
+            packed, sz, g = self._tinygemm()
+            y = torch._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, g, sz).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if kernel.endswith("-gemv2"):
             xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
             y = tk.wq_gemv2(xq, self.wdata, self.scale, self.zero, 4 if self.fmt == "int4" else 8, self.group)

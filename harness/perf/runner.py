@@ -330,6 +330,10 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
                     for phase, rows in (("decode", B), ("prefill", B * wl.input_ids.shape[1])):
                         sel += select_kernels(lin, phase, rows, dtype=lm.dtype, only=kernels,
                                               log=log)
+                    for m_ in lin:
+                        if isinstance(m_, RealLinear):
+                            m_.finalize_storage()  # one weight layout per layer, as deployed
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
                     engine.capture()
                     ks = kernel_summary(engine)
                     rec["kernel"] = "; ".join(f"{p}={'+'.join(n)}" for p, n in ks.items())
