@@ -98,3 +98,21 @@ def test_no_eval_dependencies_on_the_perf_path():
             "bad=[m for m in sys.modules if m.split('.')[0] in ('lm_eval','datasets')]; print(bad); "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_table_keeps_the_newest_measurement_per_variant_with_its_own_runs_fp16():
+    def at(rec, ts):
+        return {**rec, "timestamp": ts}
+    old = [at(_rec("fp16", "w16a16", 8.0, 40.0, 1000, run="a"), "2026-01-01"),
+           at(_rec("rtn", "w4a4", 4.0, 20.0, 400, run="a"), "2026-01-01"),
+           at(_rec("rtn", "w4a16", 4.0, 20.0, 400, run="a"), "2026-01-01")]
+    new = [at(_rec("fp16", "w16a16", 6.0, 30.0, 1000, run="b"), "2026-02-01"),
+           at(_rec("rtn", "w4a16", 2.0, 30.0, 300, run="b"), "2026-02-01"),
+           at({**_rec("rtn", "w4a4", None, None, None, status="failed", run="b"),
+               "error": "not run: time budget of 10s spent"}, "2026-02-01")]
+    df = leaderboard_frame(old + new)
+    assert len(df) == 3
+    w4a4 = df[df.scheme == "w4a4"].iloc[0]  # the skip doesn't hide run a's measurement
+    assert w4a4["run"] == "a" and w4a4["decode ×"] == pytest.approx(2.0)  # against run a's fp16
+    w4a16 = df[df.scheme == "w4a16"].iloc[0]
+    assert w4a16["run"] == "b" and w4a16["decode ×"] == pytest.approx(3.0)

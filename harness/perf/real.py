@@ -535,8 +535,10 @@ def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: to
                         info["error"] = f"relative error {info['rel_err']:.2e} > {KERNEL_TOL}"
                     else:
                         cycle = members[: max(1, min(len(members), 64))]
-                        for m in cycle[:2]:
-                            m.run(name, x)  # warm-up: autotune, compile
+                        for m in cycle:
+                            # warm-up: autotune, compile, and per-layer set-up (tinygemm's layout)
+                            # outside the CUDA graph, which would otherwise replay it
+                            m.run(name, x)
                         def go():
                             for m in cycle:
                                 m.run(name, x)

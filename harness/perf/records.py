@@ -52,21 +52,30 @@ def _ratio(base, val):
     return base / val
 
 
+def latest_per_variant(records: list[dict]) -> list[dict]:
+    """The newest record per (model, batch, method, scheme); older runs stay in records.jsonl.
+
+    A variant skipped for time (``error: not run: ...``) doesn't hide an older measurement of it.
+    """
+    newest: dict = {}
+    for r in sorted(records, key=lambda r: r.get("timestamp", "")):
+        key = (r["model"], r.get("batch_size"), r["method"], r["scheme"])
+        skipped = str(r.get("error") or "").startswith("not run")
+        if skipped and key in newest:
+            continue
+        newest[key] = r
+    return list(newest.values())
+
+
 def leaderboard_frame(records: list[dict], latest_only: bool = True):
     """A pandas DataFrame: one row per (run, model, batch, method, scheme)."""
     import pandas as pd
 
-    if latest_only:  # the newest run per (model, batch); older runs stay in records.jsonl
-        newest: dict = {}
-        for r in records:
-            key = (r["model"], r.get("batch_size"))
-            if key not in newest or r.get("timestamp", "") > newest[key]:
-                newest[key] = r.get("timestamp", "")
-        runs = {(r["model"], r.get("batch_size"), r["run_id"]) for r in records
-                if r.get("timestamp", "") == newest[(r["model"], r.get("batch_size"))]}
-        records = [r for r in records if (r["model"], r.get("batch_size"), r["run_id"]) in runs]
+    all_records = records
+    if latest_only:
+        records = latest_per_variant(records)
     base = {}
-    for r in records:
+    for r in all_records:  # each row's ratios use the fp16 row of its own run
         if r["method"] == "fp16" and r["status"] == "ok" and r.get("latency"):
             base[(r["run_id"], r["model"], r.get("batch_size"))] = r
     rows = []
@@ -81,6 +90,7 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
         prefill = lat.get("prefill_ms")
         rows.append({
             "model": r["model"], "card": r.get("card"), "batch": r.get("batch_size"),
+            "run": r.get("run_id"),
             "method": r["method"], "scheme": r["scheme"],
             "status": r["status"] if timed or r["status"] == "failed" else "simulated",
             "gate": ("pass" if g.get("passed") else "FAIL") if g else "—",
@@ -111,7 +121,7 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
 
 
 def write_leaderboard(records_path: str | Path, out_path: str | Path, command: str | None = None) -> str:
-    """Markdown leaderboard of the newest run per (model, batch) in ``records_path``."""
+    """Markdown leaderboard of the newest record per variant in ``records_path``."""
     import pandas as pd  # noqa: F401 - pandas + tabulate render the table
 
     records = load_records(records_path)
@@ -127,13 +137,16 @@ def write_leaderboard(records_path: str | Path, out_path: str | Path, command: s
         if command:
             lines += ["", f"Produced by: `{command}`"]
         for (model, batch), part in df.groupby(["model", "batch"], sort=False):
-            first = [r for r in records if r["model"] == model and r.get("batch_size") == batch]
-            r0 = first[0] if first else {}
-            lines += ["", f"## {model}, batch {batch}", "",
-                      f"card {r0.get('card')}, driver {r0.get('driver')}, torch {r0.get('torch')}, "
-                      f"copy bandwidth {round(r0['copy_bandwidth_gbs']) if r0.get('copy_bandwidth_gbs') else '—'} GB/s, "
-                      f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt tokens "
-                      f"+ {r0.get('workload', {}).get('new_tokens')} new tokens", ""]
+            lines += ["", f"## {model}, batch {batch}", ""]
+            for run in dict.fromkeys(part["run"]):  # each run's machine (ratios never cross runs)
+                r0 = next(r for r in records if r["model"] == model and r.get("batch_size") == batch
+                          and r.get("run_id") == run)
+                bw = round(r0["copy_bandwidth_gbs"]) if r0.get("copy_bandwidth_gbs") else "—"
+                lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, card {r0.get('card')}, "
+                             f"driver {r0.get('driver')}, torch {r0.get('torch')}, copy bandwidth {bw} GB/s, "
+                             f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt "
+                             f"tokens + {r0.get('workload', {}).get('new_tokens')} new tokens")
+            lines.append("")
             show = part.drop(columns=["model", "card", "batch"])
             lines.append(show.to_markdown(index=False, floatfmt=".3g"))
     text = "\n".join(lines) + "\n"
