@@ -1,7 +1,7 @@
 """``qvlm-bench perf``: GPU latency and memory on real low-bit kernels, gated against the simulated model.
 
-The lead wires ``add_perf_parser`` into ``harness/cli.py``; until then (and on machines without the
-evaluation dependencies) the same command runs as ``python -m harness.perf.cli ...``.
+Registered in ``harness/cli.py``; on machines without the evaluation dependencies (the GPU image)
+the same command runs as ``python -m harness.perf.cli ...``.
 Nothing on this path imports lm-eval or datasets.
 """
 
@@ -36,7 +36,7 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "perf", help="GPU latency and memory with real low-bit kernels",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True,
+    p.add_argument("--model", action="append",
                    help="architecture name (llava-1.5-7b, llava-1.5-13b: random weights, no download), "
                         "a local folder or a Hub id; repeat for several")
     p.add_argument("--methods", type=_csv, default=["rtn"],
@@ -80,6 +80,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     if args.leaderboard_only:
         print(write_leaderboard(out / "records.jsonl", out / "leaderboard.md"))
         return 0
+    if not args.model:
+        print("qvlm-bench perf: --model is required (an architecture name such as llava-1.5-7b, "
+              "a local folder or a Hub id), unless --leaderboard-only", file=sys.stderr)
+        return 2
     from .runner import run_perf
 
     failed = 0

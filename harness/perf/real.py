@@ -339,14 +339,18 @@ class RealLinear(nn.Module):
             return "int8"
         return None
 
-    def candidates(self, phase: str, device) -> list[str]:
+    def candidates(self, phase: str, device, opt_in: list[str] | tuple = ()) -> list[str]:
+        """Kernel names to try for ``phase``. ``opt_in`` may name TINYGEMM, which is not offered
+        by default: bf16 activations missed the end-to-end gate (relative logit error 0.035 on
+        7B, 0.047 on 13B, H100) and, its layout being the only one kept, prefill at 647 rows ran
+        ~24x slower than cuBLAS (docs/benchmarks/perf.md)."""
         cuda = str(device).startswith("cuda")
         trit = tk.available(device)
         if self.fmt == "float":
             return ["cublas-fp16" if cuda else "torch-float"]
         out = []
-        tiny = cuda and self.tinygemm_group() is not None
-        if phase == "prefill" and tiny and self.choice.get("decode") == TINYGEMM:
+        tiny = cuda and self.tinygemm_group() is not None and TINYGEMM in (opt_in or ())
+        if phase == "prefill" and self.choice.get("decode") == TINYGEMM:
             return [TINYGEMM]  # the weights will be kept in tinygemm's layout only (finalize_storage)
         if phase == "decode":
             if tiny:
@@ -523,7 +527,7 @@ def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: to
         rec = KernelRecord(phase=phase, rows=rows, shape=(first.out_features, first.in_features),
                            chosen="")
         best = None
-        for name in first.candidates(phase, device):
+        for name in first.candidates(phase, device, opt_in=only or ()):
             if only and not any(name.startswith(o) for o in only) and name not in ("simulated",):
                 continue
             info: dict = {}

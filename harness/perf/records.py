@@ -142,7 +142,12 @@ def write_leaderboard(records_path: str | Path, out_path: str | Path, command: s
                 r0 = next(r for r in records if r["model"] == model and r.get("batch_size") == batch
                           and r.get("run_id") == run)
                 bw = round(r0["copy_bandwidth_gbs"]) if r0.get("copy_bandwidth_gbs") else "—"
-                lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, card {r0.get('card')}, "
+                git = r0.get("git") or {}
+                sha = str(git.get("commit") or "")[:12] if isinstance(git, dict) else str(git)[:12]
+                sha = "" if sha == "HEAD" else sha  # the run had no git history to read
+                cmd = f", `{r0['command']}`" if r0.get("command") else ""
+                lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, commit {sha or 'not recorded'}{' (dirty)' if sha and isinstance(git, dict) and git.get('dirty') else ''}{cmd}, "
+                             f"card {r0.get('card')}, "
                              f"driver {r0.get('driver')}, torch {r0.get('torch')}, copy bandwidth {bw} GB/s, "
                              f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt "
                              f"tokens + {r0.get('workload', {}).get('new_tokens')} new tokens")

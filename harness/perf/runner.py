@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -287,7 +289,8 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
               "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
               "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
               "copy_bandwidth_gbs": bw, "versions": info, "git": _git(), "seed": seed,
-              "run_id": run_id, "workload": wl.describe(), "model_path": lm.path}
+              "run_id": run_id, "workload": wl.describe(), "model_path": lm.path,
+              "command": " ".join(shlex.quote(a) for a in sys.argv)}
 
     def make_linear_for(v: Variant):
         def make(path, lin):
