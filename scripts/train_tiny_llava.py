@@ -14,8 +14,8 @@ Subcommands:
 
 Reproduce the committed model (exact command and machine in
 harness/models/bundled/qvlm-tiny-llava/MODEL_CARD.md):
-  python scripts/train_tiny_llava.py prepare --data /tmp/synth-data
-  python scripts/train_tiny_llava.py train --data /tmp/synth-data --out /tmp/tiny --spec base --steps 4000 --no-deterministic
+  python scripts/train_tiny_llava.py prepare --data /tmp/synth-data --workers 15
+  python scripts/train_tiny_llava.py train --data /tmp/synth-data --out /tmp/tiny --spec base --steps 3790
   python scripts/train_tiny_llava.py eval --model /tmp/tiny            # CPU: float / W8A8 / W4A4
   python scripts/train_tiny_llava.py stats --model /tmp/tiny --markdown
 """
@@ -64,8 +64,10 @@ PROFILE_AT = 40  # --profile-steps starts the profiler here (after warm-up and c
 FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule's length
 OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
 # Training mix: the share of each batch drawn from each source (rows within a source uniformly).
-DEFAULT_MIX = {"synth_scienceqa": 0.35, "sqa_open": 0.10, "hint_qa": 0.05, "synth_vizwiz": 0.15,
-               "synth_vqav2": 0.15, "captions": 0.20}
+# Sources missing from the prepared data are dropped and the rest renormalised: with `prepare`'s
+# defaults (no sqa_open / hint_qa rows) this is the bundled model's mix, a quarter each.
+DEFAULT_MIX = {"synth_scienceqa": 0.25, "synth_vizwiz": 0.25, "synth_vqav2": 0.25, "captions": 0.25,
+               "sqa_open": 0.10, "hint_qa": 0.05}
 EVAL_SPLIT = "test"
 
 
@@ -644,9 +646,9 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
     q.add_argument("--chunk", type=int, default=1000)
     q.add_argument("--workers", type=int, default=0)
-    q.add_argument("--sqa-rows", type=int, default=120_000, help="synth_scienceqa train rows (0: --per-task)")
-    q.add_argument("--open-rows", type=int, default=60_000, help="open-ended synth_scienceqa rows (0: none)")
-    q.add_argument("--hint-rows", type=int, default=30_000, help="context-hint look-up rows (0: none)")
+    q.add_argument("--sqa-rows", type=int, default=0, help="synth_scienceqa train rows (0: --per-task)")
+    q.add_argument("--open-rows", type=int, default=0, help="open-ended synth_scienceqa rows (0: none)")
+    q.add_argument("--hint-rows", type=int, default=0, help="context-hint look-up rows (0: none)")
     q.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
                    help="add per-task-many dense scene descriptions (LLaVA stage-1 style) to the training mix")
     q = sub.add_parser("train")
@@ -663,7 +665,7 @@ def main(argv=None):
     q.add_argument("--mix", default="", help="batch shares per source, e.g. synth_scienceqa=0.4,captions=0.2 "
                                              "(default: DEFAULT_MIX)")
     q.add_argument("--log-every", type=int, default=250)
-    q.add_argument("--aux-weight", type=float, default=0.0,
+    q.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the dense per-patch shape/colour/size loss on the vision features (0: off)")
     q.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="deterministic CUDA kernels where they exist (re-runs on one machine give one model)")
