@@ -127,6 +127,9 @@ def test_tinygemm_only_for_weight_only_int4_on_cuda():
     # on CUDA only when asked for (it failed the end-to-end gate and slows prefill; see candidates)
     assert real.TINYGEMM not in rl.candidates("decode", "cuda")
     assert real.TINYGEMM in rl.candidates("decode", "cuda", opt_in=[real.TINYGEMM])
+    # naming it in --kernels adds it without restricting the other layers' kernels
+    recs = select_kernels([rl], "decode", 1, dtype=torch.float32, reps=1, only=[real.TINYGEMM])
+    assert recs[0].chosen == "dequant+torch"  # on CPU: the only other candidate, not filtered out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._weight_int4pack_mm runs on CUDA only")
@@ -138,7 +141,8 @@ def test_tinygemm_kernel_matches_simulated_and_keeps_one_layout(group):
     ref = rl.simulated(x)
     assert rel_err(rl.run(real.TINYGEMM, x), ref) < 1e-2
     recs = select_kernels([rl], "decode", 4, dtype=torch.float16, reps=2, only=[real.TINYGEMM])
-    assert recs[0].chosen == real.TINYGEMM
+    assert recs[0].candidates[real.TINYGEMM]["rel_err"] < 1e-2
+    rl.choice["decode"] = real.TINYGEMM  # as if it had won
     assert rl.candidates("prefill", "cuda") == [real.TINYGEMM]
     select_kernels([rl], "prefill", 300, dtype=torch.float16, reps=2)
     before = rl.weight_bytes()

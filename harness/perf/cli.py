@@ -54,7 +54,8 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
                    help="correctness gate policy (docs/benchmarks/perf.md)")
     p.add_argument("--gate-tokens", type=int, default=8, help="greedy tokens compared by the gate")
     p.add_argument("--kernels", type=_csv, default=None,
-                   help="restrict kernel candidates by name prefix (experiments)")
+                   help="restrict kernel candidates by name prefix (experiments); torch-int4pack "
+                        "instead adds torch's tinygemm W4A16 kernel (opt-in, bf16: see docs/benchmarks/perf.md)")
     p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--device", default="cuda")

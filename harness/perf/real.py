@@ -41,6 +41,7 @@ FP8 = getattr(torch, "float8_e4m3fn", None)
 DECODE_MAX_ROWS = 64  # inputs with at most this many rows use the decode kernels
 TINYGEMM = "torch-int4pack"  # torch._weight_int4pack_mm (tinygemm): bf16 activations, int4 weights
 TINYGEMM_INNER_K_TILES = 8
+OPT_IN_KERNELS = (TINYGEMM,)  # offered only when named in ``--kernels`` (see RealLinear.candidates)
 KERNEL_TOL = 1e-2  # relative error of a kernel against the simulated arithmetic on random inputs
 
 _COMPILE = {"on": False}
@@ -511,8 +512,12 @@ def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: to
     Each candidate runs on a random ``[rows, in]`` input: relative error against the simulated
     arithmetic of the same layer must be within ``KERNEL_TOL``; timing cycles through all layers
     of the group, so that weights come from memory as in a real forward pass, not from cache.
-    ``only`` restricts the candidates (names or prefixes) for experiments.
+    ``only`` restricts the candidates (names or prefixes) for experiments; naming an opt-in
+    kernel (``OPT_IN_KERNELS``) adds it to the candidates instead.
     """
+    # names of opt-in kernels add a candidate; any other names restrict the candidates to them
+    opt_in = [o for o in (only or ()) if o in OPT_IN_KERNELS]
+    filters = [o for o in (only or ()) if o not in OPT_IN_KERNELS]
     groups: dict[tuple, list[RealLinear]] = {}
     for layer in layers:
         groups.setdefault(_signature(layer), []).append(layer)
@@ -527,8 +532,8 @@ def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: to
         rec = KernelRecord(phase=phase, rows=rows, shape=(first.out_features, first.in_features),
                            chosen="")
         best = None
-        for name in first.candidates(phase, device, opt_in=only or ()):
-            if only and not any(name.startswith(o) for o in only) and name not in ("simulated",):
+        for name in first.candidates(phase, device, opt_in=opt_in):
+            if filters and not any(name.startswith(o) for o in filters) and name not in ("simulated",):
                 continue
             info: dict = {}
             try:
