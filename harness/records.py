@@ -97,12 +97,20 @@ def versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def git_describe() -> dict[str, Any] | None:
+    """The commit the code ran at, and whether the tracked tree was dirty.
+
+    A copy of the tree without git history (e.g. the GPU machine's) has no commit to read: then
+    ``QVLM_GIT_COMMIT`` from the environment, if set, with ``dirty`` unknown.
+    """
     repo = Path(__file__).resolve().parents[1]
+    env = os.environ.get("QVLM_GIT_COMMIT") or None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
+        if len(commit) != 40:  # no history: git answers "HEAD" or nothing
+            return {"commit": env, "dirty": None} if env else None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit or None, "dirty": bool(dirty)} if commit else None
+        return {"commit": env, "dirty": None} if env else None
+    return {"commit": commit, "dirty": bool(dirty)}

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -31,6 +29,7 @@ from ..models.layers import language_layers, select_linears
 from ..quant.config import parse_scheme
 from ..quant.simulated import apply_state
 from ..quant.state import QuantState
+from ..records import git_describe
 from . import gate as gate_mod
 from .arch import load_for_perf
 from .engine import LlavaEngine, build_blocks
@@ -132,20 +131,6 @@ def random_calibration(lm, workload: Workload, n: int = 4):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def _git() -> dict:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip() != ""
-        if len(sha) != 40:  # a copied tree without history answers "HEAD" or nothing
-            sha = ""
-        return {"commit": sha or os.environ.get("QVLM_GIT_COMMIT"), "dirty": dirty if sha else None}
-    except Exception:  # noqa: BLE001
-        return {"commit": os.environ.get("QVLM_GIT_COMMIT"), "dirty": None}
-
 
 def _bytes_of(module: torch.nn.Module) -> int:
     seen, total = set(), 0
@@ -288,7 +273,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     common = {"suite": suite, "model": model, "task": None, "metric": "perf", "value": None,
               "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
               "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
-              "copy_bandwidth_gbs": bw, "versions": info, "git": _git(), "seed": seed,
+              "copy_bandwidth_gbs": bw, "versions": info, "git": git_describe(), "seed": seed,
               "run_id": run_id, "workload": wl.describe(), "model_path": lm.path,
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
 
