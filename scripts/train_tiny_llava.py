@@ -65,10 +65,11 @@ FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule
 OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
 # Training mix: the share of each batch drawn from each source (rows within a source uniformly).
 # Sources missing from the prepared data are dropped and the rest renormalised: with `prepare`'s
-# defaults (no sqa_open / hint_qa rows) this is the bundled model's mix, a quarter each.
+# defaults (no sqa_open rows) this is the bundled model's mix, a quarter each.
 DEFAULT_MIX = {"synth_scienceqa": 0.25, "synth_vizwiz": 0.25, "synth_vqav2": 0.25, "captions": 0.25,
-               "sqa_open": 0.10, "hint_qa": 0.05}
+               "sqa_open": 0.10}
 EVAL_SPLIT = "test"
+AUX_CLASSES = (5, 7, 3, 9, 9)  # patch label rows (tasks.synth.scene.patch_labels), background included
 
 
 def log(*a):
@@ -81,7 +82,7 @@ def _labels(meta) -> np.ndarray:
     from tasks.synth.scene import patch_labels
 
     if not meta.get("clean"):
-        return np.full((3, 80), 255, dtype=np.uint8)
+        return np.full((5, 80), 255, dtype=np.uint8)
     return np.concatenate([patch_labels(meta["scene"], 8), patch_labels(meta["scene"], 4)], axis=1)
 
 
@@ -95,8 +96,6 @@ def _gen_chunk(args):
         if task == "captions":
             e = caption_example(seed, i, meta)
             img, prompt, answer = e["image"], e["prompt"], e["answer"]
-        elif task == "hint_qa":
-            img, prompt, answer = hint_example(seed, i, meta)
         elif task == "sqa_open":
             # the ScienceQA questions asked open-ended (answer: the option's text), from rows the
             # multiple-choice source doesn't use: teaches each look-up apart from the letter mapping
@@ -110,37 +109,6 @@ def _gen_chunk(args):
         answers.append(answer)
         labels.append(_labels(meta))
     return task, start, np.stack(imgs), prompts, answers, np.stack(labels)
-
-
-HINT_SOURCE_ID = 99  # rng stream of the hint_qa source (apart from every task split's)
-
-
-def hint_example(seed: int, i: int, meta: dict):
-    """A look-up in a context hint alone ("Ava drew the circles. ..." -> "Who drew the circles?").
-
-    The context families of synth_scienceqa chain three look-ups (the object in the image, its
-    entry in the hint, the option letter); this source trains the middle one on its own.
-    """
-    import re
-
-    from tasks.synth import generators as gen
-    from tasks.synth import questions as qs
-
-    rng = np.random.default_rng([seed, HINT_SOURCE_ID, i])
-    family = (qs.h_labels, qs.h_owner, qs.h_material)[int(rng.integers(3))]
-    scene, q = gen._ask(rng, family)
-    sentence = str(rng.choice(re.findall(r"[^.]+\.", q.hint))).strip()
-    if m := re.fullmatch(r"(\w+) drew the (\w+)\.", sentence):
-        question, answer = f"Who drew the {m[2]}?", m[1]
-    else:
-        m = re.fullmatch(r"(.+) (?:shapes are|are made of) (\w+)\.", sentence)
-        items = [w.lower() for w in re.split(r", | and ", m[1])]
-        item = str(rng.choice(items))
-        question = (f"Which word describes {item} shapes?" if "shapes are" in sentence
-                    else f"What are {item} made of?")
-        answer = m[2]
-    meta.update(scene=scene, clean=True)
-    return gen.render(scene, rng), f"Context: {q.hint}\n{question}\n{synth.VQA_INSTRUCTION}", answer
 
 
 def open_prompt(row) -> str:
@@ -167,13 +135,11 @@ def cmd_prepare(a):
     out = Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sources = list(synth.TASKS) + (["captions"] if a.captions else []) + (["sqa_open"] if a.open_rows else []) + (["hint_qa"] if a.hint_rows else [])
+    sources = list(synth.TASKS) + (["captions"] if a.captions else []) + (["sqa_open"] if a.open_rows else [])
     counts = {src: a.per_task for src in sources}
     counts["synth_scienceqa"] = a.sqa_rows or a.per_task
     if a.open_rows:
         counts["sqa_open"] = a.open_rows
-    if a.hint_rows:
-        counts["hint_qa"] = a.hint_rows
     jobs = [(task, s, min(a.chunk, counts[task] - s), a.seed)
             for task in sources for s in range(0, counts[task], a.chunk)]
     with Pool(a.workers or os.cpu_count()) as pool:
@@ -346,7 +312,11 @@ def cmd_train(a):
         feat_box = {}
         vlayers[model.config.vision_feature_layer].register_forward_hook(
             lambda _m, _i, o: feat_box.__setitem__("h", o[0] if isinstance(o, tuple) else o))
-        aux = torch.nn.Linear(spec.vision_hidden, 5 + 7 + 3).to(dev)
+        # classes per label row (0 = background): shape, colour, size, then the object centre's
+        # column and row bins (--aux-position; version 1 of the data had the first three only)
+        aux_classes = AUX_CLASSES[:5 if a.aux_position else 3]
+        aux_slices = [(sum(aux_classes[:k]), sum(aux_classes[:k + 1])) for k in range(len(aux_classes))]
+        aux = torch.nn.Linear(spec.vision_hidden, sum(aux_classes)).to(dev)
     decay, no_decay = [], []
     for n, p in list(model.named_parameters()) + ([("aux." + n, p) for n, p in aux.named_parameters()] if aux else []):
         (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
@@ -400,7 +370,7 @@ def cmd_train(a):
                 ao = aux(feat_box["h"][:, 1:]).float()
             y = labels_t[idx]
             aux_loss = sum(torch.nn.functional.cross_entropy(ao[..., lo:hi].reshape(-1, hi - lo), y[:, k].reshape(-1))
-                           for k, (lo, hi) in enumerate(((0, 5), (5, 12), (12, 15))))
+                           for k, (lo, hi) in enumerate(aux_slices))
             loss = loss + a.aux_weight * aux_loss
         if prof is not None and step == PROFILE_AT + a.profile_steps:
             prof.__exit__(None, None, None)
@@ -447,6 +417,7 @@ def cmd_train(a):
     processor.save_pretrained(out)
     info = {"spec": a.spec, "spec_args": SPECS[a.spec], "steps": total, "steps_requested": a.steps, "batch": a.batch, "lr": a.lr, "wd": a.wd,
             "warmup": a.warmup, "seed": a.seed, "stopped_at": stopped_at, "aux_weight": a.aux_weight,
+            "aux_position": a.aux_position,
             "deterministic": a.deterministic, "captions": meta.get("captions", False),
             "mix": mix, "rows": meta.get("counts"), "data_seed": meta["seed"], "train_per_task": meta["per_task"],
             "synth_version": meta["synth_version"], "train_seconds": round(train_s, 1), "params": n_params,
@@ -648,7 +619,6 @@ def main(argv=None):
     q.add_argument("--workers", type=int, default=0)
     q.add_argument("--sqa-rows", type=int, default=0, help="synth_scienceqa train rows (0: --per-task)")
     q.add_argument("--open-rows", type=int, default=0, help="open-ended synth_scienceqa rows (0: none)")
-    q.add_argument("--hint-rows", type=int, default=0, help="context-hint look-up rows (0: none)")
     q.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
                    help="add per-task-many dense scene descriptions (LLaVA stage-1 style) to the training mix")
     q = sub.add_parser("train")
@@ -667,6 +637,8 @@ def main(argv=None):
     q.add_argument("--log-every", type=int, default=250)
     q.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the dense per-patch shape/colour/size loss on the vision features (0: off)")
+    q.add_argument("--aux-position", action=argparse.BooleanOptionalAction, default=True,
+                   help="the auxiliary loss also classifies where each patch's object is (column, row)")
     q.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="deterministic CUDA kernels where they exist (re-runs on one machine give one model)")
     q.add_argument("--profile-steps", type=int, default=0,

@@ -177,6 +177,45 @@ def test_captions_describe_the_scene():
         assert f"{o.size} {o.color} {o.shape}" in ex["answer"]
 
 
+def test_context_questions_need_the_hint(splits):
+    """The answer is stated in the hint next to the key the question names, and the same question
+    has different answers under different hints, so neither the question nor the image decides it."""
+    import re
+
+    rows = [r for r in splits[("synth_scienceqa", "train")] if r["skill"].startswith("context_")]
+    assert len(rows) > 50
+    answers_by_question = collections.defaultdict(set)
+    for r in rows:
+        answer = r["choices"][r["answer"]]
+        key = re.search(r"the (\w+)(?: shapes)?(?: made of)?\?$|the (\w+) shapes (?:\w+ or \w+)\?$", r["question"])
+        key = next(g for g in key.groups() if g)
+        # the sentence that mentions the key also names the answer, and it is the only such sentence
+        sentences = [s for s in re.findall(r"[^.]+\.", r["hint"]) if re.search(rf"\b{key}\b", s)]
+        assert len(sentences) == 1 and re.search(rf"\b{answer}\b", sentences[0]), (r["hint"], r["question"])
+        # every other option is absent from that sentence (a distractor, or another key's answer)
+        assert not any(re.search(rf"\b{c}\b", sentences[0]) for c in r["choices"] if c != answer)
+        answers_by_question[r["question"]].add(answer)
+    assert sum(len(v) > 1 for v in answers_by_question.values()) >= 5
+
+
+def test_patch_labels_locate_each_object():
+    """Label rows (shape, colour, size, centre column, centre row) against a scene drawn by hand."""
+    from tasks.synth.scene import Obj, Scene, patch_labels
+
+    scene = Scene((Obj("square", "blue", "big", 12.0, 50.0, 9.0), Obj("circle", "red", "small", 52.0, 8.0, 5.0)),
+                  (255, 255, 255))
+    lab = patch_labels(scene, 8)
+    assert lab.shape == (5, 64)
+    blue = lab[1] == 3  # COLORS order: red, green, blue, ...
+    red = lab[1] == 1
+    assert blue.sum() >= 4 and red.sum() >= 1
+    # the square's centre (12, 50) is in column 12*8//64 = 1 and row 50*8//64 = 6 (stored +1)
+    assert set(lab[3][blue]) == {2} and set(lab[4][blue]) == {7}
+    assert set(lab[3][red]) == {7} and set(lab[4][red]) == {2}
+    assert set(lab[0][blue]) == {2} and set(lab[2][blue]) == {2}  # square, big
+    assert (lab[:, lab[1] == 0] == 0).all()  # background patches carry no object
+
+
 def test_lm_eval_builds_the_synthetic_tasks(tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 

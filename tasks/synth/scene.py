@@ -131,11 +131,16 @@ def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, fill: tuple[int, int, int]) -> 
 ATTR_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES}
 
 
-def patch_labels(scene: Scene, grid: int, min_cover: float = 0.2) -> np.ndarray:
-    """Per-patch (shape, color, size) class ids on a ``grid`` x ``grid`` patch grid (0 = background).
+POSITION_BINS = 8  # object centres are labelled in 8 columns and 8 rows of the image
 
-    The object covering most of a patch (at least ``min_cover`` of it) labels the patch. A dense
-    training signal for the vision tower (see scripts/train_tiny_llava.py); not part of any task.
+
+def patch_labels(scene: Scene, grid: int, min_cover: float = 0.2) -> np.ndarray:
+    """Per-patch class ids of the covering object on a ``grid`` x ``grid`` patch grid (0 = background).
+
+    Rows: shape, colour, size, and the column and row (of ``POSITION_BINS``) of the object's centre,
+    so that every patch of an object says where the whole object is (what the spatial questions
+    compare). The object covering most of a patch (at least ``min_cover`` of it) labels the patch. A
+    dense training signal for the vision tower (see scripts/train_tiny_llava.py); not part of any task.
     """
     idx = Image.new("L", (SIZE * SS, SIZE * SS), 0)
     draw = ImageDraw.Draw(idx)
@@ -144,14 +149,16 @@ def patch_labels(scene: Scene, grid: int, min_cover: float = 0.2) -> np.ndarray:
     a = np.asarray(idx)
     p = a.shape[0] // grid
     blocks = a.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, p * p)
-    out = np.zeros((3, grid * grid), dtype=np.uint8)
+    out = np.zeros((5, grid * grid), dtype=np.uint8)
     for j, blk in enumerate(blocks):
         counts = np.bincount(blk, minlength=len(scene.objects) + 1)
         counts[0] = 0
         k = int(counts.argmax())
         if k and counts[k] >= min_cover * p * p:
             o = scene.objects[k - 1]
-            out[:, j] = [SHAPES.index(o.shape) + 1, list(COLORS).index(o.color) + 1, SIZES.index(o.size) + 1]
+            col, row = (min(POSITION_BINS - 1, int(v * POSITION_BINS / SIZE)) + 1 for v in (o.x, o.y))
+            out[:, j] = [SHAPES.index(o.shape) + 1, list(COLORS).index(o.color) + 1, SIZES.index(o.size) + 1,
+                         col, row]
     return out
 
 
