@@ -76,7 +76,7 @@ def test_gate_fails_a_wrong_kernel(tiny_lm, monkeypatch):
 def test_gate_policies(monkeypatch, layer_ok, e2e_ok, act, policy, passed):
     monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
     monkeypatch.setattr(gate_mod, "layerwise_errors",
-                        lambda e, r, p: {"layers.0.qkv.prefill": 1e-4 if layer_ok else 0.5})
+                        lambda e, r, p, *a: {"layers.0.qkv.prefill": 1e-4 if layer_ok else 0.5})
     ref = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.5]]), tokens=[1])
 
     class Eng:
@@ -95,7 +95,7 @@ def test_gate_policies(monkeypatch, layer_ok, e2e_ok, act, policy, passed):
 
 def test_near_ties_pass_auto_but_not_strict(monkeypatch):
     monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
-    monkeypatch.setattr(gate_mod, "layerwise_errors", lambda e, r, p: {"layers.0.o.prefill": 1e-4})
+    monkeypatch.setattr(gate_mod, "layerwise_errors", lambda e, r, p, *a: {"layers.0.o.prefill": 1e-4})
     ref = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.995]]), tokens=[1])
 
     class Eng:
@@ -111,3 +111,62 @@ def test_near_ties_pass_auto_but_not_strict(monkeypatch):
     # a decisive difference is never a tie
     ref2 = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.5]]), tokens=[1])
     assert not gate_mod.check(Eng(), ref2, act_quant=False, policy="auto")["passed"]
+
+
+def _half_away_quantizer(scale_factor=1.0):
+    """A per-token quantizer that rounds halves away from zero (eager torch.round: to even)."""
+    from harness.quant.quantizer import qparams
+
+    def q(x, act):
+        s, z = qparams(x, act.bits, act.sym, act.clip_ratio, dim=-1)
+        s = s * scale_factor
+        r = x.float() / s
+        codes = torch.sign(r) * torch.floor(r.abs() + 0.5) + z
+        return ((codes.clamp(0, 2 ** act.bits - 1) - z) * s).to(x.dtype)
+    return q
+
+
+def _tie_input():
+    # amax 7 at 4 bits (symmetric): scale exactly 1, so 2.5 is an exact tie (even: 2, away: 3)
+    return torch.tensor([[7.0, 2.5, 1.0, -3.0, 0.25, -6.0, 4.0, 0.0] * 2])
+
+
+def test_quantizer_ties_tells_a_tie_from_a_real_difference():
+    from harness.perf.real import quantizer_ties
+    from harness.quant.simulated import quantize_activation
+    from harness.quant.state import ActQuant
+
+    act = ActQuant(bits=4)
+    x = _tie_input()
+    assert quantizer_ties(x, act, engine_quantizer=quantize_activation) == \
+        {"elements": 16, "mismatches": 0, "non_tie": 0}
+    ties = quantizer_ties(x, act, engine_quantizer=_half_away_quantizer())
+    assert ties == {"elements": 16, "mismatches": 2, "non_tie": 0}  # the two 2.5s
+    wrong = quantizer_ties(x, act, engine_quantizer=_half_away_quantizer(scale_factor=1.1))
+    assert wrong["non_tie"] > 0
+
+
+def test_layer_error_separates_rounding_ties_from_kernel_errors(monkeypatch):
+    """A quantizer that breaks ties the other way moves a code by a whole step (a large error on a
+    16-wide layer); the gate attributes it to the tie and checks kernel and state separately."""
+    from harness.perf import real
+    from harness.quant.quantizer import rtn_weight
+    from harness.quant.state import ActQuant, LinearQuant
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    codes, scale, zero = rtn_weight(w, 4, False, None)
+    lq = LinearQuant(bits=4, codes=codes, scale=scale, zero=zero, group_size=None, sym=False, act=ActQuant(bits=4))
+    mod = RealLinear.from_quant(lq, torch.nn.Linear(16, 8, bias=False), device="cpu", dtype=torch.float32)
+    x = _tie_input()
+    want = mod.simulated(x)  # the simulated model's layer (eager quantizer)
+    ties = {}
+    assert gate_mod._layer_error(mod, x, want, 1e-2, "k", ties) < 1e-6 and ties == {}
+    monkeypatch.setattr(real, "act_fake", _half_away_quantizer())
+    err = gate_mod._layer_error(mod, x, want, 1e-2, "k", ties)
+    assert ties["k"]["total"] > 1e-2 and ties["k"]["quantizer"] == {"elements": 16, "mismatches": 2, "non_tie": 0}
+    assert err == max(ties["k"]["kernel"], ties["k"]["state"]) < 1e-6
+    # a quantizer that is wrong beyond ties keeps the full error
+    monkeypatch.setattr(real, "act_fake", _half_away_quantizer(scale_factor=1.1))
+    ties = {}
+    assert gate_mod._layer_error(mod, x, want, 1e-2, "k", ties) == ties["k"]["total"] > 1e-2
