@@ -99,18 +99,21 @@ def versions() -> dict[str, str]:
 def git_describe() -> dict[str, Any] | None:
     """The commit the code ran at, and whether the tracked tree was dirty.
 
-    A copy of the tree without git history (e.g. the GPU machine's) has no commit to read: then
-    ``QVLM_GIT_COMMIT`` from the environment, if set, with ``dirty`` unknown.
+    ``QVLM_GIT_COMMIT`` in the environment wins, with ``dirty`` unknown: a copy of the tree made
+    for another machine (the GPU's) may carry no history, or stale history that names an older
+    commit (seen: the device copy reported the session's first commit, "dirty", for later code).
     """
-    repo = Path(__file__).resolve().parents[1]
     env = os.environ.get("QVLM_GIT_COMMIT") or None
+    if env:
+        return {"commit": env, "dirty": None}
+    repo = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                                 text=True, timeout=5).stdout.strip()
         if len(commit) != 40:  # no history: git answers "HEAD" or nothing
-            return {"commit": env, "dirty": None} if env else None
+            return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return {"commit": env, "dirty": None} if env else None
+        return None
     return {"commit": commit, "dirty": bool(dirty)}

@@ -170,3 +170,24 @@ def test_layer_error_separates_rounding_ties_from_kernel_errors(monkeypatch):
     monkeypatch.setattr(real, "act_fake", _half_away_quantizer(scale_factor=1.1))
     ties = {}
     assert gate_mod._layer_error(mod, x, want, 1e-2, "k", ties) == ties["k"]["total"] > 1e-2
+
+
+def test_gate_record_keeps_the_rounding_tie_split(monkeypatch):
+    split = {"total": 0.03, "kernel": 1e-5, "state": 1e-6, "quantizer": {"elements": 8, "mismatches": 1, "non_tie": 0}}
+
+    def layerwise(e, r, p, tol, ties):
+        ties["layers.0.qkv.decode"] = split
+        return {"layers.0.qkv.decode": 1e-5}
+    monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
+    monkeypatch.setattr(gate_mod, "layerwise_errors", layerwise)
+    ref = gate_mod.SimReference(logits=torch.tensor([[0.0, 1.0, 0.5]]), tokens=[1])
+
+    class Eng:
+        batch = 1
+        model = None
+
+        def teacher_forced_logits(self, tokens):
+            return torch.tensor([[[0.0, 0.4, 1.0]]])  # a decisive token mismatch, listed apart
+    g = gate_mod.check(Eng(), ref, act_quant=True, policy="auto")
+    assert g["passed"] and g["layerwise_rounding_ties"] == {"layers.0.qkv.decode": split}
+    assert g["token_mismatches"][0]["real"] == 2

@@ -21,8 +21,16 @@ def test_git_describe_without_history_uses_the_environment(monkeypatch):
         records.git_describe.cache_clear()
 
 
-def test_git_describe_in_this_checkout():
+def test_git_describe_in_this_checkout(monkeypatch):
+    monkeypatch.delenv("QVLM_GIT_COMMIT", raising=False)
     records.git_describe.cache_clear()
-    got = records.git_describe()
-    if got is not None:  # a source tree without .git (an sdist) has no commit
-        assert len(got["commit"]) == 40 and isinstance(got["dirty"], bool)
+    try:
+        got = records.git_describe()
+        if got is not None:  # a source tree without .git (an sdist) has no commit
+            assert len(got["commit"]) == 40 and isinstance(got["dirty"], bool)
+        # the environment names the commit even where git history exists (it may be stale there)
+        records.git_describe.cache_clear()
+        monkeypatch.setenv("QVLM_GIT_COMMIT", "feedbeef")
+        assert records.git_describe() == {"commit": "feedbeef", "dirty": None}
+    finally:
+        records.git_describe.cache_clear()

@@ -157,8 +157,8 @@ def check(engine, ref: SimReference, *, act_quant: bool, policy: str = "auto",
           tol: float = GATE_TOL) -> dict:
     """Run both checks; returns the gate record (``passed`` decides whether the variant is timed)."""
     lang_path, _ = language_layers(engine.model)
-    ties: dict = {}
-    layer = layerwise_errors(engine, ref, lang_path, tol, ties)
+    rounding_ties: dict = {}
+    layer = layerwise_errors(engine, ref, lang_path, tol, rounding_ties)
     real = engine.teacher_forced_logits(ref.tokens[:-1])[0].float()
     sim = ref.logits.to(real.device)
     e2e = rel_err(real, sim)
@@ -193,7 +193,7 @@ def check(engine, ref: SimReference, *, act_quant: bool, policy: str = "auto",
     return {
         "policy": policy, "tol": tol, "passed": bool(passed), "strict_passed": bool(layer_ok and e2e_ok),
         "layerwise_max_rel_err": layer_max, "layerwise_ok": layer_ok, "layerwise": layer,
-        "layerwise_rounding_ties": ties,
+        "layerwise_rounding_ties": rounding_ties,
         "e2e_rel_logit_err": e2e, "e2e_tokens_match": match, "e2e_ok": e2e_ok,
         "e2e_tokens_match_up_to_ties": match_or_tie, "token_mismatches": ties,
         "tokens_sim": ref.tokens, "tokens_real": real_tokens,
