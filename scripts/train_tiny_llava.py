@@ -15,7 +15,7 @@ Subcommands:
 Reproduce the committed model (exact command and machine in
 harness/models/bundled/qvlm-tiny-llava/MODEL_CARD.md):
   python scripts/train_tiny_llava.py prepare --data /tmp/synth-data --workers 15
-  python scripts/train_tiny_llava.py train --data /tmp/synth-data --out /tmp/tiny --spec base --steps 3790
+  python scripts/train_tiny_llava.py train --data /tmp/synth-data --out /tmp/tiny --eval-split validation
   python scripts/train_tiny_llava.py eval --model /tmp/tiny            # CPU: float / W8A8 / W4A4
   python scripts/train_tiny_llava.py stats --model /tmp/tiny --markdown
 """
@@ -65,9 +65,9 @@ FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule
 OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
 # Training mix: the share of each batch drawn from each source (rows within a source uniformly).
 # Sources missing from the prepared data are dropped and the rest renormalised: with `prepare`'s
-# defaults (no sqa_open rows) this is the bundled model's mix, a quarter each.
-DEFAULT_MIX = {"synth_scienceqa": 0.25, "synth_vizwiz": 0.25, "synth_vqav2": 0.25, "captions": 0.25,
-               "sqa_open": 0.10}
+# defaults (no sqa_open rows) this is the bundled model's mix.
+DEFAULT_MIX = {"synth_scienceqa": 0.4, "synth_vizwiz": 0.2, "synth_vqav2": 0.2, "captions": 0.2,
+               "sqa_open": 0.15}
 EVAL_SPLIT = "test"
 AUX_CLASSES = (5, 7, 3, 9, 9)  # patch label rows (tasks.synth.scene.patch_labels), background included
 
@@ -426,6 +426,7 @@ def cmd_train(a):
     import transformers
 
     info["transformers"] = transformers.__version__
+    info["eval_split"] = a.eval_split if a.eval else None
     (out / "training_info.json").write_text(json.dumps(info, indent=1))
     if a.eval:
         res = evaluate(out, dev=str(dev), schemes=("float", "w8a8", "w4a4"), split=a.eval_split)
@@ -617,7 +618,8 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=synth.DEFAULT_SEED)
     q.add_argument("--chunk", type=int, default=1000)
     q.add_argument("--workers", type=int, default=0)
-    q.add_argument("--sqa-rows", type=int, default=0, help="synth_scienceqa train rows (0: --per-task)")
+    q.add_argument("--sqa-rows", type=int, default=2 * TRAIN_PER_TASK,
+                   help="synth_scienceqa train rows (0: --per-task)")
     q.add_argument("--open-rows", type=int, default=0, help="open-ended synth_scienceqa rows (0: none)")
     q.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
                    help="add per-task-many dense scene descriptions (LLaVA stage-1 style) to the training mix")
@@ -625,7 +627,7 @@ def main(argv=None):
     q.add_argument("--data", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--spec", default="base", choices=sorted(SPECS))
-    q.add_argument("--steps", type=int, default=4000)
+    q.add_argument("--steps", type=int, default=6500)
     q.add_argument("--batch", type=int, default=512)
     q.add_argument("--lr", type=float, default=2e-3)
     q.add_argument("--wd", type=float, default=0.05)

@@ -137,9 +137,9 @@ def test_training_mix_and_extra_sources():
     mix, groups, take = train.batch_mix("", sources, 64)  # absent sources dropped, renormalised
     assert set(mix) == {"synth_scienceqa", "captions", "sqa_open"} and sum(take.values()) == 64
     assert abs(sum(mix.values()) - 1) < 1e-9 and groups["captions"].tolist() == [5, 6, 7]
-    # 64 x 0.25/0.6 = 26.67 (twice), 64 x 0.1/0.6 = 10.67: floors 26, 26, 10; the two spare rows go
-    # to the largest remainders, equal here, so to the first two in the mix's order
-    assert take == {"synth_scienceqa": 27, "captions": 27, "sqa_open": 10}
+    # weights 0.4, 0.2, 0.15 of 0.75: 64 x = 34.13, 17.07, 12.80; floors 34, 17, 12 and the spare row
+    # to the largest remainder (sqa_open's 0.80)
+    assert take == {"synth_scienceqa": 34, "captions": 17, "sqa_open": 13}
     with pytest.raises(SystemExit, match="no weight"):
         train.batch_mix("synth_scienceqa=1", sources, 64)
     row = synth.generate_rows("synth_scienceqa", "validation", n=1)[0]
