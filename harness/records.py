@@ -112,7 +112,10 @@ def git_describe() -> dict[str, Any] | None:
                                 text=True, timeout=5).stdout.strip()
         if len(commit) != 40:  # no history: git answers "HEAD" or nothing
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        # results/ is output, not code: regenerating it (`rm -rf results/default`) must not mark
+        # the records it writes as coming from a dirty tree
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=repo,
                                capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
