@@ -549,9 +549,10 @@ def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: to
     """Pick, for each group of same-shaped layers, the fastest kernel that matches the simulated math.
 
     Each candidate runs on a random ``[rows, in]`` input: relative error against the simulated
-    arithmetic of the same layer must be within ``KERNEL_TOL`` (with an activation quantizer, the
-    engine's, after checking that it differs from the simulated model's at rounding ties only); timing cycles through all layers
-    of the group, so that weights come from memory as in a real forward pass, not from cache.
+    arithmetic of the same layer must be within ``KERNEL_TOL`` (with an activation quantizer, that
+    arithmetic uses the engine's quantizer, after checking that it differs from the simulated
+    model's at rounding ties only: ``quantizer_ties``); timing cycles through all layers of the
+    group, so that weights come from memory as in a real forward pass, not from cache.
     ``only`` restricts the candidates (names or prefixes) for experiments; naming an opt-in
     kernel (``OPT_IN_KERNELS``) adds it to the candidates instead.
     """
