@@ -191,3 +191,25 @@ def test_gate_record_keeps_the_rounding_tie_split(monkeypatch):
     g = gate_mod.check(Eng(), ref, act_quant=True, policy="auto")
     assert g["passed"] and g["layerwise_rounding_ties"] == {"layers.0.qkv.decode": split}
     assert g["token_mismatches"][0]["real"] == 2
+
+
+def test_rounding_tie_split_runs_on_the_engines_fused_layers(tiny_lm):
+    """The split path (kernel vs engine-quantizer arithmetic, state vs captured output) works on
+    the engine's concatenated q/k/v and gate/up layers; forced here with tol = 0."""
+    wl = make_workload(tiny_lm.model.config, text_tokens=12, new_tokens=3)
+    ids, pix = wl.batch(1)
+    state = rtn_state(tiny_lm.model, parse_scheme("w4a4"), "rtn")
+    with torch.no_grad():
+        handle = apply_state(tiny_lm.model, state)
+        ref = gate_mod.simulated_reference(tiny_lm.model, ids, pix, n_tokens=2)
+        handle.restore()
+    eng = _engine_for(tiny_lm, state, 1, wl)
+    lang_path, _ = gate_mod.language_layers(eng.model)
+    ties: dict = {}
+    errs = gate_mod.layerwise_errors(eng, ref, lang_path, tol=0.0, ties=ties)
+    assert all(k in ties or errs[k] == 0 for k in errs)  # every layer with any error was split
+    assert {k.split(".")[2] for k in ties} >= {"qkv", "gate_up"}
+    for split in ties.values():
+        # eager quantizers on both sides here: no mismatches, and kernel and state both exact
+        assert split["quantizer"]["mismatches"] == 0 and split["quantizer"]["non_tie"] == 0
+        assert split["kernel"] < 1e-5 and split["state"] < 1e-5
