@@ -51,14 +51,20 @@ def test_engine_matches_simulated_model(tiny_lm, scheme):
     assert toks.shape == (2, 5) and toks[0].tolist() == ref.tokens == toks[1].tolist()
 
 
-def test_gate_fails_a_wrong_kernel(tiny_lm, monkeypatch):
-    wl = make_workload(tiny_lm.model.config, text_tokens=12, new_tokens=4)
+def _rtn_reference(lm, scheme, new_tokens):
+    """Workload, RTN state and the simulated model's reference run for ``scheme``."""
+    wl = make_workload(lm.model.config, text_tokens=12, new_tokens=new_tokens)
     ids, pix = wl.batch(1)
-    state = rtn_state(tiny_lm.model, parse_scheme("w4a16"), "rtn")
+    state = rtn_state(lm.model, parse_scheme(scheme), "rtn")
     with torch.no_grad():
-        handle = apply_state(tiny_lm.model, state)
-        ref = gate_mod.simulated_reference(tiny_lm.model, ids, pix, n_tokens=3)
+        handle = apply_state(lm.model, state)
+        ref = gate_mod.simulated_reference(lm.model, ids, pix, n_tokens=new_tokens - 1)
         handle.restore()
+    return wl, state, ref
+
+
+def test_gate_fails_a_wrong_kernel(tiny_lm, monkeypatch):
+    wl, state, ref = _rtn_reference(tiny_lm, "w4a16", new_tokens=4)
     eng = _engine_for(tiny_lm, state, 1, wl)
     orig = RealLinear.run
     monkeypatch.setattr(RealLinear, "run", lambda self, k, x, pq=False: orig(self, k, x, pq) * 1.05)
@@ -196,13 +202,7 @@ def test_gate_record_keeps_the_rounding_tie_split(monkeypatch):
 def test_rounding_tie_split_runs_on_the_engines_fused_layers(tiny_lm):
     """The split path (kernel vs engine-quantizer arithmetic, state vs captured output) works on
     the engine's concatenated q/k/v and gate/up layers; forced here with tol = 0."""
-    wl = make_workload(tiny_lm.model.config, text_tokens=12, new_tokens=3)
-    ids, pix = wl.batch(1)
-    state = rtn_state(tiny_lm.model, parse_scheme("w4a4"), "rtn")
-    with torch.no_grad():
-        handle = apply_state(tiny_lm.model, state)
-        ref = gate_mod.simulated_reference(tiny_lm.model, ids, pix, n_tokens=2)
-        handle.restore()
+    wl, state, ref = _rtn_reference(tiny_lm, "w4a4", new_tokens=3)
     eng = _engine_for(tiny_lm, state, 1, wl)
     lang_path, _ = gate_mod.language_layers(eng.model)
     ties: dict = {}
