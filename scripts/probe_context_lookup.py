@@ -9,8 +9,18 @@ accuracy of the first answer token as it trains:
   mc    the real task: "Context: The hot shapes are red and blue. ... Which word describes the
         blue shapes? A. hot B. cold ..." -> the option letter (look-up, then letter)
   open  the same without options -> the answer word (the look-up alone)
+  mix   half of the training questions open, half multiple choice (the look-up taught beside the
+        letter mapping); validated on the multiple-choice form
+
+Training questions come from the task's train split (``--source rows``, renders every image: slow
+for many rows) or straight from the three context families without rendering (``--source
+families``: the same question distribution from its own random stream, ~0.2 ms a question, so
+hundreds of thousands of distinct questions are cheap). Validation is always the task's own
+validation split.
 
     python scripts/probe_context_lookup.py mc --steps 2000        # ~20 min on a 2-core CPU
+    python scripts/probe_context_lookup.py mc --source families --train-rows 300000 --batch 256 \
+        --steps 20000 --json /tmp/curve.json                       # GPU
 
 Torch, transformers and the repo only; runs on CPU or CUDA.
 """
@@ -18,6 +28,7 @@ Torch, transformers and the repo only; runs on CPU or CUDA.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -41,13 +52,46 @@ def context_rows(split: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
+FAMILY_STREAM = 77  # rng stream of --source families (the task's splits use 1..3 per task)
+
+
+def _family_chunk(args) -> list[dict]:
+    import numpy as np
+
+    from tasks.synth import questions as qs
+    from tasks.synth.generators import _ask
+
+    fams = (qs.h_labels, qs.h_owner, qs.h_material)  # equal weights, as in the task
+    seed, start, n = args
+    out = []
+    for i in range(start, start + n):
+        rng = np.random.default_rng([seed, FAMILY_STREAM, i])
+        _scene, q = _ask(rng, fams[int(rng.integers(3))])
+        out.append({"question": q.question, "choices": list(q.choices), "answer": q.choices.index(q.answer),
+                    "hint": q.hint, "skill": q.family})
+    return out
+
+
+def family_rows(n: int, seed: int, workers: int = 0) -> list[dict]:
+    """``n`` context questions drawn from the families directly (no image), deterministic in ``seed``."""
+    import os
+    from multiprocessing import Pool
+
+    chunk = 5000
+    jobs = [(seed, s, min(chunk, n - s)) for s in range(0, n, chunk)]
+    if len(jobs) == 1 or workers == 1:
+        return [r for j in jobs for r in _family_chunk(j)]
+    with Pool(workers or os.cpu_count()) as pool:
+        return [r for part in pool.map(_family_chunk, jobs) for r in part]
+
+
 def encode(tok, rows: list[dict], mode: str):
     """Token ids of prompt + answer + </s>, lengths, and where each answer starts."""
     from tasks import synth
 
     seqs, starts = [], []
-    for r in rows:
-        if mode == "mc":
+    for k, r in enumerate(rows):
+        if mode == "mc" or (mode == "mix" and k % 2 == 0):
             prompt, answer = synth.prompt_text("synth_scienceqa", r), "ABCDE"[r["answer"]]
         else:
             prompt, answer = f"Context: {r['hint']}\n{r['question']}", r["choices"][r["answer"]]
@@ -63,13 +107,20 @@ def encode(tok, rows: list[dict], mode: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=("mc", "open"))
+    ap.add_argument("mode", choices=("mc", "open", "mix"))
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-rows", type=int, default=20000)
+    ap.add_argument("--heads", type=int, default=0, help="attention heads (0: hidden / 64)")
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--source", choices=("rows", "families"), default="rows")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="stop (and report) after this long")
+    ap.add_argument("--json", default="", help="write the learning curve here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
@@ -81,12 +132,14 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(REPO / "harness" / "models" / "bundled" / "qvlm-tiny-llava")
     t0 = time.time()
-    tr = encode(tok, context_rows("train", a.train_rows, synth.DEFAULT_SEED), a.mode)
-    va = encode(tok, context_rows("validation", 300, synth.DEFAULT_SEED), a.mode)
+    train = (context_rows("train", a.train_rows, synth.DEFAULT_SEED) if a.source == "rows"
+             else family_rows(a.train_rows, synth.DEFAULT_SEED, a.workers))
+    tr = encode(tok, train, a.mode)
+    va = encode(tok, context_rows("validation", 300, synth.DEFAULT_SEED), "open" if a.mode == "open" else "mc")
     tr, va = [t.to(a.device) for t in tr], [t.to(a.device) for t in va]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=3 * a.hidden,
-                      num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
-                      num_key_value_heads=a.hidden // 64, max_position_embeddings=512,
+                      num_hidden_layers=a.layers, num_attention_heads=a.heads or a.hidden // 64,
+                      num_key_value_heads=a.heads or a.hidden // 64, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     model = LlamaForCausalLM(cfg).to(a.device)
@@ -96,7 +149,7 @@ def main(argv=None) -> int:
           flush=True)
 
     def lr_at(step):
-        warm = min(1.0, (step + 1) / 200)
+        warm = min(1.0, (step + 1) / a.warmup)
         return a.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / a.steps))))
 
     @torch.no_grad()
@@ -110,6 +163,8 @@ def main(argv=None) -> int:
         return float((logits[rows, starts - 1].argmax(-1) == ids[rows, starts]).float().mean())
 
     ids_all, lens_all, starts_all = tr
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=str(a.device).startswith("cuda"))
+    curve = []
     for step in range(a.steps):
         idx = torch.randint(0, len(ids_all), (a.batch,), device=a.device)
         L = int(lens_all[idx].max())
@@ -118,17 +173,27 @@ def main(argv=None) -> int:
         tgt = ((pos[1:L][None] >= starts_all[idx][:, None]) & att[:, 1:].bool()).float()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        logits = model(input_ids=x, attention_mask=att).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+        with torch.autocast(**amp):
+            logits = model(input_ids=x, attention_mask=att).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                  x[:, 1:].reshape(-1), reduction="none").view(a.batch, L - 1)
         loss = ((loss * tgt).sum(1) / tgt.sum(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % 250 == 0:
-            print(f"step {step + 1} loss {loss.detach().item():.3f} validation first-token accuracy {accuracy():.3f} "
+        done = a.max_seconds and time.time() - t0 > a.max_seconds
+        if (step + 1) % a.eval_every == 0 or done or step + 1 == a.steps:
+            acc, lv = accuracy(), loss.detach().item()
+            curve.append({"step": step + 1, "loss": round(lv, 4), "accuracy": round(acc, 4),
+                          "seconds": round(time.time() - t0, 1)})
+            print(f"step {step + 1} loss {lv:.3f} validation first-token accuracy {acc:.3f} "
                   f"({time.time() - t0:.0f}s)", flush=True)
+        if done:
+            print(f"time limit: stopped at step {step + 1} of {a.steps}", flush=True)
+            break
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "curve": curve}, indent=1))
     return 0
 
 
