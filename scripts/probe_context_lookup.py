@@ -40,14 +40,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def context_rows(split: str, n: int, seed: int) -> list[dict]:
+FAMILIES = ("labels", "owner", "material")
+
+
+def context_rows(split: str, n: int, seed: int, families=FAMILIES) -> list[dict]:
     from tasks.synth.generators import ROW_FNS
 
     rows, i = [], 0
     while len(rows) < n:
         r = ROW_FNS["synth_scienceqa"](seed, split, i, {})
         i += 1
-        if r["skill"].startswith("context_"):
+        if r["skill"].startswith("context_") and r["skill"][len("context_"):] in families:
             rows.append(r)
     return rows
 
@@ -61,24 +64,24 @@ def _family_chunk(args) -> list[dict]:
     from tasks.synth import questions as qs
     from tasks.synth.generators import _ask
 
-    fams = (qs.h_labels, qs.h_owner, qs.h_material)  # equal weights, as in the task
-    seed, start, n = args
+    seed, start, n, names = args
+    fams = [getattr(qs, f"h_{f}") for f in names]  # equal weights, as in the task
     out = []
     for i in range(start, start + n):
         rng = np.random.default_rng([seed, FAMILY_STREAM, i])
-        _scene, q = _ask(rng, fams[int(rng.integers(3))])
+        _scene, q = _ask(rng, fams[int(rng.integers(len(fams)))])
         out.append({"question": q.question, "choices": list(q.choices), "answer": q.choices.index(q.answer),
                     "hint": q.hint, "skill": q.family})
     return out
 
 
-def family_rows(n: int, seed: int, workers: int = 0) -> list[dict]:
+def family_rows(n: int, seed: int, workers: int = 0, families=FAMILIES) -> list[dict]:
     """``n`` context questions drawn from the families directly (no image), deterministic in ``seed``."""
     import os
     from multiprocessing import Pool
 
     chunk = 5000
-    jobs = [(seed, s, min(chunk, n - s)) for s in range(0, n, chunk)]
+    jobs = [(seed, s, min(chunk, n - s), tuple(families)) for s in range(0, n, chunk)]
     if len(jobs) == 1 or workers == 1:
         return [r for j in jobs for r in _family_chunk(j)]
     with Pool(workers or os.cpu_count()) as pool:
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--source", choices=("rows", "families"), default="rows")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="context families to train and validate on")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--max-seconds", type=float, default=0.0, help="stop (and report) after this long")
     ap.add_argument("--json", default="", help="write the learning curve here")
@@ -132,10 +136,16 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(REPO / "harness" / "models" / "bundled" / "qvlm-tiny-llava")
     t0 = time.time()
-    train = (context_rows("train", a.train_rows, synth.DEFAULT_SEED) if a.source == "rows"
-             else family_rows(a.train_rows, synth.DEFAULT_SEED, a.workers))
+    fams = a.families.split(",")
+    unknown = sorted(set(fams) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"--families: unknown {unknown}; valid: {', '.join(FAMILIES)}")
+    train = (context_rows("train", a.train_rows, synth.DEFAULT_SEED, fams) if a.source == "rows"
+             else family_rows(a.train_rows, synth.DEFAULT_SEED, a.workers, fams))
     tr = encode(tok, train, a.mode)
-    va = encode(tok, context_rows("validation", 300, synth.DEFAULT_SEED), "open" if a.mode == "open" else "mc")
+    va_rows = context_rows("validation", 300, synth.DEFAULT_SEED, fams)
+    va_skill = [r["skill"] for r in va_rows]
+    va = encode(tok, va_rows, "open" if a.mode == "open" else "mc")
     tr, va = [t.to(a.device) for t in tr], [t.to(a.device) for t in va]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=3 * a.hidden,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads or a.hidden // 64,
@@ -160,7 +170,10 @@ def main(argv=None) -> int:
         logits = model(input_ids=ids, attention_mask=att).logits
         rows = torch.arange(len(ids), device=a.device)
         model.train()
-        return float((logits[rows, starts - 1].argmax(-1) == ids[rows, starts]).float().mean())
+        hit = (logits[rows, starts - 1].argmax(-1) == ids[rows, starts]).float().cpu()
+        per = {f: round(float(hit[[k for k, s in enumerate(va_skill) if s == f"context_{f}"]].mean()), 3)
+               for f in fams}
+        return float(hit.mean()), per
 
     ids_all, lens_all, starts_all = tr
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=str(a.device).startswith("cuda"))
@@ -184,10 +197,10 @@ def main(argv=None) -> int:
         opt.step()
         done = a.max_seconds and time.time() - t0 > a.max_seconds
         if (step + 1) % a.eval_every == 0 or done or step + 1 == a.steps:
-            acc, lv = accuracy(), loss.detach().item()
-            curve.append({"step": step + 1, "loss": round(lv, 4), "accuracy": round(acc, 4),
+            (acc, per), lv = accuracy(), loss.detach().item()
+            curve.append({"step": step + 1, "loss": round(lv, 4), "accuracy": round(acc, 4), "families": per,
                           "seconds": round(time.time() - t0, 1)})
-            print(f"step {step + 1} loss {lv:.3f} validation first-token accuracy {acc:.3f} "
+            print(f"step {step + 1} loss {lv:.3f} validation first-token accuracy {acc:.3f} {per} "
                   f"({time.time() - t0:.0f}s)", flush=True)
         if done:
             print(f"time limit: stopped at step {step + 1} of {a.steps}", flush=True)
