@@ -290,28 +290,26 @@ def _lookup_target(scene: Scene, rng) -> Obj:
     return _obj(scene, rng)
 
 
-# A hint is one line of key-answer entries, each key directly followed by its answer ("Who drew
-# each shape: circles Mia, squares Leo."), and the question names the key ("Who drew the circles?").
-# Version 1 keyed the look-up on an attribute the question left out (the square's colour from the
-# image, then the hint, then the letter); version 2 named the key but wrote sentences with the answer
-# a few words before or after its keys ("The hot shapes are red and blue."). A decoder of the bundled
-# model's size stayed at chance on both (its model card): the look-up is an induction-style copy
-# (find the key again, read the word next to it), which small transformers pick up quickly when the
-# answer is adjacent to its key and slowly, in our probes not at all, when it is a few words away.
-def _entries(pairs: list[tuple[str, str]]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in pairs)
-
-
+# The hints name the answer before the things it applies to ("The hot shapes are red and blue."),
+# and the question names the thing to look up ("Which word describes the blue shapes?"). Version 1
+# keyed the look-up on an attribute the question left out ("Which word describes the square?": the
+# square's colour from the image, then the hint, then the letter); the small bundled model stayed
+# at chance on that three-step chain under every recipe tried (its model card), so version 2 asks
+# the look-up in text, as most of ScienceQA's context questions do.
 def h_labels(scene: Scene, rng) -> Q | None:
     t = _lookup_target(scene, rng)
     labels = list(_pick(rng, LABEL_SETS))
     k = 3 if rng.random() < 0.8 else 2
     labels = [labels[i] for i in sorted(rng.choice(3, k, replace=False))]
     colors = [COLOR_NAMES[i] for i in rng.permutation(len(COLOR_NAMES))]
-    # each label goes with as many colours as the others: counting labels in the hint doesn't help
-    mapping = {c: labels[i % k] for i, c in enumerate(colors)}
-    order = [colors[i] for i in rng.permutation(len(colors))]
-    hint = f"The word for each color: {_entries([(c, mapping[c]) for c in order])}."
+    cuts = sorted(rng.choice(np.arange(1, len(colors)), k - 1, replace=False).tolist())
+    groups = np.split(np.array(colors), cuts)
+    sentences, mapping = [], {}
+    for lab, grp in zip(labels, groups):
+        grp = [str(c) for c in grp]
+        sentences.append(f"The {lab} shapes are {_join(grp)}.")
+        mapping.update({c: lab for c in grp})
+    hint = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
     question = (f"Are the {t.color} shapes {labels[0]} or {labels[1]}?" if k == 2
                 else f"Which word describes the {t.color} shapes?")
     return Q("context_labels", question, mapping[t.color], "other", "which word", hint=hint, choices=labels)
@@ -324,7 +322,7 @@ def h_owner(scene: Scene, rng) -> Q | None:
     shapes = [t.shape] + [others[i] for i in rng.choice(len(others), k - 1, replace=False)]
     names = [NAMES[i] for i in rng.choice(len(NAMES), k, replace=False)]
     order = rng.permutation(k)
-    hint = f"Who drew each shape: {_entries([(PLURAL[shapes[i]], names[i]) for i in order])}."
+    hint = " ".join(f"{names[i]} drew the {PLURAL[shapes[i]]}." for i in order)
     return Q("context_owner", f"Who drew the {PLURAL[t.shape]}?", names[0], "other", "who drew the", hint=hint,
              choices=[names[i] for i in rng.permutation(k)])
 
@@ -333,9 +331,12 @@ def h_material(scene: Scene, rng) -> Q | None:
     t = _lookup_target(scene, rng)
     mats = [MATERIALS[i] for i in rng.choice(len(MATERIALS), 3, replace=False)]
     perm = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
-    mapping = {s: mats[0] if j < 2 else mats[1] for j, s in enumerate(perm)}  # two shapes each
-    order = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
-    hint = f"What each shape is made of: {_entries([(PLURAL[s], mapping[s]) for s in order])}."
+    cut = int(rng.integers(1, len(SHAPES)))
+    groups = [perm[:cut], perm[cut:]]
+    mapping = {s: mats[gi] for gi, g in enumerate(groups) for s in g}
+    sentences = [f"The shapes made of {mats[gi]} are the {_join([PLURAL[s] for s in g])}."
+                 for gi, g in enumerate(groups)]
+    hint = " ".join(sentences[i] for i in rng.permutation(2))
     choices = mats[:2] if rng.random() < 0.15 else mats  # the third is a material no shape is made of
     return Q("context_material", f"What are the {PLURAL[t.shape]} made of?", mapping[t.shape], "other",
              "what are the", hint=hint, choices=[choices[i] for i in rng.permutation(len(choices))])
