@@ -60,11 +60,13 @@ def task_pairs(name: str, split: str, data: str | None = None, options: dict | N
             raise
         task = _load_task(task_spec(name, data, **{**options, "split": split}), include_paths)
         docs = _split_docs(task, split)
-    docs = list(docs)
     if n is not None:
         from .calibration import sample_indices
 
+        # index the sampled docs only: list(docs) would decode every image of the split
         docs = [docs[i] for i in sample_indices(len(docs), n, seed)]
+    else:
+        docs = list(docs)
     pairs = []
     for doc in docs:
         images = task.doc_to_image(doc)

@@ -72,6 +72,19 @@ def test_cache_roundtrip_is_exact(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("task", synth.TASKS)
+def test_lm_eval_docs_are_the_generated_rows(task, tmp_path, monkeypatch):
+    """load_docs serves the cache's Arrow table as it is (no PNG round trip): the same rows and pixels."""
+    from tasks.synth.lmeval import features, load_docs
+
+    monkeypatch.setenv("QVLM_BENCH_CACHE", str(tmp_path))
+    fresh = synth.generate_rows(task, "validation", n=7)
+    ds = load_docs(task_name=task, split="validation", n=7)["validation"]
+    assert ds.features == features(task) and len(ds) == 7
+    assert all(_same(dict(d, image=d["image"].convert("RGB")), r) for d, r in zip(ds, fresh))
+    assert len(list((tmp_path / "synth" / f"v{synth.SYNTH_VERSION}").glob("*.parquet"))) == 1
+
+
+@pytest.mark.parametrize("task", synth.TASKS)
 def test_columns_are_the_real_datasets(task, splits):
     for split in ("train", "validation", "test"):
         for row in splits[(task, split)][:20]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import DEFAULT_SEED, TASKS, load_split, rows_to_records
+from . import DEFAULT_SEED, TASKS, load_split, rows_to_records, split_parquet
 
 
 def features(task: str):
@@ -44,8 +44,18 @@ def load_docs(*, task_name: str, split: str = "test", seed: int = DEFAULT_SEED, 
         files = [data_files] if isinstance(data_files, str) else list(data_files)
         ds = datasets.load_dataset("parquet", data_files={split: files}, split=split)
     else:
-        rows = load_split(task_name, split, n=n, seed=int(seed))
-        ds = datasets.Dataset.from_list(rows_to_records(rows), features=features(task_name))
+        feats = features(task_name)
+        path = split_parquet(task_name, split, n=n, seed=int(seed))
+        if path is not None:
+            # the cache's Arrow table as it is (images stay PNG bytes): decoding every image and
+            # encoding it again took longer than evaluating a cell
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path).select(list(feats)).cast(feats.arrow_schema)
+            ds = datasets.Dataset(table, info=datasets.DatasetInfo(features=feats))
+        else:
+            rows = load_split(task_name, split, n=n, seed=int(seed))
+            ds = datasets.Dataset.from_list(rows_to_records(rows), features=feats)
     if subset_size is not None and subset_size < len(ds):
         from tasks.sources import stratified_indices
 
