@@ -43,7 +43,15 @@ def cmd_table(args) -> int:
     from .leaderboard import write_leaderboard
 
     try:
-        paths = write_leaderboard(args.results, with_stderr=args.stderr)
+        if len(args.results) > 1 or args.output:
+            from .aggregate import write_aggregate
+
+            if not args.output:
+                raise ValueError("several results folders are averaged into one table: name its folder "
+                                 "with --output (e.g. --output results/calibration-seeds)")
+            paths = write_aggregate(args.results, args.output)
+        else:
+            paths = write_leaderboard(args.results[0], with_stderr=args.stderr)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("table", help="write leaderboard tables from a results folder",
-                       description="Write leaderboard.{md,csv,tex,html} from results/<suite>/records.jsonl.")
-    t.add_argument("results", help="results folder holding records.jsonl")
+    t = sub.add_parser("table", help="write leaderboard tables from a results folder (or several: averaged)",
+                       description="Write leaderboard.{md,csv,tex,html} from results/<suite>/records.jsonl; "
+                                   "given several folders (runs with different --seed), write one "
+                                   "leaderboard.{md,csv} of mean ± standard deviation across them into --output.")
+    t.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl")
+    t.add_argument("--output", help="folder for the averaged table (several results folders)")
     t.add_argument("--stderr", action="store_true", help="show ± standard error in the tables")
     t.set_defaults(func=cmd_table)
 
