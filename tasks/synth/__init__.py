@@ -85,7 +85,7 @@ def load_split(task: str, split: str, n: int | None = None, seed: int = DEFAULT_
         if key in _MEMO:
             return _MEMO[key]
     rows = None
-    path = cache_dir() / f"{task}-{split}-seed{seed}-n{n}.parquet"
+    path = _cache_path(task, split, n, seed)
     if cache and path.is_file():
         try:
             rows = _read_parquet(path)
@@ -103,10 +103,14 @@ def load_split(task: str, split: str, n: int | None = None, seed: int = DEFAULT_
     return rows
 
 
+def _cache_path(task: str, split: str, n: int, seed: int) -> Path:
+    return cache_dir() / f"{task}-{split}-seed{seed}-n{n}.parquet"
+
+
 def split_parquet(task: str, split: str, n: int | None = None, seed: int = DEFAULT_SEED) -> Path | None:
     """The cache file of a split (generated and written first if missing); None if it can't be written."""
     n = SPLIT_SIZES[split] if n is None else int(n)
-    path = cache_dir() / f"{task}-{split}-seed{seed}-n{n}.parquet"
+    path = _cache_path(task, split, n, seed)
     if not path.is_file():
         load_split(task, split, n=n, seed=seed)
     return path if path.is_file() else None

@@ -46,14 +46,19 @@ def load_docs(*, task_name: str, split: str = "test", seed: int = DEFAULT_SEED, 
     else:
         feats = features(task_name)
         path = split_parquet(task_name, split, n=n, seed=int(seed))
+        ds = None
         if path is not None:
             # the cache's Arrow table as it is (images stay PNG bytes): decoding every image and
             # encoding it again took longer than evaluating a cell
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path).select(list(feats)).cast(feats.arrow_schema)
-            ds = datasets.Dataset(table, info=datasets.DatasetInfo(features=feats))
-        else:
+            try:
+                table = pq.read_table(path).select(list(feats)).cast(feats.arrow_schema)
+                ds = datasets.Dataset(table, info=datasets.DatasetInfo(features=feats))
+            except (OSError, KeyError, pa.ArrowException):  # unreadable cache: load_split regenerates it
+                ds = None
+        if ds is None:
             rows = load_split(task_name, split, n=n, seed=int(seed))
             ds = datasets.Dataset.from_list(rows_to_records(rows), features=feats)
     if subset_size is not None and subset_size < len(ds):
