@@ -15,14 +15,12 @@ from typing import Sequence
 
 import pandas as pd
 
-from .leaderboard import REFERENCE_METHOD, build_table
+from .leaderboard import REFERENCE_METHOD, build_table, score_columns
 from .records import read_records
-
-SCORE_COLUMNS_EXCLUDED = (" n", " stderr")
 
 
 def run_tables(results_dirs: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
-    """The numeric accuracy table of each run folder, keyed by folder name."""
+    """The numeric accuracy table of each run folder, keyed by folder; ``attrs["seeds"]``: its seeds."""
     tables = {}
     for d in results_dirs:
         d = Path(d)
@@ -30,14 +28,14 @@ def run_tables(results_dirs: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
         if not records:
             raise FileNotFoundError(f"no records in {d / 'records.jsonl'}; run the suite there first")
         table = build_table(records)
-        cols = [c for c in table.columns if not str(c).endswith(SCORE_COLUMNS_EXCLUDED)
-                and c not in ("decode ms/tok", "peak GiB", "kernel")]
+        cols = score_columns(table)
         if table.empty or not cols:
             raise ValueError(f"{d}: no successful accuracy records to tabulate")
         key = str(d)
         if key in tables:
             raise ValueError(f"results folder {d} given twice")
-        tables[key] = table[cols]
+        tables[key] = table[cols].copy()
+        tables[key].attrs["seeds"] = sorted({r.get("seed") for r in records if r.get("status") == "ok"})
     return tables
 
 
@@ -93,13 +91,9 @@ def write_aggregate(results_dirs: Sequence[str | Path], output: str | Path) -> d
     output.mkdir(parents=True, exist_ok=True)
     paths = {"md": output / "leaderboard.md", "csv": output / "leaderboard.csv"}
     agg.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
-    seeds = []
-    for d in results_dirs:
-        recs = read_records(Path(d) / "records.jsonl")
-        seeds.append(str(sorted({r.get("seed") for r in recs if r.get("status") == "ok"})))
     notes = (f"Mean over {len(tables)} runs ± sample standard deviation across runs (fp16 rows: no "
              f"calibration, shown without spread); Avg range: lowest and highest run average. Runs: "
-             + "; ".join(f"{Path(d).name} (seed {s})" for d, s in zip(results_dirs, seeds)) + ".\n")
+             + "; ".join(f"{Path(d).name} (seed {t.attrs['seeds']})" for d, t in tables.items()) + ".\n")
     table = _display(agg, len(tables))
     paths["md"].write_text(table.to_markdown(index=False, tablefmt="github", disable_numparse=True)
                            + "\n\n" + notes)

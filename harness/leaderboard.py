@@ -70,10 +70,17 @@ def build_table(records: list[dict]) -> pd.DataFrame:
     return table.sort_index(level=["model", "scheme", "method"], sort_remaining=False)
 
 
+PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
+
+
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """The accuracy columns of a ``build_table`` result: tasks, Avg, Δ fp16 (not n/stderr/perf)."""
+    return [c for c in table.columns if not str(c).endswith((" n", " stderr")) and c not in PERF_COLUMNS]
+
+
 def _formatted(table: pd.DataFrame, bold: tuple[str, str], with_stderr: bool) -> pd.DataFrame:
     """Strings for display: one decimal, best per (model, scheme) wrapped in ``bold``."""
-    tasks = [c for c in table.columns if not c.endswith((" n", " stderr"))
-             and c not in ("decode ms/tok", "peak GiB", "kernel")]
+    tasks = score_columns(table)
     out = pd.DataFrame(index=table.index)
     for col in tasks:
         vals = table[col]
