@@ -55,6 +55,13 @@ SPECS = {
     "deep": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
                  image_size=64, patch_size=8, text_hidden=256, text_layers=8, text_heads=4,
                  text_kv_heads=4, text_intermediate=768, max_positions=512),
+    # session 5: capacity at the same (CPU-bound) step cost, for schedules 3x longer than 6500 steps
+    "d6": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
+               image_size=64, patch_size=8, text_hidden=256, text_layers=6, text_heads=4,
+               text_kv_heads=4, text_intermediate=768, max_positions=512),
+    "w384": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
+                 image_size=64, patch_size=8, text_hidden=384, text_layers=4, text_heads=6,
+                 text_kv_heads=6, text_intermediate=1152, max_positions=512),
     "wide": dict(vision_hidden=192, vision_layers=4, vision_heads=4, vision_intermediate=768,
                  image_size=64, patch_size=8, text_hidden=320, text_layers=4, text_heads=5,
                  text_kv_heads=5, text_intermediate=960, max_positions=512),
@@ -69,6 +76,7 @@ OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa fro
 DEFAULT_MIX = {"synth_scienceqa": 0.4, "synth_vizwiz": 0.2, "synth_vqav2": 0.2, "captions": 0.2,
                "sqa_open": 0.15}
 EVAL_SPLIT = "test"
+STATE_FILE = "train_state.pt"  # in --out: what --resume continues from (not part of the model folder)
 AUX_CLASSES = (5, 7, 3, 9, 9)  # patch label rows (tasks.synth.scene.patch_labels), background included
 
 
@@ -142,8 +150,11 @@ def cmd_prepare(a):
         counts["sqa_open"] = a.open_rows
     jobs = [(task, s, min(a.chunk, counts[task] - s), a.seed)
             for task in sources for s in range(0, counts[task], a.chunk)]
-    with Pool(a.workers or os.cpu_count()) as pool:
-        parts = pool.map(_gen_chunk, jobs)
+    if a.workers == 1:  # in this process (also when the script is imported rather than run)
+        parts = list(map(_gen_chunk, jobs))
+    else:
+        with Pool(a.workers or os.cpu_count()) as pool:
+            parts = pool.map(_gen_chunk, jobs)
     parts.sort(key=lambda p: (sources.index(p[0]), p[1]))
     images = np.concatenate([p[2] for p in parts])
     prompts = [x for p in parts for x in p[3]]
@@ -327,6 +338,19 @@ def cmd_train(a):
     gen = torch.Generator(device="cpu").manual_seed(a.seed)
     total = a.steps
     probe = 30
+    state_path = out / STATE_FILE
+    step, ema, trained_before, calls = 0, None, 0.0, []
+    if a.resume:
+        if not state_path.is_file():
+            raise SystemExit(f"--resume: no {STATE_FILE} in {out}; run without --resume to start this run")
+        st = torch.load(state_path, map_location=dev, weights_only=False)
+        model.load_state_dict(st["model"])
+        if aux is not None:
+            aux.load_state_dict(st["aux"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        step, total, ema, trained_before, calls = st["step"], st["total"], st["ema"], st["train_seconds"], st["calls"]
+        log(f"resumed {state_path} at step {step} of {total} ({trained_before:.0f}s trained before)")
 
     def lr_at(step):
         if step < a.warmup:
@@ -339,8 +363,7 @@ def cmd_train(a):
         fwd, L_fixed = torch.compile(model), ids.shape[1]
     amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
     t0 = time.time()
-    ema = None
-    step = 0
+    first_step = step
     stopped_at = None
     t_probe = t0
     prof = None
@@ -393,7 +416,7 @@ def cmd_train(a):
         if step == probe:
             log(f"{(time.time() - t0) / probe * 1000:.1f} ms/step over the first {probe} steps (incl. warm-up)")
             t_probe = time.time()
-        if a.fit_seconds and step == FIT_AT:
+        if a.fit_seconds and step == FIT_AT and not a.resume:
             # Fix the schedule's length from the measured speed, while still in warm-up (whose lr
             # doesn't depend on the length): the run equals one started with --steps <fitted>.
             torch.cuda.synchronize() if dev.type == "cuda" else None
@@ -402,14 +425,23 @@ def cmd_train(a):
             if fitted < total:
                 total = fitted
                 log(f"--fit-seconds {a.fit_seconds:.0f}: {per_step * 1000:.1f} ms/step, schedule set to {total} steps")
-        if a.max_seconds and time.time() - t0 > a.max_seconds and step < total:
-            log(f"time guard: stopping at step {step} of {total} (schedule not finished)")
+        if step < total and ((a.max_seconds and time.time() - t0 > a.max_seconds)
+                             or (a.stop_at and step >= a.stop_at)):
+            log(f"stopping at step {step} of {total} (schedule not finished; --resume continues it)")
             stopped_at = step
             break
         if step % a.log_every == 0:
             log(f"step {step}/{total} loss {lv:.4f} (ema {ema:.4f}) lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
-    train_s = time.time() - t0
-    log(f"trained {step} steps in {train_s:.0f}s")
+    call_s = time.time() - t0
+    train_s = trained_before + call_s
+    calls = calls + [{"from": first_step, "to": step, "seconds": round(call_s, 1),
+                      "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}]
+    log(f"trained steps {first_step}..{step} in {call_s:.0f}s ({train_s:.0f}s in all)")
+    # the full training state (fp32 weights, optimizer, sampler), so that --resume continues the run
+    # exactly where it stopped: a run split over several device calls equals one uninterrupted run
+    torch.save({"model": model.state_dict(), "aux": aux.state_dict() if aux is not None else None,
+                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "total": total, "ema": ema,
+                "train_seconds": train_s, "calls": calls}, state_path)
     model.eval()
     model.to(torch.float16)
     model.config.dtype = "float16"
@@ -420,7 +452,7 @@ def cmd_train(a):
             "aux_position": a.aux_position,
             "deterministic": a.deterministic, "captions": meta.get("captions", False),
             "mix": mix, "rows": meta.get("counts"), "data_seed": meta["seed"], "train_per_task": meta["per_task"],
-            "synth_version": meta["synth_version"], "train_seconds": round(train_s, 1), "params": n_params,
+            "synth_version": meta["synth_version"], "train_seconds": round(train_s, 1), "calls": calls, "params": n_params,
             "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "final_loss_ema": ema}
     import transformers
@@ -429,7 +461,7 @@ def cmd_train(a):
     info["eval_split"] = a.eval_split if a.eval else None
     (out / "training_info.json").write_text(json.dumps(info, indent=1))
     if a.eval:
-        res = evaluate(out, dev=str(dev), schemes=("float", "w8a8", "w4a4"), split=a.eval_split)
+        res = evaluate(out, dev=str(dev), schemes=tuple(a.eval_schemes.split(",")), split=a.eval_split)
         info["eval"] = res
         (out / "training_info.json").write_text(json.dumps(info, indent=1))
 
@@ -652,8 +684,13 @@ def main(argv=None):
                         "is recorded; pass it as --steps to reproduce the run)")
     q.add_argument("--max-seconds", type=float, default=0.0,
                    help="safety guard: stop training after this many seconds (recorded as stopped_at)")
+    q.add_argument("--stop-at", type=int, default=0,
+                   help="stop this call at this step, saving the state (--resume continues the schedule)")
+    q.add_argument("--resume", action="store_true",
+                   help=f"continue the run saved in --out ({STATE_FILE}: weights, optimizer, sampler, step)")
     q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--eval-split", default=EVAL_SPLIT)
+    q.add_argument("--eval-schemes", default="float,w8a8,w4a4")
     q = sub.add_parser("eval")
     q.add_argument("--model", required=True)
     q.add_argument("--device", default="cpu")

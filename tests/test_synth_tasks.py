@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks import metrics, synth
+from tasks.synth import questions as qs
 from tasks.synth.generators import caption_example
 
 from conftest import shared_data
@@ -195,25 +196,48 @@ def test_captions_describe_the_scene():
         assert f"{o.size} {o.color} {o.shape}" in ex["answer"]
 
 
-def test_context_questions_need_the_hint(splits):
-    """The answer is stated in the hint next to the key the question names, and the same question
-    has different answers under different hints, so neither the question nor the image decides it."""
+def test_context_questions_need_the_hint_and_the_image():
+    """Version 4: the hint names the object(s), the picture gives the answer. Checked against the
+    scene itself: the object the hint describes, read off the scene, gives the row's answer; the
+    question names no attribute (the hint is needed) and the hint doesn't hold the answer (the
+    image is needed)."""
     import re
 
-    rows = [r for r in splits[("synth_scienceqa", "train")] if r["skill"].startswith("context_")]
-    assert len(rows) > 50
-    answers_by_question = collections.defaultdict(set)
-    for r in rows:
-        answer = r["choices"][r["answer"]]
-        key = re.search(r"the (\w+)(?: shapes)?(?: made of)?\?$|the (\w+) shapes (?:\w+ or \w+)\?$", r["question"])
-        key = next(g for g in key.groups() if g)
-        # the sentence that mentions the key also names the answer, and it is the only such sentence
-        sentences = [s for s in re.findall(r"[^.]+\.", r["hint"]) if re.search(rf"\b{key}\b", s)]
-        assert len(sentences) == 1 and re.search(rf"\b{answer}\b", sentences[0]), (r["hint"], r["question"])
-        # every other option is absent from that sentence (a distractor, or another key's answer)
-        assert not any(re.search(rf"\b{c}\b", sentences[0]) for c in r["choices"] if c != answer)
-        answers_by_question[r["question"]].add(answer)
-    assert sum(len(v) > 1 for v in answers_by_question.values()) >= 5
+    from tasks.synth.generators import sqa_row
+    from tasks.synth.scene import COLORS, SHAPES, SIZES
+
+    words = set(COLORS) | set(SHAPES) | set(SIZES) | {p for p in qs.PLURAL.values()}
+    singular = {v: k for k, v in qs.PLURAL.items()}
+
+    def matching(scene, phrase):
+        want = {}
+        for w in phrase.split():
+            w = singular.get(w, w)
+            key = "color" if w in COLORS else "shape" if w in SHAPES else "size" if w in SIZES else None
+            if key:
+                want[key] = w
+        return [o for o in scene.objects if all(getattr(o, k) == v for k, v in want.items())]
+
+    seen = collections.Counter()
+    for i in range(400):
+        meta = {}
+        r = sqa_row(synth.DEFAULT_SEED, "train", i, meta)
+        if not r["skill"].startswith("context_"):
+            continue
+        scene, answer = meta["scene"], r["choices"][r["answer"]]
+        seen[r["skill"]] += 1
+        assert not set(re.findall(r"\w+", r["question"].lower())) & words, r["question"]
+        assert not re.search(rf"\b{answer}\b", r["hint"]), (r["hint"], answer)
+        if r["skill"] == "context_owner":
+            (obj,) = matching(scene, re.fullmatch(r"\w+ drew the ([\w ]+)\.", r["hint"]).group(1))
+            assert answer == obj.color and len({o.color for o in scene.objects}) > 1
+        elif r["skill"] == "context_labels":
+            (obj,) = matching(scene, re.fullmatch(r"In this game the ([\w ]+) is \w+\.", r["hint"]).group(1))
+            assert answer == obj.shape and len({o.shape for o in scene.objects}) > 1
+        else:
+            group = matching(scene, re.fullmatch(r"The ([\w ]+) are made of \w+\.", r["hint"]).group(1))
+            assert answer == str(len(group)) and len(group) >= 1
+    assert min(seen.values()) > 20 and len(seen) == 3, seen
 
 
 def test_patch_labels_locate_each_object():
