@@ -70,11 +70,12 @@ TRAIN_PER_TASK = 60_000
 PROFILE_AT = 40  # --profile-steps starts the profiler here (after warm-up and compilation)
 FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule's length
 OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
+RELATION_ROW_OFFSET = 20_000_000  # relations rows: train rows of synth_scienceqa / synth_vqav2 from here
 # Training mix: the share of each batch drawn from each source (rows within a source uniformly).
 # Sources missing from the prepared data are dropped and the rest renormalised: with `prepare`'s
 # defaults (no sqa_open rows) this is the bundled model's mix.
 DEFAULT_MIX = {"synth_scienceqa": 0.4, "synth_vizwiz": 0.2, "synth_vqav2": 0.2, "captions": 0.2,
-               "sqa_open": 0.15}
+               "sqa_open": 0.15, "relations": 0.15}
 EVAL_SPLIT = "test"
 STATE_FILE = "train_state.pt"  # in --out: what --resume continues from (not part of the model folder)
 AUX_CLASSES = (5, 7, 3, 9, 9)  # patch label rows (tasks.synth.scene.patch_labels), background included
@@ -104,6 +105,20 @@ def _gen_chunk(args):
         if task == "captions":
             e = caption_example(seed, i, meta)
             img, prompt, answer = e["image"], e["prompt"], e["answer"]
+        elif task == "relations":
+            # drill for the two-object questions (relative position, size comparison), which trail
+            # every other family: multiple choice and open-ended, from rows the other sources don't use
+            from tasks.synth import generators as g, questions as qs
+
+            if i % 2 == 0:
+                r = g.sqa_row(seed, "train", RELATION_ROW_OFFSET + i, meta, families=[(qs.mc_relation, 1.0)])
+                img, prompt, answer = r["image"], synth.prompt_text("synth_scienceqa", r), \
+                    synth.canonical_answer("synth_scienceqa", r)
+            else:
+                fams = [(qs.q_relation_word, 0.4), (qs.q_relation_yn, 0.4), (qs.q_compare_yn, 0.2)]
+                r = g.vqav2_row(seed, "train", RELATION_ROW_OFFSET + i, meta, families=fams)
+                img, prompt, answer = r["image"], synth.prompt_text("synth_vqav2", r), \
+                    synth.canonical_answer("synth_vqav2", r)
         elif task == "sqa_open":
             # the ScienceQA questions asked open-ended (answer: the option's text), from rows the
             # multiple-choice source doesn't use: teaches each look-up apart from the letter mapping
@@ -143,11 +158,14 @@ def cmd_prepare(a):
     out = Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sources = list(synth.TASKS) + (["captions"] if a.captions else []) + (["sqa_open"] if a.open_rows else [])
+    sources = list(synth.TASKS) + (["captions"] if a.captions else []) + (["sqa_open"] if a.open_rows else []) \
+        + (["relations"] if a.relation_rows else [])
     counts = {src: a.per_task for src in sources}
     counts["synth_scienceqa"] = a.sqa_rows or a.per_task
     if a.open_rows:
         counts["sqa_open"] = a.open_rows
+    if a.relation_rows:
+        counts["relations"] = a.relation_rows
     jobs = [(task, s, min(a.chunk, counts[task] - s), a.seed)
             for task in sources for s in range(0, counts[task], a.chunk)]
     if a.workers == 1:  # in this process (also when the script is imported rather than run)
@@ -653,6 +671,8 @@ def main(argv=None):
     q.add_argument("--sqa-rows", type=int, default=2 * TRAIN_PER_TASK,
                    help="synth_scienceqa train rows (0: --per-task)")
     q.add_argument("--open-rows", type=int, default=0, help="open-ended synth_scienceqa rows (0: none)")
+    q.add_argument("--relation-rows", type=int, default=0,
+                   help="drill rows of the two-object questions (relative position, size comparison; 0: none)")
     q.add_argument("--captions", action=argparse.BooleanOptionalAction, default=True,
                    help="add per-task-many dense scene descriptions (LLaVA stage-1 style) to the training mix")
     q = sub.add_parser("train")

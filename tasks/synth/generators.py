@@ -58,9 +58,10 @@ SQA_CATEGORY = {
 }
 
 
-def sqa_row(seed: int, split: str, i: int, meta: dict | None = None) -> dict:
+def sqa_row(seed: int, split: str, i: int, meta: dict | None = None, families=None) -> dict:
+    """Row ``i``; ``families`` (a weighted list like SQA_FAMILIES) narrows it, for training drills only."""
     rng = row_rng(seed, "synth_scienceqa", split, i)
-    family = _weighted(rng, SQA_FAMILIES)
+    family = _weighted(rng, families or SQA_FAMILIES)
     scene, q = _ask(rng, family)
     if q.choices is not None:
         choices = list(q.choices)
@@ -110,9 +111,10 @@ VQAV2_FAMILIES = [
 _OTHER_POOL = list(qs.COLOR_NAMES) + list(SHAPES) + ["big", "small", "left", "right", "above", "below"]
 
 
-def vqav2_row(seed: int, split: str, i: int, meta: dict | None = None) -> dict:
+def vqav2_row(seed: int, split: str, i: int, meta: dict | None = None, families=None) -> dict:
+    """Row ``i``; ``families`` (a weighted list like VQAV2_FAMILIES) narrows it, for training drills only."""
     rng = row_rng(seed, "synth_vqav2", split, i)
-    family = _weighted(rng, VQAV2_FAMILIES)
+    family = _weighted(rng, families or VQAV2_FAMILIES)
     scene, q = _ask(rng, family)
     pool = q.pool or _OTHER_POOL
     ans = annotate(q.answer, pool, rng)
