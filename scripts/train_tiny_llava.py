@@ -366,7 +366,7 @@ def cmd_train(a):
         if aux is not None:
             aux.load_state_dict(st["aux"])
         opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
+        gen.set_state(st["gen"].cpu())  # map_location moved it to the GPU; a CPU generator needs it back
         step, total, ema, trained_before, calls = st["step"], st["total"], st["ema"], st["train_seconds"], st["calls"]
         log(f"resumed {state_path} at step {step} of {total} ({trained_before:.0f}s trained before)")
 

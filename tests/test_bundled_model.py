@@ -17,8 +17,9 @@ from tasks import metrics, synth
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "qvlm-tiny-llava"
-# Accuracy floors on a fixed handful of test questions. The model card has the full-split numbers.
-MIN_VQA_ACCURACY = 0.8
+# Accuracy floors on the first 32 test questions (the issue-4 targets: 90 / 80 / 80 on the full test
+# splits, where this model scores 95.3 / 98.9 / 94.8; its model card has the numbers).
+MIN_ACCURACY = {"synth_scienceqa": 0.9, "synth_vqav2": 0.8, "synth_vizwiz": 0.8}
 
 
 def _train_script():
@@ -67,16 +68,19 @@ def test_vocabulary_covers_the_test_prompts(bundled):
             assert tok.unk_token_id not in ids
 
 
-@pytest.mark.parametrize("task", ["synth_vqav2", "synth_vizwiz"])
+@pytest.mark.parametrize("task", ["synth_scienceqa", "synth_vqav2", "synth_vizwiz"])
 def test_answers_test_questions(bundled, task):
     from harness.evaluate import generate_answers
 
-    rows = synth.generate_rows(task, "test", n=16)
+    rows = synth.generate_rows(task, "test", n=32)
     answers = generate_answers(bundled, [synth.prompt_text(task, r) for r in rows], [r["image"] for r in rows],
                                max_new_tokens=8, batch_size=16)
-    acc = np.mean([metrics.vqa_accuracy(a, [x["answer"] if isinstance(x, dict) else x for x in r["answers"]])
-                   for a, r in zip(answers, rows)])
-    assert acc >= MIN_VQA_ACCURACY, (acc, answers)
+    if task == "synth_scienceqa":  # the official letter parser, then the option index
+        scores = [metrics.scienceqa_correct(a, r["answer"], len(r["choices"])) for a, r in zip(answers, rows)]
+    else:
+        scores = [metrics.vqa_accuracy(a, [x["answer"] if isinstance(x, dict) else x for x in r["answers"]])
+                  for a, r in zip(answers, rows)]
+    assert np.mean(scores) >= MIN_ACCURACY[task], (np.mean(scores), answers)
     assert all(a and len(a.split()) <= 2 for a in answers)  # short answers, then </s>
 
 

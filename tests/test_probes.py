@@ -1,9 +1,8 @@
-"""The look-up probe scripts build the data their model-card results describe."""
+"""The associative-recall probe builds the data its model-card results describe."""
 
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 
 import pytest
@@ -30,15 +29,3 @@ def test_associative_recall_places_each_value_at_its_offset(layout, offset):
         assert body.count(query) == 1  # keys are distinct within a row
         assert body[body.index(query) + offset] == value
         assert len(set(body) & set(ar.VALUES)) >= 1 and query in ar.KEYS
-
-
-def test_context_probe_family_rows_are_context_questions():
-    probe = _script("probe_context_lookup")
-    rows = probe.family_rows(60, seed=3, workers=1)
-    assert rows == probe.family_rows(60, seed=3, workers=1)  # deterministic in the seed
-    assert {r["skill"] for r in rows} == {"context_labels", "context_owner", "context_material"}
-    for r in rows:
-        answer = r["choices"][r["answer"]]
-        assert re.search(rf"\b{answer}\b", r["hint"]), r  # stated in the hint
-    owner = probe.family_rows(30, seed=3, workers=1, families=("owner",))
-    assert {r["skill"] for r in owner} == {"context_owner"}
