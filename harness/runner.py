@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .config import MethodSpec, ModelSpec, Suite, TaskSpec
+from .models.loading import model_fingerprint
 from .quant.config import QuantConfig
 from .quant.simulated import apply_state
 from .quant.state import QuantState
@@ -72,10 +73,23 @@ def _task_spec(task: TaskSpec, suite: Suite):
     return task_spec(task.name, data, **(task.options or {}))
 
 
+def _data_version(task: str) -> str | None:
+    try:
+        from tasks.sources import data_version
+    except ImportError:
+        return None
+    return data_version(task)
+
+
 def cell_hash(suite: Suite, cell: Cell, calib_spec: dict | None) -> str:
-    """What determines a cell's result; a record with the same hash need not be recomputed."""
+    """What determines a cell's result; a record with the same hash need not be recomputed.
+
+    The model's weights (fingerprint) and the task's data version are part of it: a retrained
+    model or regenerated synthetic data recomputes every cell instead of reusing stale records.
+    """
     return _digest({
-        "model": cell.model.name, "dtype": cell.model.dtype or suite.dtype,
+        "model": cell.model.name, "weights": model_fingerprint(cell.model.name),
+        "data_version": _data_version(cell.task.name), "dtype": cell.model.dtype or suite.dtype,
         "method": cell.method.name, "options": cell.method.options,
         "quant": cell.qcfg.to_dict(), "task": cell.task.name, "data": cell.task.data or suite.data_dir,
         "task_options": cell.task.options, "limit": suite.limit, "seed": suite.seed,
@@ -114,6 +128,9 @@ class SuiteRunner:
         spec = {**DEFAULT_CALIBRATION, "seed": self.suite.seed, **self.suite.calibration}
         if not spec.get("task"):
             spec["task"] = self.suite.tasks[0].name
+        version = _data_version(spec["task"])
+        if version is not None:  # other calibration rows under another generator version
+            spec["data_version"] = version
         return spec
 
     def done_hashes(self) -> set[str]:
@@ -179,7 +196,8 @@ class SuiteRunner:
 
     def _quantize(self, lm, cell: Cell, calib_spec, calib_cache) -> tuple[QuantState, float, bool]:
         method = get_method(cell.method.name)(**(cell.method.options or {}))
-        key = _digest({"model": lm.path, "dtype": str(lm.dtype), "method": cell.method.name,
+        key = _digest({"model": lm.path, "weights": model_fingerprint(cell.model.name), "dtype": str(lm.dtype),
+                       "method": cell.method.name,
                        "options": method.options, "quant": cell.qcfg.to_dict(),
                        "calibration": calib_spec, "seed": self.suite.seed})
         path = self.cache_dir / key

@@ -132,6 +132,17 @@ def resolve_local(data: str | Path, task: str, split: str, config: str | None = 
     )
 
 
+def data_version(name: str) -> str | None:
+    """What a task's rows depend on beyond its name and data location, for cache keys: the
+    generator version of a synthetic task (its rows change when the generator does). None for the
+    real tasks, whose rows are the dataset's."""
+    if name.startswith("synth_"):
+        from tasks import synth
+
+        return f"synth-v{synth.SYNTH_VERSION}"
+    return None
+
+
 def task_config(name: str) -> dict[str, Any]:
     """The full config of task `name` from its YAML under tasks/ (includes merged, functions resolved)."""
     from lm_eval.tasks import TaskManager

@@ -198,3 +198,44 @@ def test_static_activation_ranges_get_calibration_for_any_method(tiny_llava_path
                                        schemes=["w4a4"]))
     run_suite(per_token, show_progress=False)
     assert read_records(tmp_path / "pt" / "records.jsonl")[0]["calibration"] is None
+
+
+def test_new_weights_recompute_every_cell(tiny_llava_path, toy_include, tmp_path):
+    """Records and cached states are keyed by the model's weights, not only its name: retraining a
+    model (as when the bundled one is replaced) must not re-serve the old model's results."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from harness.models.loading import model_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava_path, model)
+    suite = parse_suite(suite_dict(model, toy_include, tmp_path / "out"))
+    assert run_suite(suite, show_progress=False).ok == 3
+    before = model_fingerprint(str(model))
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("lm_head.weight"))
+    weights[name] = weights[name] * 1.5
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert model_fingerprint(str(model)) != before
+    again = run_suite(suite, show_progress=False)
+    assert (again.ok, again.skipped) == (3, 0)
+    recs = read_records(tmp_path / "out" / "records.jsonl")
+    assert len(recs) == 6 and len({r["config_hash"] for r in recs}) == 6
+
+
+def test_fingerprints_follow_content_and_data_version(tiny_llava_path, tmp_path):
+    import shutil
+
+    from harness.models.loading import model_fingerprint
+    from tasks import synth
+    from tasks.sources import data_version
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llava_path, copy)
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes())  # new mtime, same bytes
+    assert model_fingerprint(str(copy)) == model_fingerprint(str(tiny_llava_path))
+    assert model_fingerprint("org/not-a-local-model") == "hub:org/not-a-local-model"
+    assert data_version("synth_vqav2") == f"synth-v{synth.SYNTH_VERSION}"
+    assert data_version("vqav2_val") is None

@@ -39,6 +39,45 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+# Weight files up to this size are hashed in full; larger ones by name, size and modification time
+# (hashing a 13 GB checkpoint on every run would cost minutes).
+FULL_HASH_BYTES = 512 * 2**20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """What identifies a model's weights, for cache keys: retraining a bundled model or replacing a
+    local folder's files gives a new fingerprint, so stale results and states are never reused.
+
+    A local or bundled folder: sha256 over its config and weight files (content when they are
+    small, else name/size/mtime). A Hub id: the id itself (its revision is whatever is cached).
+    """
+    import hashlib
+
+    path = resolve_model_path(name_or_path)
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{name_or_path}"
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES
+                                                                    or f.name.endswith(".index.json")))
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (str(folder.resolve()), stats)
+    if key not in _FINGERPRINTS:
+        full = sum(st[1] for st in stats) <= FULL_HASH_BYTES
+        h = hashlib.sha256()
+        for f, (name, size, mtime) in zip(files, stats):
+            h.update(f"{name}:{size}".encode())
+            if full or f.name == "config.json":
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            else:
+                h.update(str(mtime).encode())
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
