@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,23 @@ def train():
 def data(train, tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     train.main(["prepare", "--data", str(d), "--per-task", "12", "--sqa-rows", "12", "--chunk", "6",
-                "--workers", "1"])
+                "--workers", "1", "--relation-rows", "12"])
     return d
+
+
+def test_relations_drill_rows_are_two_object_questions(data):
+    """The drill source: alternately ScienceQA's relation question (an option letter) and a
+    VQAv2-style two-object question (an open answer), all in the training data."""
+    text = json.loads((data / "text.json").read_text())
+    rows = [(p, a) for p, a, t in zip(text["prompts"], text["answers"], text["tasks"]) if t == "relations"]
+    assert len(rows) == 12
+    for k, (prompt, answer) in enumerate(rows):
+        if k % 2 == 0:
+            assert re.search(r"Where is the [\w ]+ compared to the ", prompt) and answer in ("A", "B", "C"), prompt
+        else:
+            assert re.search(r"left or right of|above or below|to the (left|right) of|(above|below) the|bigger than",
+                             prompt), prompt
+            assert answer in ("left", "right", "above", "below", "yes", "no")
 
 
 def _digest(folder: Path) -> str:
