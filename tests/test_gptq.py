@@ -178,7 +178,7 @@ def test_gptq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout
     assert set(state.linears) == set(rtn.linears)
     assert state.proof()["max_codes_per_row"] <= 16
     assert state.meta["quantize_s"] > 0 and state.meta["options"]["percdamp"] == 0.01
-    assert (state.meta["hessian_inputs"] == "quantized") == (scheme == "w4a4")
+    assert state.meta["hessian_inputs"] == ("float" if scheme == "w4a4" else None)
     if scheme == "w4a4":
         assert all(lq.act is not None and lq.act.bits == 4 for lq in state.linears.values())
     assert output_error(tiny_lm, state, heldout) <= output_error(tiny_lm, rtn, heldout)
@@ -198,3 +198,16 @@ def test_gptq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path)
     loaded = QuantState.load(state.save(tmp_path / "s"))
     n = next(iter(state.linears))
     assert torch.equal(loaded.linears[n].codes, state.linears[n].codes)
+
+
+def test_gptq_hessian_inputs_option(tiny_lm, tiny_calib):
+    """W4A4: "float" (default, as QuaRot/SpinQuant run GPTQ) and "quantized" Hessian inputs both
+    quantize every linear; they are different objectives, so the codes differ; a typo is named."""
+    qcfg = parse_scheme("w4a4")
+    f = get_method("gptq")().quantize(tiny_lm, qcfg, tiny_calib)
+    q = get_method("gptq")(hessian_inputs="quantized").quantize(tiny_lm, qcfg, tiny_calib)
+    assert (f.meta["hessian_inputs"], q.meta["hessian_inputs"]) == ("float", "quantized")
+    assert set(f.linears) == set(q.linears)
+    assert any(not torch.equal(f.linears[n].codes, q.linears[n].codes) for n in f.linears)
+    with pytest.raises(ValueError, match="hessian_inputs must be"):
+        get_method("gptq")(hessian_inputs="fp32")
