@@ -81,16 +81,26 @@ def _data_version(task: str) -> str | None:
     return data_version(task)
 
 
+def _resolved_options(cell: Cell) -> dict:
+    """The method's options with its defaults filled in: a changed default recomputes the cell."""
+    try:
+        defaults = get_method(cell.method.name).defaults
+    except Exception:  # unknown method: the cell fails and is recorded as such
+        defaults = {}
+    return {**defaults, **(cell.method.options or {})}
+
+
 def cell_hash(suite: Suite, cell: Cell, calib_spec: dict | None) -> str:
     """What determines a cell's result; a record with the same hash need not be recomputed.
 
-    The model's weights (fingerprint) and the task's data version are part of it: a retrained
-    model or regenerated synthetic data recomputes every cell instead of reusing stale records.
+    The model's weights (fingerprint), the task's data version and the method's resolved options
+    (defaults included) are part of it: a retrained model, regenerated synthetic data or a changed
+    default recomputes the cells concerned instead of reusing stale records.
     """
     return _digest({
         "model": cell.model.name, "weights": model_fingerprint(cell.model.name),
         "data_version": _data_version(cell.task.name), "dtype": cell.model.dtype or suite.dtype,
-        "method": cell.method.name, "options": cell.method.options,
+        "method": cell.method.name, "options": _resolved_options(cell),
         "quant": cell.qcfg.to_dict(), "task": cell.task.name, "data": cell.task.data or suite.data_dir,
         "task_options": cell.task.options, "limit": suite.limit, "seed": suite.seed,
         "calibration": calib_spec,
@@ -266,7 +276,7 @@ class SuiteRunner:
             scheme=cell.scheme, quant_config=cell.qcfg.to_dict(), task=cell.task.name,
             device=self._device_name(), seed=self.suite.seed, versions=versions(),
             git=git_describe(), config_hash=cell_hash(self.suite, cell, calib_spec),
-            method_options=get_method(cell.method.name).defaults | (cell.method.options or {}),
+            method_options=_resolved_options(cell),
             calibration=calib_spec, limit=self.suite.limit, batch_size=self.suite.batch_size,
             kernel="simulated" if cell.method.name not in FLOAT_METHODS else self.float_kernel,
         )

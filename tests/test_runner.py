@@ -239,3 +239,19 @@ def test_fingerprints_follow_content_and_data_version(tiny_llava_path, tmp_path)
     assert model_fingerprint("org/not-a-local-model") == "hub:org/not-a-local-model"
     assert data_version("synth_vqav2") == f"synth-v{synth.SYNTH_VERSION}"
     assert data_version("vqav2_val") is None
+
+
+def test_changed_method_default_recomputes_its_cells(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+    """The cell hash covers a method's resolved options, so changing a default in code (as when
+    GPTQ's hessian_inputs default changed) recomputes that method's cells and only those."""
+    from baselines.gptq import GPTQ
+
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path, methods=["fp16", "gptq"],
+                                   schemes=["w4a4"]))
+    assert run_suite(suite, show_progress=False).ok == 2
+    assert run_suite(suite, show_progress=False).skipped == 2
+    monkeypatch.setitem(GPTQ.defaults, "percdamp", 0.02)
+    again = run_suite(suite, show_progress=False)
+    assert (again.ok, again.skipped) == (1, 1)  # gptq recomputed, fp16 kept
+    recs = read_records(tmp_path / "records.jsonl")
+    assert [r["method_options"]["percdamp"] for r in recs if r["method"] == "gptq"] == [0.01, 0.02]
