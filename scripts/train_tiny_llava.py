@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tasks import synth  # noqa: E402  (numpy + Pillow only)
+from tasks.synth import questions as qs  # noqa: E402
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -71,6 +72,10 @@ PROFILE_AT = 40  # --profile-steps starts the profiler here (after warm-up and c
 FIT_AT = 150  # --fit-seconds measures steps 30..150 and then fixes the schedule's length
 OPEN_ROW_OFFSET = 10_000_000  # sqa_open rows: train rows of synth_scienceqa from this index on
 RELATION_ROW_OFFSET = 20_000_000  # relations rows: train rows of synth_scienceqa / synth_vqav2 from here
+# the relations source alternates: even rows as synth_scienceqa, odd rows as synth_vqav2, each
+# narrowed to its two-object question families (weights as in tasks.synth.generators' tables)
+RELATION_DRILL = (("synth_scienceqa", [(qs.mc_relation, 1.0)]),
+                  ("synth_vqav2", [(qs.q_relation_word, 0.4), (qs.q_relation_yn, 0.4), (qs.q_compare_yn, 0.2)]))
 # Training mix: the share of each batch drawn from each source (rows within a source uniformly).
 # Sources missing from the prepared data are dropped and the rest renormalised: with `prepare`'s
 # defaults (no sqa_open rows) this is the bundled model's mix.
@@ -108,17 +113,9 @@ def _gen_chunk(args):
         elif task == "relations":
             # drill for the two-object questions (relative position, size comparison), which trail
             # every other family: multiple choice and open-ended, from rows the other sources don't use
-            from tasks.synth import generators as g, questions as qs
-
-            if i % 2 == 0:
-                r = g.sqa_row(seed, "train", RELATION_ROW_OFFSET + i, meta, families=[(qs.mc_relation, 1.0)])
-                img, prompt, answer = r["image"], synth.prompt_text("synth_scienceqa", r), \
-                    synth.canonical_answer("synth_scienceqa", r)
-            else:
-                fams = [(qs.q_relation_word, 0.4), (qs.q_relation_yn, 0.4), (qs.q_compare_yn, 0.2)]
-                r = g.vqav2_row(seed, "train", RELATION_ROW_OFFSET + i, meta, families=fams)
-                img, prompt, answer = r["image"], synth.prompt_text("synth_vqav2", r), \
-                    synth.canonical_answer("synth_vqav2", r)
+            as_task, fams = RELATION_DRILL[i % 2]
+            r = ROW_FNS[as_task](seed, "train", RELATION_ROW_OFFSET + i, meta, families=fams)
+            img, prompt, answer = r["image"], synth.prompt_text(as_task, r), synth.canonical_answer(as_task, r)
         elif task == "sqa_open":
             # the ScienceQA questions asked open-ended (answer: the option's text), from rows the
             # multiple-choice source doesn't use: teaches each look-up apart from the letter mapping

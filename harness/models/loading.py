@@ -59,8 +59,8 @@ def model_fingerprint(name_or_path: str) -> str:
     folder = Path(path)
     if not folder.is_dir():
         return f"hub:{name_or_path}"
-    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES
-                                                                    or f.name.endswith(".index.json")))
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (
+        f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES or f.name.endswith(".index.json")))
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (str(folder.resolve()), stats)
     if key not in _FINGERPRINTS:
