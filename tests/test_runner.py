@@ -241,6 +241,25 @@ def test_fingerprints_follow_content_and_data_version(tiny_llava_path, tmp_path)
     assert data_version("vqav2_val") is None
 
 
+def test_hub_fingerprint_names_the_cached_snapshot(tmp_path, monkeypatch):
+    """A Hub model's cache key follows the revision the local cache serves (read offline), so a
+    newer snapshot pulled into the cache recomputes its cells instead of re-serving old records."""
+    from harness.models import loading
+
+    repo = tmp_path / "models--org--tiny-llava"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert loading.cached_hub_commit("org/tiny-llava", cache_dir=tmp_path) == "a" * 40
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert loading.cached_hub_commit("org/tiny-llava", cache_dir=tmp_path) == "b" * 40
+    assert loading.cached_hub_commit("org/not-cached", cache_dir=tmp_path) is None
+    monkeypatch.setattr(loading, "cached_hub_commit", lambda repo_id, cache_dir=None: "c" * 40)
+    assert loading.model_fingerprint("org/tiny-llava") == "hub:org/tiny-llava@" + "c" * 40
+
+
 def test_changed_method_default_recomputes_its_cells(tiny_llava_path, toy_include, tmp_path, monkeypatch):
     """The cell hash covers a method's resolved options, so changing a default in code (as when
     GPTQ's hessian_inputs default changed) recomputes that method's cells and only those."""

@@ -51,14 +51,17 @@ def model_fingerprint(name_or_path: str) -> str:
     local folder's files gives a new fingerprint, so stale results and states are never reused.
 
     A local or bundled folder: sha256 over its config and weight files (content when they are
-    small, else name/size/mtime). A Hub id: the id itself (its revision is whatever is cached).
+    small, else name/size/mtime). A Hub id: the id and the commit of its locally cached snapshot
+    (no network), so a new revision downloaded into the cache recomputes the cells; an id not yet
+    cached is just "hub:<id>" until its first load.
     """
     import hashlib
 
     path = resolve_model_path(name_or_path)
     folder = Path(path)
     if not folder.is_dir():
-        return f"hub:{name_or_path}"
+        commit = cached_hub_commit(name_or_path)
+        return f"hub:{name_or_path}" + (f"@{commit}" if commit else "")
     files = sorted(f for f in folder.iterdir() if f.is_file() and (
         f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES or f.name.endswith(".index.json")))
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
@@ -76,6 +79,18 @@ def model_fingerprint(name_or_path: str) -> str:
                 h.update(str(mtime).encode())
         _FINGERPRINTS[key] = h.hexdigest()[:16]
     return _FINGERPRINTS[key]
+
+
+def cached_hub_commit(repo_id: str, cache_dir: str | Path | None = None) -> str | None:
+    """The commit of the snapshot the local Hugging Face cache serves for ``repo_id`` (its default
+    revision), read from the cache alone; None when the model isn't cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    except Exception:  # not a valid repo id, or no huggingface_hub: nothing cached to name
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
