@@ -7,8 +7,11 @@ packages register through the entry-point group ``qvlm_bench.methods``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
 import pkgutil
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .quant.config import QuantConfig
@@ -107,3 +110,34 @@ def get_method(name: str) -> type[Method]:
     if name not in methods:
         raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(methods)}")
     return methods[name]
+
+
+def method_source_files(cls: type[Method]) -> list[Path]:
+    """The files that hold a method's own code: its module, or every ``.py`` file of its package
+    when it lives in a package of its own (``methods/qvlm/``), not in a shared one (``baselines``)."""
+    file = Path(inspect.getsourcefile(cls) or "")
+    if not file.is_file():
+        return []
+    package = cls.__module__.rpartition(".")[0]
+    if package and package not in IN_TREE_PACKAGES and (file.parent / "__init__.py").is_file():
+        return sorted(file.parent.rglob("*.py"))
+    return [file]
+
+
+def method_code_digest(name: str) -> str | None:
+    """A hash of the method's own source (``method_source_files``), part of every cache key, so
+    editing a method recomputes its cells and quantization states instead of serving stale ones.
+    Shared harness code (``harness/quant``) is not covered. None for an unknown method."""
+    try:
+        cls = get_method(name)
+    except UnknownMethodError:
+        return None
+    files = method_source_files(cls)
+    if not files:
+        return None
+    root = files[0].parent
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -23,7 +23,7 @@ from .quant.config import QuantConfig
 from .quant.simulated import apply_state
 from .quant.state import QuantState
 from .records import append_record, git_describe, new_record, read_records, versions, write_jsonl
-from .registry import get_method
+from .registry import get_method, method_code_digest
 
 log = logging.getLogger("qvlm_bench")
 
@@ -93,14 +93,16 @@ def _resolved_options(cell: Cell) -> dict:
 def cell_hash(suite: Suite, cell: Cell, calib_spec: dict | None) -> str:
     """What determines a cell's result; a record with the same hash need not be recomputed.
 
-    The model's weights (fingerprint), the task's data version and the method's resolved options
-    (defaults included) are part of it: a retrained model, regenerated synthetic data or a changed
-    default recomputes the cells concerned instead of reusing stale records.
+    The model's weights (fingerprint), the task's data version, the method's resolved options
+    (defaults included) and its source code are part of it: a retrained model, regenerated
+    synthetic data, a changed default or an edited method recomputes the cells concerned instead
+    of reusing stale records.
     """
     return _digest({
         "model": cell.model.name, "weights": model_fingerprint(cell.model.name),
         "data_version": _data_version(cell.task.name), "dtype": cell.model.dtype or suite.dtype,
         "method": cell.method.name, "options": _resolved_options(cell),
+        "code": method_code_digest(cell.method.name),
         "quant": cell.qcfg.to_dict(), "task": cell.task.name, "data": cell.task.data or suite.data_dir,
         "task_options": cell.task.options, "limit": suite.limit, "seed": suite.seed,
         "calibration": calib_spec,
@@ -207,7 +209,7 @@ class SuiteRunner:
     def _quantize(self, lm, cell: Cell, calib_spec, calib_cache) -> tuple[QuantState, float, bool]:
         method = get_method(cell.method.name)(**(cell.method.options or {}))
         key = _digest({"model": lm.path, "weights": model_fingerprint(cell.model.name), "dtype": str(lm.dtype),
-                       "method": cell.method.name,
+                       "method": cell.method.name, "code": method_code_digest(cell.method.name),
                        "options": method.options, "quant": cell.qcfg.to_dict(),
                        "calibration": calib_spec, "seed": self.suite.seed})
         path = self.cache_dir / key
@@ -276,7 +278,7 @@ class SuiteRunner:
             scheme=cell.scheme, quant_config=cell.qcfg.to_dict(), task=cell.task.name,
             device=self._device_name(), seed=self.suite.seed, versions=versions(),
             git=git_describe(), config_hash=cell_hash(self.suite, cell, calib_spec),
-            method_options=_resolved_options(cell),
+            method_options=_resolved_options(cell), method_code=method_code_digest(cell.method.name),
             calibration=calib_spec, limit=self.suite.limit, batch_size=self.suite.batch_size,
             kernel="simulated" if cell.method.name not in FLOAT_METHODS else self.float_kernel,
         )

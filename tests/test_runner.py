@@ -274,3 +274,49 @@ def test_changed_method_default_recomputes_its_cells(tiny_llava_path, toy_includ
     assert (again.ok, again.skipped) == (1, 1)  # gptq recomputed, fp16 kept
     recs = read_records(tmp_path / "records.jsonl")
     assert [r["method_options"]["percdamp"] for r in recs if r["method"] == "gptq"] == [0.01, 0.02]
+
+
+def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+    """Editing a method's source changes its code digest, which keys both its records and its
+    cached quantization states: the next run recomputes that method's cells (and only those)."""
+    import importlib
+
+    from harness.registry import method_code_digest, method_source_files
+
+    src = tmp_path / "edited_method_plugin.py"
+    body = textwrap.dedent("""
+        from baselines.rtn import RTN
+        from harness.registry import register_method
+
+        @register_method
+        class EditedRTN(RTN):
+            name = "rtn-edited-test"
+            SCALE = {scale}
+    """)
+    src.write_text(body.format(scale=1))
+    from harness import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the test method leaves with the test
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("edited_method_plugin")
+    assert method_source_files(available_methods()["rtn-edited-test"]) == [src]
+    first = method_code_digest("rtn-edited-test")
+    assert first is not None and method_code_digest("no-such-method") is None
+    # a method in a package of its own is hashed over the whole package
+    from methods.qvlm.method import QVLM
+
+    assert {f.name for f in method_source_files(QVLM)} >= {"method.py", "search.py", "encoder.py"}
+
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "out",
+                                   methods=["fp16", "rtn-edited-test"], schemes=["w4a4"]))
+    assert run_suite(suite, show_progress=False).ok == 2
+    assert run_suite(suite, show_progress=False).skipped == 2
+    states = len(list((tmp_path / "out" / "cache" / "states").iterdir()))
+    src.write_text(body.format(scale=2))
+    assert method_code_digest("rtn-edited-test") != first
+    again = run_suite(suite, show_progress=False)
+    assert (again.ok, again.skipped) == (1, 1)  # the edited method recomputed, fp16 kept
+    recs = [r for r in read_records(tmp_path / "out" / "records.jsonl") if r["method"] == "rtn-edited-test"]
+    assert [r["method_code"] for r in recs] == [first, method_code_digest("rtn-edited-test")]
+    assert [r["state_cached"] for r in recs] == [False, False]  # the old state was not reused
+    assert len(list((tmp_path / "out" / "cache" / "states").iterdir())) == states + 1
