@@ -27,63 +27,44 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Shapes: the shipped llava-1.5-7b architecture (harness/perf/configs), and a tiny variant of it
+# for smoke runs on a CPU (same classes and wiring, a few thousand times fewer parameters).
+ARCH = "llava-1.5-7b"
 SHAPES = {
-    # llava-hf/llava-1.5-7b-hf: Vicuna-7B decoder + CLIP ViT-L/14-336 + 2-layer GELU projector
-    "7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5),
-               vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                           num_attention_heads=16, image_size=336, patch_size=14,
-                           projection_dim=768),
-               image_tokens=576),
-    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=4, vocab_size=32064,
-                           max_position_embeddings=512),
-                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, image_size=28, patch_size=14,
-                             projection_dim=32),
-                 image_tokens=4),
+    "7b": {},
+    "tiny": {"text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+             "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
+             "image_seq_length": 4},
 }
-IMAGE_TOKEN = 32000
 
 
 def build_model(shape: str, layers: int | None, dtype: torch.dtype, device: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """The model of ``shape`` with random weights (``layers``: truncate the language model)."""
+    from harness.perf.arch import build_random_model
 
-    spec = SHAPES[shape]
-    text = dict(spec["text"])
-    if layers:
-        text["num_hidden_layers"] = layers
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**spec["vision"], hidden_act="quick_gelu"),
-        text_config=LlamaConfig(**text, pad_token_id=32001, tie_word_embeddings=False),
-        image_token_index=IMAGE_TOKEN, image_seq_length=spec["image_tokens"],
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", pad_token_id=32001)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval().requires_grad_(False), spec
+    text = {"num_hidden_layers": layers} if layers else {}
+    lm = build_random_model(ARCH, dtype=dtype, device=device, overrides=SHAPES[shape], **text)
+    return lm.model.requires_grad_(False), lm.model.config
 
 
-def calibration(spec, n: int, batch: int, seq: int, device: str, dtype: torch.dtype, seed: int = 0):
+def calibration(config, n: int, batch: int, seq: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """``n`` random sequences of ``seq`` tokens, one image's placeholder tokens in each."""
     from harness.calibration import CalibrationSet
 
     g = torch.Generator().manual_seed(seed)
-    n_img = spec["image_tokens"]
-    size = spec["vision"]["image_size"]
+    n_img = config.image_seq_length
+    size = config.vision_config.image_size
+    image_token = config.image_token_index
     n_text = seq - n_img - 1
     before = min(5, n_text)
     batches = []
     for start in range(0, n, batch):
         b = min(batch, n - start)
-        ids = torch.randint(2, IMAGE_TOKEN, (b, seq), generator=g)
+        ids = torch.randint(2, image_token, (b, seq), generator=g)
         ids[:, 0] = 1
-        ids[:, 1 + before:1 + before + n_img] = IMAGE_TOKEN
+        ids[:, 1 + before:1 + before + n_img] = image_token
         batches.append({
             "input_ids": ids.to(device),
             "attention_mask": torch.ones(b, seq, dtype=torch.long, device=device),
@@ -101,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=650)
     ap.add_argument("--jobs", default="gptq:w4a16,awq:w4a16",
-                    help="comma-separated method:scheme[:parts+with+plus] runs, in order")
+                    help="comma-separated method:scheme[:parts+with+plus] runs, in order (any registered method)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="skip a job unless it should end (judging by the same method's last run) "
                          "within this many seconds of the start")
@@ -118,16 +99,15 @@ def main(argv=None) -> int:
 
     import transformers
 
-    from baselines.awq import AWQ
-    from baselines.gptq import GPTQ
     from harness.models.loading import LoadedModel
+    from harness.registry import get_method
     from harness.quant.config import parse_scheme
 
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     t0 = time.perf_counter()
-    model, spec = build_model(args.shape, args.layers, dtype, args.device)
-    calib = calibration(spec, args.n, args.batch, args.seq, args.device, dtype)
+    model, config = build_model(args.shape, args.layers, dtype, args.device)
+    calib = calibration(config, args.n, args.batch, args.seq, args.device, dtype)
     lm = LoadedModel(name=f"llava-1.5-{args.shape}-shaped-random", path="", model=model,
                      processor=None, dtype=dtype, device=args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -143,7 +123,6 @@ def main(argv=None) -> int:
                "params": n_params, "n_calib": args.n, "seq": args.seq, "batch": args.batch,
                "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
                "runs": []}
-    methods = {"gptq": GPTQ, "awq": AWQ}
     for job in args.jobs.split(","):
         name, scheme, *rest = job.split(":")
         parts = rest[0].split("+") if rest else ["language"]
@@ -158,12 +137,12 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        state = methods[name]().quantize(lm, qcfg, calib)
+        state = get_method(name)().quantize(lm, qcfg, calib)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         run = {"method": name, "scheme": scheme, "parts": parts, "wall_s": round(wall, 2),
-               "quantize_s": round(state.meta["quantize_s"], 2), "part_s": state.meta.get("part_s"),
+               "quantize_s": round(state.meta.get("quantize_s", wall), 2), "part_s": state.meta.get("part_s"),
                # (not state.proof(): its distinct-codes count sorts every row on the CPU, ~30 s at 7B)
                "quantized_linears": sum(lq.codes is not None for lq in state.linears.values()),
                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None}

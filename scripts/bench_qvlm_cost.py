@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     dtype = torch.float16 if cuda else torch.float32
     card = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     t0 = time.perf_counter()
-    model, spec = build_model(args.shape, None, dtype, args.device)
-    calib = calibration(spec, args.n, args.batch, args.seq, args.device, dtype)
+    model, config = build_model(args.shape, None, dtype, args.device)
+    calib = calibration(config, args.n, args.batch, args.seq, args.device, dtype)
     for b in calib.batches:  # the last tokens of each sequence are the "answer"
         labels = torch.full_like(b["input_ids"], -100)
         labels[:, -args.answer_tokens:] = b["input_ids"][:, -args.answer_tokens:]

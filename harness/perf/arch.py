@@ -23,8 +23,10 @@ def architectures() -> dict[str, Path]:
     return {p.stem: p for p in sorted(ARCH_DIR.glob("*.json"))}
 
 
-def arch_config(name: str, **text_overrides):
-    """The ``LlavaConfig`` of a shipped architecture (``text_overrides`` shrink it for tests)."""
+def arch_config(name: str, overrides: dict | None = None, **text_overrides):
+    """The ``LlavaConfig`` of a shipped architecture, shrunk for tests or smoke runs by
+    ``overrides`` (top-level keys; ``text_config``/``vision_config`` dicts merge into the shipped
+    ones) or by ``text_overrides`` (keys of the language model's config)."""
     from transformers import LlavaConfig
 
     archs = architectures()
@@ -32,16 +34,21 @@ def arch_config(name: str, **text_overrides):
         raise KeyError(f"unknown architecture {name!r}; shipped: {', '.join(archs)}")
     raw = json.loads(archs[name].read_text())
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    for key, value in (overrides or {}).items():
+        if key in ("text_config", "vision_config"):
+            raw[key].update(value)
+        else:
+            raw[key] = value
     raw["text_config"].update(text_overrides)
     return LlavaConfig(**raw)
 
 
 def build_random_model(name: str, *, dtype: str | torch.dtype = "fp16", device: str = "cuda",
-                       seed: int = 0, **text_overrides) -> LoadedModel:
+                       seed: int = 0, overrides: dict | None = None, **text_overrides) -> LoadedModel:
     """A randomly initialised LLaVA of a shipped architecture, built directly on ``device``."""
     from transformers import LlavaForConditionalGeneration
 
-    config = arch_config(name, **text_overrides)
+    config = arch_config(name, overrides, **text_overrides)
     torch_dtype = resolve_dtype(dtype)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()

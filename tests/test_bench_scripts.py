@@ -1,0 +1,55 @@
+"""The quantization-cost benchmark scripts run end to end on their tiny shape (CPU smoke test):
+the GPU numbers in docs/benchmarks come from the same code at the 7B shape."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _bench():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_quantize_cost
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return bench_quantize_cost
+
+
+def test_bench_shapes_are_the_shipped_architecture():
+    """The 7B shape is the shipped llava-1.5-7b config (no second copy of it); the tiny one
+    overrides sizes only, keeping the wiring (image token, feature layer, projector)."""
+    from harness.perf.arch import arch_config
+
+    bench = _bench()
+    big = arch_config("llava-1.5-7b")
+    with torch.device("meta"):
+        model, config = bench.build_model("7b", 2, torch.float16, "meta")
+    assert config.text_config.num_hidden_layers == 2 and config.text_config.hidden_size == 4096
+    assert config.vision_config.to_dict() == big.vision_config.to_dict()
+    tiny_model, tiny = bench.build_model("tiny", None, torch.float32, "cpu")
+    assert (tiny.image_token_index, tiny.vision_feature_layer, tiny.image_seq_length) == (
+        big.image_token_index, big.vision_feature_layer, 4)
+    assert (tiny.vision_config.image_size // tiny.vision_config.patch_size) ** 2 == tiny.image_seq_length
+    calib = bench.calibration(tiny, n=3, batch=2, seq=12, device="cpu", dtype=torch.float32)
+    batch = next(calib.inputs())
+    assert int((batch["input_ids"] == tiny.image_token_index).sum(1)[0]) == 4
+    with torch.no_grad():  # the placeholders match the tower's output: the forward runs
+        out = tiny_model(**batch, use_cache=False)
+    assert out.logits.shape[:2] == (2, 12)
+
+
+def test_quantize_cost_runs_on_the_tiny_shape(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--shape", "tiny", "--device", "cpu", "--n", "2", "--batch", "2", "--seq", "16",
+                       "--jobs", "rtn:w4a16,gptq:w4a16", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in res["runs"]] == ["rtn", "gptq"]
+    # every linear of the two decoder layers (7 each) is quantized, and timed
+    assert all(r["quantized_linears"] == 14 and r["wall_s"] >= 0 for r in res["runs"])
+    assert "| gptq | w4a16 | language |" in capsys.readouterr().out
