@@ -1,4 +1,4 @@
-"""The four registered Q-VLM variants end to end on the tiny model."""
+"""The registered Q-VLM variants and the fp16+veo control end to end on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import json
 import pytest
 import torch
 
-from harness.quant.build import target_linears
+from harness.quant.build import rtn_state, target_linears
 from harness.quant.config import parse_scheme
+from harness.quant.quantizer import qparams
 from harness.quant.simulated import applied
 from harness.quant.state import QuantState
 from harness.registry import available_methods, get_method
+from harness.runner import DEFAULT_CALIBRATION
+from methods.qvlm import method as method_mod
 
 VARIANTS = {"qvlm": (True, True), "qvlm-cdm": (True, False), "qvlm-veo": (False, True),
             "qvlm-layerwise": (False, False)}
-FAST = {"veo_epochs": 1, "veo_lr": 1e-3}
-OPEN_CHOICES = ("h0", "cdm_tau", "grid", "passes", "max_block", "veo_lambda1", "veo_lambda2",
-                "veo_eta", "veo_optimizer", "veo_lr", "veo_epochs")
+FAST = {"veo_epochs": 1, "veo_lr": 1e-3, "coordinates": "layer"}
+OPEN_CHOICES = ("h0", "cdm_tau", "grid", "coordinates", "search_weights", "exhaustive_max",
+                "max_block", "veo_lambda1", "veo_lambda2", "veo_eta", "veo_optimizer", "veo_lr",
+                "veo_epochs", "veo_micro_batch", "veo_jacobian_fallback")
 
 
 def _snapshot(model):
@@ -32,16 +36,31 @@ def _assert_unchanged(model, snap):
         assert torch.equal(p, params[n]), n
 
 
-def test_registered_with_defaults():
+def test_registered_with_the_papers_defaults_and_a_fast_preset():
     methods = available_methods()
     for name in VARIANTS:
         cls = methods[name]
         assert cls.needs_calibration
         for key in OPEN_CHOICES:
             assert key in cls.defaults
-    assert get_method("qvlm").defaults["grid"] == [1.0, 0.995, 0.99, 0.985, 0.98]
+        assert set(cls.presets) == {"fast"}
+        cls(**cls.presets["fast"])  # every preset option is a valid option
+    d = get_method("qvlm").defaults
+    # the paper's settings: grid 1.0..0.98 by 0.005, blocks of <= 3 layers, 10 VEO epochs,
+    # activation clipping only; 64 calibration pairs in batches of 8 are the engine's default
+    assert d["grid"] == [1.0, 0.995, 0.99, 0.985, 0.98]
+    assert (d["max_block"], d["veo_epochs"], d["search_weights"]) == (3, 10, False)
+    assert (DEFAULT_CALIBRATION["n"], DEFAULT_CALIBRATION["batch_size"]) == (64, 8)
+    assert d["search_batches"] is None and d["veo_report"] is True
     with pytest.raises(ValueError):
         get_method("qvlm")(no_such_option=1)
+    for bad in ({"veo_micro_batch": 0}, {"veo_jacobian_fallback": "ignore"},
+                {"search_weights": "yes"}, {"coordinates": "channel"}):
+        with pytest.raises(ValueError):
+            get_method("qvlm")(**bad).quantize(None, parse_scheme("w4a4"), None)
+    control = methods["fp16+veo"]
+    assert control.quantizes is False and control.needs_calibration
+    assert set(control.defaults) < set(d) and control.presets["fast"]["veo_epochs"] == 1
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -62,9 +81,14 @@ def test_variant_runs_and_leaves_model_unchanged(tiny_lm, tiny_calib, name):
     assert bool(state.float_params) == veo
     for b in meta["blocks"]:
         assert b["block_error"] <= b["layerwise_error"]
+        assert ("joint" in b["search"]) == cdm
     targets = target_linears(tiny_lm.model, qcfg)
     assert list(state.linears) == list(targets)
     assert set(meta["percentiles"]) == set(targets)
+    # activation clipping only: weights are the scheme's round-to-nearest
+    rtn = rtn_state(tiny_lm.model, qcfg, "rtn")
+    assert all(torch.equal(state.linears[n].codes, rtn.linears[n].codes) for n in targets)
+    assert all(p["w"] == 1.0 for p in meta["percentiles"].values())
     proof = state.proof()
     assert proof["quantized_linears"] == len(targets) and proof["max_codes_per_row"] <= 16
     with applied(tiny_lm.model, state) as h:
@@ -72,6 +96,9 @@ def test_variant_runs_and_leaves_model_unchanged(tiny_lm, tiny_calib, name):
         assert torch.isfinite(out.logits).all()
         assert h.act_quantizers_fired() == len(targets)
     _assert_unchanged(tiny_lm.model, snap)
+    if veo:  # the record reports each VEO term before and after
+        for when in ("veo_before", "veo_after"):
+            assert set(meta["summary"][when]) >= {"reg", "ent", "err", "err_vision", "err_output", "total"}
     json.dumps(meta)  # records need plain JSON
 
 
@@ -105,9 +132,71 @@ def test_weight_only_and_other_parts(tiny_lm, tiny_calib):
     proj = [n for n in state.linears if "multi_modal_projector" in n]
     assert proj and all(state.linears[n].codes is not None for n in proj)
     assert all(lq.act is None for lq in state.linears.values())
-    assert all(set(p) == {"a", "w"} for p in state.meta["percentiles"].values())
+    # nothing to search (weights are not searched by default): round-to-nearest everywhere
+    rtn = rtn_state(tiny_lm.model, qcfg, "rtn")
+    assert all(torch.equal(state.linears[n].codes, rtn.linears[n].codes) for n in state.linears)
+    assert all(b["search"]["layerwise"][0]["search"] == "none" for b in state.meta["blocks"])
+
+
+def _projector_input_range(model, calib):
+    """min/max of what the projector's first linear reads, by a hook of our own (float model)."""
+    name = next(n for n, m in model.named_modules()
+                if "multi_modal_projector" in n and isinstance(m, torch.nn.Linear))
+    seen = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for b in calib.inputs():
+            model(**b)
+    h.remove()
+    return name, torch.stack([min(x.min() for x in seen), max(x.max() for x in seen)])
+
+
+@pytest.mark.parametrize("engine_fills", [True, False])
+def test_static_ranges_outside_the_search_are_the_engines(tiny_lm, tiny_calib, monkeypatch,
+                                                         engine_fills):
+    """Q-VLM sets the ranges it searched; the others stay None for the engine to fill (contract
+    item 3) — or, on an engine without that step, are filled by its rule and recorded."""
+    monkeypatch.setattr(method_mod, "engine_fills_ranges", lambda: engine_fills)
+    qcfg = parse_scheme("w4a4", a_granularity="per_tensor", parts=["language", "projector"])
+    state = get_method("qvlm-layerwise")(**FAST).quantize(tiny_lm, qcfg, tiny_calib)
+    lang = [n for n in state.linears if "language_model" in n]
+    assert lang and all(state.linears[n].act.scale is not None for n in lang)
+    name, span = _projector_input_range(tiny_lm.model, tiny_calib)
+    act = state.linears[name].act
+    if engine_fills:
+        assert act.scale is None and "act_ranges_outside_search" not in state.meta
+    else:
+        scale, zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)
+        assert torch.equal(act.scale, scale) and torch.equal(act.zero, zero)
+        assert state.meta["act_ranges_outside_search"]["filled_by"] == "qvlm-layerwise"
 
 
 def test_float_scheme_is_empty(tiny_lm, tiny_calib):
     state = get_method("qvlm-cdm")().quantize(tiny_lm, parse_scheme("w16a16"), tiny_calib)
     assert not state.linears and not state.float_params
+    state = get_method("fp16+veo")().quantize(tiny_lm, parse_scheme("w16a16"), tiny_calib)
+    assert not state.linears and not state.float_params
+
+
+def test_fp16_veo_control_is_the_tuned_tower_only(tiny_lm, tiny_calib):
+    """The control's tower is the one qvlm-veo would use (same VEO options), per scheme; nothing
+    is quantized."""
+    snap = _snapshot(tiny_lm.model)
+    opts = {"veo_epochs": 1, "veo_lr": 1e-3}
+    towers = {}
+    for scheme in ("w4a4", "w6a6"):
+        state = get_method("fp16+veo")(**opts).quantize(tiny_lm, parse_scheme(scheme), tiny_calib)
+        _assert_unchanged(tiny_lm.model, snap)
+        assert not state.linears and state.float_params and state.proof()["quantized_linears"] == 0
+        assert state.meta["quantizes"] is False and state.meta["summary"]["veo_after"]
+        towers[scheme] = state.float_params
+    veo = get_method("qvlm-veo")(**opts, coordinates="layer").quantize(tiny_lm, parse_scheme("w4a4"),
+                                                                       tiny_calib)
+    assert veo.float_params.keys() == towers["w4a4"].keys()
+    assert all(torch.equal(veo.float_params[k], towers["w4a4"][k]) for k in towers["w4a4"])
+    # the objective depends on the scheme, so the towers differ
+    assert any(not torch.equal(towers["w4a4"][k], towers["w6a6"][k]) for k in towers["w4a4"])
+    with applied(tiny_lm.model, state):
+        out = tiny_lm.model(**next(tiny_calib.inputs()))
+        assert torch.isfinite(out.logits).all()
+    _assert_unchanged(tiny_lm.model, snap)

@@ -1,32 +1,33 @@
-"""The Q-VLM methods: the paper's method and its Table 1 ablations, one registered name each.
+"""The Q-VLM methods: the paper's method, its Table 1 ablations, and the ``fp16+veo`` control.
 
-| name             | VEO | CDM + block search | search                       |
-|------------------|-----|--------------------|------------------------------|
-| ``qvlm``         | yes | yes                | block-wise in mined blocks   |
-| ``qvlm-cdm``     | no  | yes                | block-wise in mined blocks   |
-| ``qvlm-veo``     | yes | no                 | layer-wise                   |
-| ``qvlm-layerwise`` | no | no                | layer-wise (the ablation's baseline) |
+| name             | VEO | CDM + joint block search | search                      |
+|------------------|-----|--------------------------|-----------------------------|
+| ``qvlm``         | yes | yes                      | joint inside mined blocks   |
+| ``qvlm-cdm``     | no  | yes                      | joint inside mined blocks   |
+| ``qvlm-veo``     | yes | no                       | layer-wise                  |
+| ``qvlm-layerwise`` | no | no                      | layer-wise (the ablation's baseline) |
+| ``fp16+veo``     | yes | –                        | none: float language model (a control) |
 
-All four share one ``defaults`` dict, so one options block in a suite applies to every row of the
-ablation; options a variant does not use are recorded but have no effect (``meta["stages"]``
-says which stages ran). Pipeline: VEO (float vision encoder) -> CDM on the float model with the
-optimized encoder -> sequential block search over the language layers, each block fed by the
-already-quantized previous blocks (the shared loop ``harness.quant.blockwise``). Linears of other quantized parts (vision, projector, lm_head,
-when the scheme's ``parts`` name them) get round-to-nearest at the config's clip. The state's
-``meta`` holds the resolved options, the dependencies, h0, the partition, the chosen percentiles
-and the search cost in seconds per stage.
+The four Q-VLM names share one ``defaults`` dict (the paper's settings where the paper gives them)
+and one ``presets`` dict (``fast``: the laptop budget of the default suite), so one options block
+applies to every row of the ablation; options a variant does not use are recorded but have no
+effect (``meta["stages"]`` says which stages ran). Pipeline: VEO (float vision encoder) -> CDM on
+the float model with the optimized encoder -> sequential search over the language layers, each
+block fed by the already-quantized previous blocks (``harness.quant.blockwise``). Linears of other
+quantized parts (vision, projector, lm_head, when the scheme's ``parts`` name them) get
+round-to-nearest weights; their static activation ranges are the engine's (left ``None``).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from harness.models.layers import language_layers
-from harness.quant.build import act_quantizer, calibrate_static_acts, linear_from_weight, target_linears
+from harness.quant.build import act_quantizer, linear_from_weight, target_linears
 from harness.quant.config import QuantConfig
 from harness.quant.blockwise import part_inputs
 from harness.quant.simulated import apply_state
@@ -34,24 +35,14 @@ from harness.quant.state import QuantState
 from harness.registry import Method, register_method
 
 from .dependency import mine_dependencies, partition, resolve_h0
-from .encoder import VEOConfig, optimize_vision_encoder
-from .search import DEFAULT_GRID, sequential_search
+from .encoder import JACOBIAN_FALLBACKS, VEOConfig, optimize_vision_encoder
+from .ranges import RULE, engine_fills_ranges, needs_range, with_float_ranges
+from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, sequential_search
 
-DEFAULTS: dict[str, Any] = {
+VEO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    # block search (§2)
-    "grid": list(DEFAULT_GRID),  # clipping percentiles tried for every weight and activation quantizer
-    "passes": 1,  # block-wise coordinate sweeps after the layer-wise initialization
-    "coordinates": "group",  # a percentile pair per quantizer group, or "layer": one pair per layer
-    "search_batches": None,  # calibration batches in the search objective (None: all)
-    # dependency mining (§1)
-    "max_block": 3,
-    "h0": "median",  # threshold in nats, or "median" of the adjacent dependencies
-    "cdm_tau": 0.01,  # soft-assignment temperature, code units squared (Eq. 5)
-    "cdm_samples": 65536,  # activation positions sampled for the joint distribution
-    "cdm_bits": 8,  # entropy grid when activations stay in float (else the scheme's a_bits)
-    # visual encoder optimization (§3)
-    "veo_epochs": 10,
+    "cdm_tau": 0.01,  # soft-assignment temperature, code units squared (Eq. 5; L_ent uses it too)
+    "veo_epochs": 10,  # paper
     "veo_lr": 1e-5,
     "veo_optimizer": "adamw",
     "veo_weight_decay": 0.0,
@@ -59,10 +50,73 @@ DEFAULTS: dict[str, Any] = {
     "veo_lambda2": 1.0,  # weight of L_err
     "veo_eta": 1.0,  # weight of the final-output error inside L_err
     "veo_samples": 16384,  # positions per step for the differentiable entropy
-    "veo_micro_batch": None,  # split each batch for memory (same gradient), None = whole batch
+    "veo_micro_batch": "auto",  # chunk size for memory: int, null (whole batch) or "auto"
     "veo_jacobian_batches": None,  # batches for the Jacobian weights of L_ent (None: all)
+    "veo_jacobian_fallback": "error",  # "error": fail the cell; "uniform": run on, recorded
     "veo_report": True,  # record the loss terms before/after on the calibration set (2 passes)
 }
+
+DEFAULTS: dict[str, Any] = {
+    **VEO_DEFAULTS,
+    # search (§2)
+    "grid": list(DEFAULT_GRID),  # clipping percentiles, unclipped first (paper: 1.0..0.98 by 0.005)
+    "coordinates": "group",  # a percentile per activation tensor, or "layer": one per layer
+    "search_weights": False,  # paper/official code: activation clipping only; True also searches weights
+    "exhaustive_max": EXHAUSTIVE_MAX,  # joint search enumerates up to this many combinations
+    "search_batches": None,  # calibration batches in the search objective (None: all)
+    # dependency mining (§1)
+    "max_block": 3,  # paper
+    "h0": "median",  # threshold in nats, or "median" of the adjacent dependencies
+    "cdm_samples": 65536,  # activation positions sampled for the joint distribution
+    "cdm_bits": 8,  # entropy grid when activations stay in float (else the scheme's a_bits)
+}
+
+# The default suite's laptop budget: 2 of the 8 search batches, one percentile per layer (so the
+# joint search over a block of 3 is exhaustive, 125 combinations), one VEO epoch with Jacobian
+# weights from one batch and no before/after report.
+FAST_VEO = {"veo_epochs": 1, "veo_report": False, "veo_jacobian_batches": 1}
+FAST = {"coordinates": "layer", "search_batches": 2, **FAST_VEO}
+
+
+def veo_config(o: dict) -> VEOConfig:
+    micro = o["veo_micro_batch"]
+    return VEOConfig(epochs=int(o["veo_epochs"]), lr=float(o["veo_lr"]),
+                     optimizer=o["veo_optimizer"], weight_decay=float(o["veo_weight_decay"]),
+                     lambda1=float(o["veo_lambda1"]), lambda2=float(o["veo_lambda2"]),
+                     eta=float(o["veo_eta"]), tau=float(o["cdm_tau"]),
+                     samples=int(o["veo_samples"]),
+                     micro_batch=micro if micro in (None, "auto") else int(micro),
+                     jacobian_batches=o["veo_jacobian_batches"],
+                     jacobian_fallback=o["veo_jacobian_fallback"], report=bool(o["veo_report"]),
+                     seed=int(o["seed"]))
+
+
+def validate_veo(o: dict) -> None:
+    if int(o["veo_epochs"]) < 0:
+        raise ValueError("veo_epochs must be >= 0")
+    micro = o["veo_micro_batch"]
+    if not (micro is None or micro == "auto" or (isinstance(micro, int) and micro >= 1)):
+        raise ValueError(f"veo_micro_batch must be a positive integer, null or 'auto', got {micro!r}")
+    if o["veo_jacobian_fallback"] not in JACOBIAN_FALLBACKS:
+        raise ValueError(f"veo_jacobian_fallback must be one of {JACOBIAN_FALLBACKS}, "
+                         f"got {o['veo_jacobian_fallback']!r}")
+
+
+def run_veo(model, qcfg: QuantConfig, calib, o: dict, meta: dict) -> tuple[dict, float]:
+    """VEO on ``model`` for ``qcfg``; fills ``meta["veo"]`` (and ``meta["warnings"]`` on a
+    fallback). Returns ``(optimized vision parameters, seconds)``."""
+    if not any("pixel_values" in b for b in calib.batches):
+        meta["veo_skipped"] = "calibration batches carry no images"
+        return {}, 0.0
+    if int(o["veo_epochs"]) <= 0:
+        meta["veo_skipped"] = "veo_epochs is 0"
+        return {}, 0.0
+    t0 = time.perf_counter()
+    params, info = optimize_vision_encoder(model, qcfg, calib.batches, veo_config(o))
+    meta["veo"] = info
+    if info.get("fallback"):
+        meta.setdefault("warnings", []).append(f"VEO Jacobian weights: {info['fallback']}")
+    return params, time.perf_counter() - t0
 
 
 class QVLMBase(Method):
@@ -72,18 +126,24 @@ class QVLMBase(Method):
     use_veo: bool = True
     needs_calibration = True
     defaults = DEFAULTS
+    presets: ClassVar[dict[str, dict]] = {"fast": FAST}
 
     def _validate(self) -> None:
         o = self.options
         grid = [float(p) for p in o["grid"]]
         if not grid or any(not 0 < p <= 1 for p in grid):
             raise ValueError(f"grid percentiles must lie in (0, 1], got {o['grid']}")
-        if o["coordinates"] not in ("group", "layer"):
-            raise ValueError(f"coordinates must be 'group' or 'layer', got {o['coordinates']!r}")
+        if o["coordinates"] not in COORDINATES:
+            raise ValueError(f"coordinates must be one of {COORDINATES}, got {o['coordinates']!r}")
         if o["search_batches"] is not None and int(o["search_batches"]) < 1:
             raise ValueError("search_batches must be a positive number of batches or None")
-        if int(o["max_block"]) < 1 or int(o["passes"]) < 0 or int(o["veo_epochs"]) < 0:
-            raise ValueError("max_block must be >= 1, passes and veo_epochs >= 0")
+        if int(o["max_block"]) < 1:
+            raise ValueError("max_block must be >= 1")
+        if int(o["exhaustive_max"]) < 0:
+            raise ValueError("exhaustive_max must be >= 0 (0: always coordinate descent)")
+        if not isinstance(o["search_weights"], bool):
+            raise ValueError(f"search_weights must be true or false, got {o['search_weights']!r}")
+        validate_veo(o)
 
     def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
         self._validate()
@@ -103,19 +163,8 @@ class QVLMBase(Method):
 
         # 1. visual encoder optimization (float)
         veo_params: dict[str, torch.Tensor] = {}
-        if self.use_veo and not any("pixel_values" in b for b in calib.batches):
-            meta["veo_skipped"] = "calibration batches carry no images"
-        elif self.use_veo and int(o["veo_epochs"]) > 0:
-            t0 = time.perf_counter()
-            cfg = VEOConfig(epochs=int(o["veo_epochs"]), lr=float(o["veo_lr"]),
-                            optimizer=o["veo_optimizer"], weight_decay=float(o["veo_weight_decay"]),
-                            lambda1=float(o["veo_lambda1"]), lambda2=float(o["veo_lambda2"]),
-                            eta=float(o["veo_eta"]), tau=float(o["cdm_tau"]),
-                            samples=int(o["veo_samples"]), micro_batch=o["veo_micro_batch"],
-                            jacobian_batches=o["veo_jacobian_batches"], report=bool(o["veo_report"]),
-                            seed=seed)
-            veo_params, meta["veo"] = optimize_vision_encoder(model, qcfg, calib.batches, cfg)
-            cost["veo"] = time.perf_counter() - t0
+        if self.use_veo:
+            veo_params, cost["veo"] = run_veo(model, qcfg, calib, o, meta)
 
         handle = apply_state(model, QuantState(self.name, qcfg, float_params=veo_params))
         try:
@@ -126,12 +175,12 @@ class QVLMBase(Method):
             for n, m in targets.items():
                 if n not in in_layers:
                     other.linears[n] = linear_from_weight(m.weight, qcfg, act=act_quantizer(qcfg))
-            if qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor":
-                calibrate_static_acts(model, other, list(calib.inputs()))
+            # the language layers' inputs come from the quantized other parts; those need static
+            # ranges to run, computed by the engine's rule on a copy (the state leaves them None)
+            capture = with_float_ranges(model, other, calib.inputs()) if other.linears else None
             entries = {}
             if in_layers:
-                inputs = part_inputs(model, "language", calib.inputs(),
-                                     state=other if other.linears else None)
+                inputs = part_inputs(model, "language", calib.inputs(), state=capture)
                 masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool)
                          for m, c in zip(inputs.masks, inputs.calls)]
                 # 2. cross-layer dependency mining
@@ -148,15 +197,24 @@ class QVLMBase(Method):
                 else:
                     blocks = [[i] for i in range(len(layers))]
                 meta["partition"] = blocks
-                # 3. block-wise (or layer-wise) percentile search
+                # 3. joint (or layer-wise) percentile search
                 t0 = time.perf_counter()
                 entries, summaries, percentiles = sequential_search(
                     model, inputs, in_layers, qcfg, blocks, [float(p) for p in o["grid"]],
-                    int(o["passes"]), self.use_cdm, seed, self.name, o["coordinates"],
-                    o["search_batches"])
+                    joint=self.use_cdm, seed=seed, method=self.name,
+                    coordinates=o["coordinates"], eval_batches=o["search_batches"],
+                    search_weights=bool(o["search_weights"]),
+                    exhaustive_max=int(o["exhaustive_max"]))
                 cost["search"] = time.perf_counter() - t0
                 meta["blocks"] = summaries
                 meta["percentiles"] = percentiles
+            if any(needs_range(lq.act) for lq in other.linears.values()) and not engine_fills_ranges():
+                # an engine without finalize_state: keep the ranges computed above, and say so
+                for n, lq in other.linears.items():
+                    if needs_range(lq.act):
+                        lq.act.scale = capture.linears[n].act.scale
+                        lq.act.zero = capture.linears[n].act.zero
+                meta["act_ranges_outside_search"] = {**RULE, "filled_by": self.name}
         finally:
             handle.restore()
         for n in targets:  # model order
@@ -166,6 +224,19 @@ class QVLMBase(Method):
         meta["search_cost_s"] = {k: round(v, 3) for k, v in cost.items()}
         meta["summary"] = _summary(meta)
         return state
+
+
+def _veo_summary(meta: dict) -> dict:
+    veo = meta.get("veo") or {}
+    summ: dict[str, Any] = {}
+    for when in ("before", "after"):
+        if veo.get(when):
+            summ[f"veo_{when}"] = {k: round(v, 6) for k, v in veo[when].items()}
+    if veo:
+        summ["veo_steps"] = veo.get("steps")
+    if veo.get("fallback"):
+        summ["veo_fallback"] = veo["fallback"]
+    return summ
 
 
 def _summary(meta: dict) -> dict:
@@ -185,32 +256,70 @@ def _summary(meta: dict) -> dict:
         lw = sum(b["layerwise_error"] for b in meta["blocks"])
         bw = sum(b["block_error"] for b in meta["blocks"])
         summ["block_error_vs_layerwise"] = round(bw / lw, 5) if lw > 0 else None
+        joint = [b for b in meta["blocks"] if "joint" in b.get("search", {})]
+        summ["blocks_improved"] = sum(1 for b in joint if b["search"]["joint"]["winner"] != "layerwise")
+        summ["blocks_joint"] = len(joint)
+    summ.update(_veo_summary(meta))
     return summ
 
 
 @register_method
 class QVLM(QVLMBase):
     name = "qvlm"
-    summary = "Q-VLM: visual encoder optimization + cross-layer dependency mining with block-wise percentile search"
+    summary = "Q-VLM: visual encoder optimization + cross-layer dependency mining with a joint block search"
     use_cdm, use_veo = True, True
 
 
 @register_method
 class QVLMCDM(QVLMBase):
     name = "qvlm-cdm"
-    summary = "Q-VLM ablation: dependency mining + block-wise percentile search, no encoder optimization"
+    summary = "Q-VLM ablation: dependency mining + joint block search, no encoder optimization"
     use_cdm, use_veo = True, False
 
 
 @register_method
 class QVLMVEO(QVLMBase):
     name = "qvlm-veo"
-    summary = "Q-VLM ablation: visual encoder optimization + layer-wise percentile search"
+    summary = "Q-VLM ablation: visual encoder optimization + layer-wise clipping search"
     use_cdm, use_veo = False, True
 
 
 @register_method
 class QVLMLayerwise(QVLMBase):
     name = "qvlm-layerwise"
-    summary = "Q-VLM ablation baseline: layer-wise clipping-percentile search only"
+    summary = "Q-VLM ablation baseline: layer-wise activation-clipping search only"
     use_cdm, use_veo = False, False
+
+
+@register_method
+class FP16VEO(Method):
+    """The control: Q-VLM's VEO-tuned vision tower with the float language model.
+
+    Nothing is quantized (``quantizes = False``): the state holds the tuned tower as
+    ``float_params``. It runs once per scheme because VEO's objective (L_err, the Jacobian
+    weights, the entropy grid) depends on the scheme. Compared with ``fp16`` it shows what VEO's
+    supervised term (L_reg trains the tower on the calibration answers) does on its own, apart
+    from quantization robustness.
+    """
+
+    name = "fp16+veo"
+    summary = "control: Q-VLM's VEO-tuned vision tower with the float language model (no quantization)"
+    needs_calibration = True
+    quantizes: ClassVar[bool] = False
+    defaults = VEO_DEFAULTS
+    presets: ClassVar[dict[str, dict]] = {"fast": FAST_VEO}
+
+    def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
+        validate_veo(self.options)
+        meta: dict[str, Any] = {"stages": {"veo": True, "cdm": False, "search": False},
+                                "options": copy.deepcopy(self.options), "quantizes": False}
+        state = QuantState(method=self.name, config=qcfg, meta=meta)
+        if qcfg.is_float:
+            return state
+        if calib is None or not calib.batches:
+            raise ValueError(f"{self.name} needs calibration data")
+        params, seconds = run_veo(lm.model, qcfg, calib, self.options, meta)
+        state.float_params = params
+        meta["search_cost_s"] = {"veo": round(seconds, 3), "total": round(seconds, 3)}
+        meta["summary"] = {"search_s": round(seconds, 3), **_veo_summary(meta)}
+        return state

@@ -1,45 +1,57 @@
-"""Clipping-percentile search, layer-wise (paper Eq. 2) and block-wise (Eq. 3): Q-VLM §2.
+"""Clipping-percentile search, layer-wise (paper Eq. 2) and joint over a block (Eq. 3): Q-VLM §2.
 
-What is searched: for every *quantizer group* of a transformer layer — one activation tensor and
-the linear layers that read it (Llama: q/k/v, o, gate/up, down; found by watching which linears
-receive the same tensor object) — an activation clipping percentile and a weight clipping
-percentile, each from ``grid`` (default 1.0, 0.995, ..., 0.98). ``coordinates="layer"`` shares
-one activation and one weight percentile among all groups of a layer (4x fewer evaluations on
-Llama layers).
+What is searched (the paper and the official code: activation clipping): for every *quantizer
+group* of a transformer layer — one activation tensor and the linear layers that read it (Llama:
+q/k/v, o, gate/up, down; found by watching which linears receive the same tensor object) — an
+activation clipping percentile from ``grid`` (default 1.0, 0.995, ..., 0.98).
+``coordinates="layer"`` shares one percentile among all groups of a layer. ``search_weights=True``
+(ours, off by default) adds a weight clipping percentile per group; otherwise the weights are
+plain round-to-nearest of the scheme.
 
 How a percentile becomes a quantizer (the core's ``clip_ratio`` form, so the simulated model
 computes exactly what was searched):
 
-* weights: per output channel (or group) ``clip = q_p(|w|) / max|w|``, passed as a tensor
-  ``clip_ratio`` to ``linear_from_weight``;
 * per-token activations: ``clip = mean over real calibration tokens of q_p(|x_t|) / max|x_t|``
   on the float model's inputs of the group, stored as ``ActQuant.clip_ratio``;
-* per-tensor activations: the float calibration range ``[min, max]`` shrunk by
-  ``q_p(|x|) / max|x|`` (quantile over up to 65536 sampled values per batch).
+* per-tensor activations: the float calibration range ``[min, max]`` over real tokens shrunk by
+  ``q_p(|x|) / max|x|`` (quantile over up to 65536 sampled values per batch); at p = 1 this is
+  the engine's own rule for static ranges (float stream, min/max, real tokens);
+* weights (``search_weights``): per output channel (or group) ``clip = q_p(|w|) / max|w|``.
 
 Both are multiplied by the config's ``w_clip`` / ``a_clip`` (1.0 by default), so p = 1.0
 everywhere is exactly round-to-nearest.
 
-Objective: mean squared error at the output of the layer (layer-wise) or block (block-wise) over
-the real calibration tokens (of the first ``eval_batches`` batches when set, for speed), the quantized layers fed by the already-quantized previous blocks,
-the target the float model's own activation there.
+Objective: mean squared error at the output of the layer (layer-wise) or block (joint) over the
+real calibration tokens (of the first ``eval_batches`` batches when set), the quantized layers
+fed by the already-quantized previous blocks, the target the float model's own activation there.
+Errors are computed in the tensors' dtype (float64 stays float64; half precision is widened to
+float32). Every choice among candidates goes through ``harness.quant.ties`` (a candidate must win
+by a relative margin; earlier candidates win near-ties; the grid lists the unclipped 1.0 first).
 
-Search order (a coordinate search, since a full grid over a block's quantizers is exponential):
+Search over a set of coordinates (one layer for Eq. 2, a block for Eq. 3):
 
-1. layer-wise initialization: layers in order, each layer's coordinates in forward order (per
-   group: activation, then weight), each set to the grid value minimizing the layer's own output
-   error with the earlier coordinates fixed; this *is* the layer-wise method's solution;
-2. block-wise (blocks of more than one layer): ``passes`` sweeps over all coordinates of the block
-   in the same order, each set to the grid value minimizing the *block* output error. A value
-   replaces the current one only when it is strictly better, so the block error never exceeds
-   the layer-wise solution's on the same inputs.
+* **exhaustive** when the number of combinations ``len(grid) ** n_coordinates`` is at most
+  ``exhaustive_max``: enumerated as a tree over the block's layers, so each layer's output is
+  computed once per prefix of choices (3 layers x 1 coordinate x 5 values: 5 + 25 + 125 layer
+  passes, 125 objective evaluations);
+* otherwise **coordinate descent to a fixed point** from several starts (each coordinate in
+  forward order set to its best grid value with the others fixed, sweeps repeated until one
+  changes nothing): the incumbent (for a block: the layer-wise optimum, so the block never ends
+  worse than layer-wise), all unclipped (round-to-nearest), and the best *uniform* assignment
+  (every coordinate at the same percentile, the best of the grid's values — a joint move that
+  single-coordinate steps cannot make). The best fixed point wins, earlier starts winning ties.
+
+Layer-wise (``joint=False``): each layer in order, its coordinates searched against its own
+output, fed by the layer-wise-quantized layers before it. Joint: the layer-wise solution first
+(recorded as ``layerwise_error``), then the block's coordinates jointly against the block output.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -51,10 +63,18 @@ from harness.quant.config import QuantConfig
 from harness.quant.quantizer import dequantize_weight, qparams, rtn_weight
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
+from harness.quant.ties import improves, stable_argmin
 
 DEFAULT_GRID = (1.0, 0.995, 0.99, 0.985, 0.98)
 COORDINATES = ("group", "layer")
 PER_TENSOR_SAMPLES = 65536
+EXHAUSTIVE_MAX = 125  # 5 percentiles ** 3 layers: a block of three with layer coordinates
+MAX_SWEEPS = 50  # safety cap on coordinate-descent sweeps (each move lowers the error by a margin)
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 when it already is: statistics never lose the input's precision."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 # ---- percentiles -> clip ratios ------------------------------------------------------------------
@@ -78,7 +98,8 @@ def upper_quantiles(x: torch.Tensor, grid: Sequence[float]) -> tuple[torch.Tenso
 
 def weight_clip_ratios(weight: torch.Tensor, group_size: int | None,
                        grid: Sequence[float]) -> dict[float, torch.Tensor]:
-    """Per group ``q_p(|w|) / max|w|`` as ``[out, n_groups, 1]`` tensors (1.0 at p = 1)."""
+    """Per group ``q_p(|w|) / max|w|`` as ``[out, n_groups, 1]`` float32 tensors (1.0 at p = 1):
+    clip ratios enter ``qparams``, which computes weight scales in float32 for every input dtype."""
     out_f, in_f = weight.shape
     gs = in_f if group_size is None or group_size <= 0 or group_size >= in_f else group_size
     mx, q = upper_quantiles(weight.detach().float().abs().reshape(out_f, in_f // gs, gs), grid)
@@ -95,6 +116,7 @@ class ActStats:
     lo: float = float("inf")
     hi: float = float("-inf")
     samples: list[torch.Tensor] = field(default_factory=list)
+    _made: dict = field(default_factory=dict, repr=False)
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None, grid: Sequence[float],
             per_tensor: bool, gen: torch.Generator) -> None:
@@ -103,7 +125,8 @@ class ActStats:
             rows = rows[mask.reshape(-1).to(rows.device).bool()]
         if rows.shape[0] == 0:
             return
-        rows = rows.float()
+        rows = wide(rows)
+        self._made.clear()
         if per_tensor:
             self.lo = min(self.lo, float(rows.min()))
             self.hi = max(self.hi, float(rows.max()))
@@ -121,7 +144,14 @@ class ActStats:
         self.tokens += rows.shape[0]
 
     def quantizer(self, qcfg: QuantConfig, p: float) -> ActQuant:
-        """The activation quantizer for percentile ``p`` (the config's bits, symmetry, granularity)."""
+        """The activation quantizer for percentile ``p`` (the config's bits, symmetry, granularity).
+
+        The same object for the same ``p`` (so the search's input cache recognizes it)."""
+        if p not in self._made:
+            self._made[p] = self._make(qcfg, p)
+        return self._made[p]
+
+    def _make(self, qcfg: QuantConfig, p: float) -> ActQuant:
         act = act_quantizer(qcfg)
         if act.granularity == "per_token":
             ratio = 1.0 if p >= 1.0 or self.tokens == 0 else self.ratio_sum[p] / self.tokens
@@ -172,24 +202,31 @@ class SearchLinear(nn.Module):
     will compute for the current percentiles (same quantizer functions, same order)."""
 
     def __init__(self, linear: nn.Linear, qcfg: QuantConfig, grid: Sequence[float],
-                 cache: ActCache | None = None):
+                 cache: ActCache | None = None, search_weights: bool = False):
         super().__init__()
         self.linear = linear
         self.cache = cache or ActCache()
         self.qcfg = qcfg
+        self.search_weights = search_weights
         self.ratios = weight_clip_ratios(linear.weight, qcfg.w_group_size, grid) \
-            if qcfg.quantizes_weights else {}
+            if qcfg.quantizes_weights and search_weights else {}
         self.p_w = 1.0
         self.act: ActQuant | None = None
         self._dq: dict[float, torch.Tensor] = {}
+
+    def _clip(self, p: float):
+        """The weight clip ``linear_from_weight`` gets: the config's (RTN) unless weights are searched."""
+        return self.qcfg.w_clip * self.ratios[p] if self.search_weights else None
 
     def weight_for(self, p: float) -> torch.Tensor:
         if not self.qcfg.quantizes_weights:
             return self.linear.weight
         if p not in self._dq:
             w = self.linear.weight
+            clip = self._clip(p)
             codes, scale, zero = rtn_weight(w.detach().float(), self.qcfg.w_bits, self.qcfg.w_sym,
-                                            self.qcfg.w_group_size, self.qcfg.w_clip * self.ratios[p])
+                                            self.qcfg.w_group_size,
+                                            self.qcfg.w_clip if clip is None else clip)
             self._dq[p] = dequantize_weight(codes, scale, zero).to(w.dtype)
         return self._dq[p]
 
@@ -199,8 +236,7 @@ class SearchLinear(nn.Module):
         return F.linear(x, self.weight_for(self.p_w), self.linear.bias)
 
     def state_entry(self) -> LinearQuant:
-        ratio = self.ratios.get(self.p_w) if self.qcfg.quantizes_weights else None
-        clip = None if ratio is None else self.qcfg.w_clip * ratio
+        clip = self._clip(self.p_w) if self.qcfg.quantizes_weights else None
         return linear_from_weight(self.linear.weight, self.qcfg, clip_ratio=clip, act=self.act)
 
 
@@ -227,10 +263,12 @@ class SearchLayer:
     """A transformer layer prepared for the search: its quantizer groups and float targets."""
 
     def __init__(self, layer: nn.Module, qcfg: QuantConfig, grid: Sequence[float],
-                 linear_names: Sequence[str], coordinates: str = "group"):
+                 linear_names: Sequence[str], coordinates: str = "group",
+                 search_weights: bool = False):
         if coordinates not in COORDINATES:
             raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
         self.coordinates = coordinates
+        self.search_weights = search_weights
         self.layer = layer
         self.qcfg = qcfg
         self.grid = tuple(grid)
@@ -281,7 +319,8 @@ class SearchLayer:
         for name in self.linear_names:
             parent, child = _split(name)
             owner = self.layer.get_submodule(parent) if parent else self.layer
-            sl = SearchLinear(getattr(owner, child), self.qcfg, self.grid, self.cache)
+            sl = SearchLinear(getattr(owner, child), self.qcfg, self.grid, self.cache,
+                              self.search_weights)
             setattr(owner, child, sl)
             self.swapped[name] = sl
         self.set(self.groups, "a", 1.0)
@@ -302,7 +341,7 @@ class SearchLayer:
         for unit in units:
             if self.qcfg.quantizes_acts:
                 out.append((unit, "a"))
-            if self.qcfg.quantizes_weights:
+            if self.qcfg.quantizes_weights and self.search_weights:
                 out.append((unit, "w"))
         return out
 
@@ -323,16 +362,16 @@ class SearchLayer:
         return unit[0].p_a if kind == "a" else unit[0].p_w
 
 
-# ---- the search ----------------------------------------------------------------------------------
+# ---- the objective -------------------------------------------------------------------------------
 
 def output_error(outs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                  masks: Sequence[torch.Tensor | None]) -> float:
-    """Mean squared error over the real tokens' channels."""
+    """Mean squared error over the real tokens' channels, in the outputs' precision (≥ float32)."""
     num, den = 0.0, 0
     for o, t, m in zip(outs, targets, masks):
-        se = (o.float() - t.float()).pow(2).sum(dim=-1)
+        se = (wide(o) - wide(t)).pow(2).sum(dim=-1)
         if m is not None and m.shape == se.shape:
-            m = m.to(se.device).float()
+            m = m.to(se.device, se.dtype)
             num += float((se * m).sum())
             den += int(m.sum()) * o.shape[-1]
         else:
@@ -340,6 +379,169 @@ def output_error(outs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
             den += se.numel() * o.shape[-1]
     return num / max(den, 1)
 
+
+# ---- joint search over a set of coordinates ------------------------------------------------------
+
+@dataclass
+class Coord:
+    """One search coordinate: position ``d`` of its layer in the searched span, and what it sets."""
+
+    d: int
+    layer: SearchLayer
+    unit: list[Group]
+    kind: str
+
+    def get(self) -> float:
+        return SearchLayer.get(self.unit, self.kind)
+
+    def set(self, p: float) -> None:
+        self.layer.set(self.unit, self.kind, p)
+
+
+class Span:
+    """Consecutive searched layers with an input and a target: the objective and its search."""
+
+    def __init__(self, sls: Sequence[SearchLayer], layers: Sequence[nn.Module],
+                 calls: Sequence[LayerCall], hin: Sequence[torch.Tensor],
+                 target: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None],
+                 grid: Sequence[float], counter: dict):
+        self.sls, self.layers, self.calls = list(sls), list(layers), list(calls)
+        self.hin, self.target, self.masks = list(hin), list(target), list(masks)
+        self.grid = tuple(grid)
+        self.count = counter  # {"evaluations": objective evaluations, "layer_passes": layer forwards}
+        self.coords = [Coord(d, sl, unit, kind) for d, sl in enumerate(self.sls)
+                       for unit, kind in sl.coords()]
+
+    # -- objective
+    def layer(self, d: int, hid: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.count["layer_passes"] += 1
+        return [layer_output(self.layers[d], c.with_hidden(x)) for c, x in zip(self.calls, hid)]
+
+    def run(self, d0: int, hid: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = list(hid)
+        for d in range(d0, len(self.layers)):
+            out = self.layer(d, out)
+        return out
+
+    def error(self, out: Sequence[torch.Tensor]) -> float:
+        self.count["evaluations"] += 1
+        return output_error(out, self.target, self.masks)
+
+    def assignment(self) -> tuple[float, ...]:
+        return tuple(c.get() for c in self.coords)
+
+    def apply(self, values: Sequence[float]) -> None:
+        for c, p in zip(self.coords, values):
+            c.set(p)
+
+    def evaluate(self, values: Sequence[float]) -> float:
+        self.apply(values)
+        return self.error(self.run(0, self.hin))
+
+    def combinations(self) -> int:
+        return len(self.grid) ** len(self.coords)
+
+    # -- exhaustive, as a tree over the layers
+    def exhaustive(self, incumbents: Sequence[tuple[str, tuple]]) -> dict:
+        """Every combination, each layer's output computed once per prefix of choices."""
+        by_layer = [[c for c in self.coords if c.d == d] for d in range(len(self.layers))]
+        leaves: list[tuple[tuple, float]] = []
+
+        def rec(d: int, hid: list[torch.Tensor], prefix: tuple) -> None:
+            cs = by_layer[d]
+            for combo in itertools.product(self.grid, repeat=len(cs)):
+                for c, p in zip(cs, combo):
+                    c.set(p)
+                out = self.layer(d, hid)
+                if d + 1 == len(self.layers):
+                    leaves.append((prefix + combo, self.error(out)))
+                else:
+                    rec(d + 1, out, prefix + combo)
+
+        rec(0, self.hin, ())
+        errs = dict(leaves)
+        cands = [(name, v, errs[tuple(v)]) for name, v in incumbents] + \
+                [("grid", v, e) for v, e in leaves]
+        i = stable_argmin([e for _, _, e in cands])
+        name, best, err = cands[i]
+        self.apply(best)
+        return {"search": "exhaustive", "combinations": len(leaves), "values": tuple(best),
+                "error": err, "winner": name}
+
+    # -- coordinate descent to a fixed point from several starts
+    def descent(self, start: Sequence[float]) -> tuple[tuple, float, int, bool]:
+        """Iterated coordinate descent from ``start``: ``(values, error, sweeps, converged)``."""
+        self.apply(start)
+        n = len(self.layers)
+        outs: list[list[torch.Tensor] | None] = [None] * n  # layer outputs, current assignment
+
+        def input_of(d: int) -> list[torch.Tensor]:
+            if d == 0:
+                return self.hin
+            if outs[d - 1] is None:
+                outs[d - 1] = self.layer(d - 1, input_of(d - 1))
+            return outs[d - 1]
+
+        err = self.error(self.run(0, self.hin))
+        sweeps, converged = 0, False
+        while sweeps < MAX_SWEEPS:
+            sweeps += 1
+            moved = False
+            for c in self.coords:
+                hid = input_of(c.d)
+                cur = c.get()
+                errs, mine = [], {}
+                for p in self.grid:
+                    if p == cur:
+                        errs.append(err)
+                        continue
+                    c.set(p)
+                    mine[p] = self.layer(c.d, hid)
+                    errs.append(self.error(self.run(c.d + 1, mine[p])))
+                i = stable_argmin(errs)
+                if self.grid[i] != cur and improves(errs[i], err):
+                    c.set(self.grid[i])
+                    err = errs[i]
+                    moved = True
+                    outs[c.d] = mine[self.grid[i]]
+                    for k in range(c.d + 1, n):
+                        outs[k] = None
+                else:
+                    c.set(cur)
+            if not moved:
+                converged = True
+                break
+        return self.assignment(), err, sweeps, converged
+
+    def search(self, incumbents: Sequence[tuple[str, tuple]], exhaustive_max: int) -> dict:
+        """Exhaustive if small enough, else descent from the incumbents, all-unclipped and the
+        best uniform assignment. Leaves the winner applied; returns what happened."""
+        if not self.coords:
+            return {"search": "none", "values": (), "error": self.evaluate(()), "winner": "rtn"}
+        if self.combinations() <= exhaustive_max:
+            return self.exhaustive(incumbents)
+        k = len(self.coords)
+        uniform = [(p, self.evaluate((p,) * k)) for p in self.grid]
+        best_uniform = uniform[stable_argmin([e for _, e in uniform])][0]
+        starts: list[tuple[str, tuple]] = []
+        for name, v in list(incumbents) + [("unclipped", (self.grid[0],) * k),
+                                           ("uniform", (best_uniform,) * k)]:
+            if all(tuple(v) != s for _, s in starts):
+                starts.append((name, tuple(v)))
+        runs = []
+        for name, v in starts:
+            values, err, sweeps, conv = self.descent(v)
+            runs.append({"start": name, "error": err, "sweeps": sweeps, "converged": conv,
+                         "values": values})
+        i = stable_argmin([r["error"] for r in runs])
+        self.apply(runs[i]["values"])
+        return {"search": "descent", "values": runs[i]["values"], "error": runs[i]["error"],
+                "winner": runs[i]["start"],
+                "starts": [{k_: r[k_] for k_ in ("start", "error", "sweeps", "converged")}
+                           for r in runs]}
+
+
+# ---- one block ---------------------------------------------------------------------------------
 
 @dataclass
 class BlockResult:
@@ -351,6 +553,8 @@ class BlockResult:
     evaluations: int
     entries: dict[str, LinearQuant]  # local "layer_index.linear_path" -> entry
     percentiles: dict[int, dict[str, dict[str, float]]]  # layer -> group -> {"a", "w"}
+    layer_passes: int = 0
+    search: dict = field(default_factory=dict)  # how the block's joint search went
 
 
 @torch.no_grad()
@@ -358,21 +562,21 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
                  q_in: Sequence[torch.Tensor], f_in: Sequence[torch.Tensor],
                  masks: Sequence[torch.Tensor | None], qcfg: QuantConfig,
                  linear_names: Sequence[Sequence[str]], grid: Sequence[float] = DEFAULT_GRID,
-                 passes: int = 1, joint: bool = True, seed: int = 0, coordinates: str = "group",
-                 eval_batches: int | None = None) -> BlockResult:
-    """Search one block of consecutive layers (see the module doc for the order).
+                 joint: bool = True, seed: int = 0, coordinates: str = "group",
+                 eval_batches: int | None = None, search_weights: bool = False,
+                 exhaustive_max: int = EXHAUSTIVE_MAX) -> BlockResult:
+    """Search one block of consecutive layers (see the module doc).
 
     ``q_in``/``f_in``: the block's input in the quantized/float model, one tensor per batch.
-    ``joint=False`` stops after the layer-wise initialization (Eq. 2). ``coordinates``: "group"
-    (a value per quantizer group) or "layer" (one activation and one weight value per layer).
-    ``eval_batches``: the objective uses the first that many batches (all when None); the
-    activation statistics always use every batch. ``q_out`` covers the evaluated batches.
+    ``joint=False`` stops after the layer-wise solution (Eq. 2). ``eval_batches``: the objective
+    uses the first that many batches (all when None); the activation statistics always use
+    every batch. ``q_out`` covers the evaluated batches.
     """
-    grid = tuple(grid)
+    grid = tuple(dict.fromkeys(float(p) for p in grid))
     if 1.0 not in grid:
         grid = (1.0,) + grid
-    n = len(layers)
-    sls = [SearchLayer(layer, qcfg, grid, names, coordinates)
+    grid = (1.0,) + tuple(p for p in grid if p != 1.0)  # unclipped first: it wins near-ties
+    sls = [SearchLayer(layer, qcfg, grid, names, coordinates, search_weights)
            for layer, names in zip(layers, linear_names)]
     f_outs: list[list[torch.Tensor]] = []
     h = list(f_in)
@@ -382,80 +586,53 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
     k = len(calls) if not eval_batches else max(1, min(int(eval_batches), len(calls)))
     calls, q_in, masks = list(calls)[:k], list(q_in)[:k], list(masks)[:k]
     f_outs = [f[:k] for f in f_outs]
-    evals = 0
-
-    def run(j0: int, hid: Sequence[torch.Tensor], j1: int) -> list[torch.Tensor]:
-        out = list(hid)
-        for j in range(j0, j1):
-            out = [layer_output(layers[j], c.with_hidden(x)) for c, x in zip(calls, out)]
-        return out
-
-    def sweep(sl: SearchLayer, evaluate, err: float) -> float:
-        nonlocal evals
-        for g, kind in sl.coords():
-            best_p = SearchLayer.get(g, kind)
-            for p in grid:
-                if p == best_p:
-                    continue
-                cur = SearchLayer.get(g, kind)
-                sl.set(g, kind, p)
-                e = evaluate()
-                evals += 1
-                if e < err:
-                    err, best_p = e, p
-                else:
-                    sl.set(g, kind, cur)
-            sl.set(g, kind, best_p)
-        return err
-
+    count = {"evaluations": 0, "layer_passes": 0}
+    info: dict = {}
     try:
         for sl in sls:
             sl.swap_in()
-        # 1. layer-wise initialization (Eq. 2)
-        prefix: list[list[torch.Tensor]] = []
+        # 1. layer-wise (Eq. 2): each layer against its own output, fed by the earlier ones
         hin = list(q_in)
+        layerwise: list[float] = []
+        per_layer = []
         for j, sl in enumerate(sls):
-            def layer_err(j=j, hin=hin):
-                return output_error(run(j, hin, j + 1), f_outs[j], masks)
-            sweep(sl, layer_err, layer_err())
-            evals += 1
-            hin = run(j, hin, j + 1)
-            prefix.append(hin)
-        layerwise_error = output_error(prefix[-1], f_outs[-1], masks)
-        err = layerwise_error
-        # 2. block-wise coordinate passes (Eq. 3)
-        if joint and n > 1:
-            for _ in range(passes):
-                before = err
-                for j, sl in enumerate(sls):
-                    start = list(q_in) if j == 0 else prefix[j - 1]
-
-                    def block_err(j=j, start=start):
-                        return output_error(run(j, start, n), f_outs[-1], masks)
-                    err = sweep(sl, block_err, err)
-                    prefix[j] = run(j, start, j + 1)  # later layers are swept after, in order
-                if not err < before:
-                    break
+            span = Span([sl], [layers[j]], calls, hin, f_outs[j], masks, grid, count)
+            res = span.search([], exhaustive_max)
+            per_layer.append({k_: v for k_, v in res.items() if k_ != "values"})
+            layerwise.extend(res["values"])
+            hin = span.run(0, hin)
+        layerwise_error = output_error(hin, f_outs[-1], masks)
+        info["layerwise"] = per_layer
+        err, q_out = layerwise_error, hin
+        # 2. joint over the block (Eq. 3), the layer-wise solution as the incumbent
+        if joint and len(sls) > 1:
+            span = Span(sls, layers, calls, q_in, f_outs[-1], masks, grid, count)
+            res = span.search([("layerwise", tuple(layerwise))], exhaustive_max)
+            info["joint"] = {k_: v for k_, v in res.items() if k_ != "values"}
+            err = res["error"]
+            q_out = span.run(0, q_in)
         entries: dict[str, LinearQuant] = {}
         percentiles: dict[int, dict[str, dict[str, float]]] = {}
         for idx, sl in zip(indices, sls):
             for name, lin in sl.swapped.items():
                 entries[f"{idx}.{name}"] = lin.state_entry()
             percentiles[idx] = {g.name: {"a": g.p_a, "w": g.p_w} for g in sl.groups}
-        q_out = prefix[-1]
     finally:
         for sl in sls:
             sl.swap_out()
     return BlockResult(layers=list(indices), q_out=q_out, f_out=f_outs[-1],
-                       layerwise_error=layerwise_error, block_error=err, evaluations=evals,
-                       entries=entries, percentiles=percentiles)
+                       layerwise_error=layerwise_error, block_error=err,
+                       evaluations=count["evaluations"], entries=entries, percentiles=percentiles,
+                       layer_passes=count["layer_passes"], search=info)
 
 
 def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], qcfg: QuantConfig,
                       blocks: Sequence[Sequence[int]], grid: Sequence[float] = DEFAULT_GRID,
-                      passes: int = 1, joint: bool = True, seed: int = 0,
-                      method: str = "qvlm", coordinates: str = "group",
-                      eval_batches: int | None = None) -> tuple[dict[str, LinearQuant], list[dict], dict]:
+                      joint: bool = True, seed: int = 0, method: str = "qvlm",
+                      coordinates: str = "group", eval_batches: int | None = None,
+                      search_weights: bool = False, exhaustive_max: int = EXHAUSTIVE_MAX,
+                      on_block: Callable[[dict], None] | None = None,
+                      ) -> tuple[dict[str, LinearQuant], list[dict], dict]:
     """Search every block in order, each fed by the already-quantized previous blocks.
 
     Runs on the shared loop ``harness.quant.blockwise.run_blockwise`` (``inputs`` from its
@@ -474,8 +651,8 @@ def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], q
             names.append([n[len(path) + 1:] for n in targets if n.startswith(path + ".")])
         res = search_block(block.layers, block.layer_ids, block.calls,
                            [c.hidden for c in block.calls], [c.hidden for c in block.float_calls],
-                           block.masks, qcfg, names, grid, passes, joint, seed, coordinates,
-                           eval_batches)
+                           block.masks, qcfg, names, grid, joint, seed, coordinates,
+                           eval_batches, search_weights, exhaustive_max)
         frag = block.fragment(method, qcfg)
         for key, lq in res.entries.items():
             i, _, local = key.partition(".")
@@ -484,10 +661,14 @@ def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], q
             for gname, ps in groups.items():
                 for local in gname.split("+"):
                     percentiles[f"{inputs.path}.{i}.{local}"] = dict(ps)
-        summaries.append({"layers": list(block.layer_ids), "layerwise_error": res.layerwise_error,
-                          "block_error": res.block_error, "evaluations": res.evaluations,
-                          "seconds": round(time.perf_counter() - t0, 3),
-                          "percentiles": {str(i): g for i, g in res.percentiles.items()}})
+        summary = {"layers": list(block.layer_ids), "layerwise_error": res.layerwise_error,
+                   "block_error": res.block_error, "evaluations": res.evaluations,
+                   "layer_passes": res.layer_passes, "search": res.search,
+                   "seconds": round(time.perf_counter() - t0, 3),
+                   "percentiles": {str(i): g for i, g in res.percentiles.items()}}
+        summaries.append(summary)
+        if on_block is not None:
+            on_block(summary)
         return frag
 
     merged = run_blockwise(model, inputs, process, blocks=[list(b) for b in blocks],
