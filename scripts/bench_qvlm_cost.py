@@ -7,13 +7,18 @@ Measured in one process (numbers go into docs/benchmarks/qvlm_cost.md):
    ``run_blockwise``) over the first ``--search-layers`` decoder layers, as blocks of 3, 2 and 1
    layers (block-wise, CDM variants) and as single layers (layer-wise variants), for each
    ``--coordinates`` setting. Per-block seconds are extrapolated to the mined 32-layer partition.
-3. VEO on the CLIP-L-shaped tower: the Jacobian-weight pass, ``--veo-steps`` optimizer steps and
-   one evaluation, each timed per batch and extrapolated to 10 epochs x 8 batches.
+3. VEO on the CLIP-L-shaped tower: the micro-batch choice (``--veo-micro-batch auto``: measured
+   from a one-sequence step and the free memory), the Jacobian-weight pass, ``--veo-steps``
+   optimizer steps and one evaluation, each timed per batch and extrapolated to 10 epochs x 8
+   batches, with the peak GPU memory. ``--gpu-gib 80`` first fills the card down to 80 GiB of
+   free memory (a ballast tensor), so an H200 answers for an 80 GB card; the peak reported then
+   includes the ballast, i.e. it is what an 80 GB card would see.
 
 Stages run in that order and each is skipped when ``--budget-s`` would be exceeded. Random
 weights cost the same arithmetic as trained ones. Self-contained (no lm-eval, no datasets).
 
     PYTHONPATH=. python scripts/bench_qvlm_cost.py --out $OUT                    # GPU, 7B
+    PYTHONPATH=. python scripts/bench_qvlm_cost.py --shape 13b --stages veo --gpu-gib 80 --out $OUT
     PYTHONPATH=. python scripts/bench_qvlm_cost.py --shape tiny --device cpu     # smoke test
 """
 
@@ -38,7 +43,7 @@ from bench_quantize_cost import build_model, calibration  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=["7b", "tiny"], default="7b")
+    ap.add_argument("--shape", choices=["7b", "13b", "tiny"], default="7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
@@ -48,7 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--search-layers", type=int, default=6)
     ap.add_argument("--coordinates", default="group,layer")
     ap.add_argument("--veo-steps", type=int, default=3)
-    ap.add_argument("--veo-micro-batch", type=int, default=2)
+    ap.add_argument("--veo-micro-batch", default="auto", help='"auto", "none" or a number')
+    ap.add_argument("--gpu-gib", type=float, default=None,
+                    help="leave only this much GPU memory free before building (simulate a card)")
     ap.add_argument("--budget-s", type=float, default=float("inf"))
     ap.add_argument("--stages", default="cdm,search,veo",
                     help="comma-separated subset of cdm,search,veo,methods")
@@ -89,8 +96,22 @@ def main(argv=None) -> int:
 
     dtype = torch.float16 if cuda else torch.float32
     card = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    ballast = None
+    if cuda and args.gpu_gib:
+        free, total = torch.cuda.mem_get_info()
+        extra = free - int(args.gpu_gib * 2 ** 30)
+        if extra > 0:
+            ballast = torch.empty(extra, dtype=torch.uint8, device=args.device)
+        log(f"ballast {0 if ballast is None else extra / 2 ** 30:.1f} GiB: "
+            f"{torch.cuda.mem_get_info()[0] / 2 ** 30:.1f} GiB free of {total / 2 ** 30:.1f}")
     t0 = time.perf_counter()
-    model, config = build_model(args.shape, None, dtype, args.device)
+    if args.shape == "13b":
+        from harness.perf.arch import build_random_model
+
+        built = build_random_model("llava-1.5-13b", dtype=dtype, device=args.device)
+        model, config = built.model.requires_grad_(False), built.model.config
+    else:
+        model, config = build_model(args.shape, None, dtype, args.device)
     calib = calibration(config, args.n, args.batch, args.seq, args.device, dtype)
     for b in calib.batches:  # the last tokens of each sequence are the "answer"
         labels = torch.full_like(b["input_ids"], -100)
@@ -219,15 +240,31 @@ def main(argv=None) -> int:
     elif left() < 90:
         log("skip VEO: budget")
     else:
-        cfg = VEOConfig(micro_batch=args.veo_micro_batch)
+        micro = args.veo_micro_batch
+        micro = "auto" if micro == "auto" else None if micro == "none" else int(micro)
+        cfg = VEOConfig(micro_batch=micro)
         veo = VEO(model, qcfg, calib.batches[:1], cfg)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         with veo.prepared():
             t0 = time.perf_counter()
-            weights = veo.jacobian_weights()
+            if micro == "auto":
+                k = max(len(veo.layers) - 1, 1)
+                veo.micro = veo.auto_micro_batch(torch.full((k,), 1.0 / k))
+            else:
+                veo.micro = micro
+            sync()
+            auto_s = time.perf_counter() - t0
+            log("VEO micro-batch", json.dumps(veo.memory), f"{auto_s:.1f}s")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            weights, jac = veo.jacobian_weights()
             sync()
             jac_s = time.perf_counter() - t0
+            jac_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+            log("VEO Jacobian", [round(w, 4) for w in weights.tolist()], json.dumps(jac),
+                f"{jac_s:.1f}s", f"peak {jac_peak} GiB")
             t0 = time.perf_counter()
             veo.evaluate(weights)
             sync()
@@ -239,7 +276,7 @@ def main(argv=None) -> int:
                     break
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                for chunk, frac in _chunks(calib.batches[step % len(calib.batches)], cfg.micro_batch):
+                for chunk, frac in _chunks(calib.batches[step % len(calib.batches)], veo.micro):
                     t = veo.terms(chunk, weights, step)
                     (veo.total(t) * frac).backward()
                 opt.step()
@@ -247,7 +284,9 @@ def main(argv=None) -> int:
                 steps.append(time.perf_counter() - t0)
         step_s = min(steps[1:] or steps) if steps else None
         n_b = len(calib.batches)
-        res["veo"] = {"micro_batch": cfg.micro_batch, "jacobian_s_per_batch": round(jac_s, 2),
+        res["veo"] = {"micro_batch": veo.memory, "jacobian_weights": weights.tolist(),
+                      "jacobian": jac, "jacobian_peak_gib": None if jac_peak is None else round(jac_peak, 1),
+                      "gpu_gib_cap": args.gpu_gib, "jacobian_s_per_batch": round(jac_s, 2),
                       "eval_s_per_batch": round(eval_s, 2),
                       "step_s": [round(s, 2) for s in steps],
                       "extrapolated_s": None if step_s is None else

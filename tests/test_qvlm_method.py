@@ -18,7 +18,7 @@ from methods.qvlm import method as method_mod
 
 VARIANTS = {"qvlm": (True, True), "qvlm-cdm": (True, False), "qvlm-veo": (False, True),
             "qvlm-layerwise": (False, False)}
-FAST = {"veo_epochs": 1, "veo_lr": 1e-3, "coordinates": "layer"}
+FAST = {"veo_epochs": 1, "veo_lr": 1e-3}
 OPEN_CHOICES = ("h0", "cdm_tau", "grid", "coordinates", "search_weights", "exhaustive_max",
                 "max_block", "veo_lambda1", "veo_lambda2", "veo_eta", "veo_optimizer", "veo_lr",
                 "veo_epochs", "veo_micro_batch", "veo_jacobian_fallback")
@@ -50,6 +50,7 @@ def test_registered_with_the_papers_defaults_and_a_fast_preset():
     # activation clipping only; 64 calibration pairs in batches of 8 are the engine's default
     assert d["grid"] == [1.0, 0.995, 0.99, 0.985, 0.98]
     assert (d["max_block"], d["veo_epochs"], d["search_weights"]) == (3, 10, False)
+    assert d["coordinates"] == "layer" and 5 ** 3 <= d["exhaustive_max"]  # blocks of 3: exhaustive
     assert (DEFAULT_CALIBRATION["n"], DEFAULT_CALIBRATION["batch_size"]) == (64, 8)
     assert d["search_batches"] is None and d["veo_report"] is True
     with pytest.raises(ValueError):
@@ -190,8 +191,7 @@ def test_fp16_veo_control_is_the_tuned_tower_only(tiny_lm, tiny_calib):
         assert not state.linears and state.float_params and state.proof()["quantized_linears"] == 0
         assert state.meta["quantizes"] is False and state.meta["summary"]["veo_after"]
         towers[scheme] = state.float_params
-    veo = get_method("qvlm-veo")(**opts, coordinates="layer").quantize(tiny_lm, parse_scheme("w4a4"),
-                                                                       tiny_calib)
+    veo = get_method("qvlm-veo")(**opts).quantize(tiny_lm, parse_scheme("w4a4"), tiny_calib)
     assert veo.float_params.keys() == towers["w4a4"].keys()
     assert all(torch.equal(veo.float_params[k], towers["w4a4"][k]) for k in towers["w4a4"])
     # the objective depends on the scheme, so the towers differ

@@ -55,10 +55,12 @@ def _run(layers, calls, hidden):
 
 
 @pytest.mark.parametrize("scheme,noise,kw", [
-    ("w4a4", 0.0, {}), ("w4a4", 0.05, {}), ("w6a6", 0.0, {}), ("w16a4", 0.05, {}),
-    ("w4a4", 0.0, {"coordinates": "layer"}),  # exhaustive (25 combinations)
-    ("w3a16", 0.0, {"search_weights": True}),
-    ("w4a4", 0.05, {"search_weights": True, "coordinates": "layer"})])  # 625 pairs: descent
+    ("w4a4", 0.0, {}), ("w4a4", 0.05, {}), ("w6a6", 0.0, {}),  # layer coordinates: exhaustive
+    # coordinate descent (objective on one batch, for time): groups, and weights too
+    ("w16a4", 0.05, {"coordinates": "group", "eval_batches": 1}),
+    ("w4a4", 0.05, {"coordinates": "group", "eval_batches": 1}),
+    ("w3a16", 0.0, {"search_weights": True, "coordinates": "group", "eval_batches": 1}),
+    ("w4a4", 0.05, {"search_weights": True, "eval_batches": 1})])  # 625 combinations
 def test_joint_never_worse_than_layerwise_and_is_what_the_model_computes(tiny_lm, tiny_calib,
                                                                           scheme, noise, kw):
     qcfg = parse_scheme(scheme)
@@ -67,15 +69,16 @@ def test_joint_never_worse_than_layerwise_and_is_what_the_model_computes(tiny_lm
     assert lw.block_error == lw.layerwise_error
     assert bw.layerwise_error == lw.block_error  # the joint search starts from the same solution
     assert bw.block_error <= lw.block_error
-    small = kw.get("coordinates") == "layer" and not kw.get("search_weights")
+    small = kw.get("coordinates", "layer") == "layer" and not kw.get("search_weights")
     assert bw.search["joint"]["search"] == ("exhaustive" if small else "descent")
     # the errors are those of the simulated model built from the returned entries
     _, layers, _ = _block_setup(tiny_lm, tiny_calib, [0, 1])
     float_out = _run(layers, inputs.calls, [c.hidden for c in inputs.calls])
+    k = len(bw.q_out)  # the batches the objective used
     for res in (lw, bw):
         with applied(tiny_lm.model, _state(inputs, qcfg, res)):
-            out = _run(layers, inputs.calls, q_in)
-        assert output_error(out, float_out, inputs.masks) == pytest.approx(res.block_error, rel=1e-6)
+            out = _run(layers, inputs.calls[:k], q_in[:k])
+        assert output_error(out, float_out[:k], inputs.masks[:k]) == pytest.approx(res.block_error, rel=1e-6)
         for q, o in zip(res.q_out, out):
             torch.testing.assert_close(q, o)
 
@@ -109,7 +112,8 @@ def test_grid_of_one_is_round_to_nearest(tiny_lm, tiny_calib):
 
 
 def test_groups_share_the_input_tensor(tiny_lm, tiny_calib):
-    _, res, _ = _search(tiny_lm, tiny_calib, parse_scheme("w4a4"), joint=False, search_weights=True)
+    _, res, _ = _search(tiny_lm, tiny_calib, parse_scheme("w4a4"), joint=False, search_weights=True,
+                        coordinates="group", eval_batches=1)
     groups = set(res.percentiles[0])
     assert groups == {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", "self_attn.o_proj",
                       "mlp.gate_proj+mlp.up_proj", "mlp.down_proj"}
@@ -141,7 +145,7 @@ def test_layer_coordinates_share_one_value_per_layer(tiny_lm, tiny_calib):
     inputs, layers, names = _block_setup(tiny_lm, tiny_calib, [0, 1])
     f_in = [c.hidden for c in inputs.calls]
     res = search_block(layers, [0, 1], inputs.calls, f_in, f_in, inputs.masks, parse_scheme("w4a4"),
-                       names, coordinates="layer", eval_batches=1)
+                       names, eval_batches=1)  # coordinates="layer", the default
     for groups in res.percentiles.values():
         assert len({p["a"] for p in groups.values()}) == 1
     assert res.block_error <= res.layerwise_error
@@ -249,7 +253,8 @@ def test_choices_do_not_flip_on_rounding_noise(tiny_lm, tiny_calib, monkeypatch)
     """Errors perturbed by 1e-9 relative (far more than float64 noise between machines) give the
     same percentiles: every comparison goes through harness.quant.ties."""
     qcfg = parse_scheme("w4a4")
-    _, ref, _ = _search(tiny_lm, tiny_calib, qcfg, joint=True, eval_batches=1)
+    kw = {"eval_batches": 1, "coordinates": "group"}  # descent: the most comparisons
+    _, ref, _ = _search(tiny_lm, tiny_calib, qcfg, joint=True, **kw)
     gen = torch.Generator().manual_seed(1)
     exact = search_mod.output_error
 
@@ -257,7 +262,7 @@ def test_choices_do_not_flip_on_rounding_noise(tiny_lm, tiny_calib, monkeypatch)
         return exact(*a) * (1 + 1e-9 * float(torch.randn((), generator=gen)))
 
     monkeypatch.setattr(search_mod, "output_error", noisy)
-    _, again, _ = _search(tiny_lm, tiny_calib, qcfg, joint=True, eval_batches=1)
+    _, again, _ = _search(tiny_lm, tiny_calib, qcfg, joint=True, **kw)
     assert again.percentiles == ref.percentiles
 
 

@@ -1,12 +1,13 @@
 """Clipping-percentile search, layer-wise (paper Eq. 2) and joint over a block (Eq. 3): Q-VLM §2.
 
-What is searched (the paper and the official code: activation clipping): for every *quantizer
-group* of a transformer layer — one activation tensor and the linear layers that read it (Llama:
-q/k/v, o, gate/up, down; found by watching which linears receive the same tensor object) — an
-activation clipping percentile from ``grid`` (default 1.0, 0.995, ..., 0.98).
-``coordinates="layer"`` shares one percentile among all groups of a layer. ``search_weights=True``
-(ours, off by default) adds a weight clipping percentile per group; otherwise the weights are
-plain round-to-nearest of the scheme.
+What is searched (the paper and the official code: activation clipping): an activation clipping
+percentile from ``grid`` (default 1.0, 0.995, ..., 0.98) per transformer layer
+(``coordinates="layer"``, the default: every activation quantizer of the layer clips at that
+percentile of its own input), or per *quantizer group* (``coordinates="group"``: one activation
+tensor and the linears that read it — Llama: q/k/v, o, gate/up, down; found by watching which
+linears receive the same tensor object). ``search_weights=True`` (ours, off by default) adds a
+weight clipping percentile per coordinate; otherwise the weights are plain round-to-nearest of
+the scheme.
 
 How a percentile becomes a quantizer (the core's ``clip_ratio`` form, so the simulated model
 computes exactly what was searched):
@@ -263,7 +264,7 @@ class SearchLayer:
     """A transformer layer prepared for the search: its quantizer groups and float targets."""
 
     def __init__(self, layer: nn.Module, qcfg: QuantConfig, grid: Sequence[float],
-                 linear_names: Sequence[str], coordinates: str = "group",
+                 linear_names: Sequence[str], coordinates: str = "layer",
                  search_weights: bool = False):
         if coordinates not in COORDINATES:
             raise ValueError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
@@ -562,7 +563,7 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
                  q_in: Sequence[torch.Tensor], f_in: Sequence[torch.Tensor],
                  masks: Sequence[torch.Tensor | None], qcfg: QuantConfig,
                  linear_names: Sequence[Sequence[str]], grid: Sequence[float] = DEFAULT_GRID,
-                 joint: bool = True, seed: int = 0, coordinates: str = "group",
+                 joint: bool = True, seed: int = 0, coordinates: str = "layer",
                  eval_batches: int | None = None, search_weights: bool = False,
                  exhaustive_max: int = EXHAUSTIVE_MAX) -> BlockResult:
     """Search one block of consecutive layers (see the module doc).
@@ -629,7 +630,7 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
 def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], qcfg: QuantConfig,
                       blocks: Sequence[Sequence[int]], grid: Sequence[float] = DEFAULT_GRID,
                       joint: bool = True, seed: int = 0, method: str = "qvlm",
-                      coordinates: str = "group", eval_batches: int | None = None,
+                      coordinates: str = "layer", eval_batches: int | None = None,
                       search_weights: bool = False, exhaustive_max: int = EXHAUSTIVE_MAX,
                       on_block: Callable[[dict], None] | None = None,
                       ) -> tuple[dict[str, LinearQuant], list[dict], dict]:
