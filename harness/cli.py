@@ -20,7 +20,7 @@ def cmd_run(args) -> int:
     for key in ("models", "methods", "schemes", "tasks"):
         if getattr(args, key):
             overrides[key] = _csv(getattr(args, key))
-    for key in ("limit", "device", "data_dir", "output", "batch_size", "seed", "threads"):
+    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", help="comma-separated task names")
     r.add_argument("--limit", type=int, help="at most N examples per task")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--dtype", help="auto (fp16 on GPUs, fp64 on the CPU), fp16, bf16, fp32 or fp64")
     r.add_argument("--data-dir", dest="data_dir", help="folder with local copies of the task datasets")
     r.add_argument("--output", help="results folder (default results/<suite name>)")
     r.add_argument("--batch-size", dest="batch_size", type=int, help="evaluation batch size")

@@ -33,6 +33,12 @@ def task_spec(task: TaskSpec, suite: Suite):
     return spec(task.name, task.data or suite.data_dir, **(task.options or {}))
 
 
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 class GroupWorker:
     """Runs groups of one suite on one device; keeps the last model and calibration sets."""
 
@@ -89,6 +95,7 @@ class GroupWorker:
         calib = self.calibration(lm, cell.calibration) if cell.calibration is not None else None
         timings["calibrate_s"] = time.perf_counter() - t0
         method = v.cls(**v.options)
+        _reset_peak(self.device)
         before = param_checksum(lm.model)
         torch.manual_seed(self.suite.seed)
         t0 = time.perf_counter()
@@ -101,6 +108,8 @@ class GroupWorker:
                        quantizes=v.cls.quantizes, device=lm.device)
         timings["finalize_s"] = time.perf_counter() - t0
         state.meta["quantize_s"] = timings["quantize_s"]
+        if self.device.startswith("cuda"):
+            state.meta["peak_gib_quantize"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         state.meta.setdefault("options", v.options)
         if calib is not None:
             state.meta.setdefault("calibration", {**calib.source, "digest": calib.digest()})
@@ -144,6 +153,7 @@ class GroupWorker:
 
         for m in handle.fake_linears().values():
             m.act_calls = 0
+        _reset_peak(self.device)
         t0 = time.perf_counter()
         try:
             results = evaluate_tasks(lm, [task_spec(cell.task, self.suite)], limit=self.suite.limit,
@@ -155,6 +165,10 @@ class GroupWorker:
         except Exception as exc:
             return [self.failed(cell, exc, "evaluate", state)]
         timings["eval_s"] = time.perf_counter() - t0
+        peak = None
+        if self.device.startswith("cuda"):
+            peak = {"quantize": state.meta.get("peak_gib_quantize"),
+                    "eval": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
         proof = dict(state.meta.get("proof") or state.proof())
         proof["act_quantizers_fired"] = handle.act_quantizers_fired()
         records = []
@@ -162,7 +176,8 @@ class GroupWorker:
             t0 = time.perf_counter()
             samples = self.samples_dir / f"{cell.key}-{res.task}.jsonl"
             write_jsonl(samples, res.samples)
-            meta = {k: v for k, v in state.meta.items() if k not in ("options", "proof", "act_ranges")}
+            meta = {k: v for k, v in state.meta.items()
+                    if k not in ("options", "proof", "act_ranges", "peak_gib_quantize")}
             timings["record_s"] = time.perf_counter() - t0
             records.append(new_record(
                 **self.base(cell), metric=res.metric, value=res.value, stderr=res.stderr, n=res.n,
@@ -170,7 +185,7 @@ class GroupWorker:
                 quantize_s=state.meta.get("quantize_s"), eval_s=timings["eval_s"], status="ok",
                 error=None, proof=proof, state_cached=cached, method_meta=meta,
                 act_ranges=state.meta.get("act_ranges"),
-                timings={k: round(v, 4) for k, v in timings.items()},
+                timings={k: round(v, 4) for k, v in timings.items()}, peak_gib=peak,
                 samples_file=str(samples.relative_to(self.out)),
             ))
         return records
