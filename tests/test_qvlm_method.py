@@ -9,12 +9,10 @@ import torch
 
 from harness.quant.build import rtn_state, target_linears
 from harness.quant.config import parse_scheme
-from harness.quant.quantizer import qparams
 from harness.quant.simulated import applied
 from harness.quant.state import QuantState
 from harness.registry import available_methods, get_method
-from harness.runner import DEFAULT_CALIBRATION
-from methods.qvlm import method as method_mod
+from harness.cells import DEFAULT_CALIBRATION
 
 VARIANTS = {"qvlm": (True, True), "qvlm-cdm": (True, False), "qvlm-veo": (False, True),
             "qvlm-layerwise": (False, False)}
@@ -139,37 +137,23 @@ def test_weight_only_and_other_parts(tiny_lm, tiny_calib):
     assert all(b["search"]["layerwise"][0]["search"] == "none" for b in state.meta["blocks"])
 
 
-def _projector_input_range(model, calib):
-    """min/max of what the projector's first linear reads, by a hook of our own (float model)."""
-    name = next(n for n, m in model.named_modules()
-                if "multi_modal_projector" in n and isinstance(m, torch.nn.Linear))
-    seen = []
-    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
-    with torch.no_grad():
-        for b in calib.inputs():
-            model(**b)
-    h.remove()
-    return name, torch.stack([min(x.min() for x in seen), max(x.max() for x in seen)])
-
-
-@pytest.mark.parametrize("engine_fills", [True, False])
-def test_static_ranges_outside_the_search_are_the_engines(tiny_lm, tiny_calib, monkeypatch,
-                                                         engine_fills):
+def test_static_ranges_outside_the_search_are_the_engines(tiny_lm, tiny_calib):
     """Q-VLM sets the ranges it searched; the others stay None for the engine to fill (contract
-    item 3) — or, on an engine without that step, are filled by its rule and recorded."""
-    monkeypatch.setattr(method_mod, "engine_fills_ranges", lambda: engine_fills)
+    item 3), which its finalize step then does."""
+    from harness.quant.finalize import finalize_state
+    from harness.quant.ranges import rule_for
+
     qcfg = parse_scheme("w4a4", a_granularity="per_tensor", parts=["language", "projector"])
     state = get_method("qvlm-layerwise")(**FAST).quantize(tiny_lm, qcfg, tiny_calib)
     lang = [n for n in state.linears if "language_model" in n]
+    proj = [n for n in state.linears if "multi_modal_projector" in n]
     assert lang and all(state.linears[n].act.scale is not None for n in lang)
-    name, span = _projector_input_range(tiny_lm.model, tiny_calib)
-    act = state.linears[name].act
-    if engine_fills:
-        assert act.scale is None and "act_ranges_outside_search" not in state.meta
-    else:
-        scale, zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)
-        assert torch.equal(act.scale, scale) and torch.equal(act.zero, zero)
-        assert state.meta["act_ranges_outside_search"]["filled_by"] == "qvlm-layerwise"
+    assert proj and all(state.linears[n].act.scale is None for n in proj)
+    searched = {n: state.linears[n].act.scale.clone() for n in lang}
+    finalize_state(tiny_lm.model, state, qcfg, list(tiny_calib.inputs()), rule_for(qcfg))
+    assert state.meta["act_ranges"]["filled"] == len(proj)
+    assert all(state.linears[n].act.scale is not None for n in proj)
+    assert all(torch.equal(state.linears[n].act.scale, searched[n]) for n in lang)
 
 
 def test_float_scheme_is_empty(tiny_lm, tiny_calib):

@@ -19,7 +19,7 @@ Fine-tunes the vision encoder's float weights, before the language model is quan
   the quantizer first touches the visual tokens: their rows at the input of the first quantized
   language linear (layer 0's q/k/v projections), ``X^v_r`` in the float model, ``X^v_q`` in the
   quantized model *through that linear's activation quantizer* (its static range when per-tensor,
-  computed by the engine's rule). The quantizer is differentiated exactly (rounding has zero
+  filled by the engine's rule for round-to-nearest). The quantizer is differentiated exactly (rounding has zero
   derivative; the per-token scale ``max|x_t|`` is differentiated), not through a
   straight-through estimator: with an identity backward, ``X^v_q − X^v_r`` would have zero
   gradient whenever the tower itself is float. So the term pulls the visual tokens towards
@@ -56,15 +56,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.models.layers import language_layers, part_of
-from harness.quant.build import act_quantizer, target_linears
+from harness.quant.build import rtn_state
 from harness.quant.config import QuantConfig
 from harness.quant.quantizer import expand_groups, rtn_weight
+from harness.quant.ranges import fill_static_ranges, rule_for
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant
 
 from .dependency import PositionSampler, code_units, conditional_entropy, joint_distribution, \
     level_range, soft_assign
-from .ranges import fill_float_ranges
 from .search import ActCache
 
 JACOBIAN_FALLBACKS = ("error", "uniform")
@@ -226,11 +226,12 @@ class VEO:
 
     # -- model plumbing ---------------------------------------------------------------------------
     def _acts(self) -> dict[str, ActQuant | None]:
-        """The round-to-nearest model's activation quantizers; static ranges by the engine's rule."""
-        acts = {name: act_quantizer(self.qcfg) for name in target_linears(self.model, self.qcfg)}
-        fill_float_ranges(self.model, {n: a for n, a in acts.items() if a is not None},
-                          self.batches)
-        return acts
+        """The round-to-nearest model's activation quantizers; static ranges as the engine fills
+        them for round-to-nearest (its default rule, ``harness.quant.ranges``)."""
+        state = rtn_state(self.model, self.qcfg, "qvlm-veo")
+        fill_static_ranges(self.model, state, [{k: v for k, v in b.items() if k != "labels"}
+                                               for b in self.batches], rule_for(self.qcfg))
+        return {name: lq.act for name, lq in state.linears.items()}
 
     @contextmanager
     def prepared(self):

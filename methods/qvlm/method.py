@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -30,13 +31,13 @@ from harness.models.layers import language_layers
 from harness.quant.build import act_quantizer, linear_from_weight, target_linears
 from harness.quant.config import QuantConfig
 from harness.quant.blockwise import part_inputs
+from harness.quant.ranges import fill_static_ranges, rule_for
 from harness.quant.simulated import apply_state
 from harness.quant.state import QuantState
 from harness.registry import Method, register_method
 
 from .dependency import mine_dependencies, partition, resolve_h0
 from .encoder import JACOBIAN_FALLBACKS, VEOConfig, optimize_vision_encoder
-from .ranges import RULE, engine_fills_ranges, needs_range, with_float_ranges
 from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, sequential_search
 
 VEO_DEFAULTS: dict[str, Any] = {
@@ -174,9 +175,13 @@ class QVLMBase(Method):
             for n, m in targets.items():
                 if n not in in_layers:
                     other.linears[n] = linear_from_weight(m.weight, qcfg, act=act_quantizer(qcfg))
-            # the language layers' inputs come from the quantized other parts; those need static
-            # ranges to run, computed by the engine's rule on a copy (the state leaves them None)
-            capture = with_float_ranges(model, other, calib.inputs()) if other.linears else None
+            # the language layers' inputs come from the quantized other parts, activation
+            # quantizers on; their static ranges are the engine's (left None in the state), so
+            # the capture fills a copy by the engine's default rule
+            capture = None
+            if other.linears:
+                capture = QuantState(self.name, qcfg, {n: replace(lq) for n, lq in other.linears.items()})
+                fill_static_ranges(model, capture, list(calib.inputs()), rule_for(qcfg))
             entries = {}
             if in_layers:
                 inputs = part_inputs(model, "language", calib.inputs(), state=capture)
@@ -207,13 +212,6 @@ class QVLMBase(Method):
                 cost["search"] = time.perf_counter() - t0
                 meta["blocks"] = summaries
                 meta["percentiles"] = percentiles
-            if any(needs_range(lq.act) for lq in other.linears.values()) and not engine_fills_ranges():
-                # an engine without finalize_state: keep the ranges computed above, and say so
-                for n, lq in other.linears.items():
-                    if needs_range(lq.act):
-                        lq.act.scale = capture.linears[n].act.scale
-                        lq.act.zero = capture.linears[n].act.zero
-                meta["act_ranges_outside_search"] = {**RULE, "filled_by": self.name}
         finally:
             handle.restore()
         for n in targets:  # model order
