@@ -161,78 +161,74 @@ def main(argv=None) -> int:
             del state
 
     # 1. CDM
-    if not stages & {"cdm", "search"}:
-        res["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    if stages & {"cdm", "search"}:
+        t0 = time.perf_counter()
+        inputs = part_inputs(model, "language", calib.inputs())
+        masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool, device=c.hidden.device)
+                 for m, c in zip(inputs.masks, inputs.calls)]
+        sync()
+        capture_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        deps = mine_dependencies(inputs.layers, inputs.calls, masks, qcfg.a_bits, qcfg.a_sym,
+                                 DEFAULTS["cdm_tau"], DEFAULTS["cdm_samples"], 0)
+        h0 = resolve_h0(deps, "median")
+        blocks = partition(deps, h0, 3)
+        sync()
+        res["cdm"] = {"capture_s": round(capture_s, 2), "cdm_s": round(time.perf_counter() - t0, 2),
+                      "h0": h0, "partition": blocks, "dependencies": [round(d, 4) for d in deps]}
+        log("CDM", json.dumps(res["cdm"]))
         save()
-        log("done", res["total_wall_s"])
-        return 0
-    t0 = time.perf_counter()
-    inputs = part_inputs(model, "language", calib.inputs())
-    masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool, device=c.hidden.device)
-             for m, c in zip(inputs.masks, inputs.calls)]
-    sync()
-    capture_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    deps = mine_dependencies(inputs.layers, inputs.calls, masks, qcfg.a_bits, qcfg.a_sym,
-                             DEFAULTS["cdm_tau"], DEFAULTS["cdm_samples"], 0)
-    h0 = resolve_h0(deps, "median")
-    blocks = partition(deps, h0, 3)
-    sync()
-    res["cdm"] = {"capture_s": round(capture_s, 2), "cdm_s": round(time.perf_counter() - t0, 2),
-                  "h0": h0, "partition": blocks, "dependencies": [round(d, 4) for d in deps]}
-    log("CDM", json.dumps(res["cdm"]))
-    save()
 
-    # 2. search on the first layers through the real loop
-    k = min(args.search_layers, n_layers)
-    sub = PartInputs(path=inputs.path, layers=torch.nn.ModuleList(list(inputs.layers)[:k]),
-                     calls=inputs.calls, masks=inputs.masks)
-    targets = {n: m for n, m in target_linears(model, qcfg).items()
-               if any(n.startswith(f"{inputs.path}.{i}.") for i in range(k))}
-    joint_blocks, i = [], 0
-    for size in (3, 2, 1):
-        if i + size <= k:
-            joint_blocks.append(list(range(i, i + size)))
-            i += size
-    joint_blocks += [[j] for j in range(i, k)]
-    res["search"] = []
-    per_layer_s = None
-    for coords in (args.coordinates.split(",") if "search" in stages else []):
-        for joint, blks in ((True, joint_blocks), (False, [[j] for j in range(k)])):
-            est = per_layer_s * k * (3 if joint else 1) if per_layer_s else 0
-            if left() < est + 60:
-                log(f"skip search coordinates={coords} joint={joint}: budget")
-                continue
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            _, summaries, _ = sequential_search(model, sub, targets, qcfg, blks, joint=joint,
-                                                coordinates=coords)
-            sync()
-            wall = time.perf_counter() - t0
-            by_size: dict[int, list[float]] = {}
-            for s in summaries:
-                by_size.setdefault(len(s["layers"]), []).append(s["seconds"])
-            mean = {sz: sum(v) / len(v) for sz, v in by_size.items()}
-            extra = (wall - sum(s["seconds"] for s in summaries)) / max(len(summaries), 1)
-            if joint and all(len(b) in mean for b in blocks):
-                full = sum(mean[len(b)] + extra for b in blocks)
-            elif not joint:
-                full = n_layers * (mean[1] + extra)
-                per_layer_s = mean[1] + extra
-            else:
-                full = None
-            run = {"coordinates": coords, "variant": "block-wise (CDM)" if joint else "layer-wise",
-                   "blocks": blks, "wall_s": round(wall, 2),
-                   "per_block": [{"layers": s["layers"], "seconds": s["seconds"],
-                                  "evaluations": s["evaluations"]} for s in summaries],
-                   "mean_s_by_block_size": {str(a): round(b, 2) for a, b in mean.items()},
-                   "propagation_s_per_block": round(extra, 2),
-                   "extrapolated_full_s": None if full is None else round(full, 1),
-                   "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if cuda else None}
-            res["search"].append(run)
-            log("SEARCH", json.dumps(run))
-            save()
+        # 2. search on the first layers through the real loop
+        k = min(args.search_layers, n_layers)
+        sub = PartInputs(path=inputs.path, layers=torch.nn.ModuleList(list(inputs.layers)[:k]),
+                         calls=inputs.calls, masks=inputs.masks)
+        targets = {n: m for n, m in target_linears(model, qcfg).items()
+                   if any(n.startswith(f"{inputs.path}.{i}.") for i in range(k))}
+        joint_blocks, i = [], 0
+        for size in (3, 2, 1):
+            if i + size <= k:
+                joint_blocks.append(list(range(i, i + size)))
+                i += size
+        joint_blocks += [[j] for j in range(i, k)]
+        res["search"] = []
+        per_layer_s = None
+        for coords in (args.coordinates.split(",") if "search" in stages else []):
+            for joint, blks in ((True, joint_blocks), (False, [[j] for j in range(k)])):
+                est = per_layer_s * k * (3 if joint else 1) if per_layer_s else 0
+                if left() < est + 60:
+                    log(f"skip search coordinates={coords} joint={joint}: budget")
+                    continue
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                _, summaries, _ = sequential_search(model, sub, targets, qcfg, blks, joint=joint,
+                                                    coordinates=coords)
+                sync()
+                wall = time.perf_counter() - t0
+                by_size: dict[int, list[float]] = {}
+                for s in summaries:
+                    by_size.setdefault(len(s["layers"]), []).append(s["seconds"])
+                mean = {sz: sum(v) / len(v) for sz, v in by_size.items()}
+                extra = (wall - sum(s["seconds"] for s in summaries)) / max(len(summaries), 1)
+                if joint and all(len(b) in mean for b in blocks):
+                    full = sum(mean[len(b)] + extra for b in blocks)
+                elif not joint:
+                    full = n_layers * (mean[1] + extra)
+                    per_layer_s = mean[1] + extra
+                else:
+                    full = None
+                run = {"coordinates": coords, "variant": "block-wise (CDM)" if joint else "layer-wise",
+                       "blocks": blks, "wall_s": round(wall, 2),
+                       "per_block": [{"layers": s["layers"], "seconds": s["seconds"],
+                                      "evaluations": s["evaluations"]} for s in summaries],
+                       "mean_s_by_block_size": {str(a): round(b, 2) for a, b in mean.items()},
+                       "propagation_s_per_block": round(extra, 2),
+                       "extrapolated_full_s": None if full is None else round(full, 1),
+                       "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if cuda else None}
+                res["search"].append(run)
+                log("SEARCH", json.dumps(run))
+                save()
 
     # 3. VEO
     if "veo" not in stages:
@@ -284,7 +280,10 @@ def main(argv=None) -> int:
                 steps.append(time.perf_counter() - t0)
         step_s = min(steps[1:] or steps) if steps else None
         n_b = len(calib.batches)
-        res["veo"] = {"micro_batch": veo.memory, "jacobian_weights": weights.tolist(),
+        ballast_gib = 0.0 if ballast is None else ballast.numel() / 2 ** 30
+        res["veo"] = {"micro_batch": veo.memory, "ballast_gib": round(ballast_gib, 1),
+                      "peak_gpu_gib_without_ballast": round(torch.cuda.max_memory_allocated() / 2 ** 30
+                                                            - ballast_gib, 1) if cuda else None, "jacobian_weights": weights.tolist(),
                       "jacobian": jac, "jacobian_peak_gib": None if jac_peak is None else round(jac_peak, 1),
                       "gpu_gib_cap": args.gpu_gib, "jacobian_s_per_batch": round(jac_s, 2),
                       "eval_s_per_batch": round(eval_s, 2),
