@@ -44,7 +44,7 @@ def code_units(x: torch.Tensor, bits: int, sym: bool = True) -> tuple[torch.Tens
     Returns ``(u, lo, hi)``: the levels are the integers ``lo..hi``. The per-token scale is
     treated as a constant (detached), as the rounding grid is.
     """
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()  # float64 stays float64 (reproducible partitions)
     if sym:
         qmax = 2 ** (bits - 1) - 1
         scale = (x.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-8)
@@ -58,8 +58,9 @@ def code_units(x: torch.Tensor, bits: int, sym: bool = True) -> tuple[torch.Tens
 
 def soft_assign(u: torch.Tensor, lo: int, hi: int, tau: float) -> torch.Tensor:
     """``[N] -> [N, M]``: soft assignment of code coordinates to the levels ``lo..hi`` (Eq. 5)."""
-    levels = torch.arange(lo, hi + 1, device=u.device, dtype=torch.float32)
-    return torch.softmax(-(u.reshape(-1, 1).float() - levels) ** 2 / tau, dim=-1)
+    u = u if u.dtype == torch.float64 else u.float()
+    levels = torch.arange(lo, hi + 1, device=u.device, dtype=u.dtype)
+    return torch.softmax(-(u.reshape(-1, 1) - levels) ** 2 / tau, dim=-1)
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
