@@ -231,6 +231,8 @@ def test_joint_search_finds_the_block_optimum_layerwise_misses(amp, start):
         assert p == best
         assert res.block_error == pytest.approx(brute[best], rel=REL)
         assert res.layerwise_error == pytest.approx(brute[lw_p], rel=REL)
+        if exhaustive_max:  # the record says how close the best losing combination came
+            assert res.search["joint"]["runner_up_error"] == pytest.approx(sorted(brute.values())[1], rel=REL)
     # descent from the layer-wise solution stays there (a single pass from it cannot help);
     # another start reaches the optimum
     runs = {r["start"]: r for r in res.search["joint"]["starts"]}

@@ -466,8 +466,11 @@ class Span:
         i = stable_argmin([e for _, _, e in cands])
         name, best, err = cands[i]
         self.apply(best)
+        others = [e for v, e in leaves if tuple(v) != tuple(best)]
         return {"search": "exhaustive", "combinations": len(leaves), "values": tuple(best),
-                "error": err, "winner": name}
+                "error": err, "winner": name,
+                # how close the rest of the grid came (the best combination that lost)
+                "runner_up_error": min(others) if others else None}
 
     # -- coordinate descent to a fixed point from several starts
     def descent(self, start: Sequence[float]) -> tuple[tuple, float, int, bool]:
