@@ -34,6 +34,7 @@ from harness.quant.blockwise import part_inputs
 from harness.quant.ranges import fill_static_ranges, rule_for
 from harness.quant.simulated import apply_state
 from harness.quant.state import QuantState
+from harness.quant.ties import improves
 from harness.registry import Method, register_method
 
 from .dependency import mine_dependencies, partition, resolve_h0
@@ -254,7 +255,7 @@ def _summary(meta: dict) -> dict:
         bw = sum(b["block_error"] for b in meta["blocks"])
         summ["block_error_vs_layerwise"] = round(bw / lw, 5) if lw > 0 else None
         joint = [b for b in meta["blocks"] if "joint" in b.get("search", {})]
-        summ["blocks_improved"] = sum(1 for b in joint if b["search"]["joint"]["winner"] != "layerwise")
+        summ["blocks_improved"] = sum(1 for b in joint if improves(b["block_error"], b["layerwise_error"]))
         summ["blocks_joint"] = len(joint)
     summ.update(_veo_summary(meta))
     return summ
