@@ -1,9 +1,7 @@
 """AWQ: chosen scales and clips against AutoAWQ (optional oracle), errors vs RTN, the method on the tiny model."""
 
 import copy
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +13,10 @@ from harness.quant.simulated import applied
 from harness.quant.state import QuantState
 from harness.registry import available_methods, get_method
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_gptq import heldout, output_error  # noqa: E402,F401  (fixture re-exported)
+from baselines.awq import AWQ, awq_layer, scaling_groups
+from conftest import assert_first_vision_ranges, output_error
 
-from baselines.awq import AWQ, awq_layer, scaling_groups  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: extra threads only add sync cost on a shared box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _autoawq():
@@ -179,7 +169,7 @@ def test_registered_with_defaults():
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a4"])
-def test_awq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout, scheme):  # noqa: F811
+def test_awq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout, scheme):
     qcfg = parse_scheme(scheme)
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     state = get_method("awq")().quantize(tiny_lm, qcfg, tiny_calib)
@@ -200,7 +190,7 @@ def test_awq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path):
     assert set(state.linears) == set(rtn.linears)
     assert any(k.endswith("layer_norm1.bias") for k in state.float_params)  # CLIP LayerNorm fold
     assert any(k.endswith("self_attn.v_proj.bias") for k in state.float_params)  # v -> out_proj fold
-    assert all(lq.act.scale is not None for lq in state.linears.values())
+    assert_first_vision_ranges(tiny_lm, tiny_calib, state, bits=8)  # through AWQ's folded scales
     loaded = QuantState.load(state.save(tmp_path / "s"))
     assert loaded.float_params.keys() == state.float_params.keys()
     with applied(tiny_lm.model, loaded) as h:

@@ -9,7 +9,7 @@ from harness.registry import available_methods
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_method_example_runs(tiny_lm):
+def test_readme_method_example_runs(tiny_lm, isolated_registry):
     text = README.read_text()
     section = text[text.index("## Adding a method"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)

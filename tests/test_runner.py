@@ -74,7 +74,7 @@ class Exploding(Method):
         raise RuntimeError("boom at " + qcfg.scheme)
 
 
-def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include, tmp_path):
+def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include, tmp_path, isolated_registry):
     register_method(Exploding)
     suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path,
                                    methods=["test-exploding", "rtn"], schemes=["w4a4"]))
@@ -86,7 +86,8 @@ def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include
     assert run_suite(suite, show_progress=False).skipped == 1
 
 
-def test_method_from_an_entry_point_runs_in_a_suite(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+def test_method_from_an_entry_point_runs_in_a_suite(tiny_llava_path, toy_include, tmp_path, monkeypatch,
+                                                     isolated_registry):
     pkg = tmp_path / "site"
     (pkg / "extmethod").mkdir(parents=True)
     (pkg / "extmethod" / "__init__.py").write_text(textwrap.dedent('''
@@ -276,7 +277,8 @@ def test_changed_method_default_recomputes_its_cells(tiny_llava_path, toy_includ
     assert [r["method_options"]["percdamp"] for r in recs if r["method"] == "gptq"] == [0.01, 0.02]
 
 
-def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy_include, tmp_path, monkeypatch,
+                                                            isolated_registry):
     """Editing a method's source changes its code digest, which keys both its records and its
     cached quantization states: the next run recomputes that method's cells (and only those)."""
     import importlib
@@ -294,9 +296,6 @@ def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy
             SCALE = {scale}
     """)
     src.write_text(body.format(scale=1))
-    from harness import registry
-
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the test method leaves with the test
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("edited_method_plugin")
     assert method_source_files(available_methods()["rtn-edited-test"]) == [src]

@@ -1,5 +1,6 @@
 """RTN on the tiny LLaVA: codes, activation quantizers, reversible application, state round trip."""
 
+import pytest
 import torch
 
 from harness.quant.config import parse_scheme
@@ -80,9 +81,16 @@ def test_float_params_are_applied_and_restored(tiny_lm):
 
 
 def test_static_per_tensor_activation_ranges_from_calibration(tiny_lm, tiny_calib):
+    """Each static range is the textbook symmetric scale of what that linear receives on the
+    calibration batches (float model, every token the batches hold), recomputed in float64."""
+    from conftest import linear_inputs, symmetric_static_scale
+
     state = get_method("rtn")().quantize(tiny_lm, parse_scheme("w8a8", a_granularity="per_tensor"), tiny_calib)
-    acts = [lq.act for lq in state.linears.values()]
-    assert all(a.scale is not None and a.scale.numel() == 1 for a in acts)
+    seen = linear_inputs(tiny_lm.model, list(state.linears),
+                         lambda: [tiny_lm.model(**b, use_cache=False) for b in tiny_calib.inputs()])
+    for name, lq in state.linears.items():
+        assert lq.act.scale.numel() == 1 and float(lq.act.zero) == 128
+        assert float(lq.act.scale) == pytest.approx(symmetric_static_scale(seen[name], 8), rel=1e-6), name
 
 
 def test_state_with_shared_activation_ranges_saves_and_loads(tiny_lm, tiny_calib, tmp_path):
