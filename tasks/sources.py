@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-TASKS_DIR = Path(__file__).resolve().parent
+from .index import TASKS_DIR, task_manager
 
 #: Options ``task_spec`` forwards to ``load_docs`` through the task's dataset_kwargs.
 SPEC_OPTIONS = ("split", "subset_size", "subset_seed", "stratify_by", "cache_dir")
@@ -143,18 +143,23 @@ def data_version(name: str) -> str | None:
     return None
 
 
-def task_config(name: str) -> dict[str, Any]:
-    """The full config of task `name` from its YAML under tasks/ (includes merged, functions resolved)."""
-    from lm_eval.tasks import TaskManager
+def task_config(name: str, include_paths: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """The full config of task `name` from its YAML (includes merged, functions resolved), found
+    under tasks/ or the extra lm-eval task folders ``include_paths``: the YAML that the same
+    folders' ``task_manager`` will load."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).task_index.get(name)
+    include_paths = [str(p) for p in include_paths]
+    entry = task_manager(include_paths).task_index.get(name)
     if entry is None or entry.yaml_path is None:
-        raise KeyError(f"No task {name!r} defined under {TASKS_DIR}")
+        where = ", ".join([str(TASKS_DIR), *include_paths])
+        raise KeyError(f"No task {name!r} defined under {where}; a task from another folder needs "
+                       "that folder in the suite's include_paths")
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 
-def task_spec(name: str, data: str | None = None, **options: Any) -> str | dict:
+def task_spec(name: str, data: str | None = None, *, include_paths: Iterable[str | Path] = (),
+              **options: Any) -> str | dict:
     """What to hand to TaskManager.load / load_task_or_group / get_task_dict for task `name`.
 
     Returns the plain name when the YAML's own source applies (no data, no options); otherwise
@@ -167,10 +172,11 @@ def task_spec(name: str, data: str | None = None, **options: Any) -> str | dict:
     - options (for tasks loaded by ``load_docs``): SPEC_OPTIONS, e.g. ``subset_size=None`` for
       vqav2_val's full split, ``split="train"`` to evaluate (or calibrate on) another split.
       For a task with another ``custom_dataset``, options go to it as keyword arguments.
+    - ``include_paths``: the suite's extra task folders, where tasks not under tasks/ are found.
     """
     if data is None and not options:
         return name
-    cfg = task_config(name)
+    cfg = task_config(name, include_paths)
     kwargs = dict(cfg.get("dataset_kwargs") or {})
     ours = cfg.get("custom_dataset") is load_docs
     files = None
