@@ -80,18 +80,35 @@ def load_docs(
     path/name/split: the Hub dataset id, config and split (the default source).
     data_files: local parquet file(s) in the same schema; when given the Hub is not contacted.
     subset_size: None = the full split; else a seeded sample of that many rows, stratified by
-    the column `stratify_by` when given (e.g. VQAv2's answer_type).
+    the column `stratify_by` when given (e.g. VQAv2's answer_type), drawn from that column alone
+    before any image is read (``tasks.subset``: only the chosen rows' row groups are fetched).
     """
     import datasets
 
+    from . import subset
+
     try:
+        ds = None
+        files = None
         if data_files:
             files = [data_files] if isinstance(data_files, str) else list(data_files)
+        if subset_size is not None:  # read the chosen rows' images only, not the whole split
+            if files:
+                table, _ = subset.parquet_subset(files, int(subset_size), int(subset_seed), stratify_by)
+                ds = None if table is None else datasets.Dataset(datasets.table.InMemoryTable(table))
+            else:
+                ds = subset.hub_subset(path, name, split, int(subset_size), int(subset_seed),
+                                       stratify_by, cache_dir)
+            if ds is not None:
+                return datasets.DatasetDict({split: ds})
+        if files:
             ds = datasets.load_dataset(
                 "parquet", data_files={split: files}, split=split, cache_dir=cache_dir
             )
         else:
             ds = datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
+    except subset.SubsetColumnError:
+        raise
     except Exception as err:  # any failure to obtain the rows becomes one clear error
         source = f"local files {data_files}" if data_files else "the Hugging Face Hub"
         msg = (
@@ -100,9 +117,6 @@ def load_docs(
             f"{source} ({_first_line(err)}). {_hint(task_name, split)}"
         )
         raise DatasetUnavailableError(msg) from None
-    if subset_size is not None and subset_size < len(ds):
-        labels = ds[stratify_by] if stratify_by else [0] * len(ds)
-        ds = ds.select(stratified_indices(list(labels), int(subset_size), int(subset_seed)))
     return datasets.DatasetDict({split: ds})
 
 
