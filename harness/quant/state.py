@@ -85,7 +85,7 @@ class QuantState:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def proof(self) -> dict:
-        """Evidence that quantization happened (DESIGN.md: every record carries it)."""
+        """Evidence that quantization happened (docs/design.md: every record carries it)."""
         weights = [lq for lq in self.linears.values() if lq.codes is not None]
         acts = [lq for lq in self.linears.values() if lq.act is not None]
         return {
