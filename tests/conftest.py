@@ -162,12 +162,14 @@ def _no_registry_leak(request):
 
     before = set(registry._REGISTRY)
     yield
+    added = {n: cls for n, cls in registry._REGISTRY.items() if n not in before
+             and cls.__module__.split(".")[0] not in registry.IN_TREE_PACKAGES}
+    if not added:
+        return
     from importlib.metadata import entry_points
 
     plugins = {ep.value.partition(":")[0] for ep in entry_points(group=registry.ENTRY_POINT_GROUP)}
-    leaked = sorted(n for n, cls in registry._REGISTRY.items() if n not in before
-                    and cls.__module__.split(".")[0] not in registry.IN_TREE_PACKAGES
-                    and cls.__module__ not in plugins)
+    leaked = sorted(n for n, cls in added.items() if cls.__module__ not in plugins)
     if leaked:
         pytest.fail(f"{request.node.nodeid} left method(s) {leaked} registered; "
                     "use the isolated_registry fixture")
