@@ -139,12 +139,16 @@ def registry_restored():
 
     registry.discover()  # in-tree methods belong to the snapshot, not to the test
     saved, discovered = dict(registry._REGISTRY), registry._discovered
+    broken = dict(getattr(registry, "_BROKEN", {}))  # modules that failed to import, where tracked
     try:
         yield registry
     finally:
         registry._REGISTRY.clear()
         registry._REGISTRY.update(saved)
         registry._discovered = discovered
+        if hasattr(registry, "_BROKEN"):
+            registry._BROKEN.clear()
+            registry._BROKEN.update(broken)
 
 
 @pytest.fixture()
