@@ -14,13 +14,13 @@ def _csv(value: str) -> list[str]:
 def cmd_run(args) -> int:
     from .config import SuiteError, load_suite
     from .leaderboard import write_leaderboard
-    from .runner import run_suite
+    from .runner import failure_lines, run_suite
 
     overrides = {}
     for key in ("models", "methods", "schemes", "tasks"):
         if getattr(args, key):
             overrides[key] = _csv(getattr(args, key))
-    for key in ("limit", "device", "data_dir", "output", "batch_size", "seed", "threads"):
+    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -28,7 +28,11 @@ def cmd_run(args) -> int:
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = run_suite(suite, show_progress=not args.quiet)
+    try:
+        summary = run_suite(suite, show_progress=not args.quiet)
+    except SuiteError as exc:  # found while planning (e.g. two entries make the same row)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{suite.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done "
           f"-> {suite.output_dir / 'records.jsonl'}")
     try:
@@ -36,6 +40,10 @@ def cmd_run(args) -> int:
         print(paths["md"].read_text())
     except (FileNotFoundError, ValueError) as exc:
         print(f"no leaderboard: {exc}", file=sys.stderr)
+    if summary.failed:
+        print(f"{summary.failed} cell(s) failed (full errors and tracebacks in the records):", file=sys.stderr)
+        for line in failure_lines(summary.records):
+            print(f"  {line}", file=sys.stderr)
     return 1 if summary.failed else 0
 
 
@@ -63,7 +71,7 @@ def cmd_table(args) -> int:
 def cmd_list(args) -> int:
     from .models.loading import bundled_models
     from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
-    from .registry import available_methods
+    from .registry import available_methods, broken_methods
     from .tasks_index import available_tasks
 
     what = args.what
@@ -71,6 +79,11 @@ def cmd_list(args) -> int:
         print("methods:")
         for name, cls in available_methods().items():
             print(f"  {name:<16} {cls.summary}")
+        broken = broken_methods()
+        if broken:
+            print("modules that failed to import (their methods are unavailable):")
+            for module, error in broken.items():
+                print(f"  {module}: {error}")
     if what in (None, "tasks"):
         print("tasks:")
         for name in available_tasks():
@@ -100,11 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", help="comma-separated task names")
     r.add_argument("--limit", type=int, help="at most N examples per task")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--dtype", help="auto (fp16 on GPUs, fp64 on the CPU), fp16, bf16, fp32 or fp64")
     r.add_argument("--data-dir", dest="data_dir", help="folder with local copies of the task datasets")
     r.add_argument("--output", help="results folder (default results/<suite name>)")
     r.add_argument("--batch-size", dest="batch_size", type=int, help="evaluation batch size")
     r.add_argument("--seed", type=int, help="random seed")
-    r.add_argument("--threads", type=int, help="CPU threads for torch (default 1)")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 

@@ -189,6 +189,9 @@ def test_awq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout,
 
 
 def test_awq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path):
+    from harness.quant.finalize import finalize_state
+    from harness.quant.ranges import rule_for
+
     qcfg = parse_scheme("w4a8", parts=["vision", "projector", "language", "lm_head"],
                         a_granularity="per_tensor", w_group_size=16)
     state = get_method("awq")(propagate="quantized").quantize(tiny_lm, qcfg, tiny_calib)
@@ -196,6 +199,8 @@ def test_awq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path):
     assert set(state.linears) == set(rtn.linears)
     assert any(k.endswith("layer_norm1.bias") for k in state.float_params)  # CLIP LayerNorm fold
     assert any(k.endswith("self_attn.v_proj.bias") for k in state.float_params)  # v -> out_proj fold
+    assert all(lq.act.scale is None for lq in state.linears.values())  # ranges are the engine's
+    finalize_state(tiny_lm.model, state, qcfg, list(tiny_calib.inputs()), rule_for(qcfg))
     assert_first_vision_ranges(tiny_lm, tiny_calib, state, bits=8)  # through AWQ's folded scales
     loaded = QuantState.load(state.save(tmp_path / "s"))
     assert loaded.float_params.keys() == state.float_params.keys()

@@ -86,6 +86,49 @@ def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include
     assert run_suite(suite, show_progress=False).skipped == 1
 
 
+def test_failed_cells_print_their_error_on_the_console(tiny_llava_path, toy_include, tmp_path, capsys,
+                                                       isolated_registry):
+    register_method(Exploding)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite_dict(tiny_llava_path, toy_include, tmp_path / "out",
+                                              methods=["test-exploding", "rtn"], schemes=["w4a4"])))
+    assert main(["run", str(path), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "1 cell(s) failed" in err
+    assert "test-exploding / w4a4 / toy_colors: quantize: RuntimeError: boom at w4a4" in err
+
+
+def test_a_broken_method_module_is_listed_and_the_rest_still_work(tmp_path, monkeypatch, capsys,
+                                                                 isolated_registry):
+    registry = isolated_registry
+    pkg = tmp_path / "plugins"
+    (pkg / "pluginpkg").mkdir(parents=True)
+    (pkg / "pluginpkg" / "__init__.py").write_text("")
+    (pkg / "pluginpkg" / "good.py").write_text(textwrap.dedent('''
+        from harness.registry import Method, register_method
+        from harness.quant.build import rtn_state
+
+        @register_method
+        class Good(Method):
+            name = "plugin-good"
+            summary = "works"
+
+            def quantize(self, lm, qcfg, calib):
+                return rtn_state(lm.model, qcfg, self.name)
+    '''))
+    (pkg / "pluginpkg" / "broken.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setattr(registry, "IN_TREE_PACKAGES", registry.IN_TREE_PACKAGES + ("pluginpkg",))
+    registry.discover(refresh=True)
+    assert "plugin-good" in registry.available_methods() and "rtn" in registry.available_methods()
+    assert "No module named 'no_such_dependency_xyz'" in registry.broken_methods()["pluginpkg.broken"]
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert "plugin-good" in out and "pluginpkg.broken: ModuleNotFoundError" in out
+    with pytest.raises(registry.UnknownMethodError, match="failed to import: pluginpkg.broken"):
+        registry.get_method("plugin-broken")
+
+
 def test_method_from_an_entry_point_runs_in_a_suite(tiny_llava_path, toy_include, tmp_path, monkeypatch,
                                                      isolated_registry):
     pkg = tmp_path / "site"
