@@ -78,3 +78,17 @@ def test_one_task_manager_per_set_of_folders(toy, monkeypatch):
         assert len(built) == 2 and built[0][1:] == [str(include.resolve())]
     finally:
         task_manager.cache_clear()
+
+
+def test_a_suite_runs_an_include_path_task_on_a_data_dir(toy, tiny_llava_path, tmp_path):
+    """End to end (the reported KeyError): `--data-dir` with a task from include_paths."""
+    from harness.config import parse_suite
+    from harness.runner import run_suite
+
+    include, data_dir = toy
+    suite = parse_suite({"name": "toy", "models": [str(tiny_llava_path)], "methods": ["fp16"],
+                         "tasks": ["toy_colors"], "include_paths": [str(include)], "data_dir": str(data_dir),
+                         "batch_size": 8, "output": str(tmp_path), "device": "cpu"})
+    summary = run_suite(suite, show_progress=False)
+    assert (summary.ok, summary.failed) == (1, 0), [r.get("error") for r in summary.records]
+    assert summary.records[0]["n"] == 5  # the data dir's rows
