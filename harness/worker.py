@@ -30,7 +30,8 @@ def task_spec(task: TaskSpec, suite: Suite):
     """What lm-eval loads for a task: its name, or a config pointing at local data."""
     from tasks.sources import task_spec as spec
 
-    return spec(task.name, task.data or suite.data_dir, **(task.options or {}))
+    return spec(task.name, task.data or suite.data_dir, include_paths=suite.include_paths,
+                **(task.options or {}))
 
 
 def _reset_peak(device: str) -> None:
