@@ -135,12 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])
     ls.set_defaults(func=cmd_list)
 
-    try:
-        from .perf.cli import add_perf_parser
-    except ImportError:
-        add_perf_parser = None
-    if add_perf_parser is not None:
-        add_perf_parser(sub)
+    from .perf.cli import add_perf_parser  # in-tree: a broken perf module must not vanish silently
+
+    add_perf_parser(sub)
     return p
 
 
