@@ -17,6 +17,7 @@ interval does not change when a row is added to the table.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,8 +154,9 @@ class Interval:
 def percentile_interval(reps: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap bounds over axis 0, ignoring NaN resamples."""
     a = (1 - level) / 2
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.nanquantile(reps, [a, 1 - a], axis=0) if reps.size else (reps[0], reps[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanquantile(reps, [a, 1 - a], axis=0)
     return lo, hi
 
 
@@ -175,29 +177,31 @@ def combine_runs(point: np.ndarray, reps: np.ndarray, level: float = DEFAULT_LEV
     (K−1)/K of s²/K and it uses normal, not t, quantiles — at K = 4 its seed term is about half as
     wide as the t-interval's.
     """
-    from scipy import stats
-
     point = np.asarray(point, dtype=np.float64)
     valid = ~np.isnan(point)
     k = valid.sum(0)
     S = point.shape[1]
-    value, lo, hi, sd = (np.full(S, np.nan) for _ in range(4))
-    for s in range(S):
-        runs = np.flatnonzero(valid[:, s])
-        if len(runs) == 0:
-            continue
-        vals = point[runs, s]
-        q = reps[:, runs, s].mean(1)
-        value[s] = vals.mean()
-        seed_var = 0.0
-        if len(runs) > 1:
-            sd[s] = vals.std(ddof=1)
-            seed_var = sd[s] ** 2 / len(runs)
-        if seed_var == 0:
-            lo[s], hi[s] = percentile_interval(q, level)
-            continue
-        se2 = seed_var + np.nanvar(q, ddof=1)
-        df = (len(runs) - 1) * se2 ** 2 / seed_var ** 2
+    lo, hi, sd = (np.full(S, np.nan) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # statistics no run has: all-NaN slices
+        value = np.nanmean(point, axis=0)
+        q = np.nanmean(reps, axis=1)  # (B, S): the run-averaged statistic per resample
+        multi = k > 1
+        sd[multi] = np.nanstd(point[:, multi], axis=0, ddof=1)
+        # runs that agree to rounding (the reference row) have no seed noise
+        spread = np.nanmax(point, axis=0) - np.nanmin(point, axis=0)
+    sd[multi & (spread <= 1e-12 * np.maximum(1.0, np.abs(value)))] = 0.0
+    seed_var = np.where(multi, np.nan_to_num(sd) ** 2 / np.maximum(k, 1), 0.0)
+    boot = (k > 0) & (seed_var == 0)
+    if boot.any():
+        lo[boot], hi[boot] = percentile_interval(q[:, boot], level)
+    tcase = seed_var > 0
+    if tcase.any():
+        from scipy import stats
+
+        se2 = seed_var[tcase] + np.nanvar(q[:, tcase], axis=0, ddof=1)
+        df = (k[tcase] - 1) * se2 ** 2 / seed_var[tcase] ** 2
         half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(se2)
-        lo[s], hi[s] = max(value[s] - half, bounds[0]), min(value[s] + half, bounds[1])
+        lo[tcase] = np.maximum(value[tcase] - half, bounds[0])
+        hi[tcase] = np.minimum(value[tcase] + half, bounds[1])
     return Interval(value, lo, hi, k, sd)
