@@ -143,7 +143,7 @@ def table_html(board: Board) -> str:
 
 
 def page_html(board: Board, plots: dict[str, Path]) -> str:
-    ok = [r for r in board.records if r.get("status") == "ok"]
+    ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
     suites = sorted({str(r.get("suite")) for r in ok if r.get("suite")})
     title = f"qvlm-bench leaderboard: {', '.join(suites) or 'results'}" + (
         f" (mean of {len(board.runs)} runs)" if len(board.runs) > 1 else "")

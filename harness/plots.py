@@ -107,20 +107,28 @@ def plot_by_scheme(board: Board, output: Path) -> dict[str, Path]:
 
 
 def plot_cost(board: Board, output: Path) -> dict[str, Path]:
-    """Avg accuracy against peak memory and decode latency, Pareto front marked; {} without perf."""
+    """Avg accuracy against peak memory and decode latency, Pareto front marked; {} without perf.
+
+    Colour: variant (as in the scheme plot; the reference in black); marker: scheme. Only the
+    front's points are labelled, so a crowded plot stays readable.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     t = board.table
     axes_spec = [(c, lab) for c, lab in (("peak GiB", "peak memory (GiB)"), ("decode ms/tok", "decode latency (ms/token)"))
                  if c in t and t[c].notna().any()]
     if not axes_spec:
         return {}
+    refs = set(board.references.values())
     models = list(dict.fromkeys(i[0] for i in t.index))
-    variants = list(dict.fromkeys(i[1] for i in t.index))
-    colors = _colors(variants)
-    markers = dict(zip(models, "osD^v<>p*h"))
-    fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.2 * len(axes_spec), 4.0), squeeze=False,
+    colors = _colors(list(dict.fromkeys(i[1] for i in t.index if i not in refs)))
+    schemes = sorted(dict.fromkeys(i[2] for i in t.index), key=lambda s: max(
+        board.bits.get(i, (0, 0)) for i in t.index if i[2] == s), reverse=True)
+    markers = dict(zip(schemes, "*osD^vPX<>ph"))
+    fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.2 * len(axes_spec), 4.2), squeeze=False,
                              layout="constrained")
+    used = set()
     for ax, (col, label) in zip(axes[0], axes_spec):
         rows = [i for i in t.index if not np.isnan(t.at[i, col]) and not np.isnan(t.at[i, AVG])]
         if not rows:
@@ -129,24 +137,27 @@ def plot_cost(board: Board, output: Path) -> dict[str, Path]:
         cost = np.array([t.at[i, col] for i in rows])
         acc = np.array([t.at[i, AVG] for i in rows])
         front = pareto_front(cost, acc)
-        for i, x in zip(rows, cost):
-            v, err = _yerr(t, i, AVG)
-            ax.errorbar([x], [v], yerr=np.array(err)[:, None], fmt=markers[i[0]], ms=5, capsize=2,
-                        color=colors[i[1]], label=i[1])
-            name = f"{i[1]} {i[2].upper()}" + (f" ({i[0]})" if len(models) > 1 else "")
-            ax.annotate(name, (x, v), xytext=(4, 3), textcoords="offset points", fontsize=7)
         order = np.argsort(cost[front], kind="stable")
-        ax.step(cost[front][order], acc[front][order], where="post", color="k", lw=1, alpha=0.6,
-                label="Pareto front")
-        ax.scatter(cost[front], acc[front], s=110, facecolors="none", edgecolors="k", lw=1)
+        ax.step(cost[front][order], acc[front][order], where="post", color="k", lw=1, alpha=0.5, zorder=1)
+        for i, x, on_front in zip(rows, cost, front):
+            v, err = _yerr(t, i, AVG)
+            color = "k" if i in refs else colors[i[1]]
+            ax.errorbar([x], [v], yerr=np.array(err)[:, None], fmt=markers[i[2]], ms=6 if i[2] != schemes[0] else 9,
+                        capsize=2, lw=0.8, color=color, zorder=3)
+            used.add((i[1], i in refs))
+            if on_front:
+                ax.scatter([x], [v], s=170, facecolors="none", edgecolors="k", lw=1, zorder=2)
+            if on_front or len(models) > 1:
+                name = (f"{i[1]} {i[2].upper()}" if on_front else "") + (f" ({i[0]})" if len(models) > 1 else "")
+                ax.annotate(name.strip(), (x, v), xytext=(6, 4), textcoords="offset points", fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{AVG} accuracy (%)")
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle("Accuracy against cost (circled: Pareto front — lower cost, higher accuracy)", fontsize=11)
+    handles = [Line2D([], [], color="k" if ref else colors[v], marker="o", ls="", label=v + (" (reference)" if ref else ""))
+               for v, ref in sorted(used, key=lambda u: (not u[1], u[0]))]
+    handles += [Line2D([], [], color="0.4", marker=markers[s], ls="", label=s.upper()) for s in schemes]
+    handles.append(Line2D([], [], color="k", lw=1, alpha=0.5, marker="o", mfc="none", ms=9, label="Pareto front"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle("Accuracy against cost (circled: Pareto front — nothing cheaper is more accurate)", fontsize=11)
     try:
         return _save(fig, output, "accuracy_vs_cost")
     finally:
