@@ -289,6 +289,10 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
             table[gap_col + suffix] = vals
         table[f"{c} mark"] = marks
 
+    if not multi:  # the record's own standard error (lm-eval's), for readers comparing with other tools
+        se = acc.set_index(ROW + ["task"])["stderr"] if "stderr" in acc else None
+        for t in tasks:
+            table[f"{t} stderr"] = [se.get((*row, t), np.nan) if se is not None else np.nan for row in rows]
     for t in tasks:
         table[f"{t} n"] = [max((n_questions[t].get((k, i)) or 0 for k in range(len(runs))), default=0) or np.nan
                            for i in range(R)]

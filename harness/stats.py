@@ -24,9 +24,10 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
-# resample weights are built in chunks of at most this many (resample, question) entries, so a
-# 100k-question task does not need a (2000, 100k) matrix at once
-_CHUNK_ENTRIES = 4_000_000
+# resample weights are built in chunks of at most this many (resample, question) entries: the
+# counting stays in cache (docs/benchmarks/intervals.md) and a 100k-question task does not need a
+# (2000, 100k) matrix at once
+_CHUNK_ENTRIES = 250_000
 
 
 def task_rng(seed: int, task: str) -> np.random.Generator:
@@ -92,13 +93,14 @@ class PairedBootstrap:
             point = (flat.sum(1) / mask.sum(1)).reshape(runs, rows)
         reps = np.empty((self.n_resamples, runs * rows))
         rng = task_rng(seed, name)
+        complete = bool(mask.all())  # every row scored on every question: each resample has n
         if n:
             step = max(1, _CHUNK_ENTRIES // n)
             for start in range(0, self.n_resamples, step):
                 stop = min(start + step, self.n_resamples)
                 w = resample_counts(n, self.n_resamples, rng, start, stop)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    reps[start:stop] = (w @ flat.T) / (w @ mask.T)
+                    reps[start:stop] = (w @ flat.T) / (n if complete else w @ mask.T)
         else:
             reps[:] = np.nan
         # a resample that draws none of a partly scored row's questions keeps the row's mean
@@ -139,13 +141,15 @@ class PairedBootstrap:
 @dataclass
 class Interval:
     """Point values and bounds of S statistics; ``runs``: how many runs each one averages;
-    ``sd``: the sample standard deviation of the per-run values (NaN with one run)."""
+    ``sd``: the sample standard deviation of the per-run values (NaN with one run); ``se``: the
+    combined standard error where the runs differ (NaN where the interval is a percentile one)."""
 
     value: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
     runs: np.ndarray
     sd: np.ndarray
+    se: np.ndarray
 
     def excludes_zero(self) -> np.ndarray:
         return (self.lo > 0) | (self.hi < 0)
@@ -166,22 +170,27 @@ def combine_runs(point: np.ndarray, reps: np.ndarray, level: float = DEFAULT_LEV
 
     One run, or runs that agree exactly (the reference row): the percentile bootstrap interval of
     the run-averaged statistic. Runs that differ (calibration seeds on the same questions): the mean
-    over the K runs that have the statistic, ± t · se with
+    ḡ over the K runs that have the statistic, ± t · se, clipped to ``bounds``. Per question i and
+    run k the statistic is d_ki = μ + α_i (the question) + β_k (the seed) + γ_ki (their
+    interaction), so Var ḡ = σ_α²/n + σ_β²/K + σ_γ²/(nK). Its estimate is
 
-        se² = s²/K + se_q²,   df = (K − 1) · se⁴ / (s²/K)²   (Welch–Satterthwaite)
+        se² = s²/K + max(0, (K · v_avg − v_run) / (K − 1))
 
-    where s is the standard deviation of the K per-run values (calibration noise) and se_q the
-    bootstrap standard error of the run-averaged statistic (question noise, shared by the runs
-    because they answer the same questions), clipped to ``bounds`` (what the statistic can be).
+    s²: the variance of the K per-run values (estimates σ_β² + σ_γ²/n); v_avg: the bootstrap
+    variance of the run-averaged statistic, v_run: the mean over runs of each run's bootstrap
+    variance (K · v_avg − v_run)/(K − 1) estimates σ_α²/n, the question noise the runs share,
+    without counting the interaction twice (it is already in s²). Degrees of freedom:
+    Welch–Satterthwaite with K − 1 for the seed term, df = (K − 1) · se⁴ / (s²/K)².
+
     A bootstrap over 3–5 seeds would treat those seeds as the whole population: its variance is
     (K−1)/K of s²/K and it uses normal, not t, quantiles — at K = 4 its seed term is about half as
-    wide as the t-interval's.
+    wide as the t-interval's. scripts/bench_intervals.py measures the coverage of both.
     """
     point = np.asarray(point, dtype=np.float64)
     valid = ~np.isnan(point)
     k = valid.sum(0)
     S = point.shape[1]
-    lo, hi, sd = (np.full(S, np.nan) for _ in range(3))
+    lo, hi, sd, se = (np.full(S, np.nan) for _ in range(4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # statistics no run has: all-NaN slices
         value = np.nanmean(point, axis=0)
@@ -199,9 +208,14 @@ def combine_runs(point: np.ndarray, reps: np.ndarray, level: float = DEFAULT_LEV
     if tcase.any():
         from scipy import stats
 
-        se2 = seed_var[tcase] + np.nanvar(q[:, tcase], axis=0, ddof=1)
-        df = (k[tcase] - 1) * se2 ** 2 / seed_var[tcase] ** 2
-        half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(se2)
+        kk = k[tcase]
+        v_avg = np.nanvar(q[:, tcase], axis=0, ddof=1)
+        v_run = np.nanmean(np.nanvar(reps[:, :, tcase], axis=0, ddof=1), axis=0)
+        shared = np.maximum(0.0, (kk * v_avg - v_run) / (kk - 1))
+        se2 = seed_var[tcase] + shared
+        df = (kk - 1) * se2 ** 2 / seed_var[tcase] ** 2
+        se[tcase] = np.sqrt(se2)
+        half = stats.t.ppf(0.5 + level / 2, df) * se[tcase]
         lo[tcase] = np.maximum(value[tcase] - half, bounds[0])
         hi[tcase] = np.minimum(value[tcase] + half, bounds[1])
-    return Interval(value, lo, hi, k, sd)
+    return Interval(value, lo, hi, k, sd, se)

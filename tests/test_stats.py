@@ -153,29 +153,33 @@ def test_identical_runs_give_the_single_run_interval():
     np.testing.assert_allclose(three.hi, one.hi, rtol=0, atol=1e-12)
 
 
-def test_seed_noise_and_question_noise_add():
-    # seed spread s and question noise both present: the half-width is t_df · sqrt(s²/K + se_q²),
-    # wider than either part alone (the seed-only t-interval and the single-run bootstrap)
-    a, b = _correlated_pair(n=300)
-    runs = []
-    for k, shift in enumerate([0.0, 0.04, 0.09, 0.02]):
-        bk = b.copy()
-        bk[k * 20:(k * 20) + int(shift * 300)] = 0.0  # the calibration seed costs some questions
-        runs.append(np.stack([a, bk]))
-    scores = np.stack(runs)
-    w = {"t": np.array([[1.0, -1.0]])}
-    boot = _boot({"t": scores})
-    point, reps = boot.statistic(w)
-    iv = combine_runs(point, reps)
-    gaps = point[:, 0]
-    seed_only = sps.t.interval(0.95, 3, loc=gaps.mean(), scale=gaps.std(ddof=1) / 2)
-    q_only = combine_runs(point[:1], reps[:, :1])
-    assert iv.hi[0] - iv.lo[0] > seed_only[1] - seed_only[0]
-    assert iv.hi[0] - iv.lo[0] > q_only.hi[0] - q_only.lo[0]
-    se_q = reps[:, :, 0].mean(1).std(ddof=1)
-    se = np.sqrt(gaps.var(ddof=1) / 4 + se_q ** 2)
-    df = 3 * se ** 4 / (gaps.var(ddof=1) / 4) ** 2
-    assert (iv.hi[0] - iv.lo[0]) / 2 == pytest.approx(sps.t.ppf(0.975, df) * se, rel=1e-9)
+def _two_way(K=4, n=300, seed=7):
+    """Two rows over K runs: shared question difficulty u, seed shifts, and per-run flips."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(n)
+    a = (u[None] + 0.15 * rng.standard_normal((K, n)) < 0.75 + 0.03 * rng.standard_normal((K, 1))).astype(float)
+    b = (u[None] + 0.15 * rng.standard_normal((K, n)) < 0.65 + 0.03 * rng.standard_normal((K, 1))).astype(float)
+    return np.stack([a, b], axis=1)  # (runs, rows, n)
+
+
+def test_seed_interval_matches_the_two_way_anova_variance():
+    # independent reference: the unbiased variance of the grand mean of a K × n two-way table
+    # with random question, seed and interaction effects, (MS_q + MS_seed − MS_int) / (n K)
+    scores = _two_way()
+    K, n = scores.shape[0], scores.shape[2]
+    iv = _interval(_boot({"t": scores}, n_resamples=4000), {"t": np.array([[1.0, -1.0]])})
+    d = scores[:, 0] - scores[:, 1]
+    resid = d - d.mean(1, keepdims=True) - d.mean(0, keepdims=True) + d.mean()
+    ms_seed = n * d.mean(1).var(ddof=1)
+    ms_q = K * d.mean(0).var(ddof=1)
+    ms_int = (resid ** 2).sum() / ((K - 1) * (n - 1))
+    var = (ms_q + ms_seed - ms_int) / (n * K)
+    assert iv.value[0] == pytest.approx(d.mean())
+    assert iv.se[0] == pytest.approx(np.sqrt(var), rel=0.05)
+    # and the interval is that se times the t quantile at the Welch–Satterthwaite df
+    seed_var = d.mean(1).var(ddof=1) / K
+    df = (K - 1) * iv.se[0] ** 4 / seed_var ** 2
+    assert (iv.hi[0] - iv.lo[0]) / 2 == pytest.approx(sps.t.ppf(0.975, df) * iv.se[0], rel=1e-9)
 
 
 def test_a_row_missing_from_a_run_is_averaged_over_the_runs_that_have_it():
