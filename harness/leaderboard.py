@@ -475,8 +475,8 @@ def _booktabs(df: pd.DataFrame) -> str:
         .replace("\\}", "}").replace("\\$", "$").replace("\\_", "_").replace("\\textasciicircum{}", "^") + "\n"
 
 
-def write_board(board: Board, output: Path) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} and the plots into ``output``; returns the paths."""
+def write_board(board: Board, output: Path, plots: bool = True) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html} and (``plots``) the plots into ``output``; returns the paths."""
     from .page import write_page
     from .plots import write_plots
 
@@ -487,15 +487,15 @@ def write_board(board: Board, output: Path) -> dict[str, Path]:
     paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True)
                            + "\n\n" + notes_text(board))
     paths["tex"].write_text(_booktabs(formatted(board, "tex")))
-    plots = write_plots(board, output)
-    write_page(board, paths["html"], plots)
-    paths.update({f"plot {name}": p for name, p in plots.items()})
+    figures = write_plots(board, output) if plots else {}
+    write_page(board, paths["html"], figures)
+    paths.update({f"plot {name}": p for name, p in figures.items()})
     return paths
 
 
 def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
                       seed: int = 0, level: float = DEFAULT_LEVEL,
-                      perf_records: list[dict] | None = None) -> dict[str, Path]:
+                      perf_records: list[dict] | None = None, plots: bool = True) -> dict[str, Path]:
     """Write leaderboard.{md,csv,tex,html} and plots next to records.jsonl; returns the paths.
 
     ``with_stderr`` is accepted for the CLI's ``--stderr`` and ignored: every number carries its
@@ -507,4 +507,4 @@ def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resa
         raise FileNotFoundError(f"no records in {results_dir / 'records.jsonl'}; run a suite first")
     board = build_board([Run(results_dir.name, results_dir, records)], n_resamples=n_resamples, seed=seed,
                         level=level, perf_records=perf_records)
-    return write_board(board, results_dir)
+    return write_board(board, results_dir, plots=plots)

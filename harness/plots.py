@@ -32,8 +32,8 @@ def _save(fig, output: Path, stem: str) -> dict[str, Path]:
     paths = {}
     for ext in ("png", "svg"):
         path = output / f"{stem}.{ext}"
-        fig.savefig(path, format=ext, metadata=_META[ext], dpi=150 if ext == "png" else None,
-                    bbox_inches="tight")
+        # constrained layout already fits the outside legend: no bbox_inches="tight" (another draw)
+        fig.savefig(path, format=ext, metadata=_META[ext], dpi=150 if ext == "png" else None)
         paths[f"{stem}.{ext}"] = path
     return paths
 

@@ -210,7 +210,9 @@ def combine_runs(point: np.ndarray, reps: np.ndarray, level: float = DEFAULT_LEV
 
         kk = k[tcase]
         v_avg = np.nanvar(q[:, tcase], axis=0, ddof=1)
-        v_run = np.nanmean(np.nanvar(reps[:, :, tcase], axis=0, ddof=1), axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runs without the statistic: all NaN
+            v_run = np.nanmean(np.nanvar(reps[:, :, tcase], axis=0, ddof=1), axis=0)
         shared = np.maximum(0.0, (kk * v_avg - v_run) / (kk - 1))
         se2 = seed_var[tcase] + shared
         df = (kk - 1) * se2 ** 2 / seed_var[tcase] ** 2

@@ -40,7 +40,7 @@ def test_variant_rows_reference_key_and_exact_paired_gaps(tmp_path):
     assert t.loc[("m", "rtn+clip", "w4a4"), "Avg mark"] == "lead" and t.loc[("m", "rtn", "w4a4"), "Avg mark"] == ""
     assert board.reference_desc == {"m": "float (ran in fp64)"}
 
-    paths = write_leaderboard(tmp_path)
+    paths = write_leaderboard(tmp_path, plots=False)
     md = paths["md"].read_text()
     header = md.splitlines()[0]
     assert "Δ ref" in header and "fp16" not in md
@@ -77,7 +77,7 @@ def test_bold_only_for_a_significant_lead_and_ties_marked(tmp_path):
     assert marks == {"fp16": "", "awq": "tie", "gptq": "tie", "rtn": "tie", "qvlm": ""}
     assert t.loc[("m", "qvlm", "w6a6"), "vs best hi"] < 0  # significantly behind the best
     assert t.loc[("m", "awq", "w6a6"), ["vs best", "vs best lo", "vs best hi"]].tolist() == [0, 0, 0]
-    md = write_leaderboard(tmp_path)["md"].read_text()
+    md = write_leaderboard(tmp_path, plots=False)["md"].read_text()
     assert "**" not in md.split("\n\n")[0]  # no significant lead: nothing bold
     assert "*75.0 [" in next(line for line in md.splitlines() if "| awq" in line)
 
@@ -127,6 +127,6 @@ def test_only_failures_not_retried_successfully_are_reported(tmp_path):
     left = unresolved_failures(recs)
     assert sorted(r["method"] for r in left) == ["awq", "gptq"]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    md = write_leaderboard(tmp_path)["md"].read_text()
+    md = write_leaderboard(tmp_path, plots=False)["md"].read_text()
     failed = next(line for line in md.splitlines() if "failed record(s)" in line)
     assert failed.startswith("2 failed record(s)") and "rtn/w4a4" not in failed
