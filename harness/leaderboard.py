@@ -307,7 +307,9 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
     ref_desc = {}
     for model, row in references.items():
         recs = acc[(acc["model"] == model) & (acc["variant"] == row[1]) & (acc["scheme"] == row[2])]
-        dt = sorted({str(d) for d in (recs["dtype"] if "dtype" in recs else recs["kernel"]).dropna()})
+        # per record: the resolved dtype, or (records before it existed) the kernel
+        dt = sorted({str(_field(r, "dtype") or _field(r, "kernel")) for r in recs.to_dict("records")
+                     if _field(r, "dtype") or _field(r, "kernel")})
         ref_desc[model] = f"{row[1]}" + (f" (ran in {', '.join(dt)})" if dt else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,

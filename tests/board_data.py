@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ def record(method, scheme, task, scores=None, *, variant=None, reference=None, s
         value = 100 * scores.mean()
     if stderr is None and scores is not None:
         stderr = 100 * scores.std(ddof=1) / np.sqrt(len(scores))
-    w, a = (16, 16) if scheme == "w16a16" else (int(scheme[1]), int(scheme[3]))
+    w, a = map(int, re.fullmatch(r"w(\d+)a(\d+)", scheme).groups())
     rec = {"suite": "synthetic", "model": "m", "method": method, "scheme": scheme, "task": task,
            "metric": "accuracy", "value": value if status == "ok" else None, "stderr": stderr,
            "n": None if scores is None else len(scores), "status": status, "device": "cpu (1 threads)",
@@ -37,11 +38,11 @@ def write_run(folder: Path, cells: dict[tuple, np.ndarray], seed: int = 0, with_
     """cells[(method, scheme, task)] or cells[(method, variant, scheme, task)]: per-question scores."""
     folder.mkdir(parents=True, exist_ok=True)
     recs = []
-    for key, scores in cells.items():
+    for j, (key, scores) in enumerate(cells.items()):
         method, variant, scheme, task = key if len(key) == 4 else (key[0], None, key[1], key[2])
         rel = None
         if with_samples:
-            rel = f"samples/{method}-{variant or ''}-{scheme}-{task}.jsonl"
+            rel = f"samples/{j}-{method}-{scheme}-{task}.jsonl"
             (folder / "samples").mkdir(exist_ok=True)
             (folder / rel).write_text("".join(json.dumps({"doc_id": i, "score": float(s)}) + "\n"
                                               for i, s in enumerate(scores)))

@@ -64,6 +64,18 @@ def test_records_without_the_new_keys_use_method_and_fp16_as_reference(tmp_path)
     assert board.table.loc[("m", "rtn", "w4a4"), "Δ ref"] == pytest.approx(-30.0)
 
 
+def test_each_model_is_compared_with_its_own_reference(tmp_path):
+    a, b = _base(seed=3), _base(seed=4)
+    cells = {("fp16", "w16a16", "t"): a, ("rtn", "w4a4", "t"): a - 0.1,
+             ("fp16", "fp16", "w16a16", "t"): b, ("rtn", "rtn", "w4a4", "t"): b - 0.3}
+    other = {"model": "n", "dtype": "bf16"}
+    write_run(tmp_path, cells, keys={k: other for k in cells if len(k) == 4})
+    board = _board(tmp_path)
+    assert board.table.loc[("m", "rtn", "w4a4"), "Δ ref"] == pytest.approx(-10.0)
+    assert board.table.loc[("n", "rtn", "w4a4"), "Δ ref"] == pytest.approx(-30.0)
+    assert board.reference_desc == {"m": "fp16 (ran in fp32)", "n": "fp16 (ran in bf16)"}
+
+
 def test_bold_only_for_a_significant_lead_and_ties_marked(tmp_path):
     base = scores(200, 150, seed=3)
     one_less = base.copy()
