@@ -310,7 +310,9 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
         # per record: the resolved dtype, or (records before it existed) the kernel
         dt = sorted({str(_field(r, "dtype") or _field(r, "kernel")) for r in recs.to_dict("records")
                      if _field(r, "dtype") or _field(r, "kernel")})
-        ref_desc[model] = f"{row[1]}" + (f" (ran in {', '.join(dt)})" if dt else "")
+        # the engine's label may already say it ("fp64 (reference)")
+        ran = ", ".join(d for d in dt if d not in row[1])
+        ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
                  level=level, seed=seed)
