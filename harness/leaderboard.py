@@ -14,7 +14,6 @@ it can be regenerated at any time.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ import pandas as pd
 
 from .records import read_records
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, PairedBootstrap, TaskScores, combine_runs
-
-log = logging.getLogger(__name__)
 
 ROW = ["model", "variant", "scheme"]
 REFERENCE_FALLBACK = "fp16"  # records written before the ``reference`` key: the fp16 method
@@ -337,7 +334,7 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict]) -> pd.DataFrame:
 # text formats
 
 
-def _num(v: float, signed: bool) -> str:
+def number_text(v: float, signed: bool) -> str:
     v = round(float(v), 1) + 0.0  # no "-0.0"
     return f"{v:+.1f}" if signed else f"{v:.1f}"
 
@@ -348,10 +345,10 @@ def cell_text(table: pd.DataFrame, idx: tuple, col: str, intervals: bool = True)
     if pd.isna(v):
         return "–"
     signed = col in (DREF, VSBEST) or col.endswith(" vs best")
-    text = _num(v, signed)
+    text = number_text(v, signed)
     lo, hi = table.at[idx, f"{col} lo"], table.at[idx, f"{col} hi"]
     if intervals and pd.notna(lo):
-        text += f" [{_num(lo, signed)}, {_num(hi, signed)}]"
+        text += f" [{number_text(lo, signed)}, {number_text(hi, signed)}]"
     return text
 
 
@@ -379,7 +376,7 @@ def formatted(board: Board, style: str) -> pd.DataFrame:
         out["peak GiB"] = table["peak GiB"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
         out["kernel"] = table["kernel"].fillna("–")
     if f"{AVG} min" in table:
-        out[f"{AVG} range"] = [f"{_num(lo, False)}–{_num(hi, False)}" if pd.notna(lo) else "–"
+        out[f"{AVG} range"] = [f"{number_text(lo, False)}–{number_text(hi, False)}" if pd.notna(lo) else "–"
                                for lo, hi in zip(table[f"{AVG} min"], table[f"{AVG} max"])]
     if (table["runs"] < len(board.runs)).any():
         out["runs"] = table["runs"].astype(int).astype(str)

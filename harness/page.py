@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .leaderboard import AVG, DREF, VSBEST, Board, calibration_text, _num, caption, unresolved_failures, variant_of
+from .leaderboard import (AVG, DREF, PERF_COLUMNS, VSBEST, Board, calibration_text, caption, number_text,
+                          unresolved_failures, variant_of)
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -107,7 +108,7 @@ def _cell(board: Board, idx: tuple, col: str) -> str:
     if pd.isna(v):
         return f'<td class="{" ".join(classes)}">–</td>'
     signed = col in (DREF, VSBEST)
-    fmt = (lambda x: _num(x, True).replace("-", "−")) if signed else (lambda x: _num(x, False))
+    fmt = (lambda x: number_text(x, True).replace("-", "−")) if signed else (lambda x: number_text(x, False))
     lo, hi = t.at[idx, f"{col} lo"], t.at[idx, f"{col} hi"]
     ci = f'<span class="ci">[{fmt(lo)}, {fmt(hi)}]</span>' if pd.notna(lo) else ""
     return f'<td class="{" ".join(classes)}">{fmt(v)}{ci}</td>'
@@ -116,7 +117,7 @@ def _cell(board: Board, idx: tuple, col: str) -> str:
 def table_html(board: Board) -> str:
     t = board.table
     cols = board.stat_columns
-    perf = [c for c in ("decode ms/tok", "peak GiB", "kernel") if c in t]
+    perf = [c for c in PERF_COLUMNS if c in t]
     multi_runs = (t["runs"] < len(board.runs)).any()
     head = ["Model", "Variant", "Scheme", *cols, *perf] + (["runs"] if multi_runs else [])
     out = ['<table class="lb">', "<caption>" + "".join(f"<p>{_e(line)}</p>" for line in caption(board)) + "</caption>",
