@@ -59,7 +59,7 @@ def test_suite_runs_writes_records_and_leaderboard_then_resumes(tiny_llava_path,
     assert len(read_records(tmp_path / "records.jsonl")) == 3
     assert main(["table", str(tmp_path)]) == 0
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "| rtn" in md and "Δ fp16" in md
+    assert "| rtn" in md and "Δ ref" in md
     assert "\\toprule" in (tmp_path / "leaderboard.tex").read_text()
     assert "<table" in (tmp_path / "leaderboard.html").read_text()
     csv = (tmp_path / "leaderboard.csv").read_text()
