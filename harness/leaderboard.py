@@ -63,6 +63,7 @@ def latest_ok(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["variant"] = [variant_of(r) for r in rows]
     df["_ref"] = [is_reference(r) for r in rows]
+    df["_control"] = [bool(r.get("control")) for r in rows]
     df["_order"] = range(len(df))
     df["task"] = df["task"].fillna("")
     if "metric" not in df:
@@ -178,6 +179,7 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
     tasks = sorted(acc["task"].unique())
     bits = {tuple(r[c] for c in ROW): scheme_bits(r.to_dict()) for _, r in acc.iterrows()}
     refs = {tuple(r[c] for c in ROW) for _, r in acc[acc["_ref"]].iterrows()}
+    controls = {tuple(r[c] for c in ROW) for _, r in acc[acc["_control"]].iterrows()}
     references: dict[str, tuple] = {}
     for row in sorted(refs):
         if row[0] in references:
@@ -244,10 +246,11 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
             w[s, ri[references[rows[i][0]]]] -= 1
         put(DREF, {t: w / T for t in tasks}, with_ref, bounds=(-1.0, 1.0))
 
-    # leads: per (model, scheme), among the variants that are not the reference
+    # leads: per (model, scheme), among the variants that are not the reference or a control
+    # (a control, e.g. fp16+veo, isolates a lever; it does not compete for best)
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
-        if row not in refs:
+        if row not in refs and row not in controls:
             groups.setdefault((row[0], row[2]), []).append(i)
     for c in [*tasks, AVG]:
         weights_of = (lambda w: {t: w / T for t in tasks}) if c == AVG else (lambda w: {c: w})
@@ -409,7 +412,7 @@ def caption(board: Board) -> list[str]:
         lines.append(f"Bold: the highest mean of its model and scheme, and the paired {pct} interval of its "
                      "gap to every other variant excludes 0 (a significant lead). Italic: tied for best — the "
                      "highest mean, or a mean whose gap to it is not significant (no bold in that column "
-                     "then). The reference row is not ranked.")
+                     "then). The reference row and controls (variants that quantize nothing) are not ranked.")
     return lines
 
 

@@ -142,3 +142,17 @@ def test_only_failures_not_retried_successfully_are_reported(tmp_path):
     md = write_leaderboard(tmp_path, plots=False)["md"].read_text()
     failed = next(line for line in md.splitlines() if "failed record(s)" in line)
     assert failed.startswith("2 failed record(s)") and "rtn/w4a4" not in failed
+
+
+def test_a_control_row_is_shown_but_not_ranked(tmp_path):
+    base = scores(200, 150, seed=3)
+    worse = base.copy()
+    worse[np.flatnonzero(base)[:40]] = 0.0
+    better = np.ones(200)  # the control beats everyone, significantly
+    write_run(tmp_path, {("fp16", "w16a16", "t"): base, ("fp16+veo", "w4a4", "t"): better,
+                         ("qvlm", "w4a4", "t"): base, ("rtn", "w4a4", "t"): worse},
+              keys={("fp16+veo", "w4a4", "t"): {"control": True}})
+    t = _board(tmp_path).table
+    marks = {row[1]: t.loc[row, "Avg mark"] for row in t.index}
+    assert marks == {"fp16": "", "fp16+veo": "", "qvlm": "lead", "rtn": ""}
+    assert t.loc[("m", "fp16+veo", "w4a4"), "Avg"] == 100.0
