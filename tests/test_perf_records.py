@@ -10,7 +10,8 @@ import torch
 from harness.perf.arch import arch_config, architectures
 from harness.perf.cli import add_perf_parser, main
 from harness.perf.measure import quantiles
-from harness.perf.records import append_record, leaderboard_frame, load_records, write_leaderboard
+from harness.perf.records import leaderboard_frame, load_records, write_perf_table
+from harness.records import append_record
 
 
 def _rec(method, scheme, decode, ttft, peak, kernel="k", status="ok", run="r1", batch=1, gate=True):
@@ -43,7 +44,7 @@ def test_leaderboard_ratios_against_fp16_of_the_same_run(tmp_path):
             _rec("fp16", "w16a16", 1.0, 1.0, 1, run="other", batch=8)]
     df = leaderboard_frame(recs)
     row = df[(df.scheme == "w4a16") & (df.batch == 1)].iloc[0]
-    assert row["decode ×"] == pytest.approx(4.0) and row["peak / fp16"] == pytest.approx(0.3)
+    assert row["decode ×"] == pytest.approx(4.0) and row["peak / base"] == pytest.approx(0.3)
     assert row["prefill ×"] == pytest.approx(39 / 29)
     failed = df[df.scheme == "w4a4"].iloc[0]
     assert failed["gate"] == "FAIL" and (failed["decode ×"] is None or failed["decode ×"] != failed["decode ×"])
@@ -52,7 +53,7 @@ def test_leaderboard_ratios_against_fp16_of_the_same_run(tmp_path):
     path = tmp_path / "records.jsonl"
     for r in recs:
         append_record(path, r)
-    text = write_leaderboard(path, tmp_path / "leaderboard.md", command="python -m harness.perf.cli x")
+    text = write_perf_table(path, tmp_path / "leaderboard.md", command="python -m harness.perf.cli x")
     assert "## m, batch 1" in text and "H100" in text and "python -m harness.perf.cli x" in text
 
 

@@ -74,12 +74,12 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from .records import write_leaderboard
+    from .records import write_perf_table
 
     out = Path(args.out)
     command = "python -m harness.perf.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.leaderboard_only:
-        print(write_leaderboard(out / "records.jsonl", out / "leaderboard.md"))
+        print(write_perf_table(out / "records.jsonl", out / "leaderboard.md"))
         return 0
     if not args.model:
         print("qvlm-bench perf: --model is required (an architecture name such as llava-1.5-7b, "
@@ -97,7 +97,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
                         seed=args.seed, overrides=dict(args.override),
                         time_budget_s=args.time_budget, kernels=args.kernels, leaderboard=False)
         failed += sum(r["status"] != "ok" for r in recs)
-    text = write_leaderboard(out / "records.jsonl", out / "leaderboard.md", command=command)
+    text = write_perf_table(out / "records.jsonl", out / "leaderboard.md", command=command)
     print(text)
     return 1 if failed else 0
 

@@ -35,7 +35,8 @@ from .arch import load_for_perf
 from .engine import LlavaEngine, build_blocks
 from .measure import copy_bandwidth, device_info, peak_memory, time_generate
 from .real import RealLinear, select_kernels, set_compile
-from .records import append_record, write_leaderboard
+from ..records import append_record
+from .records import write_perf_table
 
 FLOAT_VARIANT = ("fp16", "w16a16")
 
@@ -372,6 +373,6 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     if skipped:
         log(f"[perf] not run (time budget {time_budget_s}s): {skipped}")
     if leaderboard:
-        write_leaderboard(out / "records.jsonl", out / "leaderboard.md")
+        write_perf_table(out / "records.jsonl", out / "leaderboard.md")
     log(f"[perf] done in {time.time() - t_start:.0f}s")
     return records

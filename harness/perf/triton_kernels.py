@@ -32,11 +32,24 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_CPU = {"on": False}
+
+
+def interpret_on_cpu(on: bool = True) -> bool:
+    """Let the kernels run on CPU tensors through Triton's interpreter (tests; needs
+    ``TRITON_INTERPRET=1`` before this module is imported). Returns the previous setting."""
+    prev = _CPU["on"]
+    _CPU["on"] = bool(on)
+    return prev
+
+
 def available(device: torch.device | str) -> bool:
-    """Triton kernels run on CUDA, or anywhere under the interpreter."""
+    """Triton kernels run on CUDA; on the CPU only under the interpreter, when asked for."""
     if not HAS_TRITON:
         return False
-    return INTERPRET or str(device).startswith("cuda")
+    if str(device).startswith("cuda"):
+        return not INTERPRET
+    return INTERPRET and _CPU["on"]
 
 
 if HAS_TRITON:
