@@ -51,9 +51,9 @@ def test_engine_matches_simulated_model(tiny_lm, scheme):
     assert toks.shape == (2, 5) and toks[0].tolist() == ref.tokens == toks[1].tolist()
 
 
-def _rtn_reference(lm, scheme, new_tokens):
+def _rtn_reference(lm, scheme, new_tokens, text_tokens=12):
     """Workload, RTN state and the simulated model's reference run for ``scheme``."""
-    wl = make_workload(lm.model.config, text_tokens=12, new_tokens=new_tokens)
+    wl = make_workload(lm.model.config, text_tokens=text_tokens, new_tokens=new_tokens)
     ids, pix = wl.batch(1)
     state = rtn_state(lm.model, parse_scheme(scheme), "rtn")
     with torch.no_grad():
@@ -213,3 +213,56 @@ def test_rounding_tie_split_runs_on_the_engines_fused_layers(tiny_lm):
         # eager quantizers on both sides here: no mismatches, and kernel and state both exact
         assert split["quantizer"]["mismatches"] == 0 and split["quantizer"]["non_tie"] == 0
         assert split["kernel"] < 1e-5 and split["state"] < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["w4a4"])  # w8a8's int8 codes and GEMM: test_perf_fused/_kernels
+def test_fused_producers_feed_the_integer_kernels(tiny_lm, scheme, monkeypatch):
+    """W4A4 with the engine's fused quantizers and the Triton kernels (CPU interpreter): the engine
+    computes what the simulated model computes, and the producers pass their own check."""
+    from harness.perf import real
+    from harness.perf import triton_kernels as tk
+    from perf_helpers import triton_interpreter
+
+    triton_interpreter()
+    monkeypatch.setattr(real, "DECODE_MAX_ROWS", 4)  # a short prompt takes the prefill kernels
+    prev = tk.interpret_on_cpu(True)
+    try:
+        if True:
+            wl, state, ref = _rtn_reference(tiny_lm, scheme, new_tokens=2, text_tokens=4)
+
+            def make(path, lin):
+                return RealLinear.from_quant(state.linears[path], lin, device="cpu", dtype=tiny_lm.dtype, name=path)
+            eng = LlavaEngine(tiny_lm.model, build_blocks(tiny_lm.model, make))
+            eng.setup(*wl.batch(1), wl.new_tokens)
+            assert eng.fused
+            for m in eng.linears().values():
+                comp = m.int_compute()
+                m.choice = {"decode": f"triton-{m.fmt}-dot", "prefill": f"triton-{comp}-gemm"}
+            g = gate_mod.check(eng, ref, act_quant=True, policy="strict")
+            assert g["layerwise_max_rel_err"] < 1e-3 and g["e2e_rel_logit_err"] < 1e-3, g
+            assert g["e2e_tokens_match"]
+            p = gate_mod.check_producers(eng, ref)
+            assert p["passed"] and p["checks"], p
+            modes = {c["mode"] for c in p["checks"].values()}
+            assert modes == {"fake", "codes-fp8" if scheme == "w4a4" else "codes"}, modes
+    finally:
+        tk.interpret_on_cpu(prev)
+
+
+def test_trained_model_gate_runs_with_the_chosen_kernels(tiny_llava_path, tmp_path):
+    import json
+
+    from harness.perf.runner import run_perf
+
+    recs = run_perf(str(tiny_llava_path), schemes=["w4a16", "w8a8"], batches=[1], out=tmp_path,
+                    new_tokens=3, text_tokens=8, warmup=1, reps=1, gate_tokens=2, device="cpu",
+                    dtype="fp32", trained_gate="on", compile=False, graphs=False, log=lambda *a: None)
+    assert [r["scheme"] for r in recs] == ["w16a16", "w4a16", "w8a8"]
+    for r in recs:
+        t = r["gate"]["trained"]
+        assert t["ran"] and t["passed"] and t["model"] == "qvlm-tiny-llava", t
+        assert t["e2e_rel_logit_err"] < 1e-4 and t["tokens_sim"] == t["tokens_real"]
+        big = r["kernels"]["selection"]
+        assert set(t["kernels"].values()) <= {s["chosen"] for s in big}  # the same kernels
+    w8 = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[-1])
+    assert w8["dtype"] == "fp32" and w8["reference"] is False and recs[0]["reference"] is True

@@ -60,9 +60,9 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["generate", "decode"], default="generate",
                    help="choose each layer's weight layout by the time of the whole workload (default) "
                         "or by decode time alone")
-    p.add_argument("--trained-gate", choices=["auto", "off"], default="auto",
+    p.add_argument("--trained-gate", choices=["auto", "on", "off"], default="auto",
                    help="also gate every variant end to end on the bundled trained model with the same "
-                        "kernels (auto: on CUDA)")
+                        "kernels (auto: on CUDA only)")
     p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--device", default="cuda")

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from ..models.layers import language_layers
 from . import fused
+from . import real as real_mod
 
 # ---------------------------------------------------------------------------- glue (compiled)
 
@@ -183,7 +184,8 @@ class LlavaEngine:
             cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
         cos, sin = cos[:, None, :], sin[:, None, :]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        phase = "decode" if decode else "prefill"
+        # the layers pick their kernel by row count (RealLinear.forward); the producers must agree
+        phase = "decode" if rows <= real_mod.DECODE_MAX_ROWS else "prefill"
         delta = None
         for i, blk in enumerate(self.blocks):
             res, h = self._norm_into(res, delta, blk.ln1, blk.qkv, phase)

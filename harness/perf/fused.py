@@ -108,14 +108,18 @@ if tk.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # helpers called from the kernels: jitted on the GPU; under the interpreter plain Python (the
+    # interpreter would re-patch its builtins on every nested call of every row, ~100x slower)
+    _helper = (lambda f: f) if tk.INTERPRET else triton.jit
+
+    @_helper
     def _rne(v):
         """Round half to even (torch.round) for |v| < 2**22."""
         r = tl.floor(v + 0.5)
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
         return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
 
-    @triton.jit
+    @_helper
     def _emit(h, offs, mask, row, out_ptr, stride_out, scale_ptr, rowsum_ptr, s_ptr, z_ptr, clip,
               MODE: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, PER_TOKEN: tl.constexpr,
               ROWSUM: tl.constexpr):

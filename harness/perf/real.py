@@ -261,6 +261,8 @@ class RealLinear(nn.Module):
         self.layouts: dict[str, object] = {}  # built on demand: tinygemm, gemlite, gemlite-fp8, fp8w
         self.wdata_host: torch.Tensor | None = None  # ours, kept on the host when not deployed
         self.notes: dict[str, str] = {}
+        # activation dtype (outputs of integer kernels; gemlite's and tinygemm's inputs)
+        self._dtype = weight.dtype if weight is not None else torch.float16
 
     # -- construction ------------------------------------------------------------------------
 
@@ -286,8 +288,10 @@ class RealLinear(nn.Module):
             wdata, zero = pack_int4(codes), lq.zero.to(device).float()
         else:
             wdata, zero = to_int8_storage(codes, lq.zero.to(device), lq.bits)
-        return cls(in_f, out_f, wdata=wdata, scale=lq.scale.to(device), zero=zero, bits=lq.bits,
-                   act=lq.act, bias=bias, name=name)
+        new = cls(in_f, out_f, wdata=wdata, scale=lq.scale.to(device), zero=zero, bits=lq.bits,
+                  act=lq.act, bias=bias, name=name)
+        new._dtype = dtype
+        return new
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "RealLinear":
@@ -319,9 +323,11 @@ class RealLinear(nn.Module):
         if first.fmt == "float":
             return cls(first.in_features, out_f, weight=torch.cat([p.weight for p in parts]),
                        act=first.act, bias=bias, name=name)
-        return cls(first.in_features, out_f, wdata=torch.cat([p.wdata for p in parts]),
-                   scale=torch.cat([p.scale for p in parts]), zero=torch.cat([p.zero for p in parts]),
-                   bits=first.bits, act=first.act, bias=bias, name=name)
+        new = cls(first.in_features, out_f, wdata=torch.cat([p.wdata for p in parts]),
+                  scale=torch.cat([p.scale for p in parts]), zero=torch.cat([p.zero for p in parts]),
+                  bits=first.bits, act=first.act, bias=bias, name=name)
+        new._dtype = first._dtype
+        return new
 
     @property
     def device(self) -> torch.device:
@@ -412,8 +418,6 @@ class RealLinear(nn.Module):
             raise ValueError(f"unknown layout {name!r}")
         self.layouts[name] = obj
         return obj
-
-    _dtype = torch.float16  # activation dtype of the run (set by select_kernels)
 
     def layouts_in_use(self) -> set[str]:
         out = set()

@@ -325,7 +325,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
                warmup=warmup, reps=reps, gate=gate, gate_tokens=gate_tokens, compile=compile,
                graphs=graphs, device=device, kernels=kernels, overrides=overrides, plan_runs=plan_runs,
                float_linears=float_linears, lang_path=lang_path, log=log,
-               trained_gate=trained_gate if cuda else "off")
+               trained_gate="on" if trained_gate == "on" or (trained_gate == "auto" and cuda) else "off")
     pairs = [FLOAT_VARIANT] + [(m, s) for m in methods for s in schemes]
     budget = Budget(time_budget_s, len(pairs) + (1 if auto and cuda else 0))
     records: list[dict] = []
