@@ -237,7 +237,8 @@ def test_candidates_by_device_and_state():
     assert "torch-scaled_mm-fp8w" in rl.candidates("prefill", "cuda")
     assert rl.candidates("prefill", "cpu") == ["simulated"]
     for opt in real.OPT_IN_KERNELS:
-        assert opt not in rl.candidates("decode", "cuda")
+        if not opt.startswith("gemlite"):  # plain "gemlite" is a default for 4-bit codes
+            assert opt not in rl.candidates("decode", "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._weight_int4pack_mm runs on CUDA only")
@@ -253,3 +254,19 @@ def test_tinygemm_kernel_matches_float64_and_keeps_one_layout():
     assert rl.wdata is None and set(rl.layouts) == {"tinygemm"}
     assert rl.weight_bytes() < 1.1 * before
     assert rel_err(rl(x), want) < 1e-2
+
+
+def test_gemlite_borrows_the_nearest_tuned_shape():
+    from harness.perf.gemlite_kernels import borrow_configs
+
+    cfg = {"BLOCK_SIZE_N": 128}
+    cache = {"GEMM": {"(768, 4096, 4096, 128, 8, 104)": {"BLOCK_SIZE_N": 64},
+                      "(1024, 4096, 4096, 128, 8, 104)": {"BLOCK_SIZE_N": 32},
+                      "(768, 14336, 4096, 128, 8, 104)": cfg,
+                      "(768, 12288, 4096, 4096, 1, 408)": {"BLOCK_SIZE_N": 16}},  # another kind
+             "GEMV": {}}
+    got = borrow_configs(cache, 12288, 4096, 4096, 8, 104)
+    assert got == ["GEMM from (14336, 4096, 128)"]  # nearest N at K 4096; group 128 over others
+    assert cache["GEMM"]["(768, 12288, 4096, 4096, 8, 104)"] == cfg
+    assert "(1024, 12288, 4096, 4096, 8, 104)" not in cache["GEMM"]  # only the rows it was tuned at
+    assert borrow_configs(cache, 4096, 4096, 128, 8, 104) == []  # tuned already: nothing to borrow

@@ -123,7 +123,8 @@ if tk.HAS_TRITON:
     def _emit(h, offs, mask, row, out_ptr, stride_out, scale_ptr, rowsum_ptr, s_ptr, z_ptr, clip,
               MODE: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, PER_TOKEN: tl.constexpr,
               ROWSUM: tl.constexpr):
-        """Store ``h`` (fp32 values of the activation dtype; masked lanes 0) as MODE asks."""
+        """Store ``h`` (fp32 values of the activation dtype; masked lanes 0) as MODE asks.
+        Divisions are IEEE (``div_rn``; Triton's ``/`` is not), as torch's."""
         if MODE == 0:
             tl.store(out_ptr + row * stride_out + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -132,17 +133,17 @@ if tk.HAS_TRITON:
                 if SYM:
                     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
                     amax = tl.max(tl.abs(h), axis=0) * clip
-                    scale = tl.maximum(amax / QMAX, 1e-8)
+                    scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8)
                     zero = 2.0 ** (BITS - 1)
                 else:
                     xmin = tl.minimum(tl.min(h, axis=0), 0.0) * clip
                     xmax = tl.maximum(tl.max(h, axis=0), 0.0) * clip
-                    scale = tl.maximum((xmax - xmin) / LEVELS, 1e-8)
-                    zero = tl.minimum(tl.maximum(_rne(-xmin / scale), 0.0), LEVELS)
+                    scale = tl.maximum(tl.math.div_rn(xmax - xmin, LEVELS * 1.0), 1e-8)
+                    zero = tl.minimum(tl.maximum(_rne(tl.math.div_rn(-xmin, scale)), 0.0), LEVELS)
             else:
                 scale = tl.load(s_ptr)
                 zero = tl.load(z_ptr)
-            q = _rne(h / scale) + zero
+            q = _rne(tl.math.div_rn(h, scale + tl.zeros_like(h))) + zero
             q = tl.minimum(tl.maximum(q, 0.0), LEVELS) - zero
             if MODE == 1:
                 tl.store(out_ptr + row * stride_out + offs, (q * scale).to(out_ptr.dtype.element_ty),
@@ -224,17 +225,31 @@ def _outputs(rows: int, K: int, device, dtype, act: ActQuant | None, mode: Input
     return kind, out, scale, rowsum
 
 
+_CONST: dict = {}
+
+
+def _const(key, make):
+    """Small device tensors made once (not in every call: a decode step is captured in a CUDA graph,
+    and each fresh one would be another kernel launch or a host copy inside it)."""
+    if key not in _CONST:
+        _CONST[key] = make()
+    return _CONST[key]
+
+
 def _act_args(act: ActQuant | None, device):
     """(bits, sym, per_token, clip, static scale tensor, static zero tensor) for the kernels."""
+    dummy = _const(("dummy", str(device)), lambda: torch.zeros(1, device=device, dtype=torch.float32))
     if act is None:
-        dummy = torch.zeros(1, device=device, dtype=torch.float32)
         return 8, True, True, 1.0, dummy, dummy
     per_token = act.granularity == "per_token"
     if per_token:
-        s = z = torch.zeros(1, device=device, dtype=torch.float32)
-    else:
-        s = act.scale.to(device=device, dtype=torch.float32).reshape(1)
-        z = act.zero.to(device=device, dtype=torch.float32).reshape(1)
+        s = z = dummy
+    else:  # static range: copied to the device once, kept with the quantizer it belongs to
+        cache = act.__dict__.setdefault("_device_ranges", {})
+        if str(device) not in cache:
+            cache[str(device)] = (act.scale.to(device=device, dtype=torch.float32).reshape(1).clone(),
+                                  act.zero.to(device=device, dtype=torch.float32).reshape(1).clone())
+        s, z = cache[str(device)]
     return act.bits, bool(act.sym), per_token, float(act.clip_ratio), s, z
 
 

@@ -17,9 +17,13 @@ Facts about gemlite 0.6 this adapter relies on (read from its source):
   the activations itself; ``gemm.forward`` takes FP8 codes and ``scales_x [M, 1]`` directly, so
   the codes come from our fused quantizer (4-bit codes minus zero, exact in e4m3).
 * Importing gemlite needs a CUDA device (it reads the device's properties at import).
-* gemlite ships autotuned configurations per GPU (``gemlite/configs/*.json``); an H200 gets none
-  by name, and H100's (same SM 9.0 chip, same 132 SMs) are loaded for it, so that a perf run does
-  not autotune every shape.
+* gemlite ships autotuned configurations per GPU (``gemlite/configs/*.json``), keyed by
+  ``(rows bucket, N, K, group, codes per word, type id)``; an H200 gets none by name, and H100's
+  (same SM 9.0 chip, same 132 SMs) are loaded for it. Its kernels take N and K as compile-time
+  constants, so autotuning a shape compiles every candidate configuration (~20 per kernel type):
+  minutes for a perf run. Shapes that the file lacks (our fused q/k/v and gate/up widths,
+  per-channel groups) therefore borrow the configurations of the nearest tuned shape of the same
+  kind (``seed_configs``), one compile per shape; the layer's notes say which.
 """
 
 from __future__ import annotations
@@ -50,6 +54,51 @@ def _module():
     except Exception:  # noqa: BLE001 - tuning only
         pass
     return gemlite
+
+
+_SEEDED: dict = {}
+
+
+def borrow_configs(cache: dict, n: int, k: int, group: int, per_word: int, type_id: int,
+                   like_type: int | None = None) -> list[str]:
+    """Add to gemlite's config ``cache`` (matmul type -> signature string -> config) entries for
+    ``(rows, n, k, group, per_word, type_id)`` copied from the nearest tuned shape with the same
+    ``per_word`` and type (``like_type``, default ``type_id``; same group preferred, then 128;
+    nearest N and K in log scale), for every rows bucket it was tuned at. Returns
+    ``"<matmul type> from (N, K, group[, type])"`` lines."""
+    import ast
+    import math
+
+    src_type = type_id if like_type is None else like_type
+    borrowed = []
+    for mt, table in cache.items():
+        same = [ast.literal_eval(sig) for sig in table]
+        same = [sig for sig in same if sig[4] == per_word and sig[5] == src_type]
+        if not same:
+            continue
+
+        def dist(sig):
+            g_pen = 0 if sig[3] == group else 1 if sig[3] == 128 else 2
+            return (g_pen, abs(math.log(sig[1] / n)) + abs(math.log(sig[2] / k)))
+        best = min(same, key=dist)
+        if best[1:4] == (n, k, group) and src_type == type_id:
+            continue
+        for sig in same:
+            if sig[1:4] == best[1:4]:
+                table.setdefault(str((sig[0], n, k, group, per_word, type_id)), dict(table[str(sig)]))
+        borrowed.append(f"{mt} from {best[1:4]}" + (f" type {src_type}" if src_type != type_id else ""))
+    return borrowed
+
+
+def seed_configs(n: int, k: int, group: int, per_word: int, type_id: int,
+                 like_type: int | None = None) -> str | None:
+    """``borrow_configs`` on gemlite's loaded cache, once per shape; what was borrowed, or None."""
+    from gemlite import core
+
+    key = (n, k, group, per_word, type_id, like_type)
+    if key not in _SEEDED:
+        _SEEDED[key] = "; ".join(borrow_configs(core.GEMLITE_TRITON_CONFIG_CACHE, *key)) or None
+    return _SEEDED[key]
 
 
 def version() -> str | None:
@@ -94,6 +143,9 @@ def build(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
     layer.pack(codes.contiguous(), scale.to(dtype).contiguous(), zero.to(dtype).contiguous(), bias=None,
                fma_mode=False)
     layer.W_group_mode, layer.channel_scale_mode = 3, 0  # (q - z) * s inside the loop, every group
+    meta = layer.get_meta_args()
+    type_id = (1 if dtype in (torch.float16, torch.bfloat16) else meta[5]) * 100 + meta[1]  # bf16 tunes as fp16
+    layer.borrowed_configs = seed_configs(n, k, layer.group_size, layer.elements_per_sample, type_id)
     return layer
 
 
@@ -114,6 +166,10 @@ def build_fp8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtyp
     layer.pack(codes.contiguous(), scale.float().contiguous(), zero.float().contiguous(), bias=None,
                fma_mode=False)
     layer.W_group_mode, layer.channel_scale_mode = 1, 3  # q - z in the loop; s_x * s_w after it
+    meta = layer.get_meta_args()
+    # no tuned FP8-activation W4 shapes ship: borrow the fp16 W4 GEMM tiles (BLOCK_K >= 32 there)
+    layer.borrowed_configs = seed_configs(n, k, layer.group_size, layer.elements_per_sample,
+                                          meta[5] * 100 + meta[1], like_type=104)
     if share_with is not None and share_with.W_q.shape == layer.W_q.shape \
             and share_with.W_q.dtype == layer.W_q.dtype:
         layer._promote_to_parameter("W_q", share_with.W_q.data)

@@ -72,7 +72,10 @@ KERNELS = {
 }
 # offered only when named in ``--kernels``: never fastest on H100/H200 7B and 13B shapes
 # (docs/benchmarks/perf.md), and each costs compile time in a perf run
-OPT_IN_KERNELS = ("triton-int4-gemv", "triton-int4-gemv2", "triton-int8-gemv2", "torch-int_mm-int8")
+# "gemlite" names gemlite for 5..8-bit codes too (4-bit: default): gemlite ships no tuned
+# configurations for 8-bit codes with fp16 activations, so it would autotune every shape
+OPT_IN_KERNELS = ("triton-int4-gemv", "triton-int4-gemv2", "triton-int8-gemv2", "torch-int_mm-int8",
+                  "gemlite")
 
 _COMPILE = {"on": False}
 
@@ -409,9 +412,11 @@ class RealLinear(nn.Module):
             obj = (packed, sz, g)
         elif name == "gemlite":
             obj = glk.build(self.codes(), self.scale, self.true_zero(), self.bits, self._dtype)
+            self.notes["gemlite_configs"] = getattr(obj, "borrowed_configs", None) or "gemlite's tuned table"
         elif name == "gemlite-fp8":
             obj = glk.build_fp8(self.codes(), self.scale, self.true_zero(), self._dtype,
                                 share_with=self.layouts.get("gemlite"))
+            self.notes["gemlite_fp8_configs"] = getattr(obj, "borrowed_configs", None) or "gemlite's tuned table"
         elif name == "fp8w":
             obj = _unpack_to_impl(self._ours(), self.zero[:, :1], True).contiguous()  # [N, K] e4m3: q - z
         else:
@@ -475,7 +480,8 @@ class RealLinear(nn.Module):
         dtype = dtype or self._dtype
         fmt = self.fmt
         comp = self.int_compute()
-        gem = glk.usable(self.bits, self.in_features, self.group, dtype, device) is None
+        gem = glk.usable(self.bits, self.in_features, self.group, dtype, device) is None and (
+            self.bits <= 4 or "gemlite" in (opt_in or ()))
         out = []
         if trit:
             out.append(f"triton-{fmt}-dot")
@@ -493,7 +499,7 @@ class RealLinear(nn.Module):
         if comp == "fp8" and cuda:
             out += ["torch-scaled_mm-fp8w", "torch-scaled_mm-fp8w-fastacc"]
         for name in opt_in or ():
-            if name in out or name not in OPT_IN_KERNELS:
+            if name in out or name not in OPT_IN_KERNELS or name.startswith("gemlite"):
                 continue
             if name.startswith(f"triton-{fmt}-") and trit:
                 out.append(name)

@@ -103,7 +103,8 @@ if HAS_TRITON:
         if not keep:  # small groups: shrink the K tile of the first config to fit
             import math as _m
 
-            bk = 1 << (_m.gcd(K, group).bit_length() - 1)
+            g_ = _m.gcd(K, group)
+            bk = g_ & -g_  # the largest power of two dividing both
             if bk < 16:
                 raise ValueError(f"no kernel tile divides K={K} and group={group}")
             c = configs[0]
@@ -252,7 +253,8 @@ if HAS_TRITON:
         if not keep:
             import math as _m
 
-            bk = 1 << (_m.gcd(K, group).bit_length() - 1)
+            g_ = _m.gcd(K, group)
+            bk = g_ & -g_  # the largest power of two dividing both
             keep = [triton.Config({"BLOCK_N": 8, "BLOCK_K": bk}, num_warps=4, num_stages=2)]
         return keep
 
