@@ -117,3 +117,22 @@ def test_table_keeps_the_newest_measurement_per_variant_with_its_own_runs_fp16()
     assert w4a4["run"] == "a" and w4a4["decode ×"] == pytest.approx(2.0)  # against run a's fp16
     w4a16 = df[df.scheme == "w4a16"].iloc[0]
     assert w4a16["run"] == "b" and w4a16["decode ×"] == pytest.approx(3.0)
+
+
+def test_time_budget_gives_the_baseline_every_batch_and_the_rest_fair_shares(monkeypatch):
+    from harness.perf import runner
+
+    now = [1000.0]
+    monkeypatch.setattr(runner.time, "time", lambda: now[0])
+    b = runner.Budget(100.0, shares=5)  # baseline + 4 variants
+    now[0] += 40  # the baseline took 40 s of 100
+    assert b.allow(0, first_batch=False)  # its larger batches still run
+    b.reference_done()
+    # 60 s remain: variant 1 may start larger batches until 40 + 60 * 1/4 = 55 s, variant 4 until 100 s
+    now[0] = 1000 + 54
+    assert b.allow(1, False) and b.allow(4, False)
+    now[0] = 1000 + 56
+    assert not b.allow(1, False) and b.allow(1, True) and b.allow(2, False)
+    now[0] = 1000 + 101
+    assert not b.allow(3, True) and not b.allow(0, False)
+    assert runner.Budget(None, 3).allow(2, False)

@@ -772,11 +772,13 @@ def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int
                 inputs = _inputs_for(first, x, rec.quantizer)
                 ref = first.run("simulated", inputs["fake"]) if first.fmt != "float" else first.simulated(x)
             names = first.candidates(ph, device, opt_in=opt_in, dtype=dtype)
+            best = math.inf
             for name in names:
                 if filters and not any(name.startswith(o) for o in filters) and name not in (
                         "simulated", "dequant+torch", "dequant+cublas"):
                     continue
-                rec.candidates[name] = _try_candidate(name, first, cycle, inputs, ref, reps, device)
+                rec.candidates[name] = _try_candidate(name, first, cycle, inputs, ref, reps, device, best)
+                best = min(best, rec.candidates[name].get("ms", math.inf))
         if first.fmt != "float" and str(device).startswith("cuda"):
             for ph, n_rows, _w in plan:
                 recs[ph].candidates.update(_reference_timings(first, ph, n_rows, dtype, reps))
@@ -795,7 +797,11 @@ def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int
     return records
 
 
-def _try_candidate(name: str, first: RealLinear, cycle, inputs: dict, ref, reps: int, device) -> dict:
+SLOW = 10.0  # a candidate this many times slower than the best so far is timed by one call only
+
+
+def _try_candidate(name: str, first: RealLinear, cycle, inputs: dict, ref, reps: int, device,
+                   best_ms: float = math.inf) -> dict:
     info: dict = {"layout": KERNELS[name].layout}
     k = KERNELS[name]
     inp = inputs.get(k.input) if k.input != "codes" else inputs.get("codes")
@@ -809,6 +815,10 @@ def _try_candidate(name: str, first: RealLinear, cycle, inputs: dict, ref, reps:
                 info["out"] = first.notes["scaled_mm_out"]
             if info["rel_err"] > KERNEL_TOL:
                 info["error"] = f"relative error {info['rel_err']:.2e} > {KERNEL_TOL}"
+                return info
+            once = _time_ms(lambda: first.run(name, inp), 1, device)
+            if once > max(SLOW * best_ms, 1.0):  # hopeless here (tinygemm at prefill): spare the time
+                info["ms"], info["timing"] = once, "one call (over 10x the best so far)"
                 return info
             for m in cycle:
                 # warm-up: autotune, compile, and per-layer set-up (layouts) outside the CUDA graph,

@@ -259,11 +259,18 @@ class Variant:
 
 
 class Budget:
-    """Seconds for one model, shared fairly: each variant's first batch starts while time is left;
-    its later batches only within its share, so that every variant gets its batch-1 row."""
+    """Seconds for one model, shared fairly. The float baseline (share 0) runs every batch size
+    while time is left (its rows are the other rows' denominators); after it, variant ``share``
+    starts its first batch while time is left and its later batches only within the first
+    ``share / (shares - 1)`` of the remaining time, so that every variant gets its batch-1 row."""
 
     def __init__(self, seconds: float | None, shares: int):
-        self.seconds, self.shares, self.t0 = seconds, max(1, shares), time.time()
+        self.seconds, self.shares, self.t0 = seconds, max(2, shares), time.time()
+        self.t_ref: float | None = None  # seconds spent when the baseline finished
+
+    def reference_done(self) -> None:
+        if self.t_ref is None:
+            self.t_ref = time.time() - self.t0
 
     def allow(self, share: int, first_batch: bool) -> bool:
         if self.seconds is None:
@@ -271,7 +278,10 @@ class Budget:
         elapsed = time.time() - self.t0
         if elapsed > self.seconds:
             return False
-        return first_batch or elapsed < self.seconds * (share + 1) / self.shares
+        if first_batch or share == 0:
+            return True
+        t_ref = self.t_ref or 0.0
+        return elapsed < t_ref + (self.seconds - t_ref) * share / (self.shares - 1)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -333,6 +343,8 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     for i, (m, s) in enumerate(pairs):
         v = Variant(m, s, lm.dtype)
         records += ctx.run_variant(v, budget, share=i)
+        if i == 0:
+            budget.reference_done()
         if auto and cuda and not v.is_reference and wants_bf16(v.selection):
             wanted.append((m, s))
     if wanted:
@@ -340,9 +352,9 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
         lm.model.to(torch.bfloat16)
         lm.dtype = torch.bfloat16
         _sync(device)
-        share = len(pairs)
-        for m, s in [FLOAT_VARIANT] + wanted:
-            records += ctx.run_variant(Variant(m, s, torch.bfloat16), budget, share=share)
+        for m, s in [FLOAT_VARIANT] + wanted:  # the bf16 baseline first, with every batch size
+            v = Variant(m, s, torch.bfloat16)
+            records += ctx.run_variant(v, budget, share=0 if v.is_reference else budget.shares - 1)
     skipped = [(r["method"], r["scheme"], r["dtype"], r["batch_size"]) for r in records
                if str(r.get("error") or "").startswith("not run")]
     if skipped:
