@@ -136,3 +136,22 @@ def test_time_budget_gives_the_baseline_every_batch_and_the_rest_fair_shares(mon
     now[0] = 1000 + 101
     assert not b.allow(3, True) and not b.allow(0, False)
     assert runner.Budget(None, 3).allow(2, False)
+
+
+def test_table_keeps_each_cards_rows_in_its_own_section(tmp_path):
+    h100 = [{**_rec("fp16", "w16a16", 6.0, 30.0, 1000, run="a"), "timestamp": "2026-01-01"},
+            {**_rec("rtn", "w4a16", 4.0, 30.0, 400, run="a"), "timestamp": "2026-01-01"}]
+    h200 = [{**_rec("fp16", "w16a16", 4.5, 20.0, 1000, run="b"), "card": "H200", "timestamp": "2026-02-01"},
+            {**_rec("rtn", "w4a16", 3.0, 20.0, 300, run="b"), "card": "H200", "timestamp": "2026-02-01",
+             "dtype": "bf16", "reference": False},
+            {**_rec("fp16", "w16a16", 4.4, 20.0, 1000, run="b"), "card": "H200", "timestamp": "2026-02-01",
+             "dtype": "bf16", "reference": True}]
+    df = leaderboard_frame(h100 + h200)
+    assert len(df) == 5  # the H200 run does not replace the H100 rows
+    bf = df[(df.card == "H200") & (df.scheme == "w4a16")].iloc[0]
+    assert bf["dtype"] == "bf16" and bf["decode ×"] == pytest.approx(4.4 / 3.0)  # the bf16 baseline
+    path = tmp_path / "records.jsonl"
+    for r in h100 + h200:
+        append_record(path, r)
+    text = write_perf_table(path, tmp_path / "leaderboard.md")
+    assert text.index("# H200") < text.index("# H100 (earlier runs, kept for reference)")

@@ -59,13 +59,15 @@ def _ratio(base, val):
 
 
 def latest_per_variant(records: list[dict]) -> list[dict]:
-    """The newest record per (model, batch, variant, scheme, dtype); older runs stay in records.jsonl.
+    """The newest record per (card, model, batch, variant, scheme, dtype); older runs stay in
+    records.jsonl, and another card's rows are never replaced by this card's.
 
     A variant skipped for time (``error: not run: ...``) doesn't hide an older measurement of it.
     """
     newest: dict = {}
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
-        key = (r["model"], r.get("batch_size"), r.get("variant") or r["method"], r["scheme"], run_dtype(r))
+        key = (r.get("card"), r["model"], r.get("batch_size"), r.get("variant") or r["method"], r["scheme"],
+               run_dtype(r))
         skipped = str(r.get("error") or "").startswith("not run")
         if skipped and key in newest:
             continue
@@ -136,34 +138,49 @@ def write_perf_table(records_path: str | Path, out_path: str | Path, command: st
     if df.empty:
         lines.append("No perf records yet.")
     else:
-        cards = sorted({str(c) for c in df["card"].dropna()})
-        lines.append(f"Card: {', '.join(cards) or 'unknown'}. Ratios are against the float baseline of the same "
-                     "call, batch and dtype: `×` = baseline time / variant time (> 1 faster); `peak / base` = "
-                     "memory ratio. "
-                     "See docs/benchmarks/perf.md for what each column means and what is simulated.")
+        # one section per card, the card measured most recently first (older cards: earlier runs)
+        last = {}
+        for r in records:
+            last[str(r.get("card"))] = max(last.get(str(r.get("card")), ""), str(r.get("timestamp", "")))
+        cards = sorted(last, key=last.get, reverse=True)
+        lines.append(f"Cards: {', '.join(cards)}. Ratios are against the float baseline of the same call, batch "
+                     "and dtype: `×` = baseline time / variant time (> 1 faster); `peak / base` = memory "
+                     "ratio. See docs/benchmarks/perf.md for what each column means and what is simulated.")
         if command:
             lines += ["", f"Produced by: `{command}`"]
-        for (model, batch), part in df.groupby(["model", "batch"], sort=False):
-            lines += ["", f"## {model}, batch {batch}", ""]
-            for run in dict.fromkeys(part["run"]):  # each run's machine (ratios never cross runs)
-                r0 = next(r for r in records if r["model"] == model and r.get("batch_size") == batch
-                          and r.get("run_id") == run)
-                bw = round(r0["copy_bandwidth_gbs"]) if r0.get("copy_bandwidth_gbs") else "—"
-                git = r0.get("git") or {}
-                sha = str(git.get("commit") or "")[:12] if isinstance(git, dict) else str(git)[:12]
-                sha = "" if sha == "HEAD" else sha  # the run had no git history to read
-                cmd = f", `{r0['command']}`" if r0.get("command") else ""
-                lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, commit {sha or 'not recorded'}{' (dirty)' if sha and isinstance(git, dict) and git.get('dirty') else ''}{cmd}, "
-                             f"card {r0.get('card')}, "
-                             f"driver {r0.get('driver')}, torch {r0.get('torch')}, copy bandwidth {bw} GB/s, "
-                             f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt "
-                             f"tokens + {r0.get('workload', {}).get('new_tokens')} new tokens")
-            lines.append("")
-            show = part.drop(columns=["model", "card", "batch"])
-            lines.append(show.to_markdown(index=False, floatfmt=".3g"))
+        df = df.assign(_card=df["card"].astype(str))
+        for ci, card in enumerate(cards):
+            part_card = df[df["_card"] == card]
+            if part_card.empty:
+                continue
+            lines += ["", f"# {card}" + ("" if ci == 0 else " (earlier runs, kept for reference)")]
+            for (model, batch), part in part_card.drop(columns="_card").groupby(["model", "batch"], sort=False):
+                _section(lines, records, card, model, batch, part)
     text = "\n".join(lines) + "\n"
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(out_path) + ".tmp")
     tmp.write_text(text)
     tmp.replace(out_path)
     return text
+
+
+def _section(lines: list, records: list, card: str, model, batch, part) -> None:
+    """One model x batch section of the table: its runs (machine, commit, command), then the rows."""
+    lines += ["", f"## {model}, batch {batch}", ""]
+    for run in dict.fromkeys(part["run"]):  # each run's machine (ratios never cross runs)
+        r0 = next(r for r in records if r["model"] == model and r.get("batch_size") == batch
+                  and r.get("run_id") == run and str(r.get("card")) == card)
+        bw = round(r0["copy_bandwidth_gbs"]) if r0.get("copy_bandwidth_gbs") else "—"
+        git = r0.get("git") or {}
+        sha = str(git.get("commit") or "")[:12] if isinstance(git, dict) else str(git)[:12]
+        sha = "" if sha == "HEAD" else sha  # the run had no git history to read
+        cmd = f", `{r0['command']}`" if r0.get("command") else ""
+        dirty = " (dirty)" if sha and isinstance(git, dict) and git.get("dirty") else ""
+        lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, commit {sha or 'not recorded'}{dirty}{cmd}, "
+                     f"card {r0.get('card')}, "
+                     f"driver {r0.get('driver')}, torch {r0.get('torch')}, copy bandwidth {bw} GB/s, "
+                     f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt "
+                     f"tokens + {r0.get('workload', {}).get('new_tokens')} new tokens")
+    lines.append("")
+    show = part.drop(columns=["model", "card", "batch"])
+    lines.append(show.to_markdown(index=False, floatfmt=".3g"))
