@@ -128,13 +128,13 @@ if tk.HAS_TRITON:
         if MODE == 0:
             tl.store(out_ptr + row * stride_out + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            LEVELS: tl.constexpr = 2 ** BITS - 1
+            LEVELS: tl.constexpr = (1 << BITS) - 1
             if PER_TOKEN:
                 if SYM:
-                    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+                    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
                     amax = tl.max(tl.abs(h), axis=0) * clip
                     scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8)
-                    zero = 2.0 ** (BITS - 1)
+                    zero = (1 << (BITS - 1)) * 1.0
                 else:
                     xmin = tl.minimum(tl.min(h, axis=0), 0.0) * clip
                     xmax = tl.maximum(tl.max(h, axis=0), 0.0) * clip
