@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES_7B = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # qkv, o, gate_up, down (fused)
+SHAPES_7B = [(12288, 4096), (4096, 11008)]  # 7B fused q/k/v and down: both input widths
 TOL = 1e-2  # relative error against float64 (the selection's KERNEL_TOL)
 
 
@@ -135,15 +135,16 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
     print(f"[selftest] {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: mismatch {c['mismatches']}", flush=True)
 
     # -- matmul kernels ------------------------------------------------------------------------
-    schemes = [("w4a16", 4, None, None, False), ("w4a16-sym-g128", 4, None, 128, True),
-               ("w4a4", 4, 4, None, False), ("w8a8", 8, 8, None, False), ("w6a6", 6, 6, None, False)]
+    # most informative first (the budget may cut the tail): the FP8 paths, tinygemm, gemlite
+    schemes = [("w4a4", 4, 4, None, False), ("w4a16-sym-g128", 4, None, 128, True), ("w4a16", 4, None, None, False),
+               ("w8a8", 8, 8, None, False), ("w6a6", 6, 6, None, False)]
     for dtype in (torch.float16, torch.bfloat16):
         if dry_cpu and dtype == torch.bfloat16:
             continue  # numpy has no bf16: the interpreter cannot run it
         for sname, bits, abits, group, sym in schemes:
-            if dtype == torch.bfloat16 and not sname.startswith("w4a16"):
+            if dtype == torch.bfloat16 and sname != "w4a16-sym-g128":
                 continue
-            for N, K in shapes:
+            for N, K in (shapes if dtype == torch.float16 else shapes[:1]):
                 if left() < 5:
                     res["skipped"].append(f"{sname} {N}x{K} {dtype}")
                     continue
@@ -155,7 +156,7 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
                 rl = RealLinear.from_quant(lq, None, device=dev, dtype=dtype, name=f"{N}x{K}")
                 w64 = lq.dequantized().double()
                 opt = ()  # opt-in kernels autotune many configurations: not in an 8-minute call
-                for phase, rows in (("decode", 1), ("decode", 8), ("prefill", prefill_rows)):
+                for phase, rows in (("decode", 1), ("prefill", prefill_rows)):
                     x = _rand(rows, K, rows, dtype, dev)
                     xq = quantize_activation(x, act) if act else x
                     want = xq.double() @ w64.t()

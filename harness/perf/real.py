@@ -358,9 +358,7 @@ class RealLinear(nn.Module):
         """The float weight the simulated model uses: ``fp((code - zero) * scale)``."""
         if self.fmt == "float":
             return self.weight.to(dtype)
-        wdata = self._ours()
-        if _COMPILE["on"]:
-            return _maybe_compiled(_dequant_impl)(wdata, self.scale, self.zero, self.fmt == "int4", dtype)
+        wdata = self._ours()  # eager: reference arithmetic (and the slow fallback), not worth a compile
         q = unpack_int4(wdata).float() if self.fmt == "int4" else wdata.float()
         rep = self.in_features // self.scale.shape[1]
         z = self.zero.repeat_interleave(rep, dim=1)
@@ -748,7 +746,7 @@ def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int
         layer._dtype = dtype
         groups.setdefault(_signature(layer), []).append(layer)
     records = []
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict = {}
     for sig, members in groups.items():
         first = members[0]
         device = first.device
@@ -757,7 +755,9 @@ def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int
         for ph, n_rows, _w in plan:
             if first.fmt != "float":
                 first.restore_ours()
-            x = torch.randn(n_rows, first.in_features, generator=gen).to(device=device, dtype=dtype)
+            if str(device) not in gens:  # drawn on the device: prefill inputs reach 20k x 14k values
+                gens[str(device)] = torch.Generator(device=device).manual_seed(seed)
+            x = torch.randn(n_rows, first.in_features, generator=gens[str(device)], device=device).to(dtype)
             rec = KernelRecord(phase=ph, rows=n_rows, shape=(first.out_features, first.in_features), chosen="",
                                runs=_w)
             recs[ph] = rec
