@@ -297,3 +297,17 @@ def test_end_to_end_tolerance_follows_the_dtype_and_the_float_engine(monkeypatch
     assert g["e2e_rel_logit_err"] == pytest.approx(3.6e-2, rel=1e-4)
     assert gate_mod.check(engine(torch.bfloat16, 5.0e-2), ref, act_quant=False, float_e2e=3.6e-2)["passed"]
     assert not gate_mod.check(engine(torch.bfloat16, 9e-2), ref, act_quant=False, float_e2e=3.6e-2)["passed"]
+
+
+@pytest.mark.parametrize("policy,layer_ok,strict_ok,producers,trained,passed", [
+    ("auto", True, False, True, True, True),  # random-weight end to end recorded, not required
+    ("auto", True, True, True, False, False),  # the trained model decides
+    ("auto", False, False, True, True, False),
+    ("auto", True, True, False, True, False),  # a fused quantizer off beyond ties
+    ("strict", True, False, True, True, False),
+    ("strict", True, True, True, True, True),
+])
+def test_trained_gate_verdict(policy, layer_ok, strict_ok, producers, trained, passed):
+    g = {"policy": policy, "layerwise_ok": layer_ok, "strict_passed": strict_ok,
+         "producers": {"passed": producers}}
+    assert gate_mod.combine(g, {"ran": True, "passed": trained}) is passed

@@ -514,7 +514,7 @@ class _Ctx:
             if v.trained is not None:
                 g["trained"] = v.trained
                 if v.trained.get("ran"):
-                    g["passed"] = bool(g["passed"] and v.trained["passed"])
+                    g["passed"] = gate_mod.combine(g, v.trained)
             fields["gate"] = g
             simulated = any("simulated" in n for n in ks["prefill"] + ks["decode"])
             tr = v.trained or {}
