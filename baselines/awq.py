@@ -29,9 +29,10 @@ weights onto activations (``x/s`` is what the activation quantizer sees), so a s
 ignores the activation quantizer can pick scales that are good for weights and bad for the
 layer. With it on, the scale search evaluates ``Q_a(x/s) · Q(W·s)ᵀ`` (the deployed computation)
 and the clip search uses ``Q_a(x/s)`` as inputs. Per-tensor static activation ranges are
-approximated during the search by each batch's range; the final static range of each linear is
-the min/max of its (scaled) inputs over the real calibration tokens of the stream the layer was
-searched on. ``state.meta["act_aware"]`` records whether it was in effect.
+approximated during the search by each batch's range; the final static ranges are set by the
+engine's rule shared by every method (``harness.quant.ranges``: from the model as the state
+leaves it, so they see the scaled inputs). ``state.meta["act_aware"]`` records whether it was in
+effect.
 
 Projector and lm_head linears (when ``parts`` asks for them) have no foldable predecessor: they
 get the clipping search alone, on inputs from a full forward pass.
@@ -54,6 +55,7 @@ from harness.quant.config import QuantConfig
 from harness.quant.quantizer import dequantize_weight, fake_quant, qparams, rtn_weight
 from harness.quant.simulated import applied, quantize_activation
 from harness.quant.state import ActQuant, QuantState
+from harness.quant.ties import RTOL, improves
 from harness.registry import Method, register_method
 
 AVOID_CLIP = ("q_", "k_", "query", "key", "Wqkv")
@@ -138,17 +140,6 @@ def _sample_rows(xs: list[torch.Tensor], masks, n_tokens: int) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
-def static_act(qcfg: QuantConfig, xs: list[torch.Tensor], masks) -> ActQuant | None:
-    """The scheme's activation quantizer; per-tensor static ranges from ``xs``' real tokens."""
-    act = act_quantizer(qcfg)
-    if act is None or act.granularity != "per_tensor":
-        return act
-    lo = min(float(token_rows(x, m).min()) for x, m in zip(xs, masks))
-    hi = max(float(token_rows(x, m).max()) for x, m in zip(xs, masks))
-    act.scale, act.zero = qparams(torch.tensor([lo, hi]), act.bits, act.sym, act.clip_ratio, dim=0)
-    return act
-
-
 def search_clip(w: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, n_grid: int = 20,
                 max_shrink: float = 0.5, row_chunk: int = 1024) -> torch.Tensor:
     """Best ``max|w|`` per (row, group) ``[out, n_groups]`` for inputs ``x`` [tokens, in]."""
@@ -172,7 +163,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, n_grid: int
             qw = ((q - z) * s).transpose(0, 1)  # [ng, co, gs]
             cur_out = torch.bmm(xg, qw.transpose(1, 2))
             err = (cur_out - org_out).pow(2).mean(dim=1).transpose(0, 1).unsqueeze(-1)  # [co, ng, 1]
-            better = err < min_err
+            better = err < min_err * (1 - RTOL)  # harness.quant.ties: earlier (less clipping) wins near-ties
             min_err = torch.where(better, err, min_err)
             best = torch.where(better, max_val, best)
         best_all.append(best.squeeze(-1))
@@ -270,7 +261,7 @@ def search_scale(layer: nn.Module, group: ScaleGroup, lin_in, mod_calls, masks, 
                 h.remove()
         loss = num / den
         history.append(loss)
-        if loss < best_err:
+        if improves(loss, best_err):  # near-ties keep the smaller α
             best_err, best_ratio, best = loss, ratio, scales.clone()
     if best is None:
         raise RuntimeError(f"AWQ scale search for {group.key} found no finite loss: {history}")
@@ -329,8 +320,9 @@ def awq_layer(layer: nn.Module, prefix: str, calls: list[LayerCall], masks, qcfg
             weights[n] = apply_clip(weights[n], max_val)
     frag = QuantState(method=method, config=qcfg)
     for n, lin in linears.items():
-        xs = lin_in[n] if n not in x_div else [x / x_div[n].to(x.dtype) for x in lin_in[n]]
-        lq = linear_from_weight(weights[n], qcfg, act=static_act(qcfg, xs, masks))
+        # activation quantizers are set when quantize() ends (ranges: the engine's), so that
+        # a quantized stream (propagate="quantized") carries quantized weights only
+        lq = linear_from_weight(weights[n], qcfg)
         if lq.codes is None and f"{n}.weight" in new:
             lq.weight = weights[n].detach().cpu()
         frag.linears[f"{prefix}.{n}"] = lq
@@ -384,8 +376,7 @@ class AWQ(Method):
                 sample = _sample_rows(xs, [m for _, m in rows[n]], self.options["clip_n_tokens"])
                 w = apply_clip(w, search_clip(w, sample, qcfg, self.options["clip_n_grid"],
                                               self.options["clip_max_shrink"]))
-            act_n = static_act(qcfg, [x for x, _ in rows[n]], [m for _, m in rows[n]])
-            state.linears[n] = linear_from_weight(w, qcfg, act=act_n)
+            state.linears[n] = linear_from_weight(w, qcfg)
 
     def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
         t0 = time.perf_counter()
@@ -423,6 +414,8 @@ class AWQ(Method):
                 self._loose(model, names, batches, state, qcfg)
             timings[part] = round(time.perf_counter() - tp, 3)
         state.linears = {n: state.linears[n] for n in targets}
+        for lq in state.linears.values():
+            lq.act = act_quantizer(qcfg)
         state.meta.update(options=dict(o), act_aware=act_aware, alpha=ratios, part_s=timings,
                           quantize_s=time.perf_counter() - t0)
         return state

@@ -18,19 +18,16 @@ columns), which minimizes ``‖W X − Ŵ X‖²`` greedily. As in IST-DASLab/gp
   quantized previous layers (``harness.quant.blockwise``). Linears sharing an input share one
   Hessian and are solved together (their rows are independent given H).
 
-Activation quantization (A<16): by default (``hessian_inputs="float"``) H is built from the
-layer's inputs before its own activation quantizer, as the W4A4 GPTQ pipelines of QuaRot and
-SpinQuant do (they run GPTQ before switching the activation quantizers on). The option
-``"quantized"`` builds H from the fake-quantized activations, what the deployed layer multiplies;
-with static per-tensor ranges that clip the decoder's massive activations it was much worse and
-calibration-sensitive on the bundled model (synthetic VizWiz / VQAv2 at W4A4, calibration seed 2:
-77.3 / 57.2 against 90.3 / 80.1 with "float"; four seeds of the default suite: README). Upstream
-errors (quantized weights and activations of earlier layers) enter through the propagated
-inputs. Per-tensor static activation ranges are calibrated from the same (quantized-stream)
-inputs right before each stage's Hessian is measured.
+Activation quantization (A<16): GPTQ runs as the W4A4 pipelines of QuaRot and SpinQuant run it
+— its own calibration stream has the activation quantizers off (each layer's inputs carry the
+earlier layers' quantized *weights* only), H is built from those inputs, and the activation
+quantizers are set afterwards: static ranges by the engine's rule shared by every method
+(``harness.quant.ranges``). The Hessian thus describes the inputs the weights will multiply up to
+activation rounding, which the weight solve cannot anticipate anyway.
 
 Precision (``precision``): the Hessian and the solve run in float64 on the CPU and in float32 on
-GPUs by default; in float32 the result depended on the CPU thread count (``GPTQ.math_dtype``).
+GPUs by default: the sequential solve amplifies summation-order differences on ill-conditioned
+Hessians, so in float32 its codes depended on the CPU thread count (docs/benchmarks/gptq.md).
 
 Projector and lm_head linears (when ``parts`` asks for them) are not in transformer layers:
 they get GPTQ with Hessians from a full forward pass with everything quantized so far applied.
@@ -46,11 +43,11 @@ import torch
 
 from harness.models.layers import part_of
 from harness.quant.blockwise import Block, part_inputs, run_blockwise, token_rows
-from harness.quant.build import act_quantizer, rtn_state, target_linears, calibrate_static_acts
+from harness.quant.build import act_quantizer, rtn_state, target_linears
 from harness.quant.config import QuantConfig
-from harness.quant.quantizer import qparams, weight_qparams
-from harness.quant.simulated import applied, quantize_activation
-from harness.quant.state import ActQuant, LinearQuant, QuantState
+from harness.quant.quantizer import weight_qparams
+from harness.quant.simulated import applied
+from harness.quant.state import LinearQuant, QuantState
 from harness.registry import Method, register_method
 
 
@@ -192,25 +189,6 @@ class HessianAccumulator:
         return self.H * (2.0 / self.n)
 
 
-class RangeAccumulator:
-    def __init__(self):
-        self.lo = self.hi = None
-
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        rows = token_rows(x, mask).float()
-        lo, hi = rows.min(), rows.max()
-        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-
-    def set_static(self, act: ActQuant) -> None:
-        span = torch.stack([self.lo, self.hi]).cpu()
-        act.scale, act.zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)
-
-
-def _new_act(qcfg: QuantConfig) -> ActQuant | None:
-    return act_quantizer(qcfg)
-
-
 def _shared_input_sets(names: list[str], run) -> list[list[str]]:
     """Consecutive linears (in call order) that receive the very same input tensor.
 
@@ -262,7 +240,6 @@ class GPTQ(Method):
         "act_order": False,
         "static_groups": False,
         "true_sequential": True,
-        "hessian_inputs": "float",  # with A<16: H from the inputs before this layer's act quantizer
         "propagate": "quantized",  # each layer's inputs from the already-quantized layers
         "precision": "auto",  # Hessian and solve: float64 on CPU, float32 on GPUs (see below)
     }
@@ -270,41 +247,26 @@ class GPTQ(Method):
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options["hessian_inputs"] not in ("quantized", "float"):
-            raise ValueError("hessian_inputs must be 'quantized' or 'float'")
         if self.options["precision"] not in ("auto", *self.PRECISIONS):
             raise ValueError(f"precision must be one of auto, {', '.join(self.PRECISIONS)}; "
                              f"got {self.options['precision']!r}")
 
     def math_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype of the Hessian and the GPTQ solve. In float32 the sequential solve is
-        chaotic on ill-conditioned Hessians: on the bundled model (W4A4, default suite) one vs two
-        CPU threads changed 14 % of all codes and SQA accuracy by 4 points, from summation-order
-        differences of ~1e-7 that flip a rounding and propagate through later layers; in float64
-        the codes were identical. ``auto`` uses float64 on the CPU (small models, thread counts
-        vary between machines) and float32 on GPUs, as the reference implementations do."""
+        """The dtype of the Hessian and the GPTQ solve: ``auto`` is float64 on the CPU (small
+        models; the float32 solve depended on the thread count) and float32 on GPUs, as the
+        reference implementations."""
         choice = self.options["precision"]
         if choice == "auto":
             return torch.float64 if torch.device(device).type == "cpu" else torch.float32
         return self.PRECISIONS[choice]
 
-    # one stage: Hessians (and static act ranges) for `sets`, then GPTQ on each set
+    # one stage: Hessians for `sets` from the stream as it is, then GPTQ on each set
     def _solve_sets(self, sets, weights, run, qcfg, frag: QuantState, log: dict) -> None:
         o = self.options
-        acts = {s[0]: _new_act(qcfg) for s in sets}
         firsts = [s[0] for s in sets]
-        if qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor":
-            ranges = {n: RangeAccumulator() for n in firsts}
-            run(firsts, lambda n, x, m: ranges[n].add(x, m))
-            for n in firsts:
-                ranges[n].set_static(acts[n])
         dt = self.math_dtype(weights[firsts[0]].device)
         hess = {n: HessianAccumulator(dt) for n in firsts}
-        use_q = qcfg.quantizes_acts and o["hessian_inputs"] == "quantized"
-
-        def add(n, x, m):
-            hess[n].add(quantize_activation(x, acts[n]) if use_q else x, m)
-        run(firsts, add)
+        run(firsts, lambda n, x, m: hess[n].add(x, m))
         for s in sets:
             H = hess[s[0]].value()
             ws = [weights[n].detach().to(dt) for n in s]  # gptq_quantize computes in W's dtype
@@ -317,15 +279,11 @@ class GPTQ(Method):
             for n, w in zip(s, ws):
                 r = slice(row, row + w.shape[0])
                 row += w.shape[0]
-                act = acts[s[0]]
-                if act is not None:
-                    act = ActQuant(act.bits, act.sym, act.granularity, act.clip_ratio,
-                                   None if act.scale is None else act.scale.clone(),
-                                   None if act.zero is None else act.zero.clone())
-                # codes stay on the model's device until quantize() ends: later stages apply them
+                # activation quantizers stay off in GPTQ's own stream; set when quantize() ends.
+                # Codes stay on the model's device until then: later stages apply them.
                 frag.linears[n] = LinearQuant(
                     bits=qcfg.w_bits, codes=res.codes[r], scale=res.scale[r],
-                    zero=res.zero[r], group_size=qcfg.w_group_size, sym=qcfg.w_sym, act=act)
+                    zero=res.zero[r], group_size=qcfg.w_group_size, sym=qcfg.w_sym, act=None)
 
     def _process_block(self, block: Block, qcfg: QuantConfig, targets: dict, log: dict) -> QuantState:
         frag = block.fragment(self.name, qcfg)
@@ -376,8 +334,6 @@ class GPTQ(Method):
         o = self.options
         if not qcfg.quantizes_weights:  # activation-only schemes: nothing for GPTQ to solve
             state = rtn_state(model, qcfg, self.name)
-            if qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor":
-                calibrate_static_acts(model, state, calib.batches)
             state.meta.update(options=dict(o), quantize_s=time.perf_counter() - t0)
             return state
         if calib is None:
@@ -404,7 +360,8 @@ class GPTQ(Method):
         if missing:
             raise RuntimeError(f"gptq left target linears unquantized: {missing[:5]}")
         state.linears = {n: _to_cpu(state.linears[n]) for n in targets}  # model order
-        state.meta.update(options=dict(o), hessian_inputs=o["hessian_inputs"] if qcfg.quantizes_acts else None,
-                          gptq_loss=log["loss"], max_percdamp_used=log["max_damp"],
+        for lq in state.linears.values():
+            lq.act = act_quantizer(qcfg)
+        state.meta.update(options=dict(o), gptq_loss=log["loss"], max_percdamp_used=log["max_damp"],
                           part_s=timings, quantize_s=time.perf_counter() - t0)
         return state

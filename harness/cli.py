@@ -14,13 +14,13 @@ def _csv(value: str) -> list[str]:
 def cmd_run(args) -> int:
     from .config import SuiteError, load_suite
     from .leaderboard import write_leaderboard
-    from .runner import run_suite
+    from .runner import failure_lines, run_suite
 
     overrides = {}
     for key in ("models", "methods", "schemes", "tasks"):
         if getattr(args, key):
             overrides[key] = _csv(getattr(args, key))
-    for key in ("limit", "device", "data_dir", "output", "batch_size", "seed", "threads"):
+    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -28,7 +28,11 @@ def cmd_run(args) -> int:
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = run_suite(suite, show_progress=not args.quiet)
+    try:
+        summary = run_suite(suite, show_progress=not args.quiet)
+    except SuiteError as exc:  # found while planning (e.g. two entries make the same row)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{suite.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done "
           f"-> {suite.output_dir / 'records.jsonl'}")
     try:
@@ -36,22 +40,33 @@ def cmd_run(args) -> int:
         print(paths["md"].read_text())
     except (FileNotFoundError, ValueError) as exc:
         print(f"no leaderboard: {exc}", file=sys.stderr)
+    if summary.failed:
+        print(f"{summary.failed} cell(s) failed (full errors and tracebacks in the records):", file=sys.stderr)
+        for line in failure_lines(summary.records):
+            print(f"  {line}", file=sys.stderr)
     return 1 if summary.failed else 0
 
 
 def cmd_table(args) -> int:
     from .leaderboard import write_leaderboard
+    from .records import read_records
 
+    stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots)
     try:
         if len(args.results) > 1 or args.output:
             from .aggregate import write_aggregate
 
             if not args.output:
-                raise ValueError("several results folders are averaged into one table: name its folder "
+                raise ValueError("several results folders are combined into one table: name its folder "
                                  "with --output (e.g. --output results/calibration-seeds)")
-            paths = write_aggregate(args.results, args.output)
+            paths = write_aggregate(args.results, args.output, **stats)
         else:
-            paths = write_leaderboard(args.results[0], with_stderr=args.stderr)
+            perf = None
+            if args.perf:
+                perf = read_records(args.perf.rstrip("/") + "/records.jsonl")
+                if not perf:
+                    raise FileNotFoundError(f"no records in {args.perf}/records.jsonl (--perf)")
+            paths = write_leaderboard(args.results[0], perf_records=perf, **stats)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,7 +78,7 @@ def cmd_table(args) -> int:
 def cmd_list(args) -> int:
     from .models.loading import bundled_models
     from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
-    from .registry import available_methods
+    from .registry import available_methods, broken_methods
     from .tasks_index import available_tasks
 
     what = args.what
@@ -71,6 +86,11 @@ def cmd_list(args) -> int:
         print("methods:")
         for name, cls in available_methods().items():
             print(f"  {name:<16} {cls.summary}")
+        broken = broken_methods()
+        if broken:
+            print("modules that failed to import (their methods are unavailable):")
+            for module, error in broken.items():
+                print(f"  {module}: {error}")
     if what in (None, "tasks"):
         print("tasks:")
         for name in available_tasks():
@@ -100,33 +120,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", help="comma-separated task names")
     r.add_argument("--limit", type=int, help="at most N examples per task")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--dtype", help="auto (fp16 on GPUs, fp64 on the CPU), fp16, bf16, fp32 or fp64")
     r.add_argument("--data-dir", dest="data_dir", help="folder with local copies of the task datasets")
     r.add_argument("--output", help="results folder (default results/<suite name>)")
     r.add_argument("--batch-size", dest="batch_size", type=int, help="evaluation batch size")
     r.add_argument("--seed", type=int, help="random seed")
-    r.add_argument("--threads", type=int, help="CPU threads for torch (default 1)")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("table", help="write leaderboard tables from a results folder (or several: averaged)",
-                       description="Write leaderboard.{md,csv,tex,html} from results/<suite>/records.jsonl; "
-                                   "given several folders (runs with different --seed), write one "
-                                   "leaderboard.{md,csv} of mean ± standard deviation across them into --output.")
+    t = sub.add_parser("table", help="write leaderboard tables and plots from a results folder (or several runs)",
+                       description="Write leaderboard.{md,csv,tex,html} and plots from results/<suite>/records.jsonl, "
+                                   "every number with a paired 95 % interval (bootstrap over questions); given "
+                                   "several folders (runs with different --seed), one leaderboard of the mean "
+                                   "over runs whose intervals add the seed-to-seed spread, into --output.")
     t.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl")
-    t.add_argument("--output", help="folder for the averaged table (several results folders)")
-    t.add_argument("--stderr", action="store_true", help="show ± standard error in the tables")
+    t.add_argument("--output", help="folder for the combined table (several results folders)")
+    t.add_argument("--perf", help="results folder of `qvlm-bench perf` records to join (latency/memory plots)")
+    t.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    t.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    t.add_argument("--bootstrap-seed", dest="bootstrap_seed", type=int, default=0, help="bootstrap seed")
+    t.add_argument("--no-plots", dest="no_plots", action="store_true", help="tables only")
     t.set_defaults(func=cmd_table)
 
     ls = sub.add_parser("list", help="list methods, tasks, schemes and bundled models")
     ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])
     ls.set_defaults(func=cmd_list)
 
-    try:
-        from .perf.cli import add_perf_parser
-    except ImportError:
-        add_perf_parser = None
-    if add_perf_parser is not None:
-        add_perf_parser(sub)
+    from .perf.cli import add_perf_parser  # in-tree: a broken perf module must not vanish silently
+
+    add_perf_parser(sub)
     return p
 
 

@@ -19,7 +19,7 @@ SUITES_DIR = Path(__file__).resolve().parent / "suites"
 SUITE_KEYS = {
     "name": "suite name; results go to results/<name>/ unless `output` is set",
     "models": "list of model names (bundled), local folders or Hub ids; or {name, dtype}",
-    "methods": "list of method names or {name, options}; `all` for every registered method",
+    "methods": "list of method names or {name, options, label, clip}; `all` for every registered method",
     "method_options": "{method name: {option: value}} applied wherever that method runs (works with `all`)",
     "schemes": "list of scheme strings (w4a4, w6a6, ...) or {scheme, overrides}",
     "quant": "quantization overrides applied to every scheme (e.g. w_group_size, parts)",
@@ -29,15 +29,18 @@ SUITE_KEYS = {
     "batch_size": "evaluation batch size",
     "calibration": "{task, split, n, batch_size, seed}: calibration pairs shared by all methods",
     "device": "auto, cpu, cuda or cuda:N",
-    "dtype": "auto, fp16, bf16 or fp32",
-    "threads": "CPU threads for torch (default 1: small models run fastest single-threaded)",
+    "dtype": "auto (fp16 on GPUs, fp64 on the CPU), fp16, bf16, fp32 or fp64",
+    "threads": "CPU threads for torch (default: torch's own, one per core)",
+    "act_ranges": "{stream: weights | quantized}: the stream static activation ranges come from (docs/design.md)",
     "data_dir": "folder with local copies of task datasets (<data_dir>/<task>/<split>.parquet)",
     "include_paths": "extra folders of lm-eval task YAMLs",
     "output": "results folder (default results/<name>)",
 }
 CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed")
 TASK_KEYS = ("name", "data", "options")
-METHOD_KEYS = ("name", "options")
+METHOD_KEYS = ("name", "options", "label", "clip")
+ACT_RANGE_KEYS = ("stream",)
+DTYPES = ("auto", "fp16", "bf16", "fp32", "fp64")
 MODEL_KEYS = ("name", "dtype")
 SCHEME_KEYS = ("scheme", "overrides")
 
@@ -48,8 +51,13 @@ class SuiteError(ValueError):
 
 @dataclass
 class MethodSpec:
+    """A method as a suite runs it: its options, an optional row label, and the engine's
+    activation-clipping search (``clip``), a lever any method can get (docs/design.md)."""
+
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    clip: bool = False
 
 
 @dataclass
@@ -78,7 +86,8 @@ class Suite:
     calibration: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
-    threads: int = 1
+    threads: int | None = None
+    act_ranges: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
     include_paths: list[str] = field(default_factory=list)
     output: str | None = None
@@ -162,6 +171,20 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if bad:
         raise SuiteError(f"unknown key(s) {bad} in `calibration`; valid: {list(CALIBRATION_KEYS)}")
 
+    for m in methods:
+        if not isinstance(m.clip, bool):
+            raise SuiteError(f"`clip` of method {m.name!r} must be true or false, got {m.clip!r}")
+        if m.label is not None and (not isinstance(m.label, str) or not m.label.strip()):
+            raise SuiteError(f"`label` of method {m.name!r} must be a non-empty string, got {m.label!r}")
+
+    act_ranges = data.get("act_ranges") or {}
+    if not isinstance(act_ranges, dict) or any(k not in ACT_RANGE_KEYS for k in act_ranges):
+        raise SuiteError(f"`act_ranges` must be a mapping with keys {list(ACT_RANGE_KEYS)}, got {act_ranges!r}")
+    from .quant.ranges import STREAMS
+
+    if act_ranges.get("stream", STREAMS[0]) not in STREAMS:
+        raise SuiteError(f"`act_ranges.stream` is {act_ranges['stream']!r}; valid: {', '.join(STREAMS)}")
+
     for key, typ in (("limit", int), ("seed", int), ("batch_size", int), ("threads", int)):
         v = data.get(key)
         if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
@@ -170,13 +193,19 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise SuiteError(f"`device` is {device!r}; valid: auto, cpu, cuda, cuda:N")
     dtype = str(data.get("dtype") or "auto")
-    if dtype not in ("auto", "fp16", "bf16", "fp32"):
-        raise SuiteError(f"`dtype` is {dtype!r}; valid: auto, fp16, bf16, fp32")
+    if dtype not in DTYPES:
+        raise SuiteError(f"`dtype` is {dtype!r}; valid: {', '.join(DTYPES)}")
+    for mdl in models:
+        if mdl.dtype is not None and mdl.dtype not in DTYPES:
+            raise SuiteError(f"`dtype` of model {mdl.name!r} is {mdl.dtype!r}; valid: {', '.join(DTYPES)}")
+        _check_local_model(mdl.name)
 
     suite = Suite(name=name, models=models, methods=methods, schemes=schemes, tasks=tasks,
                   limit=data.get("limit"), seed=int(data.get("seed") or 0),
                   batch_size=int(data.get("batch_size") or 16), calibration=dict(calibration),
-                  device=device, dtype=dtype, threads=int(data.get("threads") or 1),
+                  device=device, dtype=dtype,
+                  threads=int(data["threads"]) if data.get("threads") else None,
+                  act_ranges=dict(act_ranges),
                   data_dir=data.get("data_dir"),
                   include_paths=[str(p) for p in data.get("include_paths") or []],
                   output=data.get("output"))
@@ -185,15 +214,25 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     return suite
 
 
-def validate_names_exist(suite: Suite) -> None:
-    from .registry import available_methods, get_method
+def _check_local_model(name: str) -> None:
+    """A model written as a path (``/…``, ``./…``, ``../…``, ``~…``) must exist; Hub ids
+    (``org/name``) and bundled names are resolved when the model loads."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise SuiteError(f"model {name!r} is a local path that does not exist (or is not a folder); "
+                         "give a folder in Hugging Face format, a bundled model name "
+                         "(`qvlm-bench list models`) or a Hub id such as llava-hf/llava-1.5-7b-hf")
 
-    valid = available_methods()
+
+def validate_names_exist(suite: Suite) -> None:
+    from .registry import UnknownMethodError, get_method
+
     for m in suite.methods:
-        if m.name not in valid:
-            raise SuiteError(f"unknown method {m.name!r} in `methods`; valid methods: {', '.join(valid)}")
         try:
-            get_method(m.name)(**(m.options or {}))
+            cls = get_method(m.name)
+        except UnknownMethodError as exc:
+            raise SuiteError(f"in `methods`: {exc}") from None
+        try:
+            cls(**(m.options or {}))
         except ValueError as exc:
             raise SuiteError(f"in `methods` ({m.name}): {exc}") from None
     from .tasks_index import available_tasks

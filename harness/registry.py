@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "qvlm_bench.methods"
 IN_TREE_PACKAGES = ("baselines", "methods")
 
 _REGISTRY: dict[str, type["Method"]] = {}
+_BROKEN: dict[str, str] = {}  # module or entry point -> "ErrorType: message"
 _discovered = False
 
 
@@ -35,12 +36,21 @@ class Method:
     Subclasses set ``name`` and implement ``quantize``, which returns a ``QuantState`` and leaves
     the model exactly as it found it (the runner reuses one loaded model for every cell).
     ``defaults`` lists the method's hyper-parameters; each record stores the resolved values.
+
+    The engine asks the class, never the name: ``reference`` marks the float reference every Δ is
+    measured against (run once per model, unquantized); ``quantizes = False`` marks a *control*
+    that changes float weights only (e.g. an encoder fine-tuned without quantizing), so the
+    engine does not require every target layer in its state; ``presets`` names option sets
+    (e.g. a reduced budget) so a row that uses one is labelled with its name.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
+    reference: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = True
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, **options: Any):
         bad = [k for k in options if k not in self.defaults]
@@ -75,24 +85,52 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _import_in_tree() -> None:
+    """Import every module under the in-tree packages, each on its own: one that fails to import
+    is recorded in ``broken_methods()`` and the others still register."""
     for pkg_name in IN_TREE_PACKAGES:
-        pkg = importlib.import_module(pkg_name)
-        for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg_name}."):
-            importlib.import_module(info.name)
+        try:
+            pkg = importlib.import_module(pkg_name)
+        except Exception as exc:  # noqa: BLE001 - any import failure is reported, not fatal
+            _BROKEN[pkg_name] = _error(exc)
+            continue
+
+        def failed(name: str) -> None:  # a subpackage whose __init__ raised while walking
+            import sys
+
+            _BROKEN[name] = _error(sys.exc_info()[1])
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg_name}.", onerror=failed):
+            if info.name in _BROKEN and info.ispkg:
+                continue
+            try:
+                importlib.import_module(info.name)
+                _BROKEN.pop(info.name, None)
+            except Exception as exc:  # noqa: BLE001
+                _BROKEN[info.name] = _error(exc)
 
 
 def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
+        key = f"entry point {ep.name} = {ep.value}"
+        try:
+            obj = ep.load()
+        except Exception as exc:  # noqa: BLE001
+            _BROKEN[key] = _error(exc)
+            continue
+        _BROKEN.pop(key, None)
         if isinstance(obj, type) and issubclass(obj, Method):
             register_method(obj)
 
 
 def discover(refresh: bool = False) -> None:
-    """Import in-tree methods and load entry points (again when ``refresh``, e.g. after installs)."""
+    """Import in-tree methods and load entry points (again when ``refresh``, e.g. after installs
+    or to retry modules that failed to import)."""
     global _discovered
     if refresh or not _discovered:
         _discovered = True
@@ -105,17 +143,32 @@ def available_methods() -> dict[str, type[Method]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def broken_methods() -> dict[str, str]:
+    """Modules (or entry points) that failed to import during discovery, with their errors."""
+    discover()
+    return dict(_BROKEN)
+
+
 def get_method(name: str) -> type[Method]:
     methods = available_methods()
+    if name not in methods and _BROKEN:  # a module may have been fixed since: try once more
+        discover(refresh=True)
+        methods = available_methods()
     if name not in methods:
-        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(methods)}")
+        msg = f"unknown method {name!r}; valid methods: {', '.join(methods)}"
+        if _BROKEN:
+            msg += "; modules that failed to import: " + "; ".join(f"{m} ({e})" for m, e in _BROKEN.items())
+        raise UnknownMethodError(msg)
     return methods[name]
 
 
 def method_source_files(cls: type[Method]) -> list[Path]:
     """The files that hold a method's own code: its module, or every ``.py`` file of its package
     when it lives in a package of its own (``methods/qvlm/``), not in a shared one (``baselines``)."""
-    file = Path(inspect.getsourcefile(cls) or "")
+    try:
+        file = Path(inspect.getsourcefile(cls) or "")
+    except (TypeError, OSError):  # defined in a notebook or exec'd text: no file to hash
+        return []
     if not file.is_file():
         return []
     package = cls.__module__.rpartition(".")[0]
@@ -124,20 +177,22 @@ def method_source_files(cls: type[Method]) -> list[Path]:
     return [file]
 
 
+def files_digest(files: list[Path], root: Path) -> str:
+    """A short sha256 over files' paths (relative to ``root``) and contents, in sorted order."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f"{f.relative_to(root).as_posix()}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def method_code_digest(name: str) -> str | None:
-    """A hash of the method's own source (``method_source_files``), part of every cache key, so
-    editing a method recomputes its cells and quantization states instead of serving stale ones.
-    Shared harness code (``harness/quant``) is not covered. None for an unknown method."""
+    """A hash of the method's own source (``method_source_files``): with the engine's code
+    (``harness.cells``) part of every cache key, so editing a method recomputes its cells and
+    quantization states instead of serving stale ones. None for an unknown method."""
     try:
         cls = get_method(name)
     except UnknownMethodError:
         return None
     files = method_source_files(cls)
-    if not files:
-        return None
-    root = files[0].parent
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(root).as_posix()}\0".encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return files_digest(files, files[0].parent) if files else None

@@ -1,8 +1,5 @@
 """GPTQ: the update against an independent float64 reference, error vs RTN, the method on the tiny model."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,19 +7,10 @@ from harness.quant.config import parse_scheme
 from harness.quant.quantizer import rtn_weight, dequantize_weight
 from harness.registry import available_methods, get_method
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_pairs  # noqa: E402
+from baselines.gptq import GPTQ, _shared_input_sets, gptq_quantize
+from conftest import assert_first_vision_ranges, output_error
 
-from baselines.gptq import GPTQ, _shared_input_sets, gptq_quantize  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync cost (12 ms a matmul on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- an independent reference: the OBS/OBQ form (Gaussian elimination of H⁻¹, one column at a time)
@@ -143,30 +131,6 @@ def test_shared_input_sets_llama(tiny_lm, tiny_calib):
     assert found[0] == [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]
 
 
-def _logits(model, batches):
-    with torch.no_grad():
-        return [model(**b, use_cache=False).logits for b in batches]
-
-
-def output_error(lm, state, batches):
-    """Mean squared error of the logits on real tokens, quantized vs float."""
-    from harness.quant.simulated import applied
-
-    ref = _logits(lm.model, batches)
-    with applied(lm.model, state):
-        got = _logits(lm.model, batches)
-    num = sum(((r - q) ** 2)[b["attention_mask"].bool()].sum() for r, q, b in zip(ref, got, batches))
-    den = sum(int(b["attention_mask"].sum()) for b in batches)
-    return float(num / den)
-
-
-@pytest.fixture()
-def heldout(tiny_lm):
-    from harness.calibration import encode_pairs
-
-    return list(encode_pairs(tiny_lm, make_pairs(16, seed=7), batch_size=8).inputs())
-
-
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a4"])
 def test_gptq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout, scheme):
     qcfg = parse_scheme(scheme)
@@ -178,13 +142,14 @@ def test_gptq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout
     assert set(state.linears) == set(rtn.linears)
     assert state.proof()["max_codes_per_row"] <= 16
     assert state.meta["quantize_s"] > 0 and state.meta["options"]["percdamp"] == 0.01
-    assert state.meta["hessian_inputs"] == ("float" if scheme == "w4a4" else None)
     if scheme == "w4a4":
         assert all(lq.act is not None and lq.act.bits == 4 for lq in state.linears.values())
     assert output_error(tiny_lm, state, heldout) <= output_error(tiny_lm, rtn, heldout)
 
 
 def test_gptq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path):
+    from harness.quant.finalize import finalize_state
+    from harness.quant.ranges import rule_for
     from harness.quant.state import QuantState
 
     qcfg = parse_scheme("w4a8", parts=["vision", "projector", "language", "lm_head"],
@@ -193,24 +158,26 @@ def test_gptq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path)
     rtn = get_method("rtn")().quantize(tiny_lm, qcfg, tiny_calib)
     assert set(state.linears) == set(rtn.linears)
     assert any("vision_tower" in n for n in state.linears) and any(n.endswith("lm_head") for n in state.linears)
-    assert all(lq.act.scale is not None and lq.scale.shape[1] == lq.codes.shape[1] // 16
+    # ranges are the engine's: left open by the method, filled by the shared step
+    assert all(lq.act.scale is None and lq.scale.shape[1] == lq.codes.shape[1] // 16
                for lq in state.linears.values())
+    finalize_state(tiny_lm.model, state, qcfg, list(tiny_calib.inputs()), rule_for(qcfg))
+    assert_first_vision_ranges(tiny_lm, tiny_calib, state, bits=8)
     loaded = QuantState.load(state.save(tmp_path / "s"))
     n = next(iter(state.linears))
     assert torch.equal(loaded.linears[n].codes, state.linears[n].codes)
 
 
-def test_gptq_hessian_inputs_option(tiny_lm, tiny_calib):
-    """W4A4: "float" (default, as QuaRot/SpinQuant run GPTQ) and "quantized" Hessian inputs both
-    quantize every linear; they are different objectives, so the codes differ; a typo is named."""
-    qcfg = parse_scheme("w4a4")
-    f = get_method("gptq")().quantize(tiny_lm, qcfg, tiny_calib)
-    q = get_method("gptq")(hessian_inputs="quantized").quantize(tiny_lm, qcfg, tiny_calib)
-    assert (f.meta["hessian_inputs"], q.meta["hessian_inputs"]) == ("float", "quantized")
-    assert set(f.linears) == set(q.linears)
-    assert any(not torch.equal(f.linears[n].codes, q.linears[n].codes) for n in f.linears)
-    with pytest.raises(ValueError, match="hessian_inputs must be"):
-        get_method("gptq")(hessian_inputs="fp32")
+def test_gptq_stream_has_activation_quantizers_off(tiny_lm, tiny_calib):
+    """As QuaRot/SpinQuant run GPTQ at W4A4: its own calibration stream carries no activation
+    quantization, so its W4A4 weight codes are exactly its W4A16 codes."""
+    w4a4 = get_method("gptq")().quantize(tiny_lm, parse_scheme("w4a4", a_granularity="per_tensor"), tiny_calib)
+    w4a16 = get_method("gptq")().quantize(tiny_lm, parse_scheme("w4a16"), tiny_calib)
+    assert set(w4a4.linears) == set(w4a16.linears)
+    assert all(torch.equal(w4a4.linears[n].codes, w4a16.linears[n].codes) for n in w4a4.linears)
+    assert all(lq.act is not None and lq.act.bits == 4 for lq in w4a4.linears.values())
+    with pytest.raises(ValueError, match="no option"):
+        get_method("gptq")(hessian_inputs="quantized")
 
 
 def test_gptq_precision_option_and_thread_independence(tiny_lm, tiny_calib, monkeypatch):

@@ -32,6 +32,6 @@ def test_real_tasks_run_end_to_end_from_a_data_dir(tiny_llava_path, vizwiz_dir, 
     for r in recs:
         # a random model's answers: counted as empty/unparsed, never dropped
         assert r["n_empty"] + r["n_unparsed"] <= r["n"]
-        assert r["kernel"] in ("fp32", "simulated")
+        assert r["kernel"] in ("fp64", "simulated")
     rtn = next(r for r in recs if r["method"] == "rtn")
     assert rtn["calibration"] is None  # rtn needs none

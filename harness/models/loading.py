@@ -15,7 +15,8 @@ import torch
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp64": torch.float64, "float64": torch.float64}
 
 
 class ModelNotFoundError(RuntimeError):

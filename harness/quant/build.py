@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from ..models.layers import select_linears
 from .config import QuantConfig
-from .quantizer import qparams, rtn_weight
+from .quantizer import rtn_weight
 from .state import ActQuant, LinearQuant, QuantState
 
 
@@ -47,33 +45,3 @@ def rtn_state(model: nn.Module, qcfg: QuantConfig, method: str) -> QuantState:
     for name, lin in target_linears(model, qcfg).items():
         state.linears[name] = linear_from_weight(lin.weight, qcfg, act=act_quantizer(qcfg))
     return state
-
-
-def calibrate_static_acts(model: nn.Module, state: QuantState, batches: Iterable[dict]) -> None:
-    """Fill per-tensor activation ranges from calibration batches (min/max over all tokens)."""
-    names = [n for n, lq in state.linears.items()
-             if lq.act is not None and lq.act.granularity == "per_tensor"]
-    if not names:
-        return
-    lo: dict[str, torch.Tensor] = {}
-    hi: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(_m, args, _n=name):
-            x = args[0].detach().float()
-            lo[_n] = torch.minimum(lo[_n], x.min()) if _n in lo else x.min()
-            hi[_n] = torch.maximum(hi[_n], x.max()) if _n in hi else x.max()
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for name in names:
-        act = state.linears[name].act
-        if name not in lo:
-            raise RuntimeError(f"calibration never reached {name}; cannot set its static range")
-        span = torch.stack([lo[name], hi[name]]).cpu()
-        act.scale, act.zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)

@@ -42,7 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.models.layers import language_layers, part_of
-from harness.quant.build import act_quantizer, calibrate_static_acts, target_linears
+from harness.quant.build import act_quantizer, target_linears
+from harness.quant.ranges import fill_static_ranges, rule_for
 from harness.quant.config import QuantConfig
 from harness.quant.quantizer import dequantize_weight, rtn_weight
 from harness.quant.simulated import quantize_activation
@@ -152,9 +153,9 @@ class VEO:
         acts = QuantState("qvlm-veo", self.qcfg)
         for name in target_linears(model, self.qcfg):
             acts.linears[name] = LinearQuant(bits=16, act=act_quantizer(self.qcfg))
-        if self.qcfg.quantizes_acts and self.qcfg.a_granularity == "per_tensor":
-            calibrate_static_acts(model, acts, [{k: v for k, v in b.items() if k != "labels"}
-                                                for b in self.batches])
+        # the straight-through model's static ranges: the engine's rule, from the float model
+        fill_static_ranges(model, acts, [{k: v for k, v in b.items() if k != "labels"}
+                                         for b in self.batches], rule_for(self.qcfg))
         replaced = {}
         handles = []
         try:

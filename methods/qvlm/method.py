@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from harness.models.layers import language_layers
-from harness.quant.build import act_quantizer, calibrate_static_acts, linear_from_weight, target_linears
+from harness.quant.build import act_quantizer, linear_from_weight, target_linears
 from harness.quant.config import QuantConfig
 from harness.quant.blockwise import part_inputs
 from harness.quant.simulated import apply_state
@@ -126,12 +127,13 @@ class QVLMBase(Method):
             for n, m in targets.items():
                 if n not in in_layers:
                     other.linears[n] = linear_from_weight(m.weight, qcfg, act=act_quantizer(qcfg))
-            if qcfg.quantizes_acts and qcfg.a_granularity == "per_tensor":
-                calibrate_static_acts(model, other, list(calib.inputs()))
+            # static ranges of these linears are the engine's (left unset); the language
+            # layers' inputs are captured with their quantized weights, activations unquantized
+            stream = QuantState(self.name, qcfg, {n: replace(lq, act=None) for n, lq in other.linears.items()})
             entries = {}
             if in_layers:
                 inputs = part_inputs(model, "language", calib.inputs(),
-                                     state=other if other.linears else None)
+                                     state=stream if stream.linears else None)
                 masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool)
                          for m, c in zip(inputs.masks, inputs.calls)]
                 # 2. cross-layer dependency mining

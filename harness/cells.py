@@ -1,0 +1,237 @@
+"""A suite's cells and what identifies each one, resolved once, in one place.
+
+A *cell* is (model, variant, scheme, task). Everything that determines its result is resolved
+here when the suite is planned — the method class and its options with defaults filled in, the
+row label, the dtype and device it runs in, the calibration it gets, the rule that fills its
+static activation ranges, and a digest of the code that computes it — and hashed into two keys:
+
+* ``state_key``: what determines the quantization state (shared by the cells of one group: the
+  same model, variant and scheme on every task); the on-disk state cache is keyed by it;
+* ``key`` (the record's ``config_hash``): the state key plus what determines one task's score.
+
+A record whose ``config_hash`` equals a cell's key is that cell's result; anything else is
+recomputed. Executors (serial, Ray) take the groups of a plan and never recompute identities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .config import MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
+from .quant.config import QuantConfig
+from .registry import Method, files_digest, get_method, method_code_digest
+
+REPO = Path(__file__).resolve().parents[1]
+# Engine code a quantization state depends on (besides the method's own source), and the code
+# a score depends on (besides the state). Editing any of these recomputes the cells concerned.
+STATE_CODE = ("harness/quant", "harness/calibration.py", "harness/prompting.py",
+              "harness/models/capture.py", "harness/models/layers.py", "harness/models/parts.py",
+              "harness/task_data.py")
+EVAL_CODE = ("harness/evaluate.py", "tasks/metrics.py", "tasks/sources.py", "tasks/subset.py")
+DEFAULT_CALIBRATION = {"split": "train", "n": 64, "batch_size": 8}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def code_digest(paths: tuple[str, ...]) -> str:
+    """Digest of the repository files (or every ``.py`` under the folders) named in ``paths``."""
+    files: list[Path] = []
+    for rel in paths:
+        p = REPO / rel
+        files.extend(sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else [])
+    return files_digest(files, REPO)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` is fp16 on GPUs (as the papers) and fp64 on the CPU: float64 makes every
+    computation reproducible across x86 SIMD paths and thread counts (docs/design.md)."""
+    if dtype != "auto":
+        return dtype
+    return "fp16" if device.startswith("cuda") else "fp64"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method as one row of the table runs it."""
+
+    method: str
+    cls: type[Method]
+    options: dict[str, Any]  # resolved: defaults filled in
+    clip: bool  # the engine's activation-clipping search on top of the method
+    label: str
+
+    @property
+    def reference(self) -> bool:
+        return bool(self.cls.reference)
+
+
+def variant_label(spec: MethodSpec, cls: type[Method], options: dict[str, Any]) -> str:
+    """``name``, ``name+clip``, ``name (preset)`` or ``name (k=v, …)`` from the non-default options.
+
+    A suite may set ``label`` explicitly; otherwise two entries of one method with different
+    options get different labels, so they never collide in a table.
+    """
+    if spec.label:
+        return spec.label
+    changed = {k: v for k, v in options.items() if cls.defaults.get(k) != v}
+    parts: list[str] = []
+    for preset, values in (cls.presets or {}).items():
+        if values and all(k in changed and changed[k] == v for k, v in values.items()):
+            parts.append(preset)
+            changed = {k: v for k, v in changed.items() if k not in values}
+            break
+    parts += [f"{k}={_short(v)}" for k, v in sorted(changed.items())]
+    base = spec.name + ("+clip" if spec.clip else "")
+    return f"{base} ({', '.join(parts)})" if parts else base
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+@dataclass
+class Cell:
+    model: ModelSpec
+    variant: Variant
+    qcfg: QuantConfig
+    task: TaskSpec
+    dtype: str
+    device: str
+    calibration: dict | None
+    act_ranges: dict | None
+    code: dict[str, str | None]
+    state_key: str
+    key: str
+    identity: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.variant.method
+
+    @property
+    def scheme(self) -> str:
+        return self.qcfg.scheme
+
+    def describe(self) -> str:
+        return f"{self.model.name} / {self.variant.label} / {self.scheme} / {self.task.name}"
+
+
+@dataclass
+class Group:
+    """The cells that share one quantization state: quantize once, evaluate every task."""
+
+    cells: list[Cell]
+
+    @property
+    def head(self) -> Cell:
+        return self.cells[0]
+
+    @property
+    def state_key(self) -> str:
+        return self.head.state_key
+
+
+def _data_version(task: str) -> str | None:
+    from tasks.sources import data_version
+
+    return data_version(task)
+
+
+def _model_fingerprint(name: str) -> str:
+    from .models.loading import model_fingerprint
+
+    return model_fingerprint(name)
+
+
+def calibration_spec(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict | None:
+    """The suite's shared calibration set, for every cell that uses data: methods that need it,
+    static activation ranges (any method), and the clipping search."""
+    if variant.reference:
+        return None
+    if not (variant.cls.calibrates(qcfg) or (variant.clip and qcfg.quantizes_acts)):
+        return None
+    spec = {**DEFAULT_CALIBRATION, "seed": suite.seed, **suite.calibration}
+    if not spec.get("task"):
+        spec["task"] = suite.tasks[0].name
+    version = _data_version(spec["task"])
+    if version is not None:  # other calibration rows under another generator version
+        spec["data_version"] = version
+    return spec
+
+
+def act_range_rule(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict | None:
+    """How the engine fills the activation quantizers a method leaves undecided (None: nothing
+    to fill — float, dynamic per-token without the clipping search, or a control)."""
+    from .quant.ranges import rule_for
+
+    if variant.reference or not variant.cls.quantizes or not qcfg.quantizes_acts:
+        return None
+    return rule_for(qcfg, clip=variant.clip, stream=suite.act_ranges.get("stream"))
+
+
+def resolve_variants(suite: Suite) -> list[Variant]:
+    out: list[Variant] = []
+    seen: dict[str, MethodSpec] = {}
+    for spec in suite.methods:
+        cls = get_method(spec.name)
+        options = cls(**(spec.options or {})).options
+        if cls.reference and spec.clip:
+            raise SuiteError(f"method {spec.name!r} is the float reference; `clip` does not apply to it")
+        label = variant_label(spec, cls, options)
+        if label in seen:
+            raise SuiteError(f"two entries of `methods` make the same row {label!r}; give one a "
+                             f"different `label`")
+        seen[label] = spec
+        out.append(Variant(spec.name, cls, options, bool(spec.clip), label))
+    return out
+
+
+def plan_cells(suite: Suite, device: str) -> list[Cell]:
+    """Every cell of ``suite`` on ``device`` ("cpu", "cuda", "cuda:N"), identities resolved."""
+    variants = resolve_variants(suite)
+    state_code = code_digest(STATE_CODE)
+    eval_code = code_digest(EVAL_CODE)
+    weights = {m.name: _model_fingerprint(m.name) for m in suite.models}
+    versions = {t.name: _data_version(t.name) for t in suite.tasks}
+    device_kind = "cuda" if device.startswith("cuda") else device
+    cells: list[Cell] = []
+    for model in suite.models:
+        dtype = resolve_dtype(model.dtype or suite.dtype, device)
+        for v in variants:
+            schemes = [QuantConfig()] if v.reference else suite.schemes
+            for qcfg in schemes:
+                calib = calibration_spec(suite, v, qcfg)
+                ranges = act_range_rule(suite, v, qcfg)
+                code = {"method": method_code_digest(v.method), "engine": state_code, "eval": eval_code}
+                state_id = {
+                    "model": model.name, "weights": weights[model.name], "dtype": dtype,
+                    "device": device_kind, "method": v.method, "options": v.options, "clip": v.clip,
+                    "code": [code["method"], state_code], "quant": qcfg.to_dict(),
+                    "calibration": calib, "act_ranges": ranges, "seed": suite.seed,
+                }
+                state_key = digest(state_id)
+                for task in suite.tasks:
+                    identity = {
+                        "state": state_key, "task": task.name, "data": task.data or suite.data_dir,
+                        "task_options": task.options, "data_version": versions[task.name],
+                        "limit": suite.limit, "eval_code": eval_code,
+                    }
+                    cells.append(Cell(model, v, qcfg, task, dtype, device, calib, ranges, code,
+                                      state_key, digest(identity), {**state_id, **identity}))
+    return cells
+
+
+def group_cells(cells: list[Cell]) -> list[Group]:
+    """Cells grouped by quantization state, in plan order (a model's groups stay together)."""
+    groups: dict[str, Group] = {}
+    for c in cells:
+        groups.setdefault(c.state_key, Group([])).cells.append(c)
+    return list(groups.values())

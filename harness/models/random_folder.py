@@ -1,0 +1,55 @@
+"""A model folder in Hugging Face format with random weights, for systems runs of the real suite.
+
+Load time, memory, quantization cost and evaluation throughput depend on shapes, not on weight
+values, so a LLaVA-1.5-7B/13B-shaped folder with random weights lets the whole suite (loading,
+calibration, every method, lm-eval) run where the Hub is unreachable. The processor is
+llava-hf's: the Llama-2 SentencePiece tokenizer with ``<image>`` (32000) and ``<pad>`` (32001)
+added, a CLIP image processor at the vision tower's resolution, and the LLaVA-1.5 chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def build_processor(tokenizer_dir: str | Path, image_size: int, patch_size: int):
+    """llava-hf's processor from a folder holding the Llama-2 ``tokenizer.model``."""
+    from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
+
+    from .tiny import LLAVA_CHAT_TEMPLATE
+
+    tok = LlamaTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    image = CLIPImageProcessor(size={"shortest_edge": image_size},
+                               crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>")
+
+
+def save_random_llava(arch: str, out: str | Path, tokenizer_dir: str | Path, *, dtype: str = "fp16",
+                      device: str = "cuda", seed: int = 0, overrides: dict | None = None) -> Path:
+    """Write ``out`` (config, random weights in ``dtype``, processor) for a shipped architecture
+    (``harness/perf/configs``: llava-1.5-7b, llava-1.5-13b); ``overrides`` shrink it for tests."""
+    from ..perf.arch import build_random_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = build_random_model(arch, dtype=dtype, device=device, seed=seed, overrides=overrides)
+    cfg = lm.model.config
+    processor = build_processor(tokenizer_dir, cfg.vision_config.image_size, cfg.vision_config.patch_size)
+    tok = processor.tokenizer
+    if tok.convert_tokens_to_ids("<image>") != cfg.image_token_index:
+        raise ValueError(f"the tokenizer puts <image> at {tok.convert_tokens_to_ids('<image>')}, "
+                         f"the architecture expects {cfg.image_token_index}")
+    cfg.pad_token_id = cfg.text_config.pad_token_id = tok.pad_token_id
+    lm.model.generation_config.pad_token_id = tok.pad_token_id
+    lm.model.generation_config.eos_token_id = tok.eos_token_id
+    with torch.no_grad():
+        lm.model.save_pretrained(out)
+    processor.save_pretrained(out)
+    del lm
+    return out

@@ -1,0 +1,222 @@
+"""Executing one group of cells (one quantization state, several tasks) and making its records.
+
+The same code runs in the serial runner and in every distributed worker: load the model (kept
+loaded while consecutive groups use it), encode the shared calibration set, quantize (or load
+the cached state), finalize the state (engine-owned ranges, validation, proof), apply it on the
+model's device, evaluate each task and turn each result into a record. Records are returned,
+not written: the caller (one process) appends them, so records.jsonl has a single writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Iterator
+
+import torch
+
+from .cells import Cell, Group, digest
+from .config import Suite, TaskSpec
+from .quant.finalize import check_model_unchanged, finalize_state, param_checksum
+from .quant.simulated import apply_state
+from .quant.state import QuantState
+from .records import git_describe, new_record, versions, write_jsonl
+
+log = logging.getLogger("qvlm_bench")
+
+
+def task_spec(task: TaskSpec, suite: Suite):
+    """What lm-eval loads for a task: its name, or a config pointing at local data."""
+    from tasks.sources import task_spec as spec
+
+    return spec(task.name, task.data or suite.data_dir, include_paths=suite.include_paths,
+                **(task.options or {}))
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class GroupWorker:
+    """Runs groups of one suite on one device; keeps the last model and calibration sets."""
+
+    def __init__(self, suite: Suite, device: str, *, show_progress: bool = False):
+        self.suite = suite
+        self.device = device
+        self.out = suite.output_dir
+        self.cache_dir = self.out / "cache" / "states"
+        self.samples_dir = self.out / "samples"
+        self.show_progress = show_progress
+        self._lm = None
+        self._lm_key: tuple | None = None
+        self._calib: dict[str, object] = {}
+
+    # ---- resources kept between groups ---------------------------------------------------
+
+    def model(self, cell: Cell):
+        key = (cell.model.name, cell.dtype)
+        if self._lm_key != key:
+            from .models.loading import load_model
+
+            self._lm = self._lm_key = None
+            self._calib.clear()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self._lm = load_model(cell.model.name, dtype=cell.dtype, device=self.device)
+            self._lm_key = key
+        return self._lm
+
+    def calibration(self, lm, spec: dict):
+        key = digest(spec)
+        if key not in self._calib:
+            from .calibration import encode_pairs
+            from .task_data import task_pairs
+
+            task = next((t for t in self.suite.tasks if t.name == spec["task"]), TaskSpec(spec["task"]))
+            pairs = task_pairs(task.name, spec["split"], task.data or self.suite.data_dir, task.options,
+                               self.suite.include_paths, n=int(spec["n"]), seed=int(spec["seed"]))
+            self._calib[key] = encode_pairs(lm, pairs, int(spec["batch_size"]), source=spec)
+        return self._calib[key]
+
+    # ---- one group ---------------------------------------------------------------------
+
+    def state(self, lm, cell: Cell, timings: dict) -> tuple[QuantState, bool]:
+        """The group's finalized state: from the cache, or quantized now (and cached)."""
+        path = self.cache_dir / cell.state_key
+        if (path / "state.json").exists():
+            try:
+                return QuantState.load(path), True
+            except Exception:  # a corrupt cache entry is recomputed, never trusted
+                log.warning("ignoring unreadable cached state %s", path)
+        v = cell.variant
+        t0 = time.perf_counter()
+        calib = self.calibration(lm, cell.calibration) if cell.calibration is not None else None
+        timings["calibrate_s"] = time.perf_counter() - t0
+        method = v.cls(**v.options)
+        _reset_peak(self.device)
+        before = param_checksum(lm.model)
+        torch.manual_seed(self.suite.seed)
+        t0 = time.perf_counter()
+        state = method.quantize(lm, cell.qcfg, calib)
+        timings["quantize_s"] = time.perf_counter() - t0
+        check_model_unchanged(before, param_checksum(lm.model), v.method)
+        t0 = time.perf_counter()
+        batches = list(calib.inputs()) if calib is not None else None
+        finalize_state(lm.model, state, cell.qcfg, batches, cell.act_ranges,
+                       quantizes=v.cls.quantizes, device=lm.device)
+        timings["finalize_s"] = time.perf_counter() - t0
+        state.meta["quantize_s"] = timings["quantize_s"]
+        if self.device.startswith("cuda"):
+            state.meta["peak_gib_quantize"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        state.meta.setdefault("options", v.options)
+        if calib is not None:
+            state.meta.setdefault("calibration", {**calib.source, "digest": calib.digest()})
+        state.save(path)
+        return state, False
+
+    def run_group(self, group: Group) -> Iterator[list[dict]]:
+        """Yield, per cell of ``group`` in order, the records it produced (failed ones too)."""
+        head = group.head
+        timings: dict[str, float] = {}
+        try:
+            t0 = time.perf_counter()
+            lm = self.model(head)
+            timings["load_s"] = time.perf_counter() - t0
+        except Exception as exc:
+            for c in group.cells:
+                yield [self.failed(c, exc, "load")]
+            return
+        try:
+            state, cached = self.state(lm, head, timings)
+        except Exception as exc:
+            for c in group.cells:
+                yield [self.failed(c, exc, "quantize")]
+            return
+        t0 = time.perf_counter()
+        try:
+            handle = apply_state(lm.model, state, device=lm.device)
+        except Exception as exc:
+            for c in group.cells:
+                yield [self.failed(c, exc, "apply", state)]
+            return
+        timings["apply_s"] = time.perf_counter() - t0
+        try:
+            for cell in group.cells:
+                yield self._evaluate(lm, cell, state, cached, handle, dict(timings))
+        finally:
+            handle.restore()
+
+    def _evaluate(self, lm, cell: Cell, state: QuantState, cached: bool, handle, timings: dict) -> list[dict]:
+        from .evaluate import evaluate_tasks
+
+        for m in handle.fake_linears().values():
+            m.act_calls = 0
+        _reset_peak(self.device)
+        t0 = time.perf_counter()
+        try:
+            results = evaluate_tasks(lm, [task_spec(cell.task, self.suite)], limit=self.suite.limit,
+                                     batch_size=self.suite.batch_size,
+                                     include_paths=self.suite.include_paths, seed=self.suite.seed,
+                                     show_progress=self.show_progress)
+            if not results:
+                raise RuntimeError(f"task {cell.task.name} produced no `accuracy` metric")
+        except Exception as exc:
+            return [self.failed(cell, exc, "evaluate", state)]
+        timings["eval_s"] = time.perf_counter() - t0
+        peak = None
+        if self.device.startswith("cuda"):
+            peak = {"quantize": state.meta.get("peak_gib_quantize"),
+                    "eval": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+        proof = dict(state.meta.get("proof") or state.proof())
+        proof["act_quantizers_fired"] = handle.act_quantizers_fired()
+        records = []
+        for res in results:
+            t0 = time.perf_counter()
+            samples = self.samples_dir / f"{cell.key}-{res.task}.jsonl"
+            write_jsonl(samples, res.samples)
+            meta = {k: v for k, v in state.meta.items()
+                    if k not in ("options", "proof", "act_ranges", "peak_gib_quantize")}
+            timings["record_s"] = time.perf_counter() - t0
+            records.append(new_record(
+                **self.base(cell), metric=res.metric, value=res.value, stderr=res.stderr, n=res.n,
+                n_empty=res.n_empty, n_unparsed=res.n_unparsed, latency=None, memory=None,
+                quantize_s=state.meta.get("quantize_s"), eval_s=timings["eval_s"], status="ok",
+                error=None, proof=proof, state_cached=cached, method_meta=meta,
+                act_ranges=state.meta.get("act_ranges"),
+                timings={k: round(v, 4) for k, v in timings.items()}, peak_gib=peak,
+                samples_file=str(samples.relative_to(self.out)),
+            ))
+        return records
+
+    # ---- records -------------------------------------------------------------------------
+
+    def device_name(self) -> str:
+        if self.device.startswith("cuda"):
+            return torch.cuda.get_device_name(torch.device(self.device))
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    def base(self, cell: Cell) -> dict:
+        v = cell.variant
+        return dict(
+            suite=self.suite.name, model=cell.model.name, method=v.method,
+            variant=f"{cell.dtype} (reference)" if v.reference else v.label, reference=v.reference,
+            control=not v.reference and not v.cls.quantizes,
+            scheme=cell.scheme, quant_config=cell.qcfg.to_dict(), task=cell.task.name,
+            device=self.device_name(), dtype=cell.dtype, seed=self.suite.seed, versions=versions(),
+            git=git_describe(), config_hash=cell.key, state_key=cell.state_key,
+            method_options=v.options, clip=v.clip, method_code=cell.code["method"],
+            engine_code=cell.code["engine"], calibration=cell.calibration,
+            limit=self.suite.limit, batch_size=self.suite.batch_size,
+            kernel="simulated" if v.cls.quantizes else cell.dtype,
+        )
+
+    def failed(self, cell: Cell, exc: BaseException, stage: str, state: QuantState | None = None) -> dict:
+        log.error("cell %s failed during %s: %s", cell.describe(), stage, exc)
+        proof = None if state is None else (state.meta.get("proof") or None)
+        return new_record(**self.base(cell), status="failed", metric="accuracy",
+                          error=f"{stage}: {type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc(limit=8), proof=proof,
+                          quantize_s=None if state is None else state.meta.get("quantize_s"))

@@ -1,0 +1,193 @@
+"""The real suite's code path at 7B/13B on one GPU: where a cell's time and memory go.
+
+Builds a LLaVA-1.5-shaped model folder with random weights (Llama-2 tokenizer, 336 px CLIP
+processor, the project's chat template), runs a suite over it through the normal runner —
+fp16, rtn, gptq, awq, qvlm (defaults) at w4a4 on scienceqa_img from local rows — and prints a
+per-stage table from the records (load, calibrate, quantize, finalize incl. proof, apply, eval,
+record; cell wall time and the overhead outside quantize + eval; peak GPU memory). Then it
+times the lm-eval bridge against plain Hugging Face ``generate`` on the same questions and batches.
+
+    PYTHONPATH=. python scripts/bench_suite_7b.py --arch llava-1.5-7b --tokenizer DIR \\
+        --data-dir DIR --out $OUT                                  # GPU (docs/benchmarks/suite_7b.md)
+    PYTHONPATH=. python scripts/bench_suite_7b.py --shape tiny --device cpu --limit 4 --calib 4 \\
+        --tokenizer TOKDIR --data-dir DIR --out /tmp/b   # smoke test
+
+``--tokenizer`` is a folder with the Llama-2 SentencePiece ``tokenizer.model`` (the tokenizer of
+LLaVA-1.5's Vicuna; MIT-licensed copy in llama2.c). ``--data-dir`` holds
+``scienceqa_img/test.parquet`` (the HF schema); calibration draws from the
+same rows (``--calib`` of them). Random weights generate to the token limit: the slow end of
+evaluation throughput. Writes ``suite_7b.json`` and the suite's records under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TINY = {"text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4),
+        "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
+        "image_seq_length": 4}
+STAGES = ("load_s", "calibrate_s", "quantize_s", "finalize_s", "apply_s", "eval_s", "record_s")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def eval_throughput(model_dir: str, data_dir: str, limit: int, batch: int, device: str, dtype: str) -> dict:
+    """Questions per second: the lm-eval bridge vs plain ``generate`` on the same prompts and batches."""
+    import torch
+
+    from harness.evaluate import DEFAULT_MAX_NEW_TOKENS, evaluate_tasks
+    from harness.models.loading import load_model
+    from harness.prompting import chat_prompt
+    from harness.task_data import task_pairs
+    from tasks.sources import task_spec
+
+    lm = load_model(model_dir, dtype=dtype, device=device)
+    pairs = task_pairs("scienceqa_img", "test", data_dir, n=limit, seed=0)
+    proc = lm.processor
+    proc.tokenizer.padding_side = "left"
+    max_new = int(task_spec_gen_tokens("scienceqa_img") or DEFAULT_MAX_NEW_TOKENS)
+
+    def plain() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(pairs), batch):
+            chunk = pairs[i:i + batch]
+            enc = proc(images=[im for im, _, _ in chunk], text=[chat_prompt(proc, t) for _, t, _ in chunk],
+                       return_tensors="pt", padding=True).to(device)
+            enc["pixel_values"] = enc["pixel_values"].to(lm.dtype)
+            with torch.inference_mode():
+                lm.model.generate(**enc, max_new_tokens=max_new, do_sample=False, num_beams=1,
+                                  pad_token_id=proc.tokenizer.pad_token_id)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def bridge() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate_tasks(lm, [task_spec("scienceqa_img", data_dir)], limit=limit, batch_size=batch,
+                       show_progress=False)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    plain()  # warm-up: CUDA context, kernels, processor caches
+    out = {"questions": len(pairs), "batch_size": batch, "max_new_tokens": max_new}
+    times = {"plain": [], "bridge": []}
+    for _ in range(2):  # interleaved, so drift hits both
+        times["bridge"].append(bridge())
+        times["plain"].append(plain())
+    out.update({k: round(min(v), 3) for k, v in times.items()})
+    out["plain_q_per_s"] = round(len(pairs) / out["plain"], 2)
+    out["bridge_q_per_s"] = round(len(pairs) / out["bridge"], 2)
+    out["bridge_vs_plain"] = round(out["plain"] / out["bridge"], 3)
+    del lm
+    return out
+
+
+def task_spec_gen_tokens(task: str) -> int | None:
+    from tasks.sources import task_config
+
+    return (task_config(task).get("generation_kwargs") or {}).get("max_gen_toks")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="llava-1.5-7b")
+    ap.add_argument("--shape", choices=["full", "tiny"], default="full")
+    ap.add_argument("--tokenizer", required=True, help="folder with the Llama-2 tokenizer.model")
+    ap.add_argument("--data-dir", required=True, help="folder with scienceqa_img/test.parquet")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default=None, help="default: fp16 on cuda, fp32 on cpu")
+    ap.add_argument("--methods", default="fp16,rtn,gptq,awq,qvlm")
+    ap.add_argument("--schemes", default="w4a4")
+    ap.add_argument("--limit", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--method-options", default="{}", help="JSON {method: {option: value}}")
+    ap.add_argument("--skip-throughput", action="store_true")
+    args = ap.parse_args(argv)
+    import torch
+
+    from harness.config import parse_suite
+    from harness.models.random_folder import save_random_llava
+    from harness.runner import run_suite
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    result: dict = {"arch": args.arch, "shape": args.shape, "device": args.device, "dtype": dtype}
+    if args.device.startswith("cuda"):
+        result["card"] = torch.cuda.get_device_name()
+    result["commit"] = os.environ.get("QVLM_GIT_COMMIT")
+    t0 = time.perf_counter()
+    folder = save_random_llava(args.arch, Path("/tmp") / f"random-{args.arch}-{args.shape}", args.tokenizer,
+                               dtype=dtype, device=args.device, overrides=TINY if args.shape == "tiny" else None)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    result["build_folder_s"] = round(time.perf_counter() - t0, 2)
+    print(f"model folder {folder} in {result['build_folder_s']} s", flush=True)
+    suite = parse_suite({
+        "name": "suite-7b", "models": [str(folder)], "methods": args.methods.split(","),
+        "schemes": args.schemes.split(","), "tasks": ["scienceqa_img"], "data_dir": args.data_dir,
+        "limit": args.limit, "batch_size": args.batch, "device": args.device, "dtype": dtype,
+        "calibration": {"task": "scienceqa_img", "split": "test", "n": args.calib, "batch_size": 8},
+        "method_options": json.loads(args.method_options), "output": str(out / "suite"),
+    })
+    stamps: list[tuple[float, dict]] = []
+    t_run = time.perf_counter()
+    summary = run_suite(suite, show_progress=False, on_record=lambda r: stamps.append((time.perf_counter(), r)))
+    result["suite_wall_s"] = round(time.perf_counter() - t_run, 2)
+    rows, prev = [], t_run
+    for t, r in stamps:
+        tm = r.get("timings") or {}
+        wall = t - prev
+        prev = t
+        row = {"variant": r.get("variant"), "scheme": r.get("scheme"), "status": r.get("status"),
+               "wall_s": round(wall, 2), **{k: tm.get(k) for k in STAGES},
+               "peak_gib": r.get("peak_gib"), "error": (r.get("error") or "")[:200] or None}
+        row["overhead_s"] = round(wall - (tm.get("quantize_s") or 0) - (tm.get("eval_s") or 0), 2)
+        rows.append(row)
+    result["cells"] = rows
+    result["ok"], result["failed"] = summary.ok, summary.failed
+    if not args.skip_throughput:
+        import gc
+
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        result["throughput"] = eval_throughput(str(folder), args.data_dir, args.limit, args.batch,
+                                               args.device, dtype)
+    (out / "suite_7b.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"\n{args.arch} ({args.shape}) on {result.get('card', args.device)}, {dtype}; suite {result['suite_wall_s']} s, "
+          f"{result['ok']} ok / {result['failed']} failed")
+    head = f"{'variant':<14}{'wall':>7}{'quant':>8}{'final':>7}{'apply':>7}{'eval':>7}{'over':>7}  peak GiB q/e"
+    print(head)
+    for r in rows:
+        pk = r["peak_gib"] or {}
+        fmt = lambda v: f"{v:7.2f}" if isinstance(v, (int, float)) else f"{'-':>7}"  # noqa: E731
+        print(f"{str(r['variant']):<14}{fmt(r['wall_s'])}{fmt(r['quantize_s']):>8}{fmt(r['finalize_s'])}"
+              f"{fmt(r['apply_s'])}{fmt(r['eval_s'])}{fmt(r['overhead_s'])}  {pk.get('quantize')}/{pk.get('eval')}"
+              + (f"  FAILED {r['error']}" if r["status"] != "ok" else ""))
+    if "throughput" in result:
+        tp = result["throughput"]
+        print(f"eval throughput ({tp['questions']} q, batch {tp['batch_size']}): plain generate "
+              f"{tp['plain_q_per_s']} q/s, lm-eval bridge {tp['bridge_q_per_s']} q/s ({tp['bridge_vs_plain']}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
