@@ -3,7 +3,7 @@
 Kept out of the default test run (tests/ is the default path and pyproject adds
 ``--benchmark-skip``). Run with::
 
-    pytest benchmarks -o addopts="" --benchmark-only
+    pip install -e ".[bench]" && pytest benchmarks --benchmark-only
 """
 
 import pytest

@@ -49,17 +49,24 @@ def cmd_run(args) -> int:
 
 def cmd_table(args) -> int:
     from .leaderboard import write_leaderboard
+    from .records import read_records
 
+    stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots)
     try:
         if len(args.results) > 1 or args.output:
             from .aggregate import write_aggregate
 
             if not args.output:
-                raise ValueError("several results folders are averaged into one table: name its folder "
+                raise ValueError("several results folders are combined into one table: name its folder "
                                  "with --output (e.g. --output results/calibration-seeds)")
-            paths = write_aggregate(args.results, args.output)
+            paths = write_aggregate(args.results, args.output, **stats)
         else:
-            paths = write_leaderboard(args.results[0], with_stderr=args.stderr)
+            perf = None
+            if args.perf:
+                perf = read_records(args.perf.rstrip("/") + "/records.jsonl")
+                if not perf:
+                    raise FileNotFoundError(f"no records in {args.perf}/records.jsonl (--perf)")
+            paths = write_leaderboard(args.results[0], perf_records=perf, **stats)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -122,25 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("table", help="write leaderboard tables from a results folder (or several: averaged)",
-                       description="Write leaderboard.{md,csv,tex,html} from results/<suite>/records.jsonl; "
-                                   "given several folders (runs with different --seed), write one "
-                                   "leaderboard.{md,csv} of mean ± standard deviation across them into --output.")
+    t = sub.add_parser("table", help="write leaderboard tables and plots from a results folder (or several runs)",
+                       description="Write leaderboard.{md,csv,tex,html} and plots from results/<suite>/records.jsonl, "
+                                   "every number with a paired 95 % interval (bootstrap over questions); given "
+                                   "several folders (runs with different --seed), one leaderboard of the mean "
+                                   "over runs whose intervals add the seed-to-seed spread, into --output.")
     t.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl")
-    t.add_argument("--output", help="folder for the averaged table (several results folders)")
-    t.add_argument("--stderr", action="store_true", help="show ± standard error in the tables")
+    t.add_argument("--output", help="folder for the combined table (several results folders)")
+    t.add_argument("--perf", help="results folder of `qvlm-bench perf` records to join (latency/memory plots)")
+    t.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    t.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    t.add_argument("--bootstrap-seed", dest="bootstrap_seed", type=int, default=0, help="bootstrap seed")
+    t.add_argument("--no-plots", dest="no_plots", action="store_true", help="tables only")
     t.set_defaults(func=cmd_table)
 
     ls = sub.add_parser("list", help="list methods, tasks, schemes and bundled models")
     ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])
     ls.set_defaults(func=cmd_list)
 
-    try:
-        from .perf.cli import add_perf_parser
-    except ImportError:
-        add_perf_parser = None
-    if add_perf_parser is not None:
-        add_perf_parser(sub)
+    from .perf.cli import add_perf_parser  # in-tree: a broken perf module must not vanish silently
+
+    add_perf_parser(sub)
     return p
 
 

@@ -128,12 +128,10 @@ class TaskResult:
 
 
 def task_manager(include_paths: Sequence[str | Path] = ()):
-    from lm_eval.tasks import TaskManager
+    """lm-eval's TaskManager for tasks/ plus ``include_paths``, built once per tuple of folders."""
+    from tasks.index import task_manager as shared
 
-    import tasks
-
-    paths = [str(Path(tasks.__file__).parent)] + [str(p) for p in include_paths]
-    return TaskManager(include_path=paths, include_defaults=False)
+    return shared(include_paths)
 
 
 def _sample_logger(task_obj):

@@ -1,33 +1,81 @@
-"""Leaderboard tables from ``records.jsonl``: Markdown, CSV, LaTeX (booktabs) and HTML.
+"""Leaderboard tables from ``records.jsonl``: Markdown, CSV, LaTeX (booktabs), an HTML page, plots.
 
-Rows are model × method × scheme, one column per task plus the average and Δ against the same
-model's fp16 row; latency and memory columns appear when perf records exist, labelled with the
-kernel that produced them. The best value per (model, scheme) is bold. Built with pandas and
-tabulate from the records alone, so it can be regenerated at any time.
+Rows are (model, variant, scheme) — the record's ``variant`` (fallback: ``method``); one column per
+task, the average over tasks, ``Δ ref`` against the same model's reference row (the records with
+``reference: true``; fallback: method ``fp16``) and ``vs best`` against the best other variant of
+the same model and scheme. Every number carries a 95 % interval from a paired, stratified bootstrap
+over the questions in the records' per-question sample files (harness.stats); with several runs
+(calibration seeds) the seed-to-seed spread is added. A best value is bold only when it is
+significantly above every other variant's; variants not significantly below the best are marked
+tied. Latency and memory columns appear when perf records exist. Built from the records alone, so
+it can be regenerated at any time.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from .records import read_records
+from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, PairedBootstrap, TaskScores, combine_runs
 
-REFERENCE_METHOD = "fp16"
+ROW = ["model", "variant", "scheme"]
+REFERENCE_FALLBACK = "fp16"  # records written before the ``reference`` key: the fp16 method
+PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
+AVG, DREF, VSBEST = "Avg", "Δ ref", "vs best"
+
+
+def variant_of(rec: dict) -> str:
+    return rec.get("variant") or rec.get("method")
+
+
+def is_reference(rec: dict) -> bool:
+    if rec.get("reference") is not None:
+        return bool(rec["reference"])
+    return rec.get("method") == REFERENCE_FALLBACK
+
+
+def scheme_bits(rec_or_scheme) -> tuple[int, int]:
+    """(weight bits, activation bits) of a record (its quant_config) or of a scheme name like w4a8."""
+    if isinstance(rec_or_scheme, dict):
+        qc = rec_or_scheme.get("quant_config") or {}
+        if qc.get("w_bits") and qc.get("a_bits"):
+            return int(qc["w_bits"]), int(qc["a_bits"])
+        rec_or_scheme = rec_or_scheme.get("scheme") or ""
+    m = re.fullmatch(r"w(\d+)a(\d+)", str(rec_or_scheme).lower())
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 def latest_ok(records: list[dict]) -> pd.DataFrame:
-    """One row per (model, method, scheme, task): the most recent successful record."""
+    """One row per (model, variant, scheme, task): the most recent successful record."""
     # latency/memory columns show the batch-1 workload; other batch sizes stay in the perf tables
     rows = [r for r in records if r.get("status") == "ok"
             and not (r.get("metric") == "perf" and r.get("batch_size") not in (None, 1))]
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
+    df["variant"] = [variant_of(r) for r in rows]
+    df["_ref"] = [is_reference(r) for r in rows]
+    df["_control"] = [bool(r.get("control")) for r in rows]
     df["_order"] = range(len(df))
     df["task"] = df["task"].fillna("")
-    return df.sort_values("_order").groupby(["model", "method", "scheme", "task"], as_index=False).last()
+    if "metric" not in df:
+        df["metric"] = None
+    # the whole last record (groupby().last() would mix fields of different records around NaNs)
+    return df.drop_duplicates(subset=ROW + ["task", "metric"], keep="last").sort_values("_order")
+
+
+def _field(rec: dict, key: str):
+    """A record field from a DataFrame row: None where the record did not have it."""
+    v = rec.get(key)
+    return None if isinstance(v, float) and np.isnan(v) else v
 
 
 def unresolved_failures(records: list[dict]) -> list[dict]:
@@ -35,118 +83,432 @@ def unresolved_failures(records: list[dict]) -> list[dict]:
     last: dict[tuple, dict] = {}
     for r in records:
         if r.get("status") in ("ok", "failed"):
-            last[(r.get("model"), r.get("method"), r.get("scheme"), r.get("task") or "",
+            last[(r.get("model"), variant_of(r), r.get("scheme"), r.get("task") or "",
                   r.get("batch_size") if r.get("metric") == "perf" else None)] = r
     return [r for r in last.values() if r.get("status") == "failed"]
 
 
-def build_table(records: list[dict]) -> pd.DataFrame:
-    """The numeric leaderboard (no formatting): index model/method/scheme, task columns, Avg, Δ."""
-    df = latest_ok(records)
-    if df.empty:
-        return pd.DataFrame()
-    acc = df[df["metric"] == "accuracy"]
-    table = acc.pivot_table(index=["model", "method", "scheme"], columns="task", values="value",
-                            aggfunc="last")
-    tasks = list(table.columns)
-    if tasks:
-        table["Avg"] = table[tasks].mean(axis=1, skipna=False)
-        ref = table.xs(REFERENCE_METHOD, level="method", drop_level=False) if REFERENCE_METHOD in \
-            table.index.get_level_values("method") else None
-        if ref is not None:
-            ref_avg = ref["Avg"].groupby(level="model").first()
-            table["Δ fp16"] = table["Avg"] - table.index.get_level_values("model").map(ref_avg).to_numpy()
-    for col in ("n", "stderr"):
-        wide = acc.pivot_table(index=["model", "method", "scheme"], columns="task", values=col, aggfunc="last")
-        for task in wide.columns:
-            table[f"{task} {col}"] = wide[task]
-    perf = df[df["metric"] == "perf"]
-    if not perf.empty:
-        p = perf.set_index(["model", "method", "scheme"])
-        lat = p["latency"].apply(lambda d: (d or {}).get("decode_ms_per_token"))
-        mem = p["memory"].apply(lambda d: ((d or {}).get("peak_bytes") or 0) / 2**30 or None)
-        table = table.join(pd.DataFrame({"decode ms/tok": lat, "peak GiB": mem, "kernel": p["kernel"]}),
-                           how="outer")
-    return table.sort_index(level=["model", "scheme", "method"], sort_remaining=False)
+@dataclass
+class Run:
+    """One results folder: its label, folder and records."""
+
+    label: str
+    folder: Path
+    records: list[dict]
 
 
-PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
+@dataclass
+class Board:
+    """Everything the writers need: the numeric table with intervals, and what ran.
+
+    ``table``: index (model, variant, scheme); per statistic column c (each task, Avg, Δ ref,
+    vs best, and ``<task> vs best``): ``c``, ``c lo``, ``c hi``; ``c mark`` ("lead", "tie" or "")
+    for tasks and Avg; ``<task> n`` (questions), ``runs``, ``intervals`` (how they were made),
+    and the perf columns when perf records exist.
+    """
+
+    table: pd.DataFrame
+    tasks: list[str]
+    runs: list[Run]
+    references: dict[str, tuple] = field(default_factory=dict)  # model -> row key
+    reference_desc: dict[str, str] = field(default_factory=dict)  # model -> "fp16 (ran in fp32)"
+    bits: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # row key -> (w, a) bits
+    notes: list[str] = field(default_factory=list)
+    n_resamples: int = DEFAULT_RESAMPLES
+    level: float = DEFAULT_LEVEL
+    seed: int = 0
+
+    @property
+    def records(self) -> list[dict]:
+        return [r for run in self.runs for r in run.records]
+
+    @property
+    def stat_columns(self) -> list[str]:
+        return [*self.tasks, AVG] + ([DREF] if DREF in self.table else []) + ([VSBEST] if VSBEST in self.table else [])
 
 
-def score_columns(table: pd.DataFrame) -> list[str]:
-    """The accuracy columns of a ``build_table`` result: tasks, Avg, Δ fp16 (not n/stderr/perf)."""
-    return [c for c in table.columns if not str(c).endswith((" n", " stderr")) and c not in PERF_COLUMNS]
+def _sort_key(row: tuple, bits: dict, refs: set) -> tuple:
+    w, a = bits.get(row, (0, 0))
+    return row[0], -w, -a, row[2], row not in refs, row[1]
 
 
-def _formatted(table: pd.DataFrame, bold: tuple[str, str], with_stderr: bool) -> pd.DataFrame:
-    """Strings for display: one decimal, best per (model, scheme) wrapped in ``bold``."""
-    tasks = score_columns(table)
-    out = pd.DataFrame(index=table.index)
-    for col in tasks:
-        vals = table[col]
-        best = vals.groupby(level=["model", "scheme"]).transform("max")
-        cells = []
-        for idx, v in vals.items():
-            if pd.isna(v):
-                cells.append("–")
+FALLBACK = "interval from the record's stderr (normal, unpaired)"
+
+
+def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> dict | None:
+    """doc_id -> score of a record's samples file, or None (noted in ``problems``) when unusable."""
+    rel = _field(rec, "samples_file")
+    where = f"{rec.get('model')}/{variant_of(rec)}/{rec.get('scheme')}/{rec.get('task')}"
+    if not rel:
+        problems.setdefault("no samples_file in the record", []).append(where)
+        return None
+    path = folder / rel
+    if not path.is_file():
+        problems.setdefault("samples file missing", []).append(f"{where} ({path})")
+        return None
+    scores = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            scores[row["doc_id"]] = float(row["score"])
+    if not scores:
+        problems.setdefault("samples file empty", []).append(f"{where} ({path})")
+        return None
+    mean = 100 * sum(scores.values()) / len(scores)
+    value = _field(rec, "value")
+    if value is not None and abs(mean - value) > 1e-6 * max(1.0, abs(value)):
+        problems.setdefault("samples file disagrees with its record (a file from another run?)", []).append(
+            f"{where} ({path}: mean {mean:.4f}, record {value:.4f})")
+        return None
+    return scores
+
+
+def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                level: float = DEFAULT_LEVEL, perf_records: list[dict] | None = None) -> Board:
+    """The numeric leaderboard with intervals over one run or several runs of the same suite."""
+    notes: list[str] = []
+    frames = []
+    for k, run in enumerate(runs):
+        df = latest_ok(run.records)
+        if df.empty or not (df["metric"] == "accuracy").any():
+            raise ValueError(f"{run.folder}: no successful accuracy records to tabulate")
+        acc = df[df["metric"] == "accuracy"].copy()
+        acc["_run"] = k
+        frames.append(acc)
+    acc = pd.concat(frames, ignore_index=True)
+    tasks = sorted(acc["task"].unique())
+    bits = {tuple(r[c] for c in ROW): scheme_bits(r.to_dict()) for _, r in acc.iterrows()}
+    refs = {tuple(r[c] for c in ROW) for _, r in acc[acc["_ref"]].iterrows()}
+    controls = {tuple(r[c] for c in ROW) for _, r in acc[acc["_control"]].iterrows()}
+    references: dict[str, tuple] = {}
+    for row in sorted(refs):
+        if row[0] in references:
+            raise ValueError(f"model {row[0]} has two reference rows, {references[row[0]]} and {row}: "
+                             "mark one method as the reference")
+        references[row[0]] = row
+    rows = sorted({tuple(r[c] for c in ROW) for _, r in acc.iterrows()}, key=lambda r: _sort_key(r, bits, refs))
+    ri = {row: i for i, row in enumerate(rows)}
+
+    # per task: (runs, rows, questions) scores aligned by doc_id, NaN where not scored
+    problems: dict[str, list[str]] = {}
+    loaded: dict[str, dict[tuple[int, int], dict | tuple]] = {t: {} for t in tasks}
+    for _, r in acc.iterrows():
+        k, i = int(r["_run"]), ri[tuple(r[c] for c in ROW)]
+        rec = r.to_dict()
+        scores = _load_scores(runs[k].folder, rec, problems)
+        loaded[rec["task"]][(k, i)] = scores if scores is not None else \
+            (float(rec["value"]) / 100, float(_field(rec, "stderr") or 0.0) / 100)
+    for reason, where in problems.items():
+        notes.append(f"{reason}, {FALLBACK}: {len(where)} cell(s): " + "; ".join(where[:5])
+                     + ("; …" if len(where) > 5 else ""))
+    task_scores, n_questions = {}, {}
+    for t in tasks:
+        ids = sorted({d for v in loaded[t].values() if isinstance(v, dict) for d in v}, key=lambda d: (str(type(d)), d))
+        col = {d: j for j, d in enumerate(ids)}
+        arr = np.full((len(runs), len(rows), len(ids)), np.nan)
+        fallback = {}
+        for (k, i), v in loaded[t].items():
+            if isinstance(v, dict):
+                arr[k, i, [col[d] for d in v]] = list(v.values())
+            else:
+                fallback[(k, i)] = v
+        task_scores[t] = TaskScores(arr, fallback)
+        n_questions[t] = {(k, i): (len(v) if isinstance(v, dict) else None) for (k, i), v in loaded[t].items()}
+    boot = PairedBootstrap(task_scores, n_resamples=n_resamples, seed=seed)
+
+    table = pd.DataFrame(index=pd.MultiIndex.from_tuples(rows, names=ROW))
+    T, R = len(tasks), len(rows)
+
+    multi = len(runs) > 1
+
+    def put(name: str, weights: dict[str, np.ndarray], targets: list[int], bounds=(0.0, 1.0)) -> None:
+        point, reps = boot.statistic(weights)
+        iv = combine_runs(point, reps, level=level, bounds=bounds)
+        cols = [("", iv.value), (" lo", iv.lo), (" hi", iv.hi)]
+        if multi:  # the spread across runs, and the range of the per-run values
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: a row absent from every run
+                cols += [(" sd", iv.sd), (" min", np.nanmin(point, 0)), (" max", np.nanmax(point, 0))]
+        for suffix, vals in cols:
+            col = table.get(name + suffix, pd.Series(np.nan, index=table.index)).to_numpy(copy=True)
+            col[targets] = 100 * vals
+            table[name + suffix] = col
+
+    eye = np.eye(R)
+    for t in tasks:
+        put(t, {t: eye}, list(range(R)))
+    put(AVG, {t: eye / T for t in tasks}, list(range(R)))
+    with_ref = [i for i, row in enumerate(rows) if row[0] in references]
+    if with_ref:
+        w = np.zeros((len(with_ref), R))
+        for s, i in enumerate(with_ref):
+            w[s, i] += 1
+            w[s, ri[references[rows[i][0]]]] -= 1
+        put(DREF, {t: w / T for t in tasks}, with_ref, bounds=(-1.0, 1.0))
+
+    # leads: per (model, scheme), among the variants that are not the reference or a control
+    # (a control, e.g. fp16+veo, isolates a lever; it does not compete for best)
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row not in refs and row not in controls:
+            groups.setdefault((row[0], row[2]), []).append(i)
+    for c in [*tasks, AVG]:
+        weights_of = (lambda w: {t: w / T for t in tasks}) if c == AVG else (lambda w: {c: w})
+        gap_col = VSBEST if c == AVG else f"{c} vs best"
+        marks = [""] * R
+        pairs = []  # (best, other)
+        for members in groups.values():
+            vals = table[c].to_numpy()[members]
+            if len(members) < 2 or np.isnan(vals).all():
                 continue
-            text = f"{v:+.1f}" if col == "Δ fp16" else f"{v:.1f}"
-            se = table.get(f"{col} stderr")
-            if with_stderr and se is not None and pd.notna(se.get(idx)):
-                text += f" ± {se[idx]:.1f}"
-            is_ref = idx[1] == REFERENCE_METHOD
-            if col != "Δ fp16" and not is_ref and v == best[idx] and (vals.groupby(level=["model", "scheme"]).count()[(idx[0], idx[2])] > 1):
-                text = f"{bold[0]}{text}{bold[1]}"
+            order = [members[j] for j in np.argsort(-np.nan_to_num(vals, nan=-np.inf), kind="stable")]
+            best = order[0]
+            pairs += [(best, o) for o in order[1:] if not np.isnan(table[c].iat[o])]
+        if not pairs:
+            continue
+        w = np.zeros((len(pairs), R))
+        for s, (b, o) in enumerate(pairs):
+            w[s, b], w[s, o] = 1, -1
+        iv = combine_runs(*boot.statistic(weights_of(w)), level=level, bounds=(-1.0, 1.0))
+        gap = {name: np.full(R, np.nan) for name in ("", " lo", " hi")}
+        by_best: dict[int, list[int]] = {}
+        for s, (b, o) in enumerate(pairs):
+            by_best.setdefault(b, []).append(s)
+            # a non-best row: its gap to the best (negated best − row)
+            gap[""][o], gap[" lo"][o], gap[" hi"][o] = -100 * iv.value[s], -100 * iv.hi[s], -100 * iv.lo[s]
+        for b, ss in by_best.items():
+            runner = ss[0]  # the second-highest mean
+            gap[""][b], gap[" lo"][b], gap[" hi"][b] = 100 * iv.value[runner], 100 * iv.lo[runner], 100 * iv.hi[runner]
+            tied = [pairs[s][1] for s in ss if not iv.excludes_zero()[s]]
+            if tied:
+                for i in [b, *tied]:
+                    marks[i] = "tie"
+            else:
+                marks[b] = "lead"
+        for suffix, vals in gap.items():
+            table[gap_col + suffix] = vals
+        table[f"{c} mark"] = marks
+
+    if not multi:  # the record's own standard error (lm-eval's), for readers comparing with other tools
+        se = acc.set_index(ROW + ["task"])["stderr"] if "stderr" in acc else None
+        for t in tasks:
+            table[f"{t} stderr"] = [se.get((*row, t), np.nan) if se is not None else np.nan for row in rows]
+    for t in tasks:
+        table[f"{t} n"] = [max((n_questions[t].get((k, i)) or 0 for k in range(len(runs))), default=0) or np.nan
+                           for i in range(R)]
+    table["runs"] = [sum(any((k, i) in loaded[t] for t in tasks) for k in range(len(runs))) for i in range(R)]
+    table["intervals"] = ["normal (no samples)" if any((k, i) in task_scores[t].fallback for t in tasks
+                                                     for k in range(len(runs))) else "bootstrap"
+                          for i in range(R)]
+
+    perf = [r for run in runs for r in run.records if r.get("metric") == "perf"] + list(perf_records or [])
+    table = _join_perf(table, perf)
+
+    ref_desc = {}
+    for model, row in references.items():
+        recs = acc[(acc["model"] == model) & (acc["variant"] == row[1]) & (acc["scheme"] == row[2])]
+        # per record: the resolved dtype, or (records before it existed) the kernel
+        dt = sorted({str(_field(r, "dtype") or _field(r, "kernel")) for r in recs.to_dict("records")
+                     if _field(r, "dtype") or _field(r, "kernel")})
+        # the engine's label may already say it ("fp64 (reference)")
+        ran = ", ".join(d for d in dt if d not in row[1])
+        ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
+    return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
+                 bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
+                 level=level, seed=seed)
+
+
+def _join_perf(table: pd.DataFrame, perf_records: list[dict]) -> pd.DataFrame:
+    df = latest_ok(perf_records)
+    if df.empty:
+        return table
+    df = df[df["metric"] == "perf"]
+    if df.empty:
+        return table
+    p = df.set_index(ROW)
+    lat = p["latency"].apply(lambda d: (d or {}).get("decode_ms_per_token"))
+    mem = p["memory"].apply(lambda d: ((d or {}).get("peak_bytes") or 0) / 2**30 or None)
+    extra = pd.DataFrame({"decode ms/tok": lat, "peak GiB": mem, "kernel": p["kernel"]})
+    extra = extra[extra.index.isin(table.index)]  # perf of rows without accuracy belongs to the perf tables
+    return table.join(extra, how="left")
+
+
+# ----------------------------------------------------------------------------------------------
+# text formats
+
+
+def number_text(v: float, signed: bool) -> str:
+    v = round(float(v), 1) + 0.0  # no "-0.0"
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def cell_text(table: pd.DataFrame, idx: tuple, col: str, intervals: bool = True) -> str:
+    """'80.0 [73.3, 86.0]' (signed for Δ columns), '–' when absent."""
+    v = table.at[idx, col] if col in table else np.nan
+    if pd.isna(v):
+        return "–"
+    signed = col in (DREF, VSBEST) or col.endswith(" vs best")
+    text = number_text(v, signed)
+    lo, hi = table.at[idx, f"{col} lo"], table.at[idx, f"{col} hi"]
+    if intervals and pd.notna(lo):
+        text += f" [{number_text(lo, signed)}, {number_text(hi, signed)}]"
+    return text
+
+
+def formatted(board: Board, style: str) -> pd.DataFrame:
+    """Display strings: style "md" (**lead**, *tie*), "tex" or "html" (class names added by the page)."""
+    table = board.table
+    wrap = {"md": {"lead": ("**", "**"), "tie": ("*", "*")},
+            "tex": {"lead": ("\\textbf{", "}"), "tie": ("\\textit{", "}")},
+            "html": {"lead": ("<b>", "</b>"), "tie": ("<i>", "</i>")}}[style]
+    out = pd.DataFrame(index=table.index)
+    for col in board.stat_columns:
+        cells = []
+        for idx in table.index:
+            if col == DREF and idx == board.references.get(idx[0]):
+                cells.append("ref")
+                continue
+            text = cell_text(table, idx, col)
+            mark = table.at[idx, f"{col} mark"] if f"{col} mark" in table else ""
+            if mark:
+                text = f"{wrap[mark][0]}{text}{wrap[mark][1]}"
             cells.append(text)
         out[col] = cells
     if "decode ms/tok" in table:
         out["decode ms/tok"] = table["decode ms/tok"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
         out["peak GiB"] = table["peak GiB"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
         out["kernel"] = table["kernel"].fillna("–")
-    return out.reset_index().rename(columns={"model": "Model", "method": "Method", "scheme": "Scheme"})
+    if f"{AVG} min" in table:
+        out[f"{AVG} range"] = [f"{number_text(lo, False)}–{number_text(hi, False)}" if pd.notna(lo) else "–"
+                               for lo, hi in zip(table[f"{AVG} min"], table[f"{AVG} max"])]
+    if (table["runs"] < len(board.runs)).any():
+        out["runs"] = table["runs"].astype(int).astype(str)
+    return out.reset_index().rename(columns={"model": "Model", "variant": "Variant", "scheme": "Scheme"})
 
 
-def write_leaderboard(results_dir: str | Path, with_stderr: bool = False) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} next to records.jsonl; returns the paths."""
-    results_dir = Path(results_dir)
-    records = read_records(results_dir / "records.jsonl")
-    if not records:
-        raise FileNotFoundError(f"no records in {results_dir / 'records.jsonl'}; run a suite first")
-    table = build_table(records)
-    if table.empty:
-        raise ValueError(f"{results_dir}: no successful records to tabulate")
-    paths = {ext: results_dir / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
-    table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
-    md = _formatted(table, ("**", "**"), with_stderr)
-    notes = _notes(records, unresolved_failures(records))
-    paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n\n" + notes)
-    tex = _formatted(table, ("\\textbf{", "}"), with_stderr)
-    paths["tex"].write_text(_booktabs(tex))
-    html = _formatted(table, ("<b>", "</b>"), with_stderr)
-    paths["html"].write_text(html.to_html(index=False, escape=False, border=0))
-    return paths
+def caption(board: Board) -> list[str]:
+    """What the columns, intervals and marks mean (one sentence per item)."""
+    pct = f"{100 * board.level:g} %"
+    multi = len(board.runs) > 1
+    lines = [
+        "Accuracy in percent from the simulated (fake-quant) model; rows are (model, variant, scheme)."
+        + (f" Each number is the mean over {len(board.runs)} runs (calibration seeds)." if multi else ""),
+        (f"[lo, hi]: {pct} interval — mean over runs ± t · se, where se² adds the seed-to-seed variance "
+         "(divided by the number of runs) and the variance from resampling questions (paired "
+         f"bootstrap, {board.n_resamples} resamples); Welch–Satterthwaite degrees of freedom."
+         if multi else
+         f"[lo, hi]: {pct} percentile interval from a bootstrap over questions ({board.n_resamples} "
+         "resamples, the same resamples for every row, so differences are paired; tasks resampled "
+         "separately for Avg)."),
+        "Avg: mean of the task columns.",
+    ]
+    if board.references:
+        refs = "; ".join(f"{m}: {d}" for m, d in board.reference_desc.items()) if len(board.references) > 1 \
+            else next(iter(board.reference_desc.values()))
+        lines.append(f"Δ ref: Avg minus the same model's reference row — {refs}; paired interval.")
+    if VSBEST in board.table:
+        lines.append("vs best: Avg minus the best other variant of the same model and scheme (for the best "
+                     "row: its lead over the runner-up), paired interval.")
+        lines.append(f"Bold: the highest mean of its model and scheme, and the paired {pct} interval of its "
+                     "gap to every other variant excludes 0 (a significant lead). Italic: tied for best — the "
+                     "highest mean, or a mean whose gap to it is not significant (no bold in that column "
+                     "then). The reference row and controls (variants that quantize nothing) are not ranked.")
+    return lines
+
+
+def _what_ran(board: Board) -> list[str]:
+    ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
+    devices = sorted({str(r.get("device")) for r in ok})
+    kernels = sorted({str(r.get("dtype") or r.get("kernel")) for r in ok})
+    cal = calibration_text(ok)
+    commits = sorted({((r.get("git") or {}).get("commit") or "?")[:12] + (" (dirty)" if (r.get("git") or {}).get("dirty") else "")
+                      for r in ok})
+    lines = [f"{len(ok)} accuracy records; device: {', '.join(devices)}; dtypes/kernels: {', '.join(kernels)}; "
+             f"commit: {', '.join(commits)}."]
+    if cal:
+        lines.append(f"Calibration: {cal}.")
+    return lines
+
+
+def calibration_text(records: list[dict]) -> str:
+    """'32 train questions of synth_scienceqa (synth-v4), seeds 0, 1' — one entry per spec but the seed."""
+    specs: dict[str, set] = {}
+    for r in records:
+        c = {k: v for k, v in (r.get("calibration") or {}).items() if k not in ("batch_size", "digest")}
+        if c:
+            seed = c.pop("seed", None)
+            specs.setdefault(json.dumps(c, sort_keys=True), set()).add(seed)
+    out = []
+    for spec, seeds in specs.items():
+        c = json.loads(spec)
+        text = f"{c.get('n', '?')} {c.get('split', '?')} questions of {c.get('task', '?')}"
+        if c.get("data_version"):
+            text += f" ({c['data_version']})"
+        seeds = sorted((s for s in seeds if s is not None), key=str)
+        if seeds:
+            text += (", seed " if len(seeds) == 1 else ", seeds ") + ", ".join(map(str, seeds))
+        out.append(text)
+    return "; ".join(sorted(out))
+
+
+def notes_text(board: Board) -> str:
+    failed = unresolved_failures(board.records)
+    lines = caption(board) + _what_ran(board)
+    if len(board.runs) > 1:
+        lines.append("Runs: " + "; ".join(
+            f"{run.label} (seed {sorted({r.get('seed') for r in run.records if r.get('status') == 'ok'}, key=str)})"
+            for run in board.runs) + ".")
+    if failed:
+        lines.append(f"{len(failed)} failed record(s): " + "; ".join(
+            f"{variant_of(r)}/{r.get('scheme')}/{r.get('task')}: {str(r.get('error'))[:80]}" for r in failed[:5]))
+    lines += board.notes
+    return "\n".join(lines) + "\n"
 
 
 def _booktabs(df: pd.DataFrame) -> str:
     from tabulate import tabulate
 
-    esc = df.map(lambda v: str(v).replace("±", "$\\pm$").replace("–", "--").replace("_", "\\_")
-                 .replace("Δ", "$\\Delta$") if not str(v).startswith("\\textbf") else
-                 str(v).replace("±", "$\\pm$").replace("_", "\\_"))
-    esc.columns = [str(c).replace("_", "\\_").replace("Δ", "$\\Delta$") for c in df.columns]
-    return tabulate(esc.values.tolist(), headers=list(esc.columns), tablefmt="latex_booktabs",
+    def esc(v: str) -> str:
+        return (str(v).replace("±", "$\\pm$").replace("–", "--").replace("_", "\\_")
+                .replace("Δ", "$\\Delta$"))
+
+    body = df.map(esc)
+    headers = [esc(c) for c in df.columns]
+    return tabulate(body.values.tolist(), headers=headers, tablefmt="latex_booktabs",
                     disable_numparse=True).replace("\\textbackslash{}", "\\").replace("\\{", "{") \
         .replace("\\}", "}").replace("\\$", "$").replace("\\_", "_").replace("\\textasciicircum{}", "^") + "\n"
 
 
-def _notes(records: list[dict], failed: list[dict]) -> str:
-    ok = [r for r in records if r.get("status") == "ok"]
-    devices = sorted({str(r.get("device")) for r in ok})
-    kernels = sorted({str(r.get("kernel")) for r in ok})
-    lines = [f"Accuracy in percent ({len(ok)} records; device: {', '.join(devices)}; "
-             f"kernels: {', '.join(kernels)}). Accuracy always comes from the simulated (fake-quant) model; "
-             "bold: best quantized method per model and scheme; Δ fp16: average minus the fp16 row."]
-    if failed:
-        lines.append(f"{len(failed)} failed record(s): " + "; ".join(
-            f"{r.get('method')}/{r.get('scheme')}/{r.get('task')}: {str(r.get('error'))[:80]}" for r in failed[:5]))
-    return "\n".join(lines) + "\n"
+def write_board(board: Board, output: Path, plots: bool = True) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html} and (``plots``) the plots into ``output``; returns the paths."""
+    from .page import write_page
+    from .plots import write_plots
+
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {ext: output / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
+    board.table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
+    md = formatted(board, "md")
+    paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True)
+                           + "\n\n" + notes_text(board))
+    paths["tex"].write_text(_booktabs(formatted(board, "tex")))
+    figures = write_plots(board, output) if plots else {}
+    write_page(board, paths["html"], figures)
+    paths.update({f"plot {name}": p for name, p in figures.items()})
+    return paths
+
+
+def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
+                      seed: int = 0, level: float = DEFAULT_LEVEL,
+                      perf_records: list[dict] | None = None, plots: bool = True) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html} and plots next to records.jsonl; returns the paths.
+
+    ``with_stderr`` is accepted for the CLI's ``--stderr`` and ignored: every number carries its
+    interval now.
+    """
+    results_dir = Path(results_dir)
+    records = read_records(results_dir / "records.jsonl")
+    if not records:
+        raise FileNotFoundError(f"no records in {results_dir / 'records.jsonl'}; run a suite first")
+    board = build_board([Run(results_dir.name, results_dir, records)], n_resamples=n_resamples, seed=seed,
+                        level=level, perf_records=perf_records)
+    return write_board(board, results_dir, plots=plots)

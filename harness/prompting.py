@@ -1,6 +1,6 @@
 """The model-side prompt: the task's text wrapped in the model's chat template, image first.
 
-Tasks produce only the protocol text (PROTOCOLS.md); where the image goes and how the
+Tasks produce only the protocol text (docs/protocols.md); where the image goes and how the
 conversation is framed belong to the model, so both come from its processor's chat template
 (LLaVA-1.5: ``USER: <image>\\n{text} ASSISTANT:``).
 """

@@ -2,7 +2,7 @@
 
 Lines are appended with a single ``write`` on an ``O_APPEND`` descriptor and fsynced, so a run
 killed at any moment leaves every finished record intact; a torn last line (if the machine died
-mid-write) is skipped on reading. The key names below are a published contract (DESIGN.md):
+mid-write) is skipped on reading. The key names below are a published contract (docs/design.md):
 add keys freely, never rename.
 """
 

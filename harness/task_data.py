@@ -47,18 +47,16 @@ def task_pairs(name: str, split: str, data: str | None = None, options: dict | N
     A task that declares ``split`` (e.g. ``training_split: train``) is used as it is; one that
     loads a single split through ``tasks.sources`` is re-pointed at ``split``.
     """
-    try:
-        from tasks.sources import task_spec
-    except ImportError:  # a checkout without the bundled tasks package's loader
-        task_spec = None
+    from tasks.sources import task_spec  # part of this project: an error in it must surface
+
     options = dict(options or {})
-    task = _load_task(task_spec(name, data, **options) if task_spec else name, include_paths)
+    spec = task_spec(name, data, include_paths=include_paths, **options)
+    task = _load_task(spec, include_paths)
     try:
         docs = _split_docs(task, split)
     except ValueError:
-        if task_spec is None:
-            raise
-        task = _load_task(task_spec(name, data, **{**options, "split": split}), include_paths)
+        spec = task_spec(name, data, include_paths=include_paths, **{**options, "split": split})
+        task = _load_task(spec, include_paths)
         docs = _split_docs(task, split)
     if n is not None:
         from .calibration import sample_indices

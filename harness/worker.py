@@ -30,7 +30,8 @@ def task_spec(task: TaskSpec, suite: Suite):
     """What lm-eval loads for a task: its name, or a config pointing at local data."""
     from tasks.sources import task_spec as spec
 
-    return spec(task.name, task.data or suite.data_dir, **(task.options or {}))
+    return spec(task.name, task.data or suite.data_dir, include_paths=suite.include_paths,
+                **(task.options or {}))
 
 
 def _reset_peak(device: str) -> None:
@@ -202,6 +203,7 @@ class GroupWorker:
         return dict(
             suite=self.suite.name, model=cell.model.name, method=v.method,
             variant=f"{cell.dtype} (reference)" if v.reference else v.label, reference=v.reference,
+            control=not v.reference and not v.cls.quantizes,
             scheme=cell.scheme, quant_config=cell.qcfg.to_dict(), task=cell.task.name,
             device=self.device_name(), dtype=cell.dtype, seed=self.suite.seed, versions=versions(),
             git=git_describe(), config_hash=cell.key, state_key=cell.state_key,

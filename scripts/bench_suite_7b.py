@@ -10,9 +10,11 @@ times the lm-eval bridge against plain Hugging Face ``generate`` on the same que
     PYTHONPATH=. python scripts/bench_suite_7b.py --arch llava-1.5-7b --tokenizer DIR \\
         --data-dir DIR --out $OUT                                  # GPU (docs/benchmarks/suite_7b.md)
     PYTHONPATH=. python scripts/bench_suite_7b.py --shape tiny --device cpu --limit 4 --calib 4 \\
-        --tokenizer ../shared/data/llama2_tokenizer --data-dir DIR --out /tmp/b   # smoke test
+        --tokenizer TOKDIR --data-dir DIR --out /tmp/b   # smoke test
 
-``--data-dir`` holds ``scienceqa_img/test.parquet`` (the HF schema); calibration draws from the
+``--tokenizer`` is a folder with the Llama-2 SentencePiece ``tokenizer.model`` (the tokenizer of
+LLaVA-1.5's Vicuna; MIT-licensed copy in llama2.c). ``--data-dir`` holds
+``scienceqa_img/test.parquet`` (the HF schema); calibration draws from the
 same rows (``--calib`` of them). Random weights generate to the token limit: the slow end of
 evaluation throughput. Writes ``suite_7b.json`` and the suite's records under ``--out``.
 """

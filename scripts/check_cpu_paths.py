@@ -3,7 +3,7 @@
 Float arithmetic on CPUs is not bit-reproducible across SIMD instruction sets and thread counts;
 this shows what another machine would compute. Each variant runs ``qvlm-bench run`` in a fresh
 process (``ATEN_CPU_CAPABILITY``, ``DNNL_MAX_CPU_ISA``, ``--threads``) into its own folder, then
-the cells (matched by ``config_hash``) are compared: accuracy and every per-question generation.
+the cells (matched by row: variant, scheme, task) are compared: accuracy and every per-question generation.
 
     python scripts/check_cpu_paths.py --out /tmp/paths -- --methods rtn,gptq --schemes w4a4
     python scripts/check_cpu_paths.py --out /tmp/paths --dtype fp32 -- ...   # what fp32 would do
@@ -48,8 +48,9 @@ def load(folder: Path) -> dict[str, dict]:
         r = json.loads(line)
         if r.get("status") == "ok":
             gens = [json.loads(s)["generation"] for s in (folder / r["samples_file"]).read_text().splitlines()]
-            recs[r["config_hash"]] = {"label": f"{r.get('variant')} {r['scheme']} {r['task']}",
-                                      "value": r["value"], "gens": gens}
+            label = f"{r.get('variant')} {r['scheme']} {r['task']}"
+            # matched by row, not config_hash: the hash covers the code, which may be edited between runs
+            recs[label] = {"label": label, "value": r["value"], "gens": gens}
     return recs
 
 

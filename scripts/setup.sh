@@ -13,4 +13,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+# The test oracle for AWQ (tests/test_awq.py): AutoAWQ 0.2.9 without its dependencies, whose pins
+# (transformers 4.x, triton) would replace ours; the two modules the test imports need only ours.
+.venv/bin/python -m pip install -q --no-deps "autoawq==0.2.9"
 echo "qvlm-bench installed in $(pwd)/.venv"

@@ -6,16 +6,15 @@ imports the scorers (tasks.metrics) and data resolution (tasks.sources) directly
 
 from __future__ import annotations
 
-from pathlib import Path
+from .index import TASKS_DIR, available_tasks
 
-TASKS_DIR = Path(__file__).resolve().parent
+__all__ = ["TASKS_DIR", "list_tasks"]
 
 
 def list_tasks() -> list[str]:
     """Names of the tasks defined by YAMLs under tasks/ (subfolders included), sorted.
 
-    One implementation serves the CLI and this package: a YAML scan that needs no lm-eval import.
+    One implementation (``tasks.index``) serves the CLI and this package: a YAML scan that needs
+    no lm-eval import.
     """
-    from harness.tasks_index import available_tasks
-
     return available_tasks()

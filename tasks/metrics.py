@@ -1,7 +1,7 @@
 """Answer parsing and scoring for the real tasks, reproducing the reference protocols.
 
 Why this file exists: published numbers are only comparable when parsing and scoring match the
-reference code character for character, quirks included (PROTOCOLS.md). Each function says
+reference code character for character, quirks included (docs/protocols.md). Each function says
 which reference it follows. The code is written for this project; only the facts (rules and
 lookup tables) come from the references.
 
@@ -27,7 +27,7 @@ _SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 def scienceqa_letter(prediction: str) -> str | None:
     """Parse a ScienceQA prediction into an option letter, or None when parsing fails.
 
-    Rules of LLaVA-1.5 ``llava/eval/eval_science_qa.py`` (the revision PROTOCOLS.md cites, whose
+    Rules of LLaVA-1.5 ``llava/eval/eval_science_qa.py`` (the revision docs/protocols.md cites, whose
     parser gives 71.64 on the published 13B outputs), applied in order:
       1. the prediction itself when it is one of "A".."E" (the default ``--options``);
       2. its first character when it has >= 3 characters, starts with one of "A".."E" and

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-TASKS_DIR = Path(__file__).resolve().parent
+from .index import TASKS_DIR, task_manager
 
 #: Options ``task_spec`` forwards to ``load_docs`` through the task's dataset_kwargs.
 SPEC_OPTIONS = ("split", "subset_size", "subset_seed", "stratify_by", "cache_dir")
@@ -80,18 +80,35 @@ def load_docs(
     path/name/split: the Hub dataset id, config and split (the default source).
     data_files: local parquet file(s) in the same schema; when given the Hub is not contacted.
     subset_size: None = the full split; else a seeded sample of that many rows, stratified by
-    the column `stratify_by` when given (e.g. VQAv2's answer_type).
+    the column `stratify_by` when given (e.g. VQAv2's answer_type), drawn from that column alone
+    before any image is read (``tasks.subset``: only the chosen rows' row groups are fetched).
     """
     import datasets
 
+    from . import subset
+
     try:
+        ds = None
+        files = None
         if data_files:
             files = [data_files] if isinstance(data_files, str) else list(data_files)
+        if subset_size is not None:  # read the chosen rows' images only, not the whole split
+            if files:
+                table, _ = subset.parquet_subset(files, int(subset_size), int(subset_seed), stratify_by)
+                ds = None if table is None else datasets.Dataset(datasets.table.InMemoryTable(table))
+            else:
+                ds = subset.hub_subset(path, name, split, int(subset_size), int(subset_seed),
+                                       stratify_by, cache_dir)
+            if ds is not None:
+                return datasets.DatasetDict({split: ds})
+        if files:
             ds = datasets.load_dataset(
                 "parquet", data_files={split: files}, split=split, cache_dir=cache_dir
             )
         else:
             ds = datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
+    except subset.SubsetColumnError:
+        raise
     except Exception as err:  # any failure to obtain the rows becomes one clear error
         source = f"local files {data_files}" if data_files else "the Hugging Face Hub"
         msg = (
@@ -100,9 +117,6 @@ def load_docs(
             f"{source} ({_first_line(err)}). {_hint(task_name, split)}"
         )
         raise DatasetUnavailableError(msg) from None
-    if subset_size is not None and subset_size < len(ds):
-        labels = ds[stratify_by] if stratify_by else [0] * len(ds)
-        ds = ds.select(stratified_indices(list(labels), int(subset_size), int(subset_seed)))
     return datasets.DatasetDict({split: ds})
 
 
@@ -143,18 +157,23 @@ def data_version(name: str) -> str | None:
     return None
 
 
-def task_config(name: str) -> dict[str, Any]:
-    """The full config of task `name` from its YAML under tasks/ (includes merged, functions resolved)."""
-    from lm_eval.tasks import TaskManager
+def task_config(name: str, include_paths: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """The full config of task `name` from its YAML (includes merged, functions resolved), found
+    under tasks/ or the extra lm-eval task folders ``include_paths``: the YAML that the same
+    folders' ``task_manager`` will load."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).task_index.get(name)
+    include_paths = [str(p) for p in include_paths]
+    entry = task_manager(include_paths).task_index.get(name)
     if entry is None or entry.yaml_path is None:
-        raise KeyError(f"No task {name!r} defined under {TASKS_DIR}")
+        where = ", ".join([str(TASKS_DIR), *include_paths])
+        raise KeyError(f"No task {name!r} defined under {where}; a task from another folder needs "
+                       "that folder in the suite's include_paths")
     return load_yaml(entry.yaml_path, resolve_func=True)
 
 
-def task_spec(name: str, data: str | None = None, **options: Any) -> str | dict:
+def task_spec(name: str, data: str | None = None, *, include_paths: Iterable[str | Path] = (),
+              **options: Any) -> str | dict:
     """What to hand to TaskManager.load / load_task_or_group / get_task_dict for task `name`.
 
     Returns the plain name when the YAML's own source applies (no data, no options); otherwise
@@ -167,10 +186,11 @@ def task_spec(name: str, data: str | None = None, **options: Any) -> str | dict:
     - options (for tasks loaded by ``load_docs``): SPEC_OPTIONS, e.g. ``subset_size=None`` for
       vqav2_val's full split, ``split="train"`` to evaluate (or calibrate on) another split.
       For a task with another ``custom_dataset``, options go to it as keyword arguments.
+    - ``include_paths``: the suite's extra task folders, where tasks not under tasks/ are found.
     """
     if data is None and not options:
         return name
-    cfg = task_config(name)
+    cfg = task_config(name, include_paths)
     kwargs = dict(cfg.get("dataset_kwargs") or {})
     ours = cfg.get("custom_dataset") is load_docs
     files = None

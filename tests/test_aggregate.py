@@ -1,62 +1,87 @@
-"""Averaging leaderboards over runs with different calibration seeds (harness.aggregate, `table A B`)."""
+"""One leaderboard over runs with different calibration seeds (harness.aggregate, `table A B`)."""
 
-import json
 import statistics
 
+import numpy as np
 import pytest
+from board_data import scores, write_run
+from scipy import stats as sps
 
-from harness.aggregate import aggregate, run_tables, write_aggregate
+from harness.aggregate import aggregate, read_runs, write_aggregate
 from harness.cli import main
+from harness.leaderboard import Run, build_board
 
-
-def _rec(method, scheme, task, value, seed):
-    return {"model": "m", "method": method, "scheme": scheme, "task": task, "metric": "accuracy",
-            "value": value, "status": "ok", "device": "cpu", "kernel": "simulated", "batch_size": 8,
-            "n": 10, "stderr": 1.0, "seed": seed}
-
-
-RUNS = {  # seed -> {(method, scheme): (task a, task b)}
-    0: {("fp16", "w16a16"): (80.0, 60.0), ("rtn", "w4a4"): (70.0, 50.0), ("awq", "w4a4"): (75.0, 55.0)},
-    1: {("fp16", "w16a16"): (80.0, 60.0), ("rtn", "w4a4"): (66.0, 52.0), ("awq", "w4a4"): (77.0, 51.0)},
-    2: {("fp16", "w16a16"): (80.0, 60.0), ("rtn", "w4a4"): (71.0, 47.0)},  # awq missing in this run
+N = 100
+BASE = {"a": scores(N, 80, seed=1), "b": scores(N, 60, seed=2)}
+LOST = {  # seed -> {(method, scheme): questions lost against the reference, per task}
+    0: {("rtn", "w4a4"): (10, 10), ("awq", "w4a4"): (5, 5)},
+    1: {("rtn", "w4a4"): (14, 8), ("awq", "w4a4"): (3, 9)},
+    2: {("rtn", "w4a4"): (9, 13)},  # awq missing in this run
 }
+
+
+def _lose(x, k):
+    y = x.copy()
+    y[np.flatnonzero(x)[:k]] = 0.0
+    return y
 
 
 @pytest.fixture
 def run_dirs(tmp_path):
     dirs = []
-    for seed, cells in RUNS.items():
-        d = tmp_path / f"seed{seed}"
-        d.mkdir()
-        recs = [_rec(m, s, t, v, seed) for (m, s), vals in cells.items() for t, v in zip("ab", vals)]
-        (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        dirs.append(d)
+    for seed, cells in LOST.items():
+        data = {("fp16", "w16a16", t): BASE[t] for t in "ab"}
+        for (m, s), lost in cells.items():
+            data.update({(m, s, t): _lose(BASE[t], k) for t, k in zip("ab", lost)})
+        dirs.append(write_run(tmp_path / f"seed{seed}", data, seed=seed))
     return dirs
 
 
-def test_mean_and_sd_per_cell_match_the_definitions(run_dirs):
-    agg = aggregate(run_tables(run_dirs))
-    rtn = agg.loc[("m", "rtn", "w4a4")]
-    a = [RUNS[s][("rtn", "w4a4")][0] for s in RUNS]
-    avgs = [sum(RUNS[s][("rtn", "w4a4")]) / 2 for s in RUNS]
-    assert rtn["a mean"] == pytest.approx(statistics.mean(a))
+def test_means_spread_and_intervals_over_seeds(run_dirs):
+    t = aggregate(run_dirs).table
+    rtn = t.loc[("m", "rtn", "w4a4")]
+    a = [80 - LOST[s][("rtn", "w4a4")][0] for s in LOST]
+    avgs = [(80 - LOST[s][("rtn", "w4a4")][0] + 60 - LOST[s][("rtn", "w4a4")][1]) / 2 for s in LOST]
+    assert rtn["a"] == pytest.approx(statistics.mean(a))
     assert rtn["a sd"] == pytest.approx(statistics.stdev(a))
-    assert rtn["Avg mean"] == pytest.approx(statistics.mean(avgs))
-    assert (rtn["Avg min"], rtn["Avg max"]) == (min(avgs), max(avgs))
-    assert rtn["Δ fp16 mean"] == pytest.approx(statistics.mean(avgs) - 70.0)  # fp16 Avg is 70 in every run
-    awq = agg.loc[("m", "awq", "w4a4")]
-    assert awq["a runs"] == 2 and awq["a mean"] == pytest.approx(76.0)
-    assert agg.loc[("m", "fp16", "w16a16")]["a sd"] == 0.0
+    assert rtn["Avg"] == pytest.approx(statistics.mean(avgs))
+    assert (rtn["Avg min"], rtn["Avg max"]) == pytest.approx((min(avgs), max(avgs)))
+    # the questions lost are a subset of the reference's correct answers, so each run's gap is
+    # question-for-question −1 or 0: the Δ interval is at least the seed-only t-interval wide
+    deltas = [v - 70.0 for v in avgs]
+    t_lo, t_hi = sps.t.interval(0.95, 2, loc=statistics.mean(deltas), scale=statistics.stdev(deltas) / np.sqrt(3))
+    assert rtn["Δ ref"] == pytest.approx(statistics.mean(deltas))
+    assert rtn["Δ ref lo"] <= t_lo and rtn["Δ ref hi"] >= t_hi
+    assert rtn["runs"] == 3
+    awq = t.loc[("m", "awq", "w4a4")]
+    assert awq["runs"] == 2 and awq["a"] == pytest.approx(80 - 4)
 
 
-def test_cli_writes_the_averaged_table(run_dirs, tmp_path, capsys):
+def test_the_reference_row_keeps_its_single_run_interval(run_dirs):
+    # fp16 does not depend on the calibration seed: averaging identical runs changes nothing
+    agg = aggregate(run_dirs).table.loc[("m", "fp16", "w16a16")]
+    one = build_board([read_runs(run_dirs[:2])[0]]).table.loc[("m", "fp16", "w16a16")]
+    for col in ("a", "b", "Avg"):
+        assert (agg[f"{col} lo"], agg[f"{col} hi"]) == pytest.approx((one[f"{col} lo"], one[f"{col} hi"]), abs=1e-9)
+    assert agg["Avg sd"] == 0.0
+
+
+def test_cli_writes_the_averaged_tables_page_and_plots(run_dirs, tmp_path):
     out = tmp_path / "agg"
     assert main(["table", *map(str, run_dirs), "--output", str(out)]) == 0
     md = (out / "leaderboard.md").read_text()
     row = next(line for line in md.splitlines() if "| rtn" in line)
-    assert "69.0 ± 2.6" in row  # task a: 70, 66, 71
-    assert "(2 runs)" in next(line for line in md.splitlines() if "| awq" in line)
-    assert "seed0 (seed [0])" in md and (out / "leaderboard.csv").is_file()
+    assert "69.0 [" in row  # task a: 70, 66, 71
+    assert "seed0 (seed [0])" in md and "Welch–Satterthwaite" in md
+    for name in ("leaderboard.csv", "leaderboard.html", "leaderboard.tex", "accuracy_by_scheme.png",
+                 "accuracy_by_scheme.svg"):
+        assert (out / name).is_file()
+
+
+def test_runs_with_the_same_seed_are_flagged(run_dirs, tmp_path):
+    twin = write_run(tmp_path / "twin", {("fp16", "w16a16", "a"): BASE["a"]}, seed=0)
+    board = aggregate([run_dirs[0], twin])
+    assert any("same seed" in n for n in board.notes)
 
 
 def test_bad_inputs_name_the_fix(run_dirs, tmp_path, capsys):
@@ -64,5 +89,8 @@ def test_bad_inputs_name_the_fix(run_dirs, tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least two runs"):
         write_aggregate([run_dirs[0]], tmp_path / "x")
+    with pytest.raises(ValueError, match="given twice"):
+        read_runs([run_dirs[0], run_dirs[0]])
     with pytest.raises(FileNotFoundError, match="no records"):
-        run_tables([run_dirs[0], tmp_path / "empty"])
+        read_runs([run_dirs[0], tmp_path / "empty"])
+    assert isinstance(read_runs(run_dirs[:2])[0], Run)

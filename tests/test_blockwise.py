@@ -9,13 +9,7 @@ from harness.quant.build import linear_from_weight, act_quantizer
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import applied
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: extra threads only add sync cost on a shared box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rtn_process(qcfg, seen):

@@ -1,8 +1,5 @@
 """GPTQ: the update against an independent float64 reference, error vs RTN, the method on the tiny model."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,19 +7,10 @@ from harness.quant.config import parse_scheme
 from harness.quant.quantizer import rtn_weight, dequantize_weight
 from harness.registry import available_methods, get_method
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_pairs  # noqa: E402
+from baselines.gptq import GPTQ, _shared_input_sets, gptq_quantize
+from conftest import assert_first_vision_ranges, output_error
 
-from baselines.gptq import GPTQ, _shared_input_sets, gptq_quantize  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync cost (12 ms a matmul on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- an independent reference: the OBS/OBQ form (Gaussian elimination of H⁻¹, one column at a time)
@@ -143,30 +131,6 @@ def test_shared_input_sets_llama(tiny_lm, tiny_calib):
     assert found[0] == [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]
 
 
-def _logits(model, batches):
-    with torch.no_grad():
-        return [model(**b, use_cache=False).logits for b in batches]
-
-
-def output_error(lm, state, batches):
-    """Mean squared error of the logits on real tokens, quantized vs float."""
-    from harness.quant.simulated import applied
-
-    ref = _logits(lm.model, batches)
-    with applied(lm.model, state):
-        got = _logits(lm.model, batches)
-    num = sum(((r - q) ** 2)[b["attention_mask"].bool()].sum() for r, q, b in zip(ref, got, batches))
-    den = sum(int(b["attention_mask"].sum()) for b in batches)
-    return float(num / den)
-
-
-@pytest.fixture()
-def heldout(tiny_lm):
-    from harness.calibration import encode_pairs
-
-    return list(encode_pairs(tiny_lm, make_pairs(16, seed=7), batch_size=8).inputs())
-
-
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a4"])
 def test_gptq_tiny_model_beats_rtn_and_leaves_model(tiny_lm, tiny_calib, heldout, scheme):
     qcfg = parse_scheme(scheme)
@@ -198,7 +162,7 @@ def test_gptq_all_parts_static_acts_and_roundtrip(tiny_lm, tiny_calib, tmp_path)
     assert all(lq.act.scale is None and lq.scale.shape[1] == lq.codes.shape[1] // 16
                for lq in state.linears.values())
     finalize_state(tiny_lm.model, state, qcfg, list(tiny_calib.inputs()), rule_for(qcfg))
-    assert all(lq.act.scale is not None for lq in state.linears.values())
+    assert_first_vision_ranges(tiny_lm, tiny_calib, state, bits=8)
     loaded = QuantState.load(state.save(tmp_path / "s"))
     n = next(iter(state.linears))
     assert torch.equal(loaded.linears[n].codes, state.linears[n].codes)

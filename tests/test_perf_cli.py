@@ -1,10 +1,10 @@
-"""``run_perf`` end to end on the tiny LLaVA on CPU: records carry the DESIGN.md keys."""
+"""``run_perf`` end to end on the tiny LLaVA on CPU: records carry the contract keys of docs/design.md."""
 
 import json
 
 from harness.perf.cli import main
 
-DESIGN_KEYS = {"suite", "model", "method", "scheme", "quant_config", "task", "metric", "value", "stderr",
+CONTRACT_KEYS = {"suite", "model", "method", "scheme", "quant_config", "task", "metric", "value", "stderr",
                "n", "n_empty", "n_unparsed", "latency", "memory", "kernel", "quantize_s", "eval_s",
                "device", "seed", "versions", "git", "config_hash", "status", "error", "proof"}
 
@@ -17,7 +17,7 @@ def test_perf_command_on_tiny_model(tiny_llava_path, tmp_path):
     assert rc == 0 and [(r["method"], r["scheme"]) for r in recs] == [
         ("fp16", "w16a16"), ("rtn", "w4a16"), ("rtn", "w8a8")]
     for r in recs:
-        assert DESIGN_KEYS <= set(r), DESIGN_KEYS - set(r)
+        assert CONTRACT_KEYS <= set(r), CONTRACT_KEYS - set(r)
         assert r["task"] is None and r["metric"] == "perf" and r["status"] == "ok"
         assert r["gate"]["passed"] and r["batch_size"] == 1 and r["workload"]["new_tokens"] == 3
     fp16, w4, w8 = recs

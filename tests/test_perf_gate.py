@@ -51,9 +51,9 @@ def test_engine_matches_simulated_model(tiny_lm, scheme):
     assert toks.shape == (2, 5) and toks[0].tolist() == ref.tokens == toks[1].tolist()
 
 
-def _rtn_reference(lm, scheme, new_tokens):
+def _rtn_reference(lm, scheme, new_tokens, text_tokens=12):
     """Workload, RTN state and the simulated model's reference run for ``scheme``."""
-    wl = make_workload(lm.model.config, text_tokens=12, new_tokens=new_tokens)
+    wl = make_workload(lm.model.config, text_tokens=text_tokens, new_tokens=new_tokens)
     ids, pix = wl.batch(1)
     state = rtn_state(lm.model, parse_scheme(scheme), "rtn")
     with torch.no_grad():
@@ -213,3 +213,101 @@ def test_rounding_tie_split_runs_on_the_engines_fused_layers(tiny_lm):
         # eager quantizers on both sides here: no mismatches, and kernel and state both exact
         assert split["quantizer"]["mismatches"] == 0 and split["quantizer"]["non_tie"] == 0
         assert split["kernel"] < 1e-5 and split["state"] < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["w4a4"])  # w8a8's int8 codes and GEMM: test_perf_fused/_kernels
+def test_fused_producers_feed_the_integer_kernels(tiny_lm, scheme, monkeypatch):
+    """W4A4 with the engine's fused quantizers and the Triton kernels (CPU interpreter): the engine
+    computes what the simulated model computes, and the producers pass their own check."""
+    from harness.perf import real
+    from harness.perf import triton_kernels as tk
+    from perf_helpers import triton_interpreter
+
+    triton_interpreter()
+    monkeypatch.setattr(real, "DECODE_MAX_ROWS", 4)  # a short prompt takes the prefill kernels
+    prev = tk.interpret_on_cpu(True)
+    try:
+        if True:
+            wl, state, ref = _rtn_reference(tiny_lm, scheme, new_tokens=2, text_tokens=4)
+
+            def make(path, lin):
+                return RealLinear.from_quant(state.linears[path], lin, device="cpu", dtype=tiny_lm.dtype, name=path)
+            eng = LlavaEngine(tiny_lm.model, build_blocks(tiny_lm.model, make))
+            eng.setup(*wl.batch(1), wl.new_tokens)
+            assert eng.fused
+            for m in eng.linears().values():
+                comp = m.int_compute()
+                m.choice = {"decode": f"triton-{m.fmt}-dot", "prefill": f"triton-{comp}-gemm"}
+            g = gate_mod.check(eng, ref, act_quant=True, policy="strict")
+            assert g["layerwise_max_rel_err"] < 1e-3 and g["e2e_rel_logit_err"] < 1e-3, g
+            assert g["e2e_tokens_match"]
+            p = gate_mod.check_producers(eng, ref)
+            assert p["passed"] and p["checks"], p
+            modes = {c["mode"] for c in p["checks"].values()}
+            assert modes == {"fake", "codes-fp8" if scheme == "w4a4" else "codes"}, modes
+    finally:
+        tk.interpret_on_cpu(prev)
+
+
+def test_trained_model_gate_runs_with_the_chosen_kernels(tiny_llava_path, tmp_path):
+    import json
+
+    from harness.perf.runner import run_perf
+
+    recs = run_perf(str(tiny_llava_path), schemes=["w4a16", "w8a8"], batches=[1], out=tmp_path,
+                    new_tokens=3, text_tokens=8, warmup=1, reps=1, gate_tokens=2, device="cpu",
+                    dtype="fp32", trained_gate="on", compile=False, graphs=False, log=lambda *a: None)
+    assert [r["scheme"] for r in recs] == ["w16a16", "w4a16", "w8a8"]
+    for r in recs:
+        t = r["gate"]["trained"]
+        assert t["ran"] and t["passed"] and t["model"] == "qvlm-tiny-llava", t
+        assert t["e2e_rel_logit_err"] < 1e-4 and t["tokens_sim"] == t["tokens_real"]
+        big = r["kernels"]["selection"]
+        assert set(t["kernels"].values()) <= {s["chosen"] for s in big}  # the same kernels
+    w8 = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[-1])
+    assert w8["dtype"] == "fp32" and w8["reference"] is False and recs[0]["reference"] is True
+
+
+def test_end_to_end_tolerance_follows_the_dtype_and_the_float_engine(monkeypatch):
+    """The issue's bf16 run: the float engine itself was 3.6e-2 from the bf16 simulated model (same
+    tokens), w4a16 5.0e-2; both failed a fixed 1e-2. The tolerance scales with the unit roundoff
+    (bf16: 2**-8 vs fp16's 2**-11) and admits 2x the same-dtype float engine's own error."""
+    assert gate_mod.e2e_tolerance(torch.float16) == pytest.approx(1e-2)
+    assert gate_mod.e2e_tolerance(torch.bfloat16) == pytest.approx(8e-2)
+    assert gate_mod.e2e_tolerance(torch.float32) == pytest.approx(1e-2)
+    assert gate_mod.e2e_tolerance(torch.float16, float_e2e=0.02) == pytest.approx(0.04)
+    monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
+    monkeypatch.setattr(gate_mod, "layerwise_errors", lambda e, r, p, *a: {"layers.0.o.prefill": 3e-3})
+    sim = torch.tensor([[0.0, 1.0, 0.5, -0.2]])
+    ref = gate_mod.SimReference(logits=sim, tokens=[1])
+
+    def engine(dtype, err):
+        class Eng:
+            batch = 1
+            model = None
+
+            def teacher_forced_logits(self, tokens):
+                d = torch.tensor([[0.3, -0.2, 0.1, -0.4]])
+                return (sim + err * sim.norm() * d / d.norm())[None]
+        Eng.dtype = dtype
+        return Eng()
+    assert not gate_mod.check(engine(torch.float16, 3.6e-2), ref, act_quant=False)["passed"]
+    g = gate_mod.check(engine(torch.bfloat16, 3.6e-2), ref, act_quant=False)
+    assert g["passed"] and g["e2e_tol"] == pytest.approx(8e-2)
+    assert g["e2e_rel_logit_err"] == pytest.approx(3.6e-2, rel=1e-4)
+    assert gate_mod.check(engine(torch.bfloat16, 5.0e-2), ref, act_quant=False, float_e2e=3.6e-2)["passed"]
+    assert not gate_mod.check(engine(torch.bfloat16, 9e-2), ref, act_quant=False, float_e2e=3.6e-2)["passed"]
+
+
+@pytest.mark.parametrize("policy,layer_ok,strict_ok,producers,trained,passed", [
+    ("auto", True, False, True, True, True),  # random-weight end to end recorded, not required
+    ("auto", True, True, True, False, False),  # the trained model decides
+    ("auto", False, False, True, True, False),
+    ("auto", True, True, False, True, False),  # a fused quantizer off beyond ties
+    ("strict", True, False, True, True, False),
+    ("strict", True, True, True, True, True),
+])
+def test_trained_gate_verdict(policy, layer_ok, strict_ok, producers, trained, passed):
+    g = {"policy": policy, "layerwise_ok": layer_ok, "strict_passed": strict_ok,
+         "producers": {"passed": producers}}
+    assert gate_mod.combine(g, {"ran": True, "passed": trained}) is passed

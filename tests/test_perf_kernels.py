@@ -1,21 +1,23 @@
-"""Real kernels against the simulated arithmetic on small layers (CPU paths; Triton via its interpreter)."""
-
-import importlib
-import os
+"""Real kernels against float64 arithmetic and the simulated layer on small layers: CPU paths,
+Triton kernels through the interpreter, torch's row-wise ``_scaled_mm`` (it runs on the CPU too),
+the layouts' exactness, and the layout choice."""
 
 import pytest
 import torch
 
-from harness.perf import real
-from harness.perf.real import RealLinear, rel_err, select_kernels
+from harness.perf import fused, real
+from harness.perf.fused import InputMode, Prepared
+from harness.perf.real import KERNELS, RealLinear, rel_err, select_kernels
 from harness.quant.quantizer import rtn_weight
-from harness.quant.simulated import build_fake_linear
+from harness.quant.simulated import build_fake_linear, quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
+from perf_helpers import rand_acts, triton_interpreter
 
 CASES = [  # (w_bits, act bits or None, group, w_sym)
     (4, None, None, False), (4, None, 32, False), (8, None, None, False), (6, None, None, True),
     (4, 4, None, False), (6, 6, None, False), (8, 8, None, False), (4, 8, None, True),
 ]
+IDS = [f"w{b}a{a or 16}-g{g}-{'sym' if s else 'asym'}" for b, a, g, s in CASES]
 
 
 def _layer(bits, abits, group, sym, seed=0, n=48, k=128):
@@ -28,7 +30,21 @@ def _layer(bits, abits, group, sym, seed=0, n=48, k=128):
     return lq, lin
 
 
-@pytest.mark.parametrize("bits,abits,group,sym", CASES)
+def _ref64(lq: LinearQuant, x: torch.Tensor) -> torch.Tensor:
+    """float64: the simulated layer's arithmetic without any rounding of its own."""
+    xq = quantize_activation(x, lq.act) if lq.act is not None else x
+    return xq.double() @ lq.dequantized().double().t()
+
+
+@pytest.fixture()
+def interp():
+    tk = triton_interpreter()
+    prev = tk.interpret_on_cpu(True)
+    yield tk
+    tk.interpret_on_cpu(prev)
+
+
+@pytest.mark.parametrize("bits,abits,group,sym", CASES, ids=IDS)
 def test_cpu_kernels_match_simulated(bits, abits, group, sym):
     lq, lin = _layer(bits, abits, group, sym)
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
@@ -38,9 +54,9 @@ def test_cpu_kernels_match_simulated(bits, abits, group, sym):
         with torch.no_grad():
             ref = fake(x)
             assert torch.allclose(rl.simulated(x), ref)
-            for name in rl.candidates(phase, "cpu"):
-                if name.startswith("triton"):
-                    continue
+            names = rl.candidates(phase, "cpu")
+            assert names and not any(n.startswith("triton") for n in names)  # no interpreter unless asked
+            for name in names:
                 assert rel_err(rl.run(name, x), ref) < 1e-5, name
 
 
@@ -57,44 +73,116 @@ def test_integer_paths_are_offered_where_exact():
     assert RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32).int_compute() is None
 
 
-def test_select_kernels_picks_a_passing_candidate():
-    layers = []
-    for seed in range(3):
-        lq, lin = _layer(8, 8, None, False, seed=seed)
-        layers.append(RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32))
-    recs = select_kernels(layers, "prefill", 40, dtype=torch.float32, reps=1)
-    assert len(recs) == 1
-    chosen = recs[0].chosen
-    assert all(layer.choice["prefill"] == chosen for layer in layers)
-    assert recs[0].candidates[chosen]["rel_err"] < 1e-5
+@pytest.mark.parametrize("bits,abits,group,sym", CASES, ids=IDS)
+def test_triton_kernels_under_interpreter(interp, bits, abits, group, sym):
+    lq, lin = _layer(bits, abits, group, sym)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    rl._dtype = torch.float16
+    seen = set()
+    for phase, rows in (("decode", 1), ("decode", 5), ("prefill", 70)):
+        x = rand_acts(rows, 128, rows)
+        want = _ref64(lq, x)
+        comp = rl.int_compute()
+        inputs = {"fake": Prepared("fake", quantize_activation(x, lq.act)) if lq.act else x}
+        if comp:
+            inputs["codes"] = fused.rows_q(x, lq.act, InputMode("codes", fp8=comp == "fp8", rowsum=rl.corr))
+        for name in rl.candidates(phase, "cpu"):
+            if not name.startswith("triton"):
+                continue
+            out = rl.run(name, inputs[KERNELS[name].input])
+            assert out.dtype == torch.float16 and rel_err(out, want) < 3e-3, name
+            seen.add(name)
+    fmt = "int4" if bits <= 4 else "int8"
+    assert f"triton-{fmt}-dot" in seen
+    if rl.int_compute():
+        assert f"triton-{rl.int_compute()}-gemm" in seen, seen  # the integer tensor-core GEMM ran
 
 
-def test_select_kernels_rejects_a_wrong_kernel(monkeypatch):
-    lq, lin = _layer(8, 8, None, False)
-    layer = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
+@pytest.mark.parametrize("abits,bits", [(4, 4), (8, 8), (6, 6)])
+def test_codes_kernels_take_the_fused_quantizers_codes(interp, abits, bits):
+    """The prefill path as the engine runs it: codes from the fused producer, scales in the epilogue."""
+    lq, lin = _layer(bits, abits, None, False, seed=3)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    x = rand_acts(40, 128, 11)
+    mode = InputMode("codes", fp8=rl.int_compute() == "fp8", rowsum=rl.corr)
+    p = fused.rows_q(x, lq.act, mode)
+    name = f"triton-{rl.int_compute()}-gemm"
+    assert rel_err(rl.run(name, p), _ref64(lq, x)) < 3e-3
+
+
+def test_scaled_mm_rowwise_on_fp8_weights():
+    """``torch._scaled_mm`` with per-token x per-channel scales (it has a CPU implementation)."""
+    lq, lin = _layer(4, 4, None, False, seed=5)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    w8 = rl._layout("fp8w")
+    assert w8.dtype == real.FP8 and torch.equal(w8.double(), lq.codes.double() - lq.zero.double())  # exact
+    x = rand_acts(24, 128, 12)
+    p = fused.emit_torch(x, lq.act, InputMode("codes", fp8=True))
+    out = rl.run("torch-scaled_mm-fp8w", p)
+    assert out.dtype == torch.float16 and rel_err(out, _ref64(lq, x)) < 3e-3
+
+
+def test_select_kernels_picks_and_rejects(interp, monkeypatch):
+    layers = [RealLinear.from_quant(*_layer(8, 8, None, False, seed=s), device="cpu", dtype=torch.float16)
+              for s in range(3)]
     orig = RealLinear.run
 
     def broken(self, kernel, x, prequantized=False):
         y = orig(self, kernel, x, prequantized)
-        return y * 1.1 if kernel == "torch-int_mm-int8" else y
+        return y * 1.1 if kernel == "triton-int8-dot" else y
     monkeypatch.setattr(RealLinear, "run", broken)
-    rec = select_kernels([layer], "prefill", 40, dtype=torch.float32, reps=1)[0]
-    assert "error" in rec.candidates["torch-int_mm-int8"]
-    assert rec.chosen == "simulated"
+    recs = select_kernels(layers, plan=[("decode", 2, 63.0), ("prefill", 40, 1.0)], dtype=torch.float16, reps=1)
+    assert len(recs) == 2 and {r.phase for r in recs} == {"decode", "prefill"}
+    dec = next(r for r in recs if r.phase == "decode")
+    assert "relative error" in dec.candidates["triton-int8-dot"]["error"]
+    assert dec.chosen != "triton-int8-dot" and dec.candidates[dec.chosen]["rel_err"] < 1e-2
+    assert all(layer.choice == {r.phase: r.chosen for r in recs} for layer in layers)
+    assert dec.quantizer["non_tie"] == 0 and dec.runs == 63.0
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-                    reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 with triton installed")
-@pytest.mark.parametrize("bits,abits,group,sym", CASES)
-def test_triton_kernels_under_interpreter(bits, abits, group, sym):
-    lq, lin = _layer(bits, abits, group, sym)
+class _Member:
+    def __init__(self):
+        self.choice = {}
+
+
+def _rec(phase, runs, **times):
+    rec = real.KernelRecord(phase=phase, rows=1, shape=(8, 8), chosen="", runs=runs)
+    for name, ms in times.items():
+        name = name.replace("_", "-")
+        rec.candidates[name] = {"ms": ms, "layout": KERNELS[name].layout}
+    return rec
+
+
+def test_layout_choice_minimises_the_workload_time():
+    # tinygemm: fastest decode, very slow prefill; ours: the other way round
+    def recs(decode_runs):
+        return {"decode": _rec("decode", decode_runs, **{"torch_int4pack": 1.0, "triton_int4_dot": 1.5}),
+                "prefill": _rec("prefill", 1.0, **{"torch_int4pack": 100.0, "triton_int4_dot": 4.0})}
+    plan = [("decode", 1, 127.0), ("prefill", 647, 1.0)]
+    members = [_Member(), _Member()]
+    r = recs(127.0)
+    real._choose_layout(members, r, plan, "sig")
+    assert r["decode"].layout == "ours" and members[1].choice == {"decode": "triton-int4-dot",
+                                                                  "prefill": "triton-int4-dot"}
+    assert r["decode"].layout_costs == pytest.approx({"tinygemm": 227.0, "ours": 194.5})
+    plan = [("decode", 1, 127.0), ("prefill", 647, 0.0)]  # objective: decode only
+    r = recs(127.0)
+    real._choose_layout(members, r, plan, "sig")
+    assert members[0].choice == {"decode": "torch-int4pack", "prefill": "torch-int4pack"}
+
+
+def test_finalize_keeps_one_layout_and_the_codes_on_the_host():
+    lq, lin = _layer(4, 4, None, False, seed=7)
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
-    for phase, rows in (("decode", 1), ("decode", 5), ("prefill", 70)):
-        x = torch.randn(rows, 128).half()
-        ref = rl.simulated(x.float())
-        for name in rl.candidates(phase, "cpu"):
-            if name.startswith("triton") and "fp8" not in name:  # no fp8 casts in the interpreter
-                assert rel_err(rl.run(name, x).float(), ref) < 2e-3, name
+    x = rand_acts(4, 128, 13)
+    before = rl.simulated(x)
+    rl.choice = {"decode": "torch-scaled_mm-fp8w", "prefill": "torch-scaled_mm-fp8w"}
+    rl.finalize_storage()
+    assert rl.wdata is None and rl.wdata_host is not None and set(rl.layouts) == {"fp8w"}
+    assert rl.weight_bytes() == 48 * 128 + 2 * 48 * 4  # e4m3 weights + scale + zero, no int4 copy
+    assert torch.equal(rl.simulated(x), before)  # the reference arithmetic still works
+    rl.restore_ours()
+    assert rl.wdata is not None and rl.wdata_host is None
 
 
 @pytest.mark.parametrize("group,expect", [(None, 256), (64, 64), (32, 32), (512, 256)])
@@ -116,37 +204,69 @@ def test_tinygemm_operands_encode_the_same_weights(group, expect):
     assert rel_err(w, rl.dequantized(torch.float64)) < 4e-3  # bf16 ranges: ~2**-9 each
 
 
-def test_tinygemm_only_for_weight_only_int4_on_cuda():
-    lq, lin = _layer(4, 4, None, False)
-    assert RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32).tinygemm_group() is None
-    lq, lin = _layer(8, None, None, False)
-    assert RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32).tinygemm_group() is None
-    lq, lin = _layer(4, None, None, False)
+def test_tinygemm_zero_point_exactness_decides_per_state():
+    from harness.perf.packing import unpack_int4
+
+    lq, lin = _layer(4, None, 128, True, k=1024)  # symmetric: z = 8, tinygemm's zero is 0
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
-    assert real.TINYGEMM not in rl.candidates("decode", "cpu", opt_in=[real.TINYGEMM])
-    # on CUDA only when asked for (it failed the end-to-end gate and slows prefill; see candidates)
-    assert real.TINYGEMM not in rl.candidates("decode", "cuda")
-    assert real.TINYGEMM in rl.candidates("decode", "cuda", opt_in=[real.TINYGEMM])
-    # naming it in --kernels adds it without restricting the other layers' kernels
-    recs = select_kernels([rl], "decode", 1, dtype=torch.float32, reps=1, only=[real.TINYGEMM])
-    assert recs[0].chosen == "dequant+torch"  # on CPU: the only other candidate, not filtered out
+    ok, bad = real.tinygemm_exact(rl.scale, rl.zero)
+    assert ok and bad == 0
+    swapped, sz = real.tinygemm_operands(rl.wdata, rl.scale, rl.zero, rl.group, 128)
+    q = unpack_int4(rl.wdata).double()
+    s = rl.scale.to(torch.bfloat16).double().repeat_interleave(128, dim=1)
+    w = (q - 8) * sz[..., 0].double().t().repeat_interleave(128, 1) + sz[..., 1].double().t().repeat_interleave(128, 1)
+    assert torch.equal(w, (q - rl.zero.double().repeat_interleave(128, 1)) * s)  # (q - z) * bf16(s), exactly
+    lq, lin = _layer(4, None, 128, False, k=1024)  # asymmetric groups: z spreads, (8 - z) * s rarely fits
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
+    ok, bad = real.tinygemm_exact(rl.scale, rl.zero)
+    assert not ok and bad > 0
+    assert "inexact" in rl.tinygemm_usable("cuda")
+    assert rl.tinygemm_usable("cpu") == "CUDA only"
+
+
+def test_candidates_by_device_and_state():
+    lq, lin = _layer(4, None, 128, True, k=1024)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    assert real.TINYGEMM not in rl.candidates("decode", "cpu")
+    assert real.TINYGEMM in rl.candidates("decode", "cuda")  # symmetric: exact
+    lq, lin = _layer(4, None, 128, False, k=1024)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    assert real.TINYGEMM not in rl.candidates("decode", "cuda")  # zero points inexact in bf16
+    lq, lin = _layer(4, 4, None, False)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    assert "torch-scaled_mm-fp8w" in rl.candidates("prefill", "cuda")
+    assert rl.candidates("prefill", "cpu") == ["simulated"]
+    for opt in real.OPT_IN_KERNELS:
+        if not opt.startswith("gemlite"):  # plain "gemlite" is a default for 4-bit codes
+            assert opt not in rl.candidates("decode", "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._weight_int4pack_mm runs on CUDA only")
-@pytest.mark.parametrize("group", [None, 128])
-def test_tinygemm_kernel_matches_simulated_and_keeps_one_layout(group):
-    lq, lin = _layer(4, None, group, False, n=256, k=1024)
+def test_tinygemm_kernel_matches_float64_and_keeps_one_layout():
+    lq, lin = _layer(4, None, 128, True, n=256, k=1024)
     rl = RealLinear.from_quant(lq, lin, device="cuda", dtype=torch.float16)
     x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
-    ref = rl.simulated(x)
-    assert rel_err(rl.run(real.TINYGEMM, x), ref) < 1e-2
-    recs = select_kernels([rl], "decode", 4, dtype=torch.float16, reps=2, only=[real.TINYGEMM])
-    assert recs[0].candidates[real.TINYGEMM]["rel_err"] < 1e-2
-    rl.choice["decode"] = real.TINYGEMM  # as if it had won
-    assert rl.candidates("prefill", "cuda") == [real.TINYGEMM]
-    select_kernels([rl], "prefill", 300, dtype=torch.float16, reps=2)
+    want = x.double() @ lq.dequantized().cuda().double().t()
+    assert rel_err(rl.run(real.TINYGEMM, x), want) < 1e-2
+    rl.choice = {"decode": real.TINYGEMM, "prefill": real.TINYGEMM}
     before = rl.weight_bytes()
     rl.finalize_storage()
-    assert rl.wdata is None and rl.fmt == "int4-tinygemm"
-    assert rl.weight_bytes() < 1.1 * before  # one layout, not two
-    assert rel_err(rl(x), ref) < 1e-2
+    assert rl.wdata is None and set(rl.layouts) == {"tinygemm"}
+    assert rl.weight_bytes() < 1.1 * before
+    assert rel_err(rl(x), want) < 1e-2
+
+
+def test_gemlite_borrows_the_nearest_tuned_shape():
+    from harness.perf.gemlite_kernels import borrow_configs
+
+    cfg = {"BLOCK_SIZE_N": 128}
+    cache = {"GEMM": {"(768, 4096, 4096, 128, 8, 104)": {"BLOCK_SIZE_N": 64},
+                      "(1024, 4096, 4096, 128, 8, 104)": {"BLOCK_SIZE_N": 32},
+                      "(768, 14336, 4096, 128, 8, 104)": cfg,
+                      "(768, 12288, 4096, 4096, 1, 408)": {"BLOCK_SIZE_N": 16}},  # another kind
+             "GEMV": {}}
+    got = borrow_configs(cache, 12288, 4096, 4096, 8, 104)
+    assert got == ["GEMM from (14336, 4096, 128)"]  # nearest N at K 4096; group 128 over others
+    assert cache["GEMM"]["(768, 12288, 4096, 4096, 8, 104)"] == cfg
+    assert "(1024, 12288, 4096, 4096, 8, 104)" not in cache["GEMM"]  # only the rows it was tuned at
+    assert borrow_configs(cache, 4096, 4096, 128, 8, 104) == []  # tuned already: nothing to borrow

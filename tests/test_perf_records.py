@@ -10,7 +10,8 @@ import torch
 from harness.perf.arch import arch_config, architectures
 from harness.perf.cli import add_perf_parser, main
 from harness.perf.measure import quantiles
-from harness.perf.records import append_record, leaderboard_frame, load_records, write_leaderboard
+from harness.perf.records import leaderboard_frame, load_records, write_perf_table
+from harness.records import append_record
 
 
 def _rec(method, scheme, decode, ttft, peak, kernel="k", status="ok", run="r1", batch=1, gate=True):
@@ -43,7 +44,7 @@ def test_leaderboard_ratios_against_fp16_of_the_same_run(tmp_path):
             _rec("fp16", "w16a16", 1.0, 1.0, 1, run="other", batch=8)]
     df = leaderboard_frame(recs)
     row = df[(df.scheme == "w4a16") & (df.batch == 1)].iloc[0]
-    assert row["decode ×"] == pytest.approx(4.0) and row["peak / fp16"] == pytest.approx(0.3)
+    assert row["decode ×"] == pytest.approx(4.0) and row["peak / base"] == pytest.approx(0.3)
     assert row["prefill ×"] == pytest.approx(39 / 29)
     failed = df[df.scheme == "w4a4"].iloc[0]
     assert failed["gate"] == "FAIL" and (failed["decode ×"] is None or failed["decode ×"] != failed["decode ×"])
@@ -52,7 +53,7 @@ def test_leaderboard_ratios_against_fp16_of_the_same_run(tmp_path):
     path = tmp_path / "records.jsonl"
     for r in recs:
         append_record(path, r)
-    text = write_leaderboard(path, tmp_path / "leaderboard.md", command="python -m harness.perf.cli x")
+    text = write_perf_table(path, tmp_path / "leaderboard.md", command="python -m harness.perf.cli x")
     assert "## m, batch 1" in text and "H100" in text and "python -m harness.perf.cli x" in text
 
 
@@ -116,3 +117,41 @@ def test_table_keeps_the_newest_measurement_per_variant_with_its_own_runs_fp16()
     assert w4a4["run"] == "a" and w4a4["decode ×"] == pytest.approx(2.0)  # against run a's fp16
     w4a16 = df[df.scheme == "w4a16"].iloc[0]
     assert w4a16["run"] == "b" and w4a16["decode ×"] == pytest.approx(3.0)
+
+
+def test_time_budget_gives_the_baseline_every_batch_and_the_rest_fair_shares(monkeypatch):
+    from harness.perf import runner
+
+    now = [1000.0]
+    monkeypatch.setattr(runner.time, "time", lambda: now[0])
+    b = runner.Budget(100.0, shares=5)  # baseline + 4 variants
+    now[0] += 40  # the baseline took 40 s of 100
+    assert b.allow(0, first_batch=False)  # its larger batches still run
+    b.reference_done()
+    # 60 s remain: variant 1 may start larger batches until 40 + 60 * 1/4 = 55 s, variant 4 until 100 s
+    now[0] = 1000 + 54
+    assert b.allow(1, False) and b.allow(4, False)
+    now[0] = 1000 + 56
+    assert not b.allow(1, False) and b.allow(1, True) and b.allow(2, False)
+    now[0] = 1000 + 101
+    assert not b.allow(3, True) and not b.allow(0, False)
+    assert runner.Budget(None, 3).allow(2, False)
+
+
+def test_table_keeps_each_cards_rows_in_its_own_section(tmp_path):
+    h100 = [{**_rec("fp16", "w16a16", 6.0, 30.0, 1000, run="a"), "timestamp": "2026-01-01"},
+            {**_rec("rtn", "w4a16", 4.0, 30.0, 400, run="a"), "timestamp": "2026-01-01"}]
+    h200 = [{**_rec("fp16", "w16a16", 4.5, 20.0, 1000, run="b"), "card": "H200", "timestamp": "2026-02-01"},
+            {**_rec("rtn", "w4a16", 3.0, 20.0, 300, run="b"), "card": "H200", "timestamp": "2026-02-01",
+             "dtype": "bf16", "reference": False},
+            {**_rec("fp16", "w16a16", 4.4, 20.0, 1000, run="b"), "card": "H200", "timestamp": "2026-02-01",
+             "dtype": "bf16", "reference": True}]
+    df = leaderboard_frame(h100 + h200)
+    assert len(df) == 5  # the H200 run does not replace the H100 rows
+    bf = df[(df.card == "H200") & (df.scheme == "w4a16")].iloc[0]
+    assert bf["dtype"] == "bf16" and bf["decode ×"] == pytest.approx(4.4 / 3.0)  # the bf16 baseline
+    path = tmp_path / "records.jsonl"
+    for r in h100 + h200:
+        append_record(path, r)
+    text = write_perf_table(path, tmp_path / "leaderboard.md")
+    assert text.index("# H200") < text.index("# H100 (earlier runs, kept for reference)")

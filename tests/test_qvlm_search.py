@@ -122,10 +122,24 @@ def test_groups_share_the_input_tensor(tiny_lm, tiny_calib):
 
 
 def test_per_tensor_activations(tiny_lm, tiny_calib):
+    """Q-VLM decides its own static ranges: layer 0's q/k/v range is the full range of their
+    (float) input over real tokens, shrunk by the clip ratio of the chosen percentile (1 at p = 1)."""
+    from conftest import linear_inputs, symmetric_static_scale
+    from harness.models.capture import layer_output
+
     qcfg = parse_scheme("w4a4", a_granularity="per_tensor")
-    inputs, res, _ = _search(tiny_lm, tiny_calib, qcfg, joint=True)
+    inputs, res, q_in = _search(tiny_lm, tiny_calib, qcfg, joint=True)
     for lq in res.entries.values():
-        assert lq.act.granularity == "per_tensor" and lq.act.scale is not None
+        assert lq.act.granularity == "per_tensor"
+    layer0 = inputs.layers[0]
+    seen = linear_inputs(layer0, ["self_attn.q_proj"],
+                         lambda: [layer_output(layer0, c.with_hidden(h)) for c, h in zip(inputs.calls, q_in)])
+    p_a = res.percentiles[0]["self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"]["a"]
+    for local in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        act = res.entries[f"0.{local}"].act
+        assert (act.clip_ratio == 1.0) == (p_a == 1.0) and act.clip_ratio <= 1.0
+        expected = symmetric_static_scale(seen["self_attn.q_proj"], 4, inputs.masks, clip=act.clip_ratio)
+        assert float(act.scale) == pytest.approx(expected, rel=1e-5)
     with applied(tiny_lm.model, _state(inputs, qcfg, res)) as h:
         tiny_lm.model(**next(tiny_calib.inputs()))
         assert h.act_quantizers_fired() == len(res.entries)

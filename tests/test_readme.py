@@ -4,7 +4,6 @@ under the default suite (static per-tensor ranges, which the engine fills for it
 import re
 from pathlib import Path
 
-from harness import registry
 from harness.config import load_suite
 from harness.quant.config import parse_scheme
 from harness.records import read_records
@@ -22,8 +21,7 @@ def _register_readme_method() -> type:
     return available_methods()["clipped-rtn"]
 
 
-def test_readme_method_example_runs_under_the_default_suite(tiny_lm, tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave no trace
+def test_readme_method_example_runs_under_the_default_suite(tiny_lm, tmp_path, isolated_registry):
     cls = _register_readme_method()
     state = cls().quantize(tiny_lm, parse_scheme("w4a4"), None)
     assert state.proof()["quantized_linears"] == 14 and state.proof()["max_codes_per_row"] <= 16

@@ -161,7 +161,7 @@ def test_split_option_and_tasks_with_their_own_rows(tmp_path, monkeypatch):
 
     fake = {"task": "own_rows_task", "custom_dataset": own_rows, "test_split": "test",
             "dataset_kwargs": {"n": 5}}
-    monkeypatch.setattr(sources, "task_config", lambda name: dict(fake, dataset_kwargs={"n": 5}))
+    monkeypatch.setattr(sources, "task_config", lambda name, include_paths=(): dict(fake, dataset_kwargs={"n": 5}))
     assert task_spec("own_rows_task", str(tmp_path)) == "own_rows_task"
     assert task_spec("own_rows_task", str(tmp_path), n=7)["dataset_kwargs"] == {"n": 7}
     (tmp_path / "own_rows_task").mkdir()

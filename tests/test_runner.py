@@ -59,7 +59,7 @@ def test_suite_runs_writes_records_and_leaderboard_then_resumes(tiny_llava_path,
     assert len(read_records(tmp_path / "records.jsonl")) == 3
     assert main(["table", str(tmp_path)]) == 0
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "| rtn" in md and "Δ fp16" in md
+    assert "| rtn" in md and "Δ ref" in md
     assert "\\toprule" in (tmp_path / "leaderboard.tex").read_text()
     assert "<table" in (tmp_path / "leaderboard.html").read_text()
     csv = (tmp_path / "leaderboard.csv").read_text()
@@ -74,7 +74,7 @@ class Exploding(Method):
         raise RuntimeError("boom at " + qcfg.scheme)
 
 
-def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include, tmp_path):
+def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include, tmp_path, isolated_registry):
     register_method(Exploding)
     suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path,
                                    methods=["test-exploding", "rtn"], schemes=["w4a4"]))
@@ -86,7 +86,8 @@ def test_failing_cell_is_recorded_and_suite_goes_on(tiny_llava_path, toy_include
     assert run_suite(suite, show_progress=False).skipped == 1
 
 
-def test_failed_cells_print_their_error_on_the_console(tiny_llava_path, toy_include, tmp_path, capsys):
+def test_failed_cells_print_their_error_on_the_console(tiny_llava_path, toy_include, tmp_path, capsys,
+                                                       isolated_registry):
     register_method(Exploding)
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite_dict(tiny_llava_path, toy_include, tmp_path / "out",
@@ -97,9 +98,9 @@ def test_failed_cells_print_their_error_on_the_console(tiny_llava_path, toy_incl
     assert "test-exploding / w4a4 / toy_colors: quantize: RuntimeError: boom at w4a4" in err
 
 
-def test_a_broken_method_module_is_listed_and_the_rest_still_work(tmp_path, monkeypatch, capsys):
-    from harness import registry
-
+def test_a_broken_method_module_is_listed_and_the_rest_still_work(tmp_path, monkeypatch, capsys,
+                                                                 isolated_registry):
+    registry = isolated_registry
     pkg = tmp_path / "plugins"
     (pkg / "pluginpkg").mkdir(parents=True)
     (pkg / "pluginpkg" / "__init__.py").write_text("")
@@ -118,8 +119,6 @@ def test_a_broken_method_module_is_listed_and_the_rest_still_work(tmp_path, monk
     (pkg / "pluginpkg" / "broken.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(pkg))
     monkeypatch.setattr(registry, "IN_TREE_PACKAGES", registry.IN_TREE_PACKAGES + ("pluginpkg",))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_BROKEN", {})
     registry.discover(refresh=True)
     assert "plugin-good" in registry.available_methods() and "rtn" in registry.available_methods()
     assert "No module named 'no_such_dependency_xyz'" in registry.broken_methods()["pluginpkg.broken"]
@@ -130,7 +129,8 @@ def test_a_broken_method_module_is_listed_and_the_rest_still_work(tmp_path, monk
         registry.get_method("plugin-broken")
 
 
-def test_method_from_an_entry_point_runs_in_a_suite(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+def test_method_from_an_entry_point_runs_in_a_suite(tiny_llava_path, toy_include, tmp_path, monkeypatch,
+                                                     isolated_registry):
     pkg = tmp_path / "site"
     (pkg / "extmethod").mkdir(parents=True)
     (pkg / "extmethod" / "__init__.py").write_text(textwrap.dedent('''
@@ -320,7 +320,8 @@ def test_changed_method_default_recomputes_its_cells(tiny_llava_path, toy_includ
     assert [r["method_options"]["percdamp"] for r in recs if r["method"] == "gptq"] == [0.01, 0.02]
 
 
-def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy_include, tmp_path, monkeypatch):
+def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy_include, tmp_path, monkeypatch,
+                                                            isolated_registry):
     """Editing a method's source changes its code digest, which keys both its records and its
     cached quantization states: the next run recomputes that method's cells (and only those)."""
     import importlib
@@ -338,9 +339,6 @@ def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy
             SCALE = {scale}
     """)
     src.write_text(body.format(scale=1))
-    from harness import registry
-
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the test method leaves with the test
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.import_module("edited_method_plugin")
     assert method_source_files(available_methods()["rtn-edited-test"]) == [src]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..quant.config import PARTS
+from .parts import PARTS, part_of
 
 
 def _module_list(model: nn.Module, must_contain: str) -> tuple[str, nn.ModuleList]:
@@ -29,19 +29,6 @@ def language_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def vision_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(path, layers)`` of the vision encoder's transformer layers."""
     return _module_list(model, "vision_tower")
-
-
-def part_of(name: str) -> str | None:
-    """Which quantizable part a linear layer's path belongs to (None: not quantizable)."""
-    if "vision_tower" in name:
-        return "vision"
-    if "multi_modal_projector" in name:
-        return "projector"
-    if "language_model" in name:
-        return "language"
-    if name.split(".")[-1] == "lm_head":
-        return "lm_head"
-    return None
 
 
 def select_linears(model: nn.Module, parts: tuple[str, ...] | list[str]) -> dict[str, nn.Linear]:

@@ -54,12 +54,21 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
                    help="correctness gate policy (docs/benchmarks/perf.md)")
     p.add_argument("--gate-tokens", type=int, default=8, help="greedy tokens compared by the gate")
     p.add_argument("--kernels", type=_csv, default=None,
-                   help="restrict kernel candidates by name prefix (experiments); torch-int4pack "
-                        "instead adds torch's tinygemm W4A16 kernel (opt-in, bf16: see docs/benchmarks/perf.md)")
+                   help="restrict kernel candidates by name prefix (experiments); names of opt-in kernels "
+                        "(triton-int4-gemv, triton-int4-gemv2, triton-int8-gemv2, torch-int_mm-int8) add "
+                        "them instead (docs/benchmarks/perf.md)")
+    p.add_argument("--objective", choices=["generate", "decode"], default="generate",
+                   help="choose each layer's weight layout by the time of the whole workload (default) "
+                        "or by decode time alone")
+    p.add_argument("--trained-gate", choices=["auto", "on", "off"], default="auto",
+                   help="also gate every variant end to end on the bundled trained model with the same "
+                        "kernels (auto: on CUDA only)")
     p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="fp16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="auto: fp16, plus a bf16 pass (with a bf16 baseline) for variants whose best "
+                        "kernel needs bf16; fp32 on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/perf", help="folder for records.jsonl and leaderboard.md")
     p.add_argument("--suite", default="perf")
@@ -74,12 +83,12 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from .records import write_leaderboard
+    from .records import write_perf_table
 
     out = Path(args.out)
     command = "python -m harness.perf.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.leaderboard_only:
-        print(write_leaderboard(out / "records.jsonl", out / "leaderboard.md"))
+        print(write_perf_table(out / "records.jsonl", out / "leaderboard.md"))
         return 0
     if not args.model:
         print("qvlm-bench perf: --model is required (an architecture name such as llava-1.5-7b, "
@@ -95,9 +104,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
                         gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
                         graphs=not args.no_graphs, device=args.device, dtype=args.dtype,
                         seed=args.seed, overrides=dict(args.override),
-                        time_budget_s=args.time_budget, kernels=args.kernels, leaderboard=False)
+                        time_budget_s=args.time_budget, kernels=args.kernels, objective=args.objective,
+                        trained_gate=args.trained_gate, leaderboard=False)
         failed += sum(r["status"] != "ok" for r in recs)
-    text = write_leaderboard(out / "records.jsonl", out / "leaderboard.md", command=command)
+    text = write_perf_table(out / "records.jsonl", out / "leaderboard.md", command=command)
     print(text)
     return 1 if failed else 0
 

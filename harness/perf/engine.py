@@ -8,6 +8,9 @@ transformers so that it is the same, compile-friendly code for every variant, fp
 * the KV cache is static (``[batch, kv_heads, prompt + new_tokens, head_dim]`` per layer);
 * the glue between the matrix products (residual add + RMSNorm, rotary, SiLU-gate) is compiled
   with inductor (``torch.compile``, dynamic shapes, one compile shared by all layers);
+* where a layer's chosen kernel takes quantized activations (W4A4/W6A6/W8A8), the op producing
+  its input quantizes in the same kernel (``fused``: add+RMSNorm, SiLU*mul, the attention output
+  read through its transpose) and hands over fake-quantized values or FP8/INT8 codes + scales;
 * the vision encoder + projector, the language prefill and one decode step are each captured as
   a CUDA graph and replayed, so per-token decode time is GPU time, not Python launch time.
 
@@ -23,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.layers import language_layers
+from . import fused
+from . import real as real_mod
 
 # ---------------------------------------------------------------------------- glue (compiled)
 
@@ -113,6 +118,10 @@ class LlavaEngine:
             self.glue = {k: torch.compile(v, dynamic=True) for k, v in GLUE.items()}
             self.compiled = True
         self.use_graphs = graphs and self.device.type == "cuda"
+        # fused producers of quantized activations: wherever a layer quantizes its input and the
+        # Triton kernels run here (else each layer quantizes its own input, as the simulated model)
+        self.fused = fused.use_triton(self.device) and any(
+            getattr(m, "act", None) is not None for m in self.linears().values())
         self.graph_notes: list[str] = []
         self.batch = None
 
@@ -175,12 +184,11 @@ class LlavaEngine:
             cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
         cos, sin = cos[:, None, :], sin[:, None, :]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        # the layers pick their kernel by row count (RealLinear.forward); the producers must agree
+        phase = "decode" if rows <= real_mod.DECODE_MAX_ROWS else "prefill"
         delta = None
         for i, blk in enumerate(self.blocks):
-            if delta is None:
-                h = g["rms_norm"](res, blk.ln1, self.eps)
-            else:
-                res, h = g["add_rms_norm"](res, delta, blk.ln1, self.eps)
+            res, h = self._norm_into(res, delta, blk.ln1, blk.qkv, phase)
             qkv = blk.qkv(h)
             q = qkv[:, : H * D].view(rows, H, D)
             k = qkv[:, H * D: (H + KV) * D].view(rows, KV, D)
@@ -198,12 +206,35 @@ class LlavaEngine:
                 self.k_cache[i][:, :, :T].copy_(k)
                 self.v_cache[i][:, :, :T].copy_(v)
                 att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
-            att = att.transpose(1, 2).reshape(rows, H * D)
-            o = blk.o(att)
-            res, h = g["add_rms_norm"](res, o, blk.ln2, self.eps)
-            delta = blk.down(g["silu_mul"](blk.gate_up(h)))
+            mode = self._mode(blk.o, phase)
+            if mode.kind == "float":
+                o = blk.o(att.transpose(1, 2).reshape(rows, H * D))
+            else:
+                o = blk.o(fused.rows_q(att.transpose(1, 2), blk.o.act, mode))
+            res, h = self._norm_into(res, o, blk.ln2, blk.gate_up, phase)
+            gu = blk.gate_up(h)
+            mode = self._mode(blk.down, phase)
+            if mode.kind == "float":
+                delta = blk.down(g["silu_mul"](gu))
+            else:
+                delta = blk.down(fused.silu_mul_q(gu, blk.down.act, mode))
         res = res + delta
         return g["rms_norm"](res, self.lang.norm.weight, self.eps)
+
+    def _mode(self, layer, phase: str) -> fused.InputMode:
+        if not self.fused or not hasattr(layer, "input_mode"):
+            return fused.FLOAT_INPUT
+        return layer.input_mode(phase)
+
+    def _norm_into(self, res, delta, w, layer, phase: str):
+        """``(res + delta, rms_norm(...) * w)`` as ``layer``'s kernel takes it (delta None: no add)."""
+        mode = self._mode(layer, phase)
+        g = self.glue
+        if mode.kind == "float":
+            if delta is None:
+                return res, g["rms_norm"](res, w, self.eps)
+            return g["add_rms_norm"](res, delta, w, self.eps)
+        return fused.add_rms_norm_q(res, delta, w, self.eps, layer.act, mode)
 
     def _vision(self) -> None:
         feats = self.image_features(self.pixel_values)

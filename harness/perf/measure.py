@@ -91,8 +91,9 @@ def time_generate(engine, *, warmup: int = 5, reps: int = 20) -> dict:
     }
 
 
-def peak_memory(engine) -> dict:
-    """``max_memory_allocated`` over one generate after a reset (graph pools and cache included)."""
+def peak_memory(engine, exclude_bytes: int = 0) -> dict:
+    """``max_memory_allocated`` over one generate after a reset (graph pools and cache included),
+    less ``exclude_bytes`` held on the device for other purposes (allocations add up exactly)."""
     if not str(engine.device).startswith("cuda"):
         return {"peak_bytes": None, "resident_bytes": None}
     torch.cuda.synchronize()
@@ -100,7 +101,8 @@ def peak_memory(engine) -> dict:
     resident = torch.cuda.memory_allocated()
     engine.generate()
     torch.cuda.synchronize()
-    return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "resident_bytes": int(resident)}
+    return {"peak_bytes": int(torch.cuda.max_memory_allocated()) - int(exclude_bytes),
+            "resident_bytes": int(resident) - int(exclude_bytes), "excluded_bytes": int(exclude_bytes)}
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float | None:

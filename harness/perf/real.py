@@ -1,24 +1,27 @@
-"""Real-kernel linear layers built from a ``LinearQuant``, with the kernel chosen per phase.
+"""Real-kernel linear layers built from a ``LinearQuant``, with the kernel chosen per shape and phase.
 
-``RealLinear`` keeps the weights in their deployed form (int4 packed two a byte, or int8 bytes, or
-fp16 for the float reference) and computes with one of several kernels:
+``RealLinear`` holds a layer's weights in one or more deployed *layouts* and computes with a named
+kernel (``KERNELS`` says which layout and which input each one takes):
 
-decode (a few rows, weight-bandwidth bound)
-    ``triton-int4-gemv`` / ``triton-int4-dot`` / ``triton-int8-*``: fused dequant matmul (fp16 math,
-    same dequantized weights as the simulated model). With an activation quantizer the input is
-    first fake-quantized per token on the GPU, exactly as the simulated model does.
-prefill (hundreds of rows, compute bound)
-    with activation quantization and per-channel weights: ``triton-fp8-gemm`` (FP8 e4m3 tensor
-    cores; 4-bit codes are exact in e4m3) or ``triton-int8-gemm`` (INT8 tensor cores), activation
-    codes made per token on the GPU, scales in the epilogue; or the torch equivalents
-    ``torch-scaled_mm-fp8`` / ``torch-int_mm-int8`` (+ a separate epilogue);
-    weight-only: ``triton-int4-dot`` (fused dequant GEMM) or ``dequant-fp16+cublas``.
-everything float: ``cublas-fp16``.
+``ours``      int4 packed two a byte, or one signed byte a code (``packing``): our Triton kernels
+              (fused-dequant ``-dot``/``-gemv``; FP8/INT8 tensor-core GEMMs with the scales in the
+              epilogue), ``dequant+cublas``, and ``simulated`` (the simulated arithmetic itself)
+``tinygemm``  torch's ``_weight_int4pack_mm`` (W4, bf16 activations, groups of 32..256)
+``gemlite``   gemlite's packing: its GEMV / split-K / GEMM kernels (``gemlite``) and, for per-channel
+              4-bit weights with 4-bit activation codes, its FP8 GEMM (``gemlite-fp8``)
+``fp8w``      ``q - z`` of per-channel 4-bit weights as FP8 e4m3 (exact): ``torch._scaled_mm`` with
+              row-wise scales (per-token activation scale x per-channel weight scale in the epilogue)
+``float``     the float weight: cuBLAS
 
-Where no real kernel fits (activation quantization with grouped weights, asymmetric 8-bit
-activations) the phase runs the simulated arithmetic and is labelled ``simulated``.
-The choice among candidates is made by ``select_kernels``: each candidate is checked against the
-simulated arithmetic on random inputs and timed; the fastest that passes wins.
+Inputs: ``float`` (the layer's own activation quantizer runs first, if it has one), ``fake``
+(quantize-dequantized values, as the simulated model feeds its matmul) or ``codes`` (integer
+codes + per-token scales). In the engine the producer of the activation emits what the chosen
+kernel takes (``fused``); given a plain tensor, the layer quantizes it itself.
+
+``select_kernels`` checks every candidate against the simulated arithmetic on random inputs,
+times it (CUDA-graph replay cycling over layers of the shape, so weights come from memory), and
+then picks the layout whose best kernels minimise the workload's time (``plan``: phases, rows
+and how often each runs per generate) -- one layout per layer, so the weights are held once.
 """
 
 from __future__ import annotations
@@ -34,21 +37,51 @@ from torch.nn import functional as F
 from ..quant.quantizer import qparams
 from ..quant.simulated import quantize_activation
 from ..quant.state import ActQuant, LinearQuant
+from . import fused
+from . import gemlite_kernels as glk
 from . import triton_kernels as tk
-from .packing import pack_int4, storage_format, to_int8_storage
+from .fused import FLOAT_INPUT, InputMode, Prepared
+from .packing import from_int8_storage, pack_int4, storage_format, to_int8_storage, unpack_int4
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 DECODE_MAX_ROWS = 64  # inputs with at most this many rows use the decode kernels
 TINYGEMM = "torch-int4pack"  # torch._weight_int4pack_mm (tinygemm): bf16 activations, int4 weights
 TINYGEMM_INNER_K_TILES = 8
-OPT_IN_KERNELS = (TINYGEMM,)  # offered only when named in ``--kernels`` (see RealLinear.candidates)
 KERNEL_TOL = 1e-2  # relative error of a kernel against the simulated arithmetic on random inputs
+CYCLE = 8  # layers of a shape cycled through when timing (more weight bytes than the L2 cache)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    layout: str
+    input: str  # float | fake | codes
+    codes: str | None = None  # fp8 | int8 for codes input
+
+
+KERNELS = {
+    "cublas": Kernel("float", "float"), "torch-float": Kernel("float", "float"),
+    "simulated": Kernel("ours", "fake"), "dequant+cublas": Kernel("ours", "fake"),
+    "dequant+torch": Kernel("ours", "fake"),
+    **{f"triton-{f}-{k}": Kernel("ours", "fake") for f in ("int4", "int8") for k in ("dot", "gemv", "gemv2")},
+    TINYGEMM: Kernel("tinygemm", "fake"),
+    "gemlite": Kernel("gemlite", "fake"), "gemlite-fp8": Kernel("gemlite", "codes", "fp8"),
+    "triton-fp8-gemm": Kernel("ours", "codes", "fp8"), "triton-int8-gemm": Kernel("ours", "codes", "int8"),
+    "torch-scaled_mm-fp8w": Kernel("fp8w", "codes", "fp8"),
+    "torch-scaled_mm-fp8w-fastacc": Kernel("fp8w", "codes", "fp8"),
+    "torch-int_mm-int8": Kernel("ours", "codes", "int8"),
+}
+# offered only when named in ``--kernels``: never fastest on H100/H200 7B and 13B shapes
+# (docs/benchmarks/perf.md), and each costs compile time in a perf run
+# "gemlite" names gemlite for 5..8-bit codes too (4-bit: default): gemlite ships no tuned
+# configurations for 8-bit codes with fp16 activations, so it would autotune every shape
+OPT_IN_KERNELS = ("triton-int4-gemv", "triton-int4-gemv2", "triton-int8-gemv2", "torch-int_mm-int8",
+                  "gemlite")
 
 _COMPILE = {"on": False}
 
 
 def set_compile(on: bool) -> None:
-    """Compile the small torch helpers (activation quantizers, epilogues) with inductor."""
+    """Compile the small torch helpers (dequantization, epilogues) with inductor."""
     _COMPILE["on"] = bool(on)
     _compiled_cache.clear()
 
@@ -73,36 +106,15 @@ def act_int_bounds(act: ActQuant) -> tuple[int, int]:
     return -(2 ** act.bits - 1), 2 ** act.bits - 1
 
 
-def _act_codes_impl(x: torch.Tensor, bits: int, sym: bool, clip: float, per_token: bool,
-                    scale_t: torch.Tensor | None, zero_t: torch.Tensor | None, to_fp8: bool,
-                    want_rowsum: bool):
-    if per_token:
-        scale, zero = qparams(x, bits, sym, clip, dim=-1)
-    else:
-        scale, zero = scale_t, zero_t
-    q = torch.round(x.float() / scale) + zero
-    q = q.clamp(0, 2 ** bits - 1) - zero
-    codes = q.to(FP8) if to_fp8 else q.to(torch.int8)
-    sa = scale.float().expand(x.shape[0], 1).reshape(-1).contiguous()
-    rowsum = q.sum(dim=-1).to(torch.int32) if want_rowsum else None
-    return codes, sa, rowsum
-
-
-def act_codes(x: torch.Tensor, act: ActQuant, to_fp8: bool, want_rowsum: bool = False):
-    """Integer activation codes ``q - z`` (fp8 or int8) of ``x [M, K]``, row scales ``[M]``, row sums."""
-    per_token = act.granularity == "per_token"
-    st = None if per_token else act.scale.to(x.device).float().reshape(1, 1)
-    zt = None if per_token else act.zero.to(x.device).float().reshape(1, 1)
-    return _maybe_compiled(_act_codes_impl)(x, act.bits, act.sym, float(act.clip_ratio), per_token,
-                                            st, zt, to_fp8, want_rowsum)
-
-
 def _act_fake_impl(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     return quantize_activation(x, act)
 
 
 def act_fake(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
-    """The simulated model's activation quantizer, on the GPU (compiled when enabled)."""
+    """The engine's activation quantizer on a plain tensor: the fused Triton quantizer where it
+    runs, else the simulated model's (compiled when enabled)."""
+    if fused.use_triton(x.device):
+        return fused.rows_q(x, act, InputMode("fake")).x
     return _maybe_compiled(_act_fake_impl)(x, act)
 
 
@@ -113,13 +125,12 @@ def quantizer_ties(x: torch.Tensor, act: ActQuant, engine_quantizer=None) -> dic
     """Where the engine's activation quantizer and the simulated model's disagree, and whether
     every disagreement is a rounding tie.
 
-    The engine quantizes with a compiled kernel, the simulated model in eager PyTorch; both compute
-    ``round(x / scale)`` in float32, but a compiler may form the scale or the quotient one ulp apart.
-    That matters only where the exact quotient is a half-integer, which fp16 activations make
-    common: ``7 x / amax`` of two fp16 numbers is exactly k + 1/2 about once per 5120-wide row at
-    4 bits, and one such code moved by a step is ~1e-2 relative error on a layer's output. A
-    disagreement anywhere else (not within ``TIE_WIDTH`` of a half step, or more than one step) is
-    a real difference and is counted in ``non_tie``.
+    Both compute ``round(x / scale)`` in float32, but a compiler may form the scale or the quotient
+    one ulp apart. That matters only where the exact quotient is a half-integer, which fp16
+    activations make common: ``7 x / amax`` of two fp16 numbers is exactly k + 1/2 about once per
+    5120-wide row at 4 bits, and one such code moved by a step is ~1e-2 relative error on a
+    layer's output. A disagreement anywhere else (not within ``TIE_WIDTH`` of a half step, or more
+    than one step) is a real difference and is counted in ``non_tie``.
     """
     engine_quantizer = engine_quantizer or act_fake
     ref = quantize_activation(x, act).double()
@@ -163,6 +174,7 @@ def _unpack_to_impl(packed: torch.Tensor, zero: torch.Tensor, to_fp8: bool) -> t
 
 
 def unpack_to(packed, zero, to_fp8):
+    """``code - zero`` of int4-packed weights as exact integer operands (FP8 e4m3 or int8)."""
     return _maybe_compiled(_unpack_to_impl)(packed, zero, to_fp8)
 
 
@@ -177,21 +189,35 @@ def _dequant_impl(wdata, scale, zero, packed: bool, dtype):
     return w.view(n, k).to(dtype)
 
 
-# ---------------------------------------------------------------------------- the layer
+# ---------------------------------------------------------------------------- tinygemm layout
 
 def tinygemm_operands(wdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, g: int):
     """Our int4 packing and ranges as tinygemm's inputs, before its tiling.
 
     Returns uint8 ``[N, K/2]`` with the even code of each byte in the high nibble, and bf16
-    ``scales_and_zeros [K/g, N, 2]`` such that ``(q - 8) * scale + zero == (q - z) * s``.
+    ``scales_and_zeros [K/g, N, 2]``: tinygemm dequantizes ``(q - 8) * scale + zero``; with
+    ``scale = bf16(s)`` and ``zero = (8 - z) * scale`` that is ``(q - z) * bf16(s)`` whenever
+    ``zero`` is exact in bf16 (``tinygemm_exact``).
     """
     swapped = (((wdata & 0x0F) << 4) | (wdata >> 4)).contiguous()
     rep = group // g
-    s = scale.float().repeat_interleave(rep, dim=1)
-    z = zero.float().repeat_interleave(rep, dim=1)
+    s = scale.to(torch.bfloat16).double().repeat_interleave(rep, dim=1)
+    z = zero.double().repeat_interleave(rep, dim=1)
     sz = torch.stack([s.t(), ((8 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
     return swapped, sz
 
+
+def tinygemm_exact(scale: torch.Tensor, zero: torch.Tensor) -> tuple[bool, int]:
+    """Whether tinygemm's float zero point ``(8 - z) * bf16(s)`` is exact in bf16 for every group
+    (then it computes ``(q - z) * bf16(s)``, the state's weights up to the scale's rounding), and
+    how many groups it is not: symmetric states (z = 8) always are, asymmetric ones rarely."""
+    s = scale.to(torch.bfloat16).double()
+    zf = (8 - zero.double()) * s
+    bad = int((zf.to(torch.bfloat16).double() != zf).sum())
+    return bad == 0, bad
+
+
+# ---------------------------------------------------------------------------- records
 
 @dataclass
 class KernelRecord:
@@ -203,7 +229,12 @@ class KernelRecord:
     chosen: str
     candidates: dict[str, dict] = field(default_factory=dict)
     quantizer: dict | None = None  # activation quantizer vs the simulated model's (quantizer_ties)
+    layout: str | None = None  # the layout the group keeps (one per layer)
+    layout_costs: dict | None = None  # workload time per feasible layout (ms per generate, per layer)
+    runs: float | None = None  # how often this phase runs per generate (the objective's weight)
 
+
+# ---------------------------------------------------------------------------- the layer
 
 class RealLinear(nn.Module):
     """``y = x @ W.T (+ b)`` with ``W`` in deployed form; see the module docstring for kernels."""
@@ -230,7 +261,11 @@ class RealLinear(nn.Module):
             self.corr = self.fmt == "int8" and bool((self.zero != 0).any())
         self.register_buffer("bias", bias)
         self.choice: dict[str, str] = {}
-        self.tg = None  # tinygemm layout (packed, scales_and_zeros, group), built on first use
+        self.layouts: dict[str, object] = {}  # built on demand: tinygemm, gemlite, gemlite-fp8, fp8w
+        self.wdata_host: torch.Tensor | None = None  # ours, kept on the host when not deployed
+        self.notes: dict[str, str] = {}
+        # activation dtype (outputs of integer kernels; gemlite's and tinygemm's inputs)
+        self._dtype = weight.dtype if weight is not None else torch.float16
 
     # -- construction ------------------------------------------------------------------------
 
@@ -256,8 +291,10 @@ class RealLinear(nn.Module):
             wdata, zero = pack_int4(codes), lq.zero.to(device).float()
         else:
             wdata, zero = to_int8_storage(codes, lq.zero.to(device), lq.bits)
-        return cls(in_f, out_f, wdata=wdata, scale=lq.scale.to(device), zero=zero, bits=lq.bits,
-                   act=lq.act, bias=bias, name=name)
+        new = cls(in_f, out_f, wdata=wdata, scale=lq.scale.to(device), zero=zero, bits=lq.bits,
+                  act=lq.act, bias=bias, name=name)
+        new._dtype = dtype
+        return new
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> "RealLinear":
@@ -292,25 +329,37 @@ class RealLinear(nn.Module):
         new = cls(first.in_features, out_f, wdata=torch.cat([p.wdata for p in parts]),
                   scale=torch.cat([p.scale for p in parts]), zero=torch.cat([p.zero for p in parts]),
                   bits=first.bits, act=first.act, bias=bias, name=name)
-        return new  # int8 parts already hold the shifted zero, concatenated as is
+        new._dtype = first._dtype
+        return new
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device if self.fmt != "float" else self.weight.device
 
     # -- reference arithmetic ----------------------------------------------------------------
+
+    def _ours(self) -> torch.Tensor:
+        if self.wdata is not None:
+            return self.wdata
+        if self.wdata_host is None:
+            raise RuntimeError(f"{self.name}: no copy of the codes left to dequantize")
+        return self.wdata_host.to(self.scale.device, non_blocking=False)
+
+    def codes(self) -> torch.Tensor:
+        """The state's uint8 codes ``[out, in]``."""
+        w = self._ours()
+        return unpack_int4(w) if self.fmt == "int4" else from_int8_storage(w, self.bits)
+
+    def true_zero(self) -> torch.Tensor:
+        """The state's zero points ``z`` (int8 storage keeps ``z - 2**(bits-1)``)."""
+        return self.zero if self.fmt == "int4" else self.zero + 2 ** (self.bits - 1)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the simulated model uses: ``fp((code - zero) * scale)``."""
         if self.fmt == "float":
             return self.weight.to(dtype)
-        if self.wdata is None:
-            raise RuntimeError(f"{self.name}: weights are kept in tinygemm's layout only; "
-                               "dequantize before finalize_storage()")
-        if _COMPILE["on"]:
-            return _maybe_compiled(_dequant_impl)(self.wdata, self.scale, self.zero, self.fmt == "int4", dtype)
-        if self.fmt == "int4":
-            from .packing import unpack_int4
-
-            q = unpack_int4(self.wdata).float()
-        else:
-            q = self.wdata.float()
+        wdata = self._ours()  # eager: reference arithmetic (and the slow fallback), not worth a compile
+        q = unpack_int4(wdata).float() if self.fmt == "int4" else wdata.float()
         rep = self.in_features // self.scale.shape[1]
         z = self.zero.repeat_interleave(rep, dim=1)
         s = self.scale.repeat_interleave(rep, dim=1)
@@ -322,45 +371,86 @@ class RealLinear(nn.Module):
             x = quantize_activation(x, self.act)
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
-    # -- torch's tinygemm int4 weight-only matmul ---------------------------------------------
+    # -- layouts -----------------------------------------------------------------------------
 
     def tinygemm_group(self) -> int | None:
         """Group size for ``torch._weight_int4pack_mm`` (32..256), or None where it can't serve.
 
-        Weight-only 4-bit layers only. Per-channel ranges become groups of 256 with the scale
-        repeated (exact); groups of ours that are a multiple of a tinygemm group size likewise.
+        4-bit weights; per-channel ranges become groups of 256 with the scale repeated (exact);
+        groups of ours that are a multiple of a tinygemm group size likewise.
         """
-        if self.fmt not in ("int4", "int4-tinygemm") or self.act is not None:
+        if self.fmt != "int4" or self.out_features % 8 or self.in_features % (TINYGEMM_INNER_K_TILES * 16):
             return None
         for g in (256, 128, 64, 32):
             if self.group % g == 0 and self.in_features % g == 0:
                 return g
         return None
 
-    def _tinygemm(self):
-        """(packed weight, scales_and_zeros, group) in tinygemm's layout, built once per layer.
+    def tinygemm_usable(self, device) -> str | None:
+        """None where tinygemm runs this layer and represents its weights exactly, else why not."""
+        if not str(device).startswith("cuda"):
+            return "CUDA only"
+        if self.tinygemm_group() is None:
+            return "not 4-bit, or shapes/groups tinygemm does not take"
+        if "tinygemm_exact" not in self.notes:
+            ok, bad = tinygemm_exact(self.scale, self.zero)
+            self.notes["tinygemm_exact"] = "exact" if ok else f"zero point inexact in bf16 for {bad} groups"
+        if self.notes["tinygemm_exact"] != "exact":
+            return self.notes["tinygemm_exact"]
+        return None
 
-        tinygemm dequantizes ``(q - 8) * scale + zero`` in bf16, with the even code of a byte in
-        the high nibble (ours: low nibble). Our ``(q - z) * s`` is the same with ``zero = (8 - z) s``.
-        """
-        if self.tg is None:
+    def _layout(self, name: str):
+        """Build (once) and return the weights in layout ``name``."""
+        if name in self.layouts:
+            return self.layouts[name]
+        if name == "tinygemm":
             g = self.tinygemm_group()
-            swapped, sz = tinygemm_operands(self.wdata, self.scale, self.zero, self.group, g)
+            swapped, sz = tinygemm_operands(self._ours(), self.scale, self.zero, self.group, g)
             packed = torch._convert_weight_to_int4pack(swapped, TINYGEMM_INNER_K_TILES)
-            self.tg = (packed, sz, g)
-        return self.tg
+            obj = (packed, sz, g)
+        elif name == "gemlite":
+            obj = glk.build(self.codes(), self.scale, self.true_zero(), self.bits, self._dtype)
+            self.notes["gemlite_configs"] = getattr(obj, "borrowed_configs", None) or "gemlite's tuned table"
+        elif name == "gemlite-fp8":
+            obj = glk.build_fp8(self.codes(), self.scale, self.true_zero(), self._dtype,
+                                share_with=self.layouts.get("gemlite"))
+            self.notes["gemlite_fp8_configs"] = getattr(obj, "borrowed_configs", None) or "gemlite's tuned table"
+        elif name == "fp8w":
+            obj = _unpack_to_impl(self._ours(), self.zero[:, :1], True).contiguous()  # [N, K] e4m3: q - z
+        else:
+            raise ValueError(f"unknown layout {name!r}")
+        self.layouts[name] = obj
+        return obj
+
+    def layouts_in_use(self) -> set[str]:
+        out = set()
+        for k in self.choice.values():
+            lay = KERNELS[k].layout if k in KERNELS else "ours"
+            out.add("gemlite" if lay == "gemlite" else lay)
+            if k == "gemlite-fp8":
+                out.add("gemlite-fp8")
+        return out
 
     def finalize_storage(self) -> None:
-        """Keep one weight layout: tinygemm's when both phases run tinygemm (drop our packing)."""
-        if self.choice.get("decode") == TINYGEMM and self.choice.get("prefill") == TINYGEMM:
-            packed, sz, g = self._tinygemm()
+        """Keep only the layouts the chosen kernels read; our codes move to host memory if unused
+        (the gate's reference arithmetic dequantizes from there)."""
+        if self.fmt == "float":
+            return
+        keep = self.layouts_in_use()
+        for name in sorted(keep - {"ours", "float"}):  # gemlite before gemlite-fp8 (shared words)
+            self._layout(name)  # built while our codes are still on the device
+        for name in list(self.layouts):
+            if name not in keep and not (name == "gemlite" and "gemlite-fp8" in keep):
+                del self.layouts[name]
+        if "ours" not in keep and self.wdata is not None:
+            self.wdata_host = self.wdata.to("cpu")
             self.wdata = None
-            self.register_buffer("tg_packed", packed)
-            self.register_buffer("tg_scales_zeros", sz)
-            self.tg = (self.tg_packed, self.tg_scales_zeros, g)
-            self.fmt = "int4-tinygemm"
-        else:
-            self.tg = None  # built while timing the candidate; not deployed
+
+    def restore_ours(self) -> None:
+        """Bring our codes back to the device (before choosing kernels again, e.g. another batch)."""
+        if self.fmt != "float" and self.wdata is None and self.wdata_host is not None:
+            self.wdata = self.wdata_host.to(self.scale.device)
+            self.wdata_host = None
 
     # -- kernels -----------------------------------------------------------------------------
 
@@ -369,7 +459,7 @@ class RealLinear(nn.Module):
         return self.fmt != "float" and self.scale.shape[1] == 1
 
     def int_compute(self) -> str | None:
-        """'fp8' or 'int8' when the prefill can run on integer tensor cores, else None."""
+        """'fp8' or 'int8' when the layer can run on integer tensor cores, else None."""
         if self.act is None or self.fmt == "float" or not self.per_channel or FP8 is None:
             return None
         lo, hi = act_int_bounds(self.act)
@@ -379,101 +469,175 @@ class RealLinear(nn.Module):
             return "int8"
         return None
 
-    def candidates(self, phase: str, device, opt_in: list[str] | tuple = ()) -> list[str]:
-        """Kernel names to try for ``phase``. ``opt_in`` may name TINYGEMM, which is not offered
-        by default: bf16 activations missed the end-to-end gate (relative logit error 0.035 on
-        7B, 0.047 on 13B, H100) and, its layout being the only one kept, prefill at 647 rows ran
-        ~24x slower than cuBLAS (docs/benchmarks/perf.md)."""
+    def candidates(self, phase: str, device, opt_in: list[str] | tuple = (), dtype=None) -> list[str]:
+        """Kernel names to try for ``phase`` (see ``KERNELS``; ``opt_in`` adds ``OPT_IN_KERNELS``)."""
         cuda = str(device).startswith("cuda")
         trit = tk.available(device)
         if self.fmt == "float":
-            return ["cublas-fp16" if cuda else "torch-float"]
+            return ["cublas" if cuda else "torch-float"]
+        dtype = dtype or self._dtype
+        fmt = self.fmt
+        comp = self.int_compute()
+        gem = glk.usable(self.bits, self.in_features, self.group, dtype, device) is None and (
+            self.bits <= 4 or "gemlite" in (opt_in or ()))
         out = []
-        tiny = cuda and self.tinygemm_group() is not None and TINYGEMM in (opt_in or ())
-        if phase == "prefill" and self.choice.get("decode") == TINYGEMM:
-            return [TINYGEMM]  # the weights will be kept in tinygemm's layout only (finalize_storage)
-        if phase == "decode":
-            if tiny:
-                out.append(TINYGEMM)
+        if trit:
+            out.append(f"triton-{fmt}-dot")
+            if phase == "decode" and fmt == "int8":
+                out.append("triton-int8-gemv")
+        if cuda and self.tinygemm_usable(device) is None:
+            out.append(TINYGEMM)
+        if gem:
+            out.append("gemlite")
+        if comp is not None and phase == "prefill":
             if trit:
-                out += [f"triton-{self.fmt}-gemv2", f"triton-{self.fmt}-gemv", f"triton-{self.fmt}-dot"]
-        else:
-            comp = self.int_compute()
-            if comp is not None:
-                if trit:
-                    out.append(f"triton-{comp}-gemm")
-                if comp == "fp8":
-                    out += ["torch-scaled_mm-fp8", "torch-scaled_mm-fp8-fastacc"]
-                else:
-                    out.append("torch-int_mm-int8")
-            elif trit:
-                if self.act is None:
-                    out.append(f"triton-{self.fmt}-dot")
+                out.append(f"triton-{comp}-gemm")
+            if comp == "fp8" and gem:
+                out.append("gemlite-fp8")
+        if comp == "fp8" and cuda:
+            out += ["torch-scaled_mm-fp8w", "torch-scaled_mm-fp8w-fastacc"]
+        for name in opt_in or ():
+            if name in out or name not in OPT_IN_KERNELS or name.startswith("gemlite"):
+                continue
+            if name.startswith(f"triton-{fmt}-") and trit:
+                out.append(name)
+            elif name == "torch-int_mm-int8" and comp == "int8" and cuda:
+                out.append(name)
         if self.act is None:
-            out.append("dequant-fp16+cublas" if cuda else "dequant+torch")
+            out.append("dequant+cublas" if cuda else "dequant+torch")
         else:
             out.append("simulated")
         return out
 
-    def run(self, kernel: str, x: torch.Tensor, prequantized: bool = False) -> torch.Tensor:
-        """Compute the layer on ``x [M, K]`` with the named kernel."""
-        if kernel in ("cublas-fp16", "torch-float"):
-            return F.linear(x, self.weight, self.bias)
-        if kernel == "simulated":
-            xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
-            return F.linear(xq, self.dequantized(x.dtype), self.bias)
-        if kernel in ("dequant-fp16+cublas", "dequant+torch"):
-            xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
-            return F.linear(xq, self.dequantized(x.dtype), self.bias)
-        if kernel == TINYGEMM:
-            packed, sz, g = self._tinygemm()
-            y = torch._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, g, sz).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        if kernel.endswith("-gemv2"):
-            xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
-            y = tk.wq_gemv2(xq, self.wdata, self.scale, self.zero, 4 if self.fmt == "int4" else 8, self.group)
-            return y if self.bias is None else y + self.bias
-        if kernel.endswith("-gemv") or kernel.endswith("-dot"):
-            xq = x if (prequantized or self.act is None) else act_fake(x, self.act)
-            y = tk.wq_matmul(xq, self.wdata, self.scale, self.zero, self.fmt == "int4", self.group,
-                             mode="gemv" if kernel.endswith("-gemv") else "dot")
-            return y if self.bias is None else y + self.bias
-        # integer tensor-core paths: quantize the activation to codes here
-        to_fp8 = "fp8" in kernel
-        corr = self.corr
-        codes, sa, rowsum = act_codes(x, self.act, to_fp8, want_rowsum=corr)
-        sw = self.scale[:, 0]
-        zw = self.zero[:, 0]
-        if kernel.startswith("triton-"):
-            y = tk.scaled_gemm(codes, self.wdata, zw.contiguous(), sa, sw.contiguous(), rowsum,
-                               wfmt=1 if self.fmt == "int4" else 0, fp8=to_fp8, corr=corr)
-        elif kernel.startswith("torch-scaled_mm-fp8"):
-            wf = unpack_to(self.wdata, zw[:, None], True)  # [N, K] fp8, exact integers
-            one = torch.ones((), device=x.device, dtype=torch.float32)
-            acc = torch._scaled_mm(codes, wf.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
-                                   use_fast_accum=kernel.endswith("fastacc"))
-            y = epilogue(acc, sa, sw, out_dtype=x.dtype)
-        elif kernel == "torch-int_mm-int8":
-            wi = self.wdata if self.fmt == "int8" else unpack_to(self.wdata, zw[:, None], False)
-            a = codes if codes.shape[0] > 16 else F.pad(codes, (0, 0, 0, 32 - codes.shape[0]))
-            acc = torch._int_mm(a, wi.t())[: x.shape[0]]
-            y = epilogue(acc, sa, sw, zw if corr else None, rowsum, out_dtype=x.dtype)
+    def input_mode(self, phase: str) -> InputMode:
+        """What the chosen kernel of ``phase`` wants from the producer of this layer's input."""
+        name = self.choice.get(phase)
+        if self.act is None or name is None:
+            return FLOAT_INPUT
+        k = KERNELS.get(name)
+        if k is None or k.input == "float":
+            return FLOAT_INPUT
+        if k.input == "fake":
+            return InputMode("fake")
+        return InputMode("codes", fp8=k.codes == "fp8", rowsum=k.codes == "int8" and self.corr)
+
+    def _fake(self, x) -> torch.Tensor:
+        if isinstance(x, Prepared):
+            if x.kind != "fake":
+                raise ValueError(f"{self.name}: kernel wants fake-quantized input, got {x.kind}")
+            return x.x
+        return x if self.act is None else act_fake(x, self.act)
+
+    def _codes(self, x, k: Kernel) -> Prepared:
+        if isinstance(x, Prepared):
+            if x.kind != "codes":
+                raise ValueError(f"{self.name}: kernel wants codes, got {x.kind}")
+            return x
+        mode = InputMode("codes", fp8=k.codes == "fp8", rowsum=self.corr)
+        return fused.rows_q(x, self.act, mode)
+
+    def run(self, kernel: str, x, prequantized: bool = False) -> torch.Tensor:
+        """Compute the layer on ``x`` (``[M, K]`` tensor or ``Prepared``) with the named kernel.
+        ``prequantized``: the tensor ``x`` is already fake-quantized."""
+        if prequantized and not isinstance(x, Prepared):
+            x = Prepared("fake", x)
+        k = KERNELS.get(kernel)
+        if k is None:
+            raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        if k.layout == "float":
+            xf = x.x if isinstance(x, Prepared) else x
+            return F.linear(xf, self.weight, self.bias)
+        if k.input == "fake":
+            xq = self._fake(x)
+            y = self._run_fake(kernel, xq)
         else:
-            raise ValueError(f"unknown kernel {kernel!r}")
+            y = self._run_codes(kernel, self._codes(x, k), k)
         return y if self.bias is None else y + self.bias
 
-    def forward(self, x: torch.Tensor, prequantized: bool = False) -> torch.Tensor:
+    def _run_fake(self, kernel: str, xq: torch.Tensor) -> torch.Tensor:
+        if kernel in ("simulated", "dequant+cublas", "dequant+torch"):
+            return F.linear(xq, self.dequantized(xq.dtype))
+        if kernel == TINYGEMM:
+            packed, sz, g = self._layout("tinygemm")
+            xb = xq if xq.dtype == torch.bfloat16 else xq.to(torch.bfloat16)
+            y = torch._weight_int4pack_mm(xb.contiguous(), packed, g, sz)
+            return y if y.dtype == xq.dtype else y.to(xq.dtype)
+        if kernel == "gemlite":
+            return glk.matmul(self._layout("gemlite"), xq)
+        if kernel.endswith("-gemv2"):
+            return tk.wq_gemv2(xq, self._ours(), self.scale, self.zero, 4 if self.fmt == "int4" else 8,
+                               self.group)
+        if kernel.endswith("-gemv") or kernel.endswith("-dot"):
+            return tk.wq_matmul(xq, self._ours(), self.scale, self.zero, self.fmt == "int4", self.group,
+                                mode="gemv" if kernel.endswith("-gemv") else "dot")
+        raise ValueError(f"unknown kernel {kernel!r}")
+
+    def _run_codes(self, kernel: str, p: Prepared, k: Kernel) -> torch.Tensor:
+        out_dtype = self._dtype
+        sw = self.scale[:, 0].contiguous()
+        zw = self.zero[:, 0].contiguous()
+        if kernel.startswith("triton-"):
+            y = tk.scaled_gemm(p.x, self._ours(), zw, p.scale, sw, p.rowsum,
+                               wfmt=1 if self.fmt == "int4" else 0, fp8=k.codes == "fp8", corr=self.corr,
+                               out_dtype=out_dtype)
+            return y
+        if kernel == "gemlite-fp8":
+            self._layout("gemlite")
+            return glk.matmul_fp8(self._layout("gemlite-fp8"), p.x, p.scale)
+        if kernel.startswith("torch-scaled_mm-fp8w"):
+            w8 = self._layout("fp8w")
+            fast = kernel.endswith("fastacc")
+            mm_out = self.notes.get("scaled_mm_out", "same")
+            dt = out_dtype if mm_out == "same" else torch.bfloat16
+            try:
+                y = torch._scaled_mm(p.x, w8.t(), scale_a=p.scale.view(-1, 1), scale_b=sw.view(1, -1),
+                                     out_dtype=dt, use_fast_accum=fast)
+            except RuntimeError:
+                if mm_out != "same" or out_dtype == torch.bfloat16:
+                    raise
+                # row-wise scaling may only write bf16 here: bf16 out, then a cast (recorded)
+                self.notes["scaled_mm_out"] = "bf16+cast"
+                y = torch._scaled_mm(p.x, w8.t(), scale_a=p.scale.view(-1, 1), scale_b=sw.view(1, -1),
+                                     out_dtype=torch.bfloat16, use_fast_accum=fast)
+            return y if y.dtype == out_dtype else y.to(out_dtype)
+        if kernel == "torch-int_mm-int8":
+            wi = self._ours() if self.fmt == "int8" else unpack_to(self._ours(), zw[:, None], False)
+            a = p.x if p.x.shape[0] > 16 else F.pad(p.x, (0, 0, 0, 32 - p.x.shape[0]))
+            acc = torch._int_mm(a, wi.t())[: p.x.shape[0]]
+            return epilogue(acc, p.scale, sw, zw if self.corr else None, p.rowsum, out_dtype=out_dtype)
+        raise ValueError(f"unknown kernel {kernel!r}")
+
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, Prepared):
+            phase = "decode" if x.rows <= DECODE_MAX_ROWS else "prefill"
+            kernel = self.choice.get(phase) or self.candidates(phase, x.x.device)[0]
+            return self.run(kernel, x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         phase = "decode" if x2.shape[0] <= DECODE_MAX_ROWS else "prefill"
         kernel = self.choice.get(phase) or self.candidates(phase, x.device)[0]
-        return self.run(kernel, x2, prequantized).reshape(*shape[:-1], self.out_features)
+        return self.run(kernel, x2).reshape(*shape[:-1], self.out_features)
 
     def kernel_label(self, phase: str) -> str:
         return self.choice.get(phase) or "unselected"
 
     def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers() if b is not None)
+        """Bytes of every deployed layout on the device (host copies excluded)."""
+        seen, total = set(), 0
+        tensors = list(self.buffers())
+        for obj in self.layouts.values():
+            if isinstance(obj, torch.Tensor):
+                tensors.append(obj)
+            elif isinstance(obj, tuple):
+                tensors += [t for t in obj if isinstance(t, torch.Tensor)]
+            elif isinstance(obj, nn.Module):
+                tensors += list(obj.parameters()) + list(obj.buffers())
+        for t in tensors:
+            if t is None or t.device.type == "cpu" and self.device.type != "cpu" or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
 
     def extra_repr(self) -> str:
         act = f"a{self.act.bits}" if self.act is not None else "a16"
@@ -543,125 +707,201 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def select_kernels(layers: list[RealLinear], phase: str, rows: int, *, dtype: torch.dtype,
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _inputs_for(first: RealLinear, x: torch.Tensor, quantizer: dict | None) -> dict:
+    """The candidates' inputs for a random ``x``: fake-quantized and codes, as the producers make them."""
+    if first.act is None:
+        return {"float": x, "fake": x}
+    out = {"float": x, "fake": Prepared("fake", act_fake(x, first.act))}
+    comp = first.int_compute()
+    if comp is not None:
+        out["codes"] = fused.rows_q(x, first.act, InputMode("codes", fp8=comp == "fp8", rowsum=first.corr))
+    return out
+
+
+def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int | None = None, *,
+                   dtype: torch.dtype, plan: list[tuple[str, int, float]] | None = None,
                    only: list[str] | None = None, reps: int = 5, seed: int = 0,
                    log=None) -> list[KernelRecord]:
-    """Pick, for each group of same-shaped layers, the fastest kernel that matches the simulated math.
+    """Pick, for each group of same-shaped layers, a layout and the fastest correct kernel per phase.
 
+    ``plan``: ``(phase, rows, runs per generate)`` triples (default: ``phase`` x ``rows`` once).
     Each candidate runs on a random ``[rows, in]`` input: relative error against the simulated
-    arithmetic of the same layer must be within ``KERNEL_TOL`` (with an activation quantizer, that
-    arithmetic uses the engine's quantizer, after checking that it differs from the simulated
-    model's at rounding ties only: ``quantizer_ties``); timing cycles through all layers of the
-    group, so that weights come from memory as in a real forward pass, not from cache.
-    ``only`` restricts the candidates (names or prefixes) for experiments; naming an opt-in
-    kernel (``OPT_IN_KERNELS``) adds it to the candidates instead.
+    arithmetic of the same layer must be within ``KERNEL_TOL`` (with an activation quantizer,
+    that arithmetic uses the engine's quantizer, after checking that it differs from the simulated
+    model's at rounding ties only: ``quantizer_ties``); timing cycles through up to ``CYCLE``
+    layers of the group, so that weights come from memory as in a real forward pass, not from the
+    cache. The group then keeps the layout whose best kernels minimise
+    ``sum(runs x time)`` over the plan. ``only`` restricts the candidates (names or prefixes) for
+    experiments; naming an opt-in kernel (``OPT_IN_KERNELS``) adds it instead.
     """
-    # names of opt-in kernels add a candidate; any other names restrict the candidates to them
+    plan = plan or [(phase, rows, 1.0)]
     opt_in = [o for o in (only or ()) if o in OPT_IN_KERNELS]
     filters = [o for o in (only or ()) if o not in OPT_IN_KERNELS]
     groups: dict[tuple, list[RealLinear]] = {}
     for layer in layers:
+        layer._dtype = dtype
         groups.setdefault(_signature(layer), []).append(layer)
     records = []
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict = {}
     for sig, members in groups.items():
         first = members[0]
-        device = first.wdata.device if first.fmt != "float" else first.weight.device
-        x = torch.randn(rows, first.in_features, generator=gen).to(device=device, dtype=dtype)
-        rec = KernelRecord(phase=phase, rows=rows, shape=(first.out_features, first.in_features),
-                           chosen="")
-        with torch.no_grad():
-            if first.act is None:
-                ref = first.simulated(x)
-            else:
-                # the simulated arithmetic with the engine's activation quantizer, which may differ
-                # from the eager one at rounding ties only (checked here, recorded in the record)
-                rec.quantizer = quantizer_ties(x, first.act)
-                if rec.quantizer["non_tie"]:
-                    raise RuntimeError(f"the engine's activation quantizer differs from the simulated "
-                                       f"model's beyond rounding ties for {sig}: {rec.quantizer}")
-                ref = first.run("simulated", x)
-        best = None
-        for name in first.candidates(phase, device, opt_in=opt_in):
-            if filters and not any(name.startswith(o) for o in filters) and name not in ("simulated",):
-                continue
-            info: dict = {}
-            try:
-                with torch.no_grad():
-                    out = first.run(name, x)
-                    info["rel_err"] = rel_err(out, ref)
-                    if info["rel_err"] > KERNEL_TOL:
-                        info["error"] = f"relative error {info['rel_err']:.2e} > {KERNEL_TOL}"
-                    else:
-                        cycle = members[: max(1, min(len(members), 64))]
-                        for m in cycle:
-                            # warm-up: autotune, compile, and per-layer set-up (tinygemm's layout)
-                            # outside the CUDA graph, which would otherwise replay it
-                            m.run(name, x)
-                        def go():
-                            for m in cycle:
-                                m.run(name, x)
-                        if str(device).startswith("cuda"):
-                            bad = sync_error(lambda: first.run(name, x))
-                            if bad:
-                                raise RuntimeError(f"synchronizes, cannot be graph-captured: {bad}")
-                            info["ms"] = _time_graph_ms(go, reps, device) / len(cycle)
-                        else:
-                            info["ms"] = _time_ms(go, reps, device) / len(cycle)
-            except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded, not fatal
-                info["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            rec.candidates[name] = info
-            if "ms" in info and (best is None or info["ms"] < rec.candidates[best]["ms"]):
-                best = name
-        if str(device).startswith("cuda") and first.fmt != "float":
-            rec.candidates.update(_reference_timings(first, phase, rows, dtype, reps))
-        if best is None:
-            raise RuntimeError(f"no kernel works for {sig} in {phase}: {rec.candidates}")
-        rec.chosen = best
-        for m in members:
-            m.choice[phase] = best
+        device = first.device
+        cycle = members[: max(1, min(len(members), CYCLE))]
+        recs: dict[str, KernelRecord] = {}
+        for ph, n_rows, _w in plan:
+            if first.fmt != "float":
+                first.restore_ours()
+            if str(device) not in gens:  # drawn on the device: prefill inputs reach 20k x 14k values
+                gens[str(device)] = torch.Generator(device=device).manual_seed(seed)
+            x = torch.randn(n_rows, first.in_features, generator=gens[str(device)], device=device).to(dtype)
+            rec = KernelRecord(phase=ph, rows=n_rows, shape=(first.out_features, first.in_features), chosen="",
+                               runs=_w)
+            recs[ph] = rec
+            with torch.no_grad():
+                if first.act is not None:
+                    # the simulated arithmetic with the engine's activation quantizer, which may differ
+                    # from the eager one at rounding ties only (checked here, recorded in the record)
+                    rec.quantizer = quantizer_ties(x, first.act)
+                    if rec.quantizer["non_tie"]:
+                        raise RuntimeError(f"the engine's activation quantizer differs from the simulated "
+                                           f"model's beyond rounding ties for {sig}: {rec.quantizer}")
+                inputs = _inputs_for(first, x, rec.quantizer)
+                ref = first.run("simulated", inputs["fake"]) if first.fmt != "float" else first.simulated(x)
+            names = first.candidates(ph, device, opt_in=opt_in, dtype=dtype)
+            best = math.inf
+            for name in names:
+                if filters and not any(name.startswith(o) for o in filters) and name not in (
+                        "simulated", "dequant+torch", "dequant+cublas"):
+                    continue
+                rec.candidates[name] = _try_candidate(name, first, cycle, inputs, ref, reps, device, best)
+                best = min(best, rec.candidates[name].get("ms", math.inf))
+        if first.fmt != "float" and str(device).startswith("cuda"):
+            for ph, n_rows, _w in plan:
+                recs[ph].candidates.update(_reference_timings(first, ph, n_rows, dtype, reps))
+        _choose_layout(members, recs, plan, sig)
+        for m in cycle:
+            for lay in list(m.layouts):  # free what the choice does not use before the next group
+                if lay not in m.layouts_in_use() and not (lay == "gemlite" and "gemlite-fp8" in m.layouts_in_use()):
+                    del m.layouts[lay]
         if log:
-            log(f"  {phase:7s} rows={rows:<6d} {rec.shape} -> {best}  "
-                + ", ".join(f"{k}={v.get('ms', float('nan')):.4f}ms/{v.get('rel_err', float('nan')):.1e}"
-                            if "ms" in v else f"{k}=FAIL({v.get('error', '')[:60]})"
-                            for k, v in rec.candidates.items()))
-        records.append(rec)
+            for rec in recs.values():
+                log(f"  {rec.phase:7s} rows={rec.rows:<6d} {rec.shape} -> {rec.chosen} [{rec.layout}]  "
+                    + ", ".join(f"{k}={v['ms'] * 1e3:.1f}us/{v.get('rel_err', float('nan')):.1e}"
+                                if "ms" in v else f"{k}=FAIL({v.get('error', '')[:60]})"
+                                for k, v in rec.candidates.items()))
+        records.extend(recs.values())
     return records
+
+
+SLOW = 10.0  # a candidate this many times slower than the best so far is timed by one call only
+
+
+def _try_candidate(name: str, first: RealLinear, cycle, inputs: dict, ref, reps: int, device,
+                   best_ms: float = math.inf) -> dict:
+    info: dict = {"layout": KERNELS[name].layout}
+    k = KERNELS[name]
+    inp = inputs.get(k.input) if k.input != "codes" else inputs.get("codes")
+    if inp is None:
+        return {**info, "error": f"no {k.input} input for this layer"}
+    try:
+        with torch.no_grad():
+            out = first.run(name, inp)
+            info["rel_err"] = rel_err(out, ref)
+            if name.startswith("torch-scaled_mm") and first.notes.get("scaled_mm_out"):
+                info["out"] = first.notes["scaled_mm_out"]
+            if info["rel_err"] > KERNEL_TOL:
+                info["error"] = f"relative error {info['rel_err']:.2e} > {KERNEL_TOL}"
+                return info
+            once = _time_ms(lambda: first.run(name, inp), 1, device)
+            if once > max(SLOW * best_ms, 1.0):  # hopeless here (tinygemm at prefill): spare the time
+                info["ms"], info["timing"] = once, "one call (over 10x the best so far)"
+                return info
+            for m in cycle:
+                # warm-up: autotune, compile, and per-layer set-up (layouts) outside the CUDA graph,
+                # which would otherwise replay it
+                m.run(name, inp)
+
+            def go():
+                for m in cycle:
+                    m.run(name, inp)
+            if str(device).startswith("cuda"):
+                bad = sync_error(lambda: first.run(name, inp))
+                if bad:
+                    raise RuntimeError(f"synchronizes, cannot be graph-captured: {bad}")
+                info["ms"] = _time_graph_ms(go, reps, device) / len(cycle)
+            else:
+                info["ms"] = _time_ms(go, reps, device) / len(cycle)
+    except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded, not fatal
+        info["error"] = _short(exc)
+    return info
+
+
+def _choose_layout(members, recs: dict[str, KernelRecord], plan, sig) -> None:
+    """The layout minimising ``sum(runs x best time)`` over the plan; its best kernel per phase."""
+    best_in: dict[str, dict[str, tuple[float, str]]] = {}  # layout -> phase -> (ms, kernel)
+    for ph, rec in recs.items():
+        for name, info in rec.candidates.items():
+            if "ms" not in info or info.get("timing_only"):
+                continue
+            lay = info["layout"]
+            cur = best_in.setdefault(lay, {}).get(ph)
+            if cur is None or info["ms"] < cur[0]:
+                best_in[lay][ph] = (info["ms"], name)
+    costs = {}
+    for lay, per in best_in.items():
+        if all(ph in per for ph, _r, _w in plan):
+            costs[lay] = sum(w * per[ph][0] for ph, _r, w in plan)
+    if not costs:
+        raise RuntimeError(f"no layout has a working kernel in every phase for {sig}: "
+                           f"{ {ph: r.candidates for ph, r in recs.items()} }")
+    layout = min(costs, key=costs.get)
+    for ph, rec in recs.items():
+        rec.layout = layout
+        rec.layout_costs = costs
+        rec.chosen = best_in[layout][ph][1]
+        for m in members:
+            m.choice[ph] = rec.chosen
 
 
 def _reference_timings(layer: RealLinear, phase: str, rows: int, dtype, reps: int) -> dict:
     """Timing-only comparisons on the same shape (never selected; values are random).
 
-    ``ref-cublas-fp16``: the float layer this one replaces, cycling over 8 random weights so that
-    they come from memory. ``ref-torch-int4pack``: torch's tinygemm int4 weight-only matmul
-    (bf16, groups of 128), for W4A16 decode.
+    ``ref-cublas``: the float layer this one replaces, cycling over 8 random weights so that they
+    come from memory. ``ref-torch-int4pack-bf16``: torch's tinygemm on bf16 input (groups of 128),
+    for W4 decode: what it costs where the state allows it (``tinygemm_exact``).
     """
     out = {}
-    dev = layer.wdata.device
+    dev = layer.device
     N, K = layer.out_features, layer.in_features
     x = torch.randn(rows, K, device=dev, dtype=dtype)
     try:
-        ws = [torch.randn(N, K, device=dev, dtype=dtype) for _ in range(8)]
+        ws = [torch.randn(N, K, device=dev, dtype=dtype) for _ in range(CYCLE)]
+
         def go():
             for w in ws:
                 F.linear(x, w)
         go()
-        out["ref-cublas-fp16"] = {"ms": _time_graph_ms(go, reps, dev) / len(ws), "timing_only": True}
+        out["ref-cublas"] = {"ms": _time_graph_ms(go, reps, dev) / len(ws), "timing_only": True}
         del ws
     except Exception as exc:  # noqa: BLE001
-        out["ref-cublas-fp16"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}", "timing_only": True}
-    if layer.fmt == "int4" and phase == "decode" and layer.act is None:
+        out["ref-cublas"] = {"error": _short(exc), "timing_only": True}
+    if layer.fmt == "int4" and phase == "decode" and K % 128 == 0 and N % 8 == 0:
         try:
             xb = x.to(torch.bfloat16)
             packs = [torch._convert_weight_to_int4pack(
-                torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8), 8) for _ in range(8)]
+                torch.randint(0, 256, (N, K // 2), device=dev, dtype=torch.uint8), 8) for _ in range(CYCLE)]
             sz = torch.randn(K // 128, N, 2, device=dev, dtype=torch.bfloat16)
+
             def go4():
                 for p in packs:
                     torch._weight_int4pack_mm(xb, p, 128, sz)
             go4()
-            out["ref-torch-int4pack"] = {"ms": _time_graph_ms(go4, reps, dev) / len(packs), "timing_only": True}
+            out["ref-torch-int4pack-bf16"] = {"ms": _time_graph_ms(go4, reps, dev) / len(packs),
+                                              "timing_only": True}
         except Exception as exc:  # noqa: BLE001
-            out["ref-torch-int4pack"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}",
-                                         "timing_only": True}
+            out["ref-torch-int4pack-bf16"] = {"error": _short(exc), "timing_only": True}
     return out

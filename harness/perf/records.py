@@ -1,42 +1,48 @@
-"""Perf records (JSON lines, appended atomically) and the perf leaderboard (ratios to fp16).
+"""Perf records (through the project's one records writer) and the perf table (ratios to the float baseline).
 
-A leaderboard row compares a variant with the fp16 row of the same ``run_id`` and batch size:
-speed-ups are ``fp16 time / variant time`` (> 1 is faster), memory is ``variant / fp16``.
-Rows whose kernel is ``simulated``, or that failed the gate, show no ratio.
+Records are written by the project's one writer (``harness.records.append_record``). A table row
+compares a variant with the float baseline (``reference``) of the same ``run_id``, batch size and
+dtype: speed-ups are ``baseline time / variant time`` (> 1 is faster), memory is
+``variant / baseline``. A variant that ran in bf16 is compared with the bf16 baseline of its own
+call. Rows whose kernel is ``simulated``, or that failed the gate, show no ratio.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-
-def append_record(path: str | Path, record: dict) -> None:
-    """One ``write`` of a complete line on an O_APPEND file, then flush + fsync."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=_jsonable, allow_nan=False) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        data = line.encode()
-        written = os.write(fd, data)
-        if written != len(data):  # pragma: no cover - regular files write whole buffers
-            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from ..records import append_record, new_record
 
 
-def _jsonable(o):
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
+def finite(o):
+    """``o`` with every non-finite float replaced by None (records stay strict JSON)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o
+
+
+def write_perf_record(path: str | Path, **fields) -> dict:
+    """One perf record through the project's one writer (``harness.records``); returns it."""
+    rec = new_record(**finite(fields))
+    append_record(path, rec)
+    return rec
+
+
+def is_reference(r: dict) -> bool:
+    """The float baseline of a run (engine contract: ``reference``; older records: method fp16)."""
+    ref = r.get("reference")
+    return bool(ref) if ref is not None else r.get("method") == "fp16"
+
+
+def run_dtype(r: dict) -> str:
+    """The dtype a perf record ran in; records before bf16 variants ran in fp16."""
+    return r.get("dtype") or "fp16"
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -53,13 +59,15 @@ def _ratio(base, val):
 
 
 def latest_per_variant(records: list[dict]) -> list[dict]:
-    """The newest record per (model, batch, method, scheme); older runs stay in records.jsonl.
+    """The newest record per (card, model, batch, variant, scheme, dtype); older runs stay in
+    records.jsonl, and another card's rows are never replaced by this card's.
 
     A variant skipped for time (``error: not run: ...``) doesn't hide an older measurement of it.
     """
     newest: dict = {}
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
-        key = (r["model"], r.get("batch_size"), r["method"], r["scheme"])
+        key = (r.get("card"), r["model"], r.get("batch_size"), r.get("variant") or r["method"], r["scheme"],
+               run_dtype(r))
         skipped = str(r.get("error") or "").startswith("not run")
         if skipped and key in newest:
             continue
@@ -75,14 +83,14 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
     if latest_only:
         records = latest_per_variant(records)
     base = {}
-    for r in all_records:  # each row's ratios use the fp16 row of its own run
-        if r["method"] == "fp16" and r["status"] == "ok" and r.get("latency"):
-            base[(r["run_id"], r["model"], r.get("batch_size"))] = r
+    for r in all_records:  # each row's ratios use the baseline of its own run and dtype
+        if is_reference(r) and r["status"] == "ok" and r.get("latency"):
+            base[(r["run_id"], r["model"], r.get("batch_size"), run_dtype(r))] = r
     rows = []
     for r in records:
         lat = r.get("latency") or {}
         mem = r.get("memory") or {}
-        b = base.get((r["run_id"], r["model"], r.get("batch_size")))
+        b = base.get((r["run_id"], r["model"], r.get("batch_size"), run_dtype(r)))
         blat = (b or {}).get("latency") or {}
         bmem = (b or {}).get("memory") or {}
         g = r.get("gate") or {}
@@ -91,7 +99,7 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
         rows.append({
             "model": r["model"], "card": r.get("card"), "batch": r.get("batch_size"),
             "run": r.get("run_id"),
-            "method": r["method"], "scheme": r["scheme"],
+            "method": r.get("variant") or r["method"], "scheme": r["scheme"], "dtype": run_dtype(r),
             "status": r["status"] if timed or r["status"] == "failed" else "simulated",
             "gate": ("pass" if g.get("passed") else "FAIL") if g else "—",
             "gate layer err": g.get("layerwise_max_rel_err"),
@@ -106,7 +114,7 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
             "decode ×": _ratio(blat.get("decode_ms_per_token"), lat.get("decode_ms_per_token")) if timed else None,
             "tok/s": lat.get("tokens_per_s"),
             "peak GiB": mem["peak_bytes"] / 2**30 if mem.get("peak_bytes") else None,
-            "peak / fp16": (mem["peak_bytes"] / bmem["peak_bytes"]) if timed and mem.get("peak_bytes")
+            "peak / base": (mem["peak_bytes"] / bmem["peak_bytes"]) if timed and mem.get("peak_bytes")
             and bmem.get("peak_bytes") else None,
             "LM weights GiB": mem["weight_bytes_language"] / 2**30 if mem.get("weight_bytes_language") else None,
             "kernel": r.get("kernel"),
@@ -114,14 +122,14 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
         })
     df = pd.DataFrame(rows)
     if not df.empty:
-        order = {"fp16": 0}
-        df["_o"] = df["method"].map(lambda m: order.get(m, 1))
-        df = df.sort_values(["model", "batch", "_o", "method", "scheme"]).drop(columns="_o")
+        refs = {r.get("variant") or r["method"] for r in records if is_reference(r)}
+        df["_o"] = df["method"].map(lambda m: 0 if m in refs else 1)
+        df = df.sort_values(["model", "batch", "dtype", "_o", "method", "scheme"]).drop(columns="_o")
     return df
 
 
-def write_leaderboard(records_path: str | Path, out_path: str | Path, command: str | None = None) -> str:
-    """Markdown leaderboard of the newest record per variant in ``records_path``."""
+def write_perf_table(records_path: str | Path, out_path: str | Path, command: str | None = None) -> str:
+    """Markdown table (results/perf/leaderboard.md) of the newest record per variant in ``records_path``."""
     import pandas as pd  # noqa: F401 - pandas + tabulate render the table
 
     records = load_records(records_path)
@@ -130,33 +138,49 @@ def write_leaderboard(records_path: str | Path, out_path: str | Path, command: s
     if df.empty:
         lines.append("No perf records yet.")
     else:
-        cards = sorted({str(c) for c in df["card"].dropna()})
-        lines.append(f"Card: {', '.join(cards) or 'unknown'}. Ratios are against fp16 of the same call and "
-                     "batch: `×` = fp16 time / variant time (> 1 faster); `peak / fp16` = memory ratio. "
-                     "See docs/benchmarks/perf.md for what each column means and what is simulated.")
+        # one section per card, the card measured most recently first (older cards: earlier runs)
+        last = {}
+        for r in records:
+            last[str(r.get("card"))] = max(last.get(str(r.get("card")), ""), str(r.get("timestamp", "")))
+        cards = sorted(last, key=last.get, reverse=True)
+        lines.append(f"Cards: {', '.join(cards)}. Ratios are against the float baseline of the same call, batch "
+                     "and dtype: `×` = baseline time / variant time (> 1 faster); `peak / base` = memory "
+                     "ratio. See docs/benchmarks/perf.md for what each column means and what is simulated.")
         if command:
             lines += ["", f"Produced by: `{command}`"]
-        for (model, batch), part in df.groupby(["model", "batch"], sort=False):
-            lines += ["", f"## {model}, batch {batch}", ""]
-            for run in dict.fromkeys(part["run"]):  # each run's machine (ratios never cross runs)
-                r0 = next(r for r in records if r["model"] == model and r.get("batch_size") == batch
-                          and r.get("run_id") == run)
-                bw = round(r0["copy_bandwidth_gbs"]) if r0.get("copy_bandwidth_gbs") else "—"
-                git = r0.get("git") or {}
-                sha = str(git.get("commit") or "")[:12] if isinstance(git, dict) else str(git)[:12]
-                sha = "" if sha == "HEAD" else sha  # the run had no git history to read
-                cmd = f", `{r0['command']}`" if r0.get("command") else ""
-                lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, commit {sha or 'not recorded'}{' (dirty)' if sha and isinstance(git, dict) and git.get('dirty') else ''}{cmd}, "
-                             f"card {r0.get('card')}, "
-                             f"driver {r0.get('driver')}, torch {r0.get('torch')}, copy bandwidth {bw} GB/s, "
-                             f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt "
-                             f"tokens + {r0.get('workload', {}).get('new_tokens')} new tokens")
-            lines.append("")
-            show = part.drop(columns=["model", "card", "batch"])
-            lines.append(show.to_markdown(index=False, floatfmt=".3g"))
+        df = df.assign(_card=df["card"].astype(str))
+        for ci, card in enumerate(cards):
+            part_card = df[df["_card"] == card]
+            if part_card.empty:
+                continue
+            lines += ["", f"# {card}" + ("" if ci == 0 else " (earlier runs, kept for reference)")]
+            for (model, batch), part in part_card.drop(columns="_card").groupby(["model", "batch"], sort=False):
+                _section(lines, records, card, model, batch, part)
     text = "\n".join(lines) + "\n"
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(out_path) + ".tmp")
     tmp.write_text(text)
     tmp.replace(out_path)
     return text
+
+
+def _section(lines: list, records: list, card: str, model, batch, part) -> None:
+    """One model x batch section of the table: its runs (machine, commit, command), then the rows."""
+    lines += ["", f"## {model}, batch {batch}", ""]
+    for run in dict.fromkeys(part["run"]):  # each run's machine (ratios never cross runs)
+        r0 = next(r for r in records if r["model"] == model and r.get("batch_size") == batch
+                  and r.get("run_id") == run and str(r.get("card")) == card)
+        bw = round(r0["copy_bandwidth_gbs"]) if r0.get("copy_bandwidth_gbs") else "—"
+        git = r0.get("git") or {}
+        sha = str(git.get("commit") or "")[:12] if isinstance(git, dict) else str(git)[:12]
+        sha = "" if sha == "HEAD" else sha  # the run had no git history to read
+        cmd = f", `{r0['command']}`" if r0.get("command") else ""
+        dirty = " (dirty)" if sha and isinstance(git, dict) and git.get("dirty") else ""
+        lines.append(f"- run `{run}`: {str(r0.get('timestamp', ''))[:16]}, commit {sha or 'not recorded'}{dirty}{cmd}, "
+                     f"card {r0.get('card')}, "
+                     f"driver {r0.get('driver')}, torch {r0.get('torch')}, copy bandwidth {bw} GB/s, "
+                     f"workload {json.dumps(r0.get('workload', {}).get('prompt_tokens'))} prompt "
+                     f"tokens + {r0.get('workload', {}).get('new_tokens')} new tokens")
+    lines.append("")
+    show = part.drop(columns=["model", "card", "batch"])
+    lines.append(show.to_markdown(index=False, floatfmt=".3g"))

@@ -1,14 +1,19 @@
-"""``run_perf``: model x methods x schemes x batch sizes -> gated latency/memory records + leaderboard.
+"""``run_perf``: model x methods x schemes x batch sizes -> gated latency/memory records + table.
 
-Order of work (one model loaded once):
+One variant at a time (one quantization state on the device at once): the float baseline first,
+then each (method, scheme):
 
-1. reference phase, float model on the device: the fp16 greedy reference, then for each
-   (method, scheme) the method's state and the simulated model's reference on the gate sample;
-2. the language model's float linears move to host memory, so that each engine's memory is its
-   own: the deployed weights, the static cache, the graph pools, the shared vision tower;
-3. for each batch size, for each variant (fp16 first, so ratios are against fp16 of the same
-   call): build the real-kernel engine from the state, select kernels, compile + capture,
-   gate, time, measure memory, append the record.
+1. quantize (float model on the device), run the simulated model on the gate sample (its
+   greedy reference), build the deployed layers (``RealLinear``) and let the state go;
+2. for each batch size: choose layouts and kernels for the workload (``select_kernels``), compile
+   and capture the engine, gate it (``gate.check``: layerwise at this model's shapes, end to end,
+   the fused quantizers against the simulated quantizer, and once per variant end to end on the
+   bundled trained model with the same kernels), time it, measure memory, append the record.
+
+The float model's decoder weights stay on the device throughout (re-quantizing needs them); the
+memory figures leave out those not used by the engine being measured. With ``dtype="auto"``,
+variants whose best kernel needs bf16 (tinygemm) run a second time in bf16 together with a bf16
+float baseline, so every ratio is against the baseline of the same dtype and call.
 """
 
 from __future__ import annotations
@@ -28,16 +33,17 @@ import torch
 from ..models.layers import language_layers, select_linears
 from ..quant.config import parse_scheme
 from ..quant.simulated import apply_state
-from ..quant.state import QuantState
 from ..records import git_describe
 from . import gate as gate_mod
 from .arch import load_for_perf
 from .engine import LlavaEngine, build_blocks
 from .measure import copy_bandwidth, device_info, peak_memory, time_generate
-from .real import RealLinear, select_kernels, set_compile
-from .records import append_record, write_leaderboard
+from .real import TINYGEMM, RealLinear, select_kernels, set_compile
+from .records import write_perf_record, write_perf_table
 
-FLOAT_VARIANT = ("fp16", "w16a16")
+FLOAT_VARIANT = ("fp16", "w16a16")  # the registered float method and its scheme
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+TRAINED_GATE_MODEL = "qvlm-tiny-llava"
 
 
 # ---------------------------------------------------------------------------- workload
@@ -85,22 +91,15 @@ def make_workload(config, *, text_tokens: int = 70, new_tokens: int = 128, seed:
 # ---------------------------------------------------------------------------- methods & states
 
 def method_class(name: str):
-    """The registered method class; tolerates sibling method modules that cannot import here."""
+    """The registered method class (``harness.registry``), with the list of known ones on error."""
     from .. import registry
 
     try:
         return registry.get_method(name)
-    except (ImportError, ModuleNotFoundError):
-        import importlib
-
-        for pkg in registry.IN_TREE_PACKAGES:
-            try:
-                importlib.import_module(f"{pkg}.{name}")
-            except ImportError:
-                continue
-        if name in registry._REGISTRY:
-            return registry._REGISTRY[name]
-        raise
+    except (KeyError, ImportError) as exc:
+        known = ", ".join(registry.available_methods()) or "(none)"
+        raise KeyError(f"unknown or unimportable method {name!r} ({type(exc).__name__}: {exc}); "
+                       f"registered: {known}") from exc
 
 
 def random_calibration(lm, workload: Workload, n: int = 4):
@@ -156,6 +155,26 @@ def weight_bytes(engine: LlavaEngine) -> dict:
             "weight_bytes_vision": int(vision)}
 
 
+def _engine_ptrs(engine: LlavaEngine) -> set[int]:
+    ptrs = set()
+    for m in engine.linears().values():
+        for t in list(m.parameters()) + list(m.buffers()):
+            ptrs.add(t.data_ptr())
+    return ptrs
+
+
+def idle_float_bytes(float_linears: dict, engine: LlavaEngine) -> int:
+    """Bytes of the float model's decoder weights on the device that ``engine`` does not use: held
+    only to quantize later variants, so left out of the engine's memory figures."""
+    used = _engine_ptrs(engine)
+    total = 0
+    for lin in float_linears.values():
+        w = lin.weight
+        if w.device.type != "cpu" and w.data_ptr() not in used:
+            total += w.numel() * w.element_size()
+    return total
+
+
 def kernel_summary(engine: LlavaEngine) -> dict:
     out = {}
     for phase in ("prefill", "decode"):
@@ -175,24 +194,94 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[:400]}"
 
 
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _parts(engine: LlavaEngine) -> list:
+    out = []
+    for m in engine.linears().values():
+        out.extend(m.parts if hasattr(m, "parts") else [m])
+    return out
+
+
+def wants_bf16(selection: list) -> bool:
+    """Whether a bf16-only kernel (tinygemm) would win some layer group on the workload objective,
+    judged from an fp16 run's selection: its time there includes fp16<->bf16 casts, so the native
+    bf16 time of the same kernel (``ref-torch-int4pack-bf16``) stands in for it in decode."""
+    by_shape: dict = {}
+    for rec in selection:
+        by_shape.setdefault(tuple(rec.shape), []).append(rec)
+    for recs in by_shape.values():
+        if any(r.chosen == TINYGEMM for r in recs):
+            return True
+        if not all(TINYGEMM in r.candidates and "ms" in r.candidates[TINYGEMM] for r in recs):
+            continue
+        cost = 0.0
+        for r in recs:
+            t = r.candidates[TINYGEMM]["ms"]
+            native = r.candidates.get("ref-torch-int4pack-bf16", {}).get("ms")
+            if r.phase == "decode" and native:
+                t = min(t, native)
+            cost += (r.runs or 1.0) * t
+        best = min((r.layout_costs or {}).values(), default=None)
+        if best is not None and cost < 0.98 * best:
+            return True
+    return False
+
+
 @dataclass
 class Variant:
     method: str
     scheme: str
+    dtype: torch.dtype
     qcfg: object = None
-    state: QuantState | None = None
     ref: gate_mod.SimReference | None = None
     quantize_s: float | None = None
     error: str | None = None
     proof: dict = field(default_factory=dict)
+    trained: dict | None = None  # the trained-model gate, once per variant
+    selection: list = field(default_factory=list)
 
     @property
-    def is_float(self) -> bool:
-        return self.state is None or not self.state.linears
+    def is_reference(self) -> bool:
+        return (self.method, self.scheme) == FLOAT_VARIANT
 
     @property
     def act_quant(self) -> bool:
         return self.qcfg is not None and self.qcfg.quantizes_acts
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.scheme} ({DTYPE_NAMES.get(self.dtype, self.dtype)})"
+
+
+class Budget:
+    """Seconds for one model, shared fairly. The float baseline (share 0) runs every batch size
+    while time is left (its rows are the other rows' denominators); after it, variant ``share``
+    starts its first batch while time is left and its later batches only within the first
+    ``share / (shares - 1)`` of the remaining time, so that every variant gets its batch-1 row."""
+
+    def __init__(self, seconds: float | None, shares: int):
+        self.seconds, self.shares, self.t0 = seconds, max(2, shares), time.time()
+        self.t_ref: float | None = None  # seconds spent when the baseline finished
+
+    def reference_done(self) -> None:
+        if self.t_ref is None:
+            self.t_ref = time.time() - self.t0
+
+    def allow(self, share: int, first_batch: bool) -> bool:
+        if self.seconds is None:
+            return True
+        elapsed = time.time() - self.t0
+        if elapsed > self.seconds:
+            return False
+        if first_batch or share == 0:
+            return True
+        t_ref = self.t_ref or 0.0
+        return elapsed < t_ref + (self.seconds - t_ref) * share / (self.shares - 1)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -201,177 +290,338 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
              batches=(1,), *, out: str | Path = "results/perf", suite: str = "perf",
              new_tokens: int = 128, text_tokens: int = 70, warmup: int = 5, reps: int = 20,
              gate: str = "auto", gate_tokens: int = 8, compile: bool = True, graphs: bool = True,
-             device: str = "cuda", dtype: str = "fp16", seed: int = 0, overrides: dict | None = None,
+             device: str = "cuda", dtype: str = "auto", seed: int = 0, overrides: dict | None = None,
              time_budget_s: float | None = None, kernels: list[str] | None = None,
-             leaderboard: bool = True, log=print) -> list[dict]:
+             objective: str = "generate", trained_gate: str = "auto", leaderboard: bool = True,
+             log=print) -> list[dict]:
     """Benchmark ``model`` (architecture name, folder or Hub id); returns the records written.
 
-    ``methods`` x ``schemes`` are quantized with the registered methods (random calibration where
-    a method needs data); fp16 is always measured first as the baseline of the same call.
+    ``dtype``: fp16 / bf16 / fp32, or ``auto`` (fp16 on CUDA, plus a bf16 pass with its own
+    baseline for variants whose best kernel needs bf16; fp32 on the CPU). ``objective``:
+    ``generate`` chooses each layer's layout by the time of the whole workload (prefill once,
+    ``new_tokens - 1`` decode steps), ``decode`` by decode time alone.
     """
+    if objective not in ("generate", "decode"):
+        raise ValueError(f"objective must be 'generate' or 'decode', got {objective!r}")
     t_start = time.time()
     overrides = dict(overrides or {})
     out = Path(out)
     run_id = uuid.uuid4().hex[:12]
+    cuda = str(device).startswith("cuda")
+    auto = dtype == "auto"
+    first_dtype = ("fp16" if cuda else "fp32") if auto else dtype
     torch.manual_seed(seed)
     info = device_info(device)
     bw = copy_bandwidth(device)
     log(f"[perf] {model} on {info.get('card')} (driver {info.get('driver')}, torch {info['torch']}); "
         f"copy bandwidth {bw and round(bw)} GB/s; run {run_id}")
-    set_compile(compile and str(device).startswith("cuda"))
+    set_compile(compile and cuda)
 
     t0 = time.time()
-    lm = load_for_perf(model, dtype=dtype, device=device, seed=seed)
+    lm = load_for_perf(model, dtype=first_dtype, device=device, seed=seed)
     log(f"[perf] model ready in {time.time() - t0:.1f}s")
     wl = make_workload(lm.model.config, text_tokens=text_tokens, new_tokens=new_tokens, seed=seed)
-    ids1, pix1 = wl.batch(1)
-    ids1, pix1 = ids1.to(device), pix1.to(device, lm.dtype)
     lang_path, _ = language_layers(lm.model)
+    float_linears = {n: m for n, m in select_linears(lm.model, ["language"]).items() if n.startswith(lang_path)}
+    plan_runs = {"decode": max(1, new_tokens - 1), "prefill": 1 if objective == "generate" else 0}
 
-    # 1. references (float model still on the device)
-    variants = [Variant(*FLOAT_VARIANT, qcfg=parse_scheme("w16a16"))]
-    variants[0].ref = gate_mod.simulated_reference(lm.model, ids1, pix1, gate_tokens)
-    for m in methods:
-        for s in schemes:
-            v = Variant(m, s)
-            variants.append(v)
-            try:
-                v.qcfg = parse_scheme(s, **overrides)
-                cls = method_class(m)
-                method = cls()
-                calib = random_calibration(lm, wl) if cls.calibrates(v.qcfg) else None
-                t0 = time.time()
-                v.state = method.quantize(lm, v.qcfg, calib)
-                if str(device).startswith("cuda"):
-                    torch.cuda.synchronize()
-                v.quantize_s = time.time() - t0
-                v.proof = v.state.proof()
-                handle = apply_state(lm.model, v.state, device=device)
-                try:
-                    v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, gate_tokens)
-                    v.proof["act_quantizers_fired"] = gate_mod.fake_linears_fired(lm.model)
-                finally:
-                    handle.restore()
-                log(f"[perf] {m} {s}: state in {v.quantize_s:.1f}s, {v.proof.get('quantized_linears')} "
-                    f"linears, simulated reference done")
-            except Exception as exc:  # noqa: BLE001 - one broken method must not stop the run
-                v.error = _short_error(exc)
-                log(f"[perf] {m} {s}: FAILED before timing: {v.error}")
-                traceback.print_exc()
-            if str(device).startswith("cuda"):
-                torch.cuda.empty_cache()
-
-    # 2. the float decoder linears leave the device
-    float_linears = select_linears(lm.model, ["language"])
-    float_linears = {n: l for n, l in float_linears.items() if n.startswith(lang_path)}
-    for lin in float_linears.values():
-        lin.to("cpu")
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
-
-    records = []
     common = {"suite": suite, "model": model, "task": None, "metric": "perf", "value": None,
               "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
               "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
               "copy_bandwidth_gbs": bw, "versions": info, "git": git_describe(), "seed": seed,
-              "run_id": run_id, "workload": wl.describe(), "model_path": lm.path,
+              "run_id": run_id, "workload": wl.describe(), "model_path": lm.path, "objective": objective,
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
-
-    def make_linear_for(v: Variant):
-        def make(path, lin):
-            lq = None if v.state is None else v.state.linears.get(path)
-            if lq is None:
-                if lin is None:
-                    raise ValueError(f"{path}: neither in the state nor in the model")
-                w = lin.weight.detach().to(device=device, dtype=lm.dtype)
-                b = None if lin.bias is None else lin.bias.detach().to(device=device, dtype=lm.dtype)
-                return RealLinear(w.shape[1], w.shape[0], weight=w, bias=b, name=path)
-            return RealLinear.from_quant(lq, lin, device=device, dtype=lm.dtype, name=path)
-        return make
-
-    skipped = []
-    for B in batches:
-        for v in variants:
-            skip = time_budget_s is not None and time.time() - t_start > time_budget_s
-            rec = dict(common, method=v.method, scheme=v.scheme, batch_size=B,
-                       quant_config=v.qcfg.to_dict() if v.qcfg is not None else None,
-                       quantize_s=v.quantize_s, proof=v.proof, n=reps, latency=None, memory=None,
-                       kernel=None, status="failed", error=v.error, gate=None,
-                       config_hash=hashlib.sha256(json.dumps(
-                           [model, v.method, v.qcfg.to_dict() if v.qcfg else v.scheme, B, wl.describe()],
-                           sort_keys=True, default=str).encode()).hexdigest()[:16])
-            if skip:
-                skipped.append((v.method, v.scheme, B))
-                rec["error"] = f"not run: time budget of {time_budget_s:.0f}s spent"
-            elif v.error is None:
-                engine = None
-                try:
-                    t_eval = time.time()
-                    blocks = build_blocks(lm.model, make_linear_for(v))
-                    engine = LlavaEngine(lm.model, blocks, compile=compile, graphs=graphs)
-                    ids, pix = wl.batch(B)
-                    engine.setup(ids, pix, new_tokens)
-                    lin = []
-                    for m_ in engine.linears().values():
-                        lin.extend(m_.parts if hasattr(m_, "parts") else [m_])
-                    sel = []
-                    for phase, rows in (("decode", B), ("prefill", B * wl.input_ids.shape[1])):
-                        sel += select_kernels(lin, phase, rows, dtype=lm.dtype, only=kernels,
-                                              log=log)
-                    for m_ in lin:
-                        if isinstance(m_, RealLinear):
-                            m_.finalize_storage()  # one weight layout per layer, as deployed
-                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                    engine.capture()
-                    ks = kernel_summary(engine)
-                    rec["kernel"] = "; ".join(f"{p}={'+'.join(n)}" for p, n in ks.items())
-                    rec["kernels"] = {**ks, "selection": [s.__dict__ for s in sel],
-                                      "compiled_glue": engine.compiled,
-                                      "cuda_graphs": sorted(engine.graphs) if engine.use_graphs else [],
-                                      "graph_notes": engine.graph_notes}
-                    g = gate_mod.check(engine, v.ref, act_quant=v.act_quant, policy=gate)
-                    rec["gate"] = g
-                    simulated = any("simulated" in n for n in ks["prefill"] + ks["decode"])
-                    log(f"[perf] B={B} {v.method} {v.scheme}: gate {'PASS' if g['passed'] else 'FAIL'} "
-                        f"(layerwise {g['layerwise_max_rel_err']:.2e}, e2e {g['e2e_rel_logit_err']:.2e}, "
-                        f"tokens {'same' if g['e2e_tokens_match'] else 'DIFFER'}) kernels {rec['kernel']}")
-                    if not g["passed"]:
-                        rec["error"] = "correctness gate failed: not timed"
-                    elif simulated:
-                        rec["kernel"] = "simulated"
-                        rec["status"] = "ok"
-                        rec["error"] = "no real kernel for this scheme here: not timed (simulated)"
-                    else:
-                        lat = time_generate(engine, warmup=warmup, reps=reps)
-                        mem = peak_memory(engine)
-                        mem.update(weight_bytes(engine))
-                        mem["kv_cache_bytes"] = int(sum(k.numel() * k.element_size() * 2 for k in engine.k_cache))
-                        rec["latency"] = lat
-                        rec["memory"] = mem
-                        rec["status"] = "ok"
-                        peak = mem["peak_bytes"] / 2**30 if mem.get("peak_bytes") else float("nan")
-                        log(f"[perf] B={B} {v.method} {v.scheme}: ttft {lat['ttft_ms']:.2f} ms, decode "
-                            f"{lat['decode_ms_per_token']:.3f} ms/tok (IQR {lat['iqr']['decode_ms_per_token']:.3f}), "
-                            f"peak {peak:.2f} GiB")
-                    rec["eval_s"] = time.time() - t_eval
-                except Exception as exc:  # noqa: BLE001
-                    rec["error"] = _short_error(exc)
-                    log(f"[perf] B={B} {v.method} {v.scheme}: FAILED: {rec['error']}")
-                    traceback.print_exc()
-                finally:
-                    if engine is not None:
-                        engine.release()
-                    engine = None
-                    blocks = None
-                    if str(device).startswith("cuda"):
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-            rec["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            append_record(out / "records.jsonl", rec)
-            records.append(rec)
+    ctx = _Ctx(lm=lm, wl=wl, out=out, common=common, batches=list(batches), new_tokens=new_tokens,
+               warmup=warmup, reps=reps, gate=gate, gate_tokens=gate_tokens, compile=compile,
+               graphs=graphs, device=device, kernels=kernels, overrides=overrides, plan_runs=plan_runs,
+               float_linears=float_linears, lang_path=lang_path, log=log,
+               trained_gate="on" if trained_gate == "on" or (trained_gate == "auto" and cuda) else "off")
+    pairs = [FLOAT_VARIANT] + [(m, s) for m in methods for s in schemes]
+    budget = Budget(time_budget_s, len(pairs) + (1 if auto and cuda else 0))
+    records: list[dict] = []
+    wanted = []
+    for i, (m, s) in enumerate(pairs):
+        v = Variant(m, s, lm.dtype)
+        records += ctx.run_variant(v, budget, share=i)
+        if i == 0:
+            budget.reference_done()
+        if auto and cuda and not v.is_reference and wants_bf16(v.selection):
+            wanted.append((m, s))
+    if wanted:
+        log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {wanted}")
+        lm.model.to(torch.bfloat16)
+        lm.dtype = torch.bfloat16
+        _sync(device)
+        for m, s in [FLOAT_VARIANT] + wanted:  # the bf16 baseline first, with every batch size
+            v = Variant(m, s, torch.bfloat16)
+            records += ctx.run_variant(v, budget, share=0 if v.is_reference else budget.shares - 1)
+    skipped = [(r["method"], r["scheme"], r["dtype"], r["batch_size"]) for r in records
+               if str(r.get("error") or "").startswith("not run")]
     if skipped:
         log(f"[perf] not run (time budget {time_budget_s}s): {skipped}")
     if leaderboard:
-        write_leaderboard(out / "records.jsonl", out / "leaderboard.md")
+        write_perf_table(out / "records.jsonl", out / "leaderboard.md")
     log(f"[perf] done in {time.time() - t_start:.0f}s")
     return records
+
+
+@dataclass
+class _Ctx:
+    lm: object
+    wl: Workload
+    out: Path
+    common: dict
+    batches: list
+    new_tokens: int
+    warmup: int
+    reps: int
+    gate: str
+    gate_tokens: int
+    compile: bool
+    graphs: bool
+    device: str
+    kernels: list | None
+    overrides: dict
+    plan_runs: dict
+    float_linears: dict
+    lang_path: str
+    log: object
+    trained_gate: str = "auto"
+    _trained_lm: object = None
+    float_e2e: dict = field(default_factory=dict)  # dtype -> the float engine's end-to-end error
+
+    # -- one variant ---------------------------------------------------------------------------
+
+    def _record(self, v: Variant, B: int, **fields) -> dict:
+        qd = v.qcfg.to_dict() if v.qcfg is not None else None
+        rec = dict(self.common, method=v.method, variant=v.method, reference=v.is_reference,
+                   scheme=v.scheme, dtype=DTYPE_NAMES.get(v.dtype, str(v.dtype)), batch_size=B,
+                   quant_config=qd, quantize_s=v.quantize_s, proof=v.proof, n=self.reps, latency=None,
+                   memory=None, kernel=None, status="failed", error=v.error, gate=None,
+                   config_hash=hashlib.sha256(json.dumps(
+                       [self.common["model"], v.method, qd or v.scheme, B, DTYPE_NAMES.get(v.dtype),
+                        self.common["workload"], self.common["objective"]],
+                       sort_keys=True, default=str).encode()).hexdigest()[:16])
+        rec.update(fields)
+        rec.pop("timestamp", None)
+        return write_perf_record(self.out / "records.jsonl", **rec)
+
+    def _quantize(self, v: Variant, lm, wl: Workload):
+        """State + simulated reference of ``v`` on ``lm`` (None state for the float baseline)."""
+        ids1, pix1 = wl.batch(1)
+        ids1, pix1 = ids1.to(self.device), pix1.to(self.device, lm.dtype)
+        v.qcfg = parse_scheme(v.scheme, **({} if v.is_reference else self.overrides))
+        if v.is_reference:
+            v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, self.gate_tokens)
+            return None
+        cls = method_class(v.method)
+        calib = random_calibration(lm, wl) if cls.calibrates(v.qcfg) else None
+        t0 = time.time()
+        state = cls().quantize(lm, v.qcfg, calib)
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        v.quantize_s = time.time() - t0
+        v.proof = state.proof()
+        handle = apply_state(lm.model, state, device=self.device)
+        try:
+            v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, self.gate_tokens)
+            v.proof["act_quantizers_fired"] = gate_mod.fake_linears_fired(lm.model)
+        finally:
+            handle.restore()
+        return state
+
+    def _blocks(self, model, state, dtype):
+        def make(path, lin):
+            lq = None if state is None else state.linears.get(path)
+            if lq is None:
+                if lin is None:
+                    raise ValueError(f"{path}: neither in the state nor in the model")
+                w = lin.weight.detach().to(device=self.device, dtype=dtype)
+                b = None if lin.bias is None else lin.bias.detach().to(device=self.device, dtype=dtype)
+                return RealLinear(w.shape[1], w.shape[0], weight=w, bias=b, name=path)
+            return RealLinear.from_quant(lq, lin, device=self.device, dtype=dtype, name=path)
+        return build_blocks(model, make)
+
+    def run_variant(self, v: Variant, budget: Budget, share: int) -> list[dict]:
+        log, lm = self.log, self.lm
+        recs = []
+        if not budget.allow(share, True):
+            return [self._record(v, B, error=f"not run: time budget of {budget.seconds:.0f}s spent")
+                    for B in self.batches]
+        blocks = None
+        try:
+            state = self._quantize(v, lm, self.wl)
+            blocks = self._blocks(lm.model, state, lm.dtype)
+            del state  # the deployed layers hold what the engine needs
+            _sync(self.device)
+            log(f"[perf] {v.label}: state in {v.quantize_s or 0:.1f}s, "
+                f"{v.proof.get('quantized_linears', 0)} linears, simulated reference done")
+        except Exception as exc:  # noqa: BLE001 - one broken method must not stop the run
+            v.error = _short_error(exc)
+            log(f"[perf] {v.label}: FAILED before timing: {v.error}")
+            traceback.print_exc()
+            return [self._record(v, B) for B in self.batches]
+        for bi, B in enumerate(self.batches):
+            if not budget.allow(share, bi == 0):
+                recs.append(self._record(v, B, error=f"not run: time budget of {budget.seconds:.0f}s spent"))
+                continue
+            recs.append(self._run_batch(v, blocks, B))
+        del blocks
+        _sync(self.device)
+        return recs
+
+    def _run_batch(self, v: Variant, blocks, B: int) -> dict:
+        log, lm, wl = self.log, self.lm, self.wl
+        fields: dict = {}
+        engine = None
+        try:
+            t_eval = time.time()
+            engine = LlavaEngine(lm.model, blocks, compile=self.compile, graphs=self.graphs)
+            ids, pix = wl.batch(B)
+            engine.setup(ids, pix, self.new_tokens)
+            lin = _parts(engine)
+            for m in lin:
+                if isinstance(m, RealLinear):
+                    m.choice.clear()
+                    m.restore_ours()
+            T = wl.input_ids.shape[1]
+            plan = [("decode", B, float(self.plan_runs["decode"])), ("prefill", B * T, float(self.plan_runs["prefill"]))]
+            sel = select_kernels(lin, plan=plan, dtype=lm.dtype, only=self.kernels, log=log)
+            if B == self.batches[0]:
+                v.selection = sel
+            for m in lin:
+                if isinstance(m, RealLinear):
+                    m.finalize_storage()  # one weight layout per layer, as deployed
+            _sync(self.device)
+            engine.capture()
+            ks = kernel_summary(engine)
+            fields["kernel"] = "; ".join(f"{p}={'+'.join(n)}" for p, n in ks.items())
+            fields["kernels"] = {**ks, "selection": [s.__dict__ for s in sel], "fused_producers": engine.fused,
+                                 "compiled_glue": engine.compiled,
+                                 "cuda_graphs": sorted(engine.graphs) if engine.use_graphs else [],
+                                 "graph_notes": engine.graph_notes,
+                                 "layer_notes": sorted({f"{k}: {n}" for m in lin if isinstance(m, RealLinear)
+                                                        for k, n in m.notes.items()})}
+            g = gate_mod.check(engine, v.ref, act_quant=v.act_quant, policy=self.gate,
+                               float_e2e=self.float_e2e.get(v.dtype) if not v.is_reference else None)
+            if engine.fused:
+                g["producers"] = gate_mod.check_producers(engine, v.ref)
+                g["passed"] = bool(g["passed"] and g["producers"]["passed"])
+            if v.is_reference and g.get("e2e_rel_logit_err") is not None:
+                self.float_e2e[v.dtype] = g["e2e_rel_logit_err"]
+            if self.trained_gate != "off" and v.trained is None:
+                v.trained = self._trained(v, engine)
+            if v.trained is not None:
+                g["trained"] = v.trained
+                if v.trained.get("ran"):
+                    g["passed"] = gate_mod.combine(g, v.trained)
+            fields["gate"] = g
+            simulated = any("simulated" in n for n in ks["prefill"] + ks["decode"])
+            tr = v.trained or {}
+            log(f"[perf] B={B} {v.label}: gate {'PASS' if g['passed'] else 'FAIL'} "
+                f"(layerwise {g['layerwise_max_rel_err']:.2e}, e2e {g['e2e_rel_logit_err']:.2e} "
+                f"tol {g['e2e_tol']:.1e}, tokens {'same' if g['e2e_tokens_match'] else 'DIFFER'}"
+                + (f", producers {'ok' if g['producers']['passed'] else 'FAIL'}" if "producers" in g else "")
+                + (f", trained e2e {tr.get('e2e_rel_logit_err', float('nan')):.2e} "
+                   f"{'PASS' if tr.get('passed') else 'FAIL'}" if tr.get("ran") else "")
+                + f") kernels {fields['kernel']}")
+            if not g["passed"]:
+                fields["error"] = "correctness gate failed: not timed"
+            elif simulated:
+                fields.update(kernel="simulated", status="ok",
+                              error="no real kernel for this scheme here: not timed (simulated)")
+            else:
+                lat = time_generate(engine, warmup=self.warmup, reps=self.reps)
+                mem = peak_memory(engine, exclude_bytes=idle_float_bytes(self.float_linears, engine))
+                mem.update(weight_bytes(engine))
+                mem["kv_cache_bytes"] = int(sum(k.numel() * k.element_size() * 2 for k in engine.k_cache))
+                fields.update(latency=lat, memory=mem, status="ok", error=None)
+                peak = mem["peak_bytes"] / 2**30 if mem.get("peak_bytes") else float("nan")
+                log(f"[perf] B={B} {v.label}: ttft {lat['ttft_ms']:.2f} ms, prefill {lat['prefill_ms']:.2f} ms, "
+                    f"decode {lat['decode_ms_per_token']:.3f} ms/tok (IQR {lat['iqr']['decode_ms_per_token']:.3f}), "
+                    f"peak {peak:.2f} GiB")
+            fields["eval_s"] = time.time() - t_eval
+        except Exception as exc:  # noqa: BLE001
+            fields["error"] = _short_error(exc)
+            log(f"[perf] B={B} {v.label}: FAILED: {fields['error']}")
+            traceback.print_exc()
+        finally:
+            if engine is not None:
+                engine.release()
+            engine = None
+            _sync(self.device)
+        return self._record(v, B, **fields)
+
+    # -- the trained-model gate ----------------------------------------------------------------
+
+    def _trained(self, v: Variant, big: LlavaEngine) -> dict:
+        """End to end on the bundled trained model, with the kernels ``big`` chose (by layer role and
+        phase) wherever they take its shapes: on random weights, one-step code flips at rounding
+        ties are amplified through 32-40 layers and hide kernel bugs; a trained model is not."""
+        from ..models.loading import bundled_models, load_model
+
+        if TRAINED_GATE_MODEL not in bundled_models():
+            return {"ran": False, "reason": f"bundled model {TRAINED_GATE_MODEL} not found"}
+        out: dict = {"ran": True, "model": TRAINED_GATE_MODEL}
+        engine = None
+        try:
+            if self._trained_lm is None or self._trained_lm.dtype != self.lm.dtype:
+                self._trained_lm = load_model(TRAINED_GATE_MODEL, dtype=self.lm.dtype, device=self.device)
+            tlm = self._trained_lm
+            tv = Variant(v.method, v.scheme, tlm.dtype)
+            wl = make_workload(tlm.model.config, text_tokens=24, new_tokens=self.gate_tokens + 1, seed=1)
+            state = self._quantize(tv, tlm, wl)
+            blocks = self._blocks(tlm.model, state, tlm.dtype)
+            del state
+            engine = LlavaEngine(tlm.model, blocks, compile=False, graphs=False)  # the kernels are the subject
+            ids, pix = wl.batch(1)
+            engine.setup(ids, pix, wl.new_tokens)
+            roles = {}
+            for key, m in zip(("qkv", "o", "gate_up", "down"), (big.blocks[0].qkv, big.blocks[0].o,
+                                                               big.blocks[0].gate_up, big.blocks[0].down)):
+                roles[key] = dict(getattr(m, "choice", {}))
+            forced, fallback = {}, []
+            lin = []
+            for blk in engine.blocks:
+                for key in ("qkv", "o", "gate_up", "down"):
+                    m = getattr(blk, key)
+                    for p in (m.parts if hasattr(m, "parts") else [m]):
+                        if not isinstance(p, RealLinear):
+                            continue
+                        p._dtype = tlm.dtype
+                        for ph in ("decode", "prefill"):
+                            want = roles[key].get(ph)
+                            if want and want in p.candidates(ph, self.device, opt_in=self.kernels or (),
+                                                             dtype=tlm.dtype):
+                                p.choice[ph] = want
+                                forced[f"{key}.{ph}"] = want
+                            else:
+                                lin.append((p, ph))
+            if lin:  # the big model's kernel does not take these shapes: select among the others
+                rows = {"decode": 1, "prefill": int(ids.shape[1])}
+                for ph in ("decode", "prefill"):
+                    layers = [p for p, q in lin if q == ph]
+                    if layers:
+                        sel = select_kernels(layers, plan=[(ph, rows[ph], 1.0)], dtype=tlm.dtype, reps=2)
+                        fallback += [f"{ph} {tuple(s.shape)} -> {s.chosen}" for s in sel]
+            for p in _parts(engine):
+                if isinstance(p, RealLinear):
+                    p.finalize_storage()
+            engine.capture(warmup=1)
+            g = gate_mod.check(engine, tv.ref, act_quant=False, policy="auto")
+            out.update(passed=bool(g["passed"]), e2e_rel_logit_err=g["e2e_rel_logit_err"], e2e_tol=g["e2e_tol"],
+                       e2e_tokens_match=g["e2e_tokens_match"], layerwise_max_rel_err=g["layerwise_max_rel_err"],
+                       tokens_sim=g["tokens_sim"], tokens_real=g["tokens_real"], kernels=forced,
+                       not_accepted=fallback, fused_producers=engine.fused)
+            if engine.fused:
+                pc = gate_mod.check_producers(engine, tv.ref)
+                out["producers"] = pc
+                out["passed"] = bool(out["passed"] and pc["passed"])
+        except Exception as exc:  # noqa: BLE001 - recorded; the variant fails its gate
+            out.update(passed=False, error=_short_error(exc))
+            traceback.print_exc()
+        finally:
+            if engine is not None:
+                engine.release()
+            _sync(self.device)
+        return out

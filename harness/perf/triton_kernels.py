@@ -1,8 +1,8 @@
 """Triton kernels of the real-kernel backend (GPU; they also run under ``TRITON_INTERPRET=1`` on CPU).
 
-``wq_matmul``: ``y = x @ dequant(W).T`` for fp16 ``x`` and int4-packed or int8-stored weights with
+``wq_matmul``: ``y = x @ dequant(W).T`` for fp16 or bf16 ``x`` and int4-packed or int8-stored weights with
 per-group scales and zero points. The weight is dequantized in registers exactly as the simulated
-model does it, ``fp16((code - zero) * scale)`` in float32, so the only difference from the simulated
+model does it, ``dtype((code - zero) * scale)`` in float32, so the only difference from the simulated
 layer is the order of the float32 accumulation. Two shapes of the same arithmetic:
 ``gemv`` (CUDA-core multiply-add, for decode with a handful of rows) and ``dot`` (tensor cores).
 
@@ -32,11 +32,24 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_CPU = {"on": False}
+
+
+def interpret_on_cpu(on: bool = True) -> bool:
+    """Let the kernels run on CPU tensors through Triton's interpreter (tests; needs
+    ``TRITON_INTERPRET=1`` before this module is imported). Returns the previous setting."""
+    prev = _CPU["on"]
+    _CPU["on"] = bool(on)
+    return prev
+
+
 def available(device: torch.device | str) -> bool:
-    """Triton kernels run on CUDA, or anywhere under the interpreter."""
+    """Triton kernels run on CUDA; on the CPU only under the interpreter, when asked for."""
     if not HAS_TRITON:
         return False
-    return INTERPRET or str(device).startswith("cuda")
+    if str(device).startswith("cuda"):
+        return not INTERPRET
+    return INTERPRET and _CPU["on"]
 
 
 if HAS_TRITON:
@@ -90,7 +103,8 @@ if HAS_TRITON:
         if not keep:  # small groups: shrink the K tile of the first config to fit
             import math as _m
 
-            bk = 1 << (_m.gcd(K, group).bit_length() - 1)
+            g_ = _m.gcd(K, group)
+            bk = g_ & -g_  # the largest power of two dividing both
             if bk < 16:
                 raise ValueError(f"no kernel tile divides K={K} and group={group}")
             c = configs[0]
@@ -124,15 +138,15 @@ if HAS_TRITON:
                     g = k0 // GROUP
                     s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
                     z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
-                    wlo = ((lo - z) * s).to(tl.float16).to(tl.float32)
-                    whi = ((hi - z) * s).to(tl.float16).to(tl.float32)
+                    wlo = ((lo - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)
+                    whi = ((hi - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)
                 else:  # groups smaller than the tile: scale per column (even and odd apart)
                     ge = offs_n[:, None] * G + ((k0 + 2 * kh) // GROUP)[None, :]
                     go = offs_n[:, None] * G + ((k0 + 2 * kh + 1) // GROUP)[None, :]
                     wlo = ((lo - tl.load(z_ptr + ge, mask=n_ok[:, None], other=0.0))
-                           * tl.load(s_ptr + ge, mask=n_ok[:, None], other=0.0)).to(tl.float16).to(tl.float32)
+                           * tl.load(s_ptr + ge, mask=n_ok[:, None], other=0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
                     whi = ((hi - tl.load(z_ptr + go, mask=n_ok[:, None], other=0.0))
-                           * tl.load(s_ptr + go, mask=n_ok[:, None], other=0.0)).to(tl.float16).to(tl.float32)
+                           * tl.load(s_ptr + go, mask=n_ok[:, None], other=0.0)).to(x_ptr.dtype.element_ty).to(tl.float32)
                 xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * kh)[None, :],
                              mask=m_ok[:, None], other=0.0).to(tl.float32)
                 xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * kh + 1)[None, :],
@@ -152,11 +166,11 @@ if HAS_TRITON:
                     gi = offs_n[:, None] * G + ((k0 + kk) // GROUP)[None, :]
                     s = tl.load(s_ptr + gi, mask=n_ok[:, None], other=0.0)
                     z = tl.load(z_ptr + gi, mask=n_ok[:, None], other=0.0)
-                w = ((q - z) * s).to(tl.float16).to(tl.float32)
+                w = ((q - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
                              mask=m_ok[:, None], other=0.0).to(tl.float32)
                 acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.autotune(configs=_dot_configs(), key=["MB", "N", "K", "GROUP", "PACKED"],
@@ -183,15 +197,15 @@ if HAS_TRITON:
                     g = k0 // GROUP
                     s = tl.load(s_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
                     z = tl.load(z_ptr + offs_n * G + g, mask=n_ok, other=0.0)[:, None]
-                    wlo = (((p & 15).to(tl.float32) - z) * s).to(tl.float16)
-                    whi = (((p >> 4).to(tl.float32) - z) * s).to(tl.float16)
+                    wlo = (((p & 15).to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty)
+                    whi = (((p >> 4).to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty)
                 else:
                     ge = offs_n[:, None] * G + ((k0 + 2 * kh) // GROUP)[None, :]
                     go = offs_n[:, None] * G + ((k0 + 2 * kh + 1) // GROUP)[None, :]
                     wlo = (((p & 15).to(tl.float32) - tl.load(z_ptr + ge, mask=n_ok[:, None], other=0.0))
-                           * tl.load(s_ptr + ge, mask=n_ok[:, None], other=0.0)).to(tl.float16)
+                           * tl.load(s_ptr + ge, mask=n_ok[:, None], other=0.0)).to(x_ptr.dtype.element_ty)
                     whi = (((p >> 4).to(tl.float32) - tl.load(z_ptr + go, mask=n_ok[:, None], other=0.0))
-                           * tl.load(s_ptr + go, mask=n_ok[:, None], other=0.0)).to(tl.float16)
+                           * tl.load(s_ptr + go, mask=n_ok[:, None], other=0.0)).to(x_ptr.dtype.element_ty)
                 w = tl.interleave(wlo, whi)  # [BLOCK_N, BLOCK_K], even columns from the low nibble
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
                              mask=m_ok[:, None], other=0.0)
@@ -209,11 +223,11 @@ if HAS_TRITON:
                     gi = offs_n[:, None] * G + ((k0 + kk) // GROUP)[None, :]
                     s = tl.load(s_ptr + gi, mask=n_ok[:, None], other=0.0)
                     z = tl.load(z_ptr + gi, mask=n_ok[:, None], other=0.0)
-                w = ((q - z) * s).to(tl.float16)
+                w = ((q - z) * s).to(x_ptr.dtype.element_ty)
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
                              mask=m_ok[:, None], other=0.0)
                 acc = tl.dot(xk, tl.trans(w), acc)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
     # ------------------------------------------------------------------ bandwidth-bound GEMV (v2)
@@ -239,7 +253,8 @@ if HAS_TRITON:
         if not keep:
             import math as _m
 
-            bk = 1 << (_m.gcd(K, group).bit_length() - 1)
+            g_ = _m.gcd(K, group)
+            bk = g_ & -g_  # the largest power of two dividing both
             keep = [triton.Config({"BLOCK_N": 8, "BLOCK_K": bk}, num_warps=4, num_stages=2)]
         return keep
 
@@ -289,7 +304,7 @@ if HAS_TRITON:
             s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
             z = tl.load(z_ptr + offs_n, mask=n_ok, other=0.0)
             acc = s[None, :] * (acc - z[None, :] * xsum[:, None])
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(tl.float16),
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
     # ------------------------------------------------------------------ integer tensor-core GEMM
@@ -361,7 +376,7 @@ if HAS_TRITON:
         sa = tl.load(sa_ptr + offs_m, mask=m_ok, other=0.0)
         sw = tl.load(sw_ptr + offs_n, mask=n_ok, other=0.0)
         y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(tl.float16),
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -378,7 +393,7 @@ def wq_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch
     M, K = x.shape
     N = w.shape[0]
     G = scale.shape[1]
-    y = torch.empty((M, N), device=x.device, dtype=torch.float16)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if x.stride(1) != 1:
         x = x.contiguous()
     if mode == "gemv":
@@ -399,7 +414,7 @@ def wq_gemv2(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.
     M, K = x.shape
     N = w.shape[0]
     G = scale.shape[1]
-    y = torch.empty((M, N), device=x.device, dtype=torch.float16)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if x.stride(1) != 1:
         x = x.contiguous()
     words = w.view(torch.int32)
@@ -412,11 +427,11 @@ def wq_gemv2(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.
 
 def scaled_gemm(a: torch.Tensor, w: torch.Tensor, zw: torch.Tensor, sa: torch.Tensor,
                 sw: torch.Tensor, rowsum: torch.Tensor | None, wfmt: int, fp8: bool,
-                corr: bool) -> torch.Tensor:
+                corr: bool, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Integer-operand GEMM with the row and column scales applied in the epilogue."""
     M, K = a.shape
     N = w.shape[0]
-    y = torch.empty((M, N), device=a.device, dtype=torch.float16)
+    y = torch.empty((M, N), device=a.device, dtype=out_dtype)
     rs = rowsum if rowsum is not None else sa  # unused unless corr
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _scaled_gemm_kernel[grid](a, w, zw, sa, sw, rs, y, M, N, K, _mb(M), WFMT=wfmt, FP8=fp8, CORR=corr)

@@ -12,9 +12,10 @@ import json
 import re
 from dataclasses import dataclass
 
+from ..models.parts import PARTS
+
 SCHEME_RE = re.compile(r"^w(\d+)a(\d+)$")
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-PARTS = ("language", "vision", "projector", "lm_head")
 ACT_GRANULARITIES = ("per_token", "per_tensor")
 COMMON_SCHEMES = ("w16a16", "w8a8", "w6a6", "w4a4", "w4a16", "w8a16", "w3a16", "w4a8")
 

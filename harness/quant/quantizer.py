@@ -19,6 +19,13 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"quantization bit width must be an integer in 2..8, got {bits!r}")
 
 
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A divisor as a tensor on ``like``'s device: CUDA divides by a Python scalar as a multiply
+    by its float32 reciprocal (1 ulp off true division), while kernels divide exactly
+    (``div_rn``); a tensor divisor gives IEEE division on every device."""
+    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+
+
 def qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Tensor = 1.0,
             dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point reducing over ``dim`` (kept), from the clipped range of ``x``.
@@ -31,12 +38,12 @@ def qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Ten
     levels = 2 ** bits - 1
     if sym:
         amax = x.abs().amax(dim=dim, keepdim=True) * clip_ratio
-        scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(EPS)
+        scale = (amax / _const(2 ** (bits - 1) - 1, amax)).clamp_min(EPS)
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
         xmin = x.amin(dim=dim, keepdim=True).clamp(max=0) * clip_ratio
         xmax = x.amax(dim=dim, keepdim=True).clamp(min=0) * clip_ratio
-        scale = ((xmax - xmin) / levels).clamp_min(EPS)
+        scale = ((xmax - xmin) / _const(levels, xmax)).clamp_min(EPS)
         zero = torch.round(-xmin / scale).clamp(0, levels)
     return scale, zero
 

@@ -31,7 +31,7 @@ SPLITS = ("train", "validation", "test")
 # a fresh clone generates and caches the split first, ~50 s of a 5-minute default suite.
 SPLIT_SIZES = {"train": 2_000, "validation": 150, "test": 150}
 
-# Prompts of the real protocols (PROTOCOLS.md): LLaVA-1.5's single-pred ScienceQA prompt, and the
+# Prompts of the real protocols (docs/protocols.md): LLaVA-1.5's single-pred ScienceQA prompt, and the
 # LLaVA VizWiz / VQAv2 short-answer prompts.
 SQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 VIZWIZ_INSTRUCTION = ("When the provided information is insufficient, respond with 'Unanswerable'.\n"

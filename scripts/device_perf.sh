@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One time-limited device call of the perf benchmark (issue 20): a CUDA self-test of every kernel
+# candidate, then `qvlm-bench perf` on the llava-1.5-7b and -13b shapes (fp16 baseline, RTN w4a16,
+# w8a8, w4a4, w6a6; batch 1, 8, 32), records and logs under $OUT, a summary table last.
+#
+# usage (repository root, one H200):
+#   QVLM_GIT_COMMIT=<sha of the checkout> OUT=/path bash scripts/device_perf.sh [PHASES]
+# PHASES: comma-separated among selftest, 7b, 13b (default: all three, ~7.5 minutes). Each phase is
+# a separate process under its own time limit, so a phase that hangs or dies leaves the others'
+# results; every finished (model, variant, batch) cell is in $OUT/perf/records.jsonl at once.
+# Limits (seconds, env): SELFTEST_S (default 70), PERF_7B_S (185), PERF_13B_S (195); each perf
+# phase stops starting new cells BUDGET_MARGIN_S (50) before its limit (--time-budget), and shares
+# its time fairly: every variant gets its batch-1 row before later variants' larger batches.
+# Split over two calls, e.g.: PERF_7B_S=420 ... selftest,7b   then   PERF_13B_S=480 ... 13b
+# Wheels of packages the device lacks (gemlite) travel in .whl/ and are installed to /tmp/site.
+# DRY=1: the same plumbing on a CPU (tiny shapes, the bundled model; needs TRITON_INTERPRET=1).
+set -u
+: "${OUT:?set OUT to the folder whose files come back}"
+PHASES=${1:-selftest,7b,13b}
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/qvlm-triton-cache}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/qvlm-inductor-cache}
+mkdir -p "$OUT/perf"
+if [ -z "${QVLM_GIT_COMMIT:-}" ]; then
+  echo "warning: QVLM_GIT_COMMIT is not set; records will carry whatever git says here" | tee -a "$OUT/device.log"
+fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH}  # the harness without installing it
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.max.sm,power.limit \
+  --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 \
+  | tee -a "$OUT/device.log"
+python3 -c "import gemlite; print('gemlite', gemlite.__version__)" 2>&1 | tail -1 | tee -a "$OUT/device.log"
+
+MARGIN=${BUDGET_MARGIN_S:-50}
+# the perf command's arguments for every model; PERF_EXTRA is appended (e.g. "--schemes w4a16")
+PERF_ARGS=(--methods rtn --schemes w4a16,w8a8,w4a4,w6a6 --batch 1,8,32 --new-tokens 64 --warmup 2
+           --reps 5 --gate-tokens 4 --out "$OUT/perf")
+phase() {  # name, limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "=== $name (limit ${limit}s) at $((t - T0))s" | tee -a "$OUT/device.log"
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $(( $(date +%s) - t ))s" | tee -a "$OUT/device.log"
+  grep -E "^\[perf\].*(PASS|FAIL|decode|not run)|FAILED|Error|^\[selftest\] [0-9]+ failed" "$OUT/$name.log" \
+    | tail -n 40 | tee -a "$OUT/device.log"
+}
+DRY_ARGS=()
+if [ -n "${DRY:-}" ]; then
+  DRY_ARGS=(--dry-cpu)
+  PERF_ARGS=(--device cpu --dtype fp32 --trained-gate on --schemes w4a16,w4a4 --batch 1 --new-tokens 3
+             --warmup 1 --reps 1 --gate-tokens 2 --text-tokens 8 --out "$OUT/perf")
+fi
+for ph in ${PHASES//,/ }; do
+  case $ph in
+    selftest) S=${SELFTEST_S:-70}
+              phase selftest "$S" python3 scripts/device_perf.py selftest --budget $((S - 20)) \
+                --out "$OUT/selftest.json" "${DRY_ARGS[@]}" ;;
+    7b|13b)   if [ "$ph" = 7b ]; then S=${PERF_7B_S:-185}; else S=${PERF_13B_S:-195}; fi
+              M="llava-1.5-$ph"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
+              # shellcheck disable=SC2086  # PERF_EXTRA holds several arguments
+              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+                --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
+    *)        echo "unknown phase $ph (selftest, 7b, 13b)" ;;
+  esac
+done
+echo "=== summary at $(( $(date +%s) - T0 ))s"
+python3 scripts/device_perf.py summary "$OUT/perf/records.jsonl" 2>&1 | tee "$OUT/summary.txt"
+echo "total $(( $(date +%s) - T0 ))s"

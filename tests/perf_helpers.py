@@ -1,0 +1,30 @@
+"""Shared pieces of the perf tests: the Triton-interpreter fixture and quantized test layers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+
+def triton_interpreter():
+    """Run harness.perf's Triton kernels on CPU tensors for one test (skip where impossible)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (it is in the test extra: pip install -e '.[test]')")
+    from harness.perf import triton_kernels as tk
+
+    if not tk.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1 was not set before harness.perf was imported (tests/conftest.py "
+                    "sets it where there is no GPU)")
+    return tk
+
+
+def rand_acts(rows: int, k: int, seed: int, dtype=torch.float16, outliers: bool = True) -> torch.Tensor:
+    """Random activations with a few large channels, as LLMs have; never all zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    if outliers:
+        cols = torch.randint(0, k, (max(1, k // 32),), generator=g)
+        x[:, cols] *= 20
+    return x.to(dtype)

@@ -1,0 +1,116 @@
+"""Fused activation quantizers (harness/perf/fused.py) under Triton's CPU interpreter, against
+float64 arithmetic and the simulated model's quantizer."""
+
+import pytest
+import torch
+
+from harness.perf import fused
+from harness.perf.fused import InputMode
+from harness.quant.simulated import quantize_activation
+from harness.quant.state import ActQuant
+from perf_helpers import rand_acts, triton_interpreter
+
+ACTS = [ActQuant(bits=4), ActQuant(bits=8), ActQuant(bits=6, sym=False),
+        ActQuant(bits=8, granularity="per_tensor", scale=torch.tensor(0.37), zero=torch.tensor(128.0))]
+MODES = [InputMode("fake"), InputMode("codes", fp8=False, rowsum=True), InputMode("codes", fp8=True)]
+
+
+@pytest.fixture()
+def interp():
+    tk = triton_interpreter()
+    prev = tk.interpret_on_cpu(True)
+    yield tk
+    tk.interpret_on_cpu(prev)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def _fits(act, mode):
+    if mode.kind == "codes" and mode.fp8:
+        return act.bits <= 4 and act.sym  # integers up to 16 are exact in e4m3
+    return act.sym or act.bits <= 7  # asymmetric codes q - z span 2**bits - 1 either side
+
+
+def test_add_rms_norm_matches_float64(interp):
+    res, delta = rand_acts(6, 96, 0), rand_acts(6, 96, 1)
+    w = (torch.rand(96, generator=torch.Generator().manual_seed(2)) + 0.5).half()
+    new, h = fused.add_rms_norm_q(res, delta, w, 1e-6, None, fused.FLOAT_INPUT)
+    want_res = (res.double() + delta.double()).half()  # one rounding, as the fp16 add
+    assert torch.equal(new, want_res)
+    x = want_res.double()
+    want = w.double() * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    assert h.dtype == torch.float16 and _rel(h, want) < 2e-3
+    same, h2 = fused.add_rms_norm_q(want_res, None, w, 1e-6, None, fused.FLOAT_INPUT)
+    assert same is want_res and torch.equal(h2, h)
+
+
+def test_silu_mul_matches_float64(interp):
+    gu = rand_acts(5, 2 * 80, 3, outliers=False) * 3
+    h = fused.silu_mul_q(gu, None, fused.FLOAT_INPUT)
+    g, u = gu[:, :80].double(), gu[:, 80:].double()
+    want = (g / (1 + torch.exp(-g))).half().double() * u
+    assert h.shape == (5, 80) and _rel(h, want) < 2e-3
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: f"a{a.bits}{'s' if a.sym else 'a'}-{a.granularity}")
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m.kind}{'-fp8' if m.fp8 else ''}")
+def test_producers_quantize_as_the_simulated_model(interp, act, mode):
+    if not _fits(act, mode):
+        pytest.skip("this code range does not fit the output format (the engine never asks for it)")
+    res, delta = rand_acts(7, 96, 4), rand_acts(7, 96, 5)
+    w = (torch.rand(96, generator=torch.Generator().manual_seed(6)) + 0.5).half()
+    _, h = fused.add_rms_norm_q(res, delta, w, 1e-6, None, fused.FLOAT_INPUT)
+    _, p = fused.add_rms_norm_q(res, delta, w, 1e-6, act, mode)
+    gu = rand_acts(7, 192, 7)
+    hs = fused.silu_mul_q(gu, None, fused.FLOAT_INPUT)
+    ps = fused.silu_mul_q(gu, act, mode)
+    for h_, p_ in ((h, p), (hs, ps)):
+        assert p_.kind == mode.kind and p_.x.shape == h_.shape
+        c = fused.check_codes(h_, p_, act)
+        assert c["non_tie"] == 0 and c["scale_mismatch"] == 0, c
+        assert c["mismatches"] <= 2, c  # ties are rare
+        if mode.kind == "fake":
+            assert _rel(p_.x, quantize_activation(h_, act)) < 1e-2
+        else:
+            assert p_.scale.dtype == torch.float32 and p_.scale.shape == (7,)
+            if mode.rowsum:
+                assert c["rowsum_mismatch"] == 0
+            # (codes - zero) * scale is the simulated model's fake-quantized input
+            assert _rel(p_.x.float() * p_.scale[:, None], quantize_activation(h_.float(), act)) < 1e-2
+
+
+def test_attention_output_is_quantized_through_its_transpose(interp):
+    att = rand_acts(2 * 3 * 4, 32, 8).reshape(2, 3, 4, 32)  # [B, H, T, D] as SDPA returns it
+    view = att.transpose(1, 2)  # [B, T, H, D], not contiguous
+    flat = view.reshape(8, 96)
+    act = ActQuant(bits=4)
+    for mode in MODES[:2]:
+        p = fused.rows_q(view, act, mode)
+        c = fused.check_codes(flat, p, act)
+        assert c["mismatches"] == 0, c  # same input values: bit-identical to the simulated quantizer
+    assert torch.equal(fused.rows_q(flat, act, MODES[0]).x, quantize_activation(flat, act))
+
+
+def test_scale_floor_and_rounding_half_to_even(interp):
+    # a row of zeros gets the quantizer's floor scale; exact halves round to even, as torch.round
+    x = torch.tensor([[0.0] * 16, [7.0, 2.5, 1.5, 0.5, -0.5, -1.5, -2.5, 3.5] * 2], dtype=torch.float16)
+    p = fused.rows_q(x, ActQuant(bits=4), InputMode("codes"))
+    assert p.scale[0].item() == pytest.approx(1e-8) and not p.x[0].any()
+    assert p.scale[1].item() == 1.0  # 7 / 7
+    assert p.x[1, :8].tolist() == [7, 2, 2, 0, 0, -2, -2, 4]
+
+
+def test_cpu_fallback_is_the_torch_reference():
+    act = ActQuant(bits=8)
+    x = rand_acts(3, 64, 9)
+    from harness.perf import triton_kernels as tk
+
+    prev = tk.interpret_on_cpu(False)
+    try:
+        p = fused.rows_q(x, act, InputMode("fake"))
+    finally:
+        tk.interpret_on_cpu(prev)
+    assert torch.equal(p.x, quantize_activation(x, act))
