@@ -56,7 +56,7 @@ def eval_throughput(model_dir: str, data_dir: str, limit: int, batch: int, devic
     from tasks.sources import task_spec
 
     lm = load_model(model_dir, dtype=dtype, device=device)
-    pairs = task_pairs("scienceqa_img", "test", data_dir, n=limit, seed=0)
+    pairs = task_pairs("scienceqa_img", "test", data_dir)[:limit]  # lm-eval's `limit`: the first rows
     proc = lm.processor
     proc.tokenizer.padding_side = "left"
     max_new = int(task_spec_gen_tokens("scienceqa_img") or DEFAULT_MAX_NEW_TOKENS)

@@ -278,3 +278,19 @@ def test_lm_eval_builds_the_synthetic_tasks(tmp_path, monkeypatch):
         res = t.process_results(doc, [gold])
         assert res == {"accuracy": 1.0, "empty": 0, "unparsed": 0}
         assert t.config.generation_kwargs["do_sample"] is False
+
+
+def test_kept_task_objects_do_not_carry_results_between_models(tiny_lm):
+    """evaluate_tasks keeps lm-eval's task objects between calls (load_tasks): a second model's
+    results must be its own, and the first model scores as before."""
+    from harness.evaluate import _TASKS, evaluate_tasks
+    from harness.models.loading import load_model
+
+    bundled = load_model("qvlm-tiny-llava", dtype="fp32")
+    first = evaluate_tasks(bundled, ["synth_vqav2"], limit=12, batch_size=12, show_progress=False)[0]
+    assert _TASKS  # kept
+    other = evaluate_tasks(tiny_lm, ["synth_vqav2"], limit=12, batch_size=12, show_progress=False)[0]
+    again = evaluate_tasks(bundled, ["synth_vqav2"], limit=12, batch_size=12, show_progress=False)[0]
+    assert [s["generation"] for s in other.samples] != [s["generation"] for s in first.samples]
+    assert (again.value, again.samples) == (first.value, first.samples)
+    assert first.value > 50 and other.value < first.value
