@@ -72,3 +72,7 @@ done
 echo "=== summary at $(( $(date +%s) - T0 ))s"
 python3 scripts/device_perf.py summary "$OUT/perf/records.jsonl" 2>&1 | tee "$OUT/summary.txt"
 echo "total $(( $(date +%s) - T0 ))s"
+# The device tool returns at most 8 files: keep records, table and summary as they are, the logs
+# in one archive (seen: a 9th file pushed perf/records.jsonl out of run 5660f8744dbb's return).
+( cd "$OUT" && tar czf logs.tgz --remove-files ./*.log selftest.json gpu.txt 2>/dev/null )
+ls -R "$OUT" | head -20
