@@ -37,7 +37,10 @@ def _rand(rows, k, seed, dtype, device, scale=1.0):
 
 
 def _time_us(fn, reps=10):
+    """Mean µs per call: CUDA events after a warm-up (harness.perf.real's timer); on the CPU one call."""
     import torch
+
+    from harness.perf.real import _time_ms
 
     if not torch.cuda.is_available():
         t = time.perf_counter()
@@ -45,13 +48,7 @@ def _time_us(fn, reps=10):
         return (time.perf_counter() - t) * 1e6
     fn()
     torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) * 1e3 / reps
+    return _time_ms(fn, reps, "cuda") * 1e3
 
 
 def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:

@@ -28,3 +28,12 @@ def rand_acts(rows: int, k: int, seed: int, dtype=torch.float16, outliers: bool 
         cols = torch.randint(0, k, (max(1, k // 32),), generator=g)
         x[:, cols] *= 20
     return x.to(dtype)
+
+
+@pytest.fixture()
+def interp():
+    """Triton's CPU interpreter switched on for one test (and back off after)."""
+    tk = triton_interpreter()
+    prev = tk.interpret_on_cpu(True)
+    yield tk
+    tk.interpret_on_cpu(prev)

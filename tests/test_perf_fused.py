@@ -8,19 +8,12 @@ from harness.perf import fused
 from harness.perf.fused import InputMode
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant
-from perf_helpers import rand_acts, triton_interpreter
+from perf_helpers import interp, rand_acts  # noqa: F401  (fixture)
 
 ACTS = [ActQuant(bits=4), ActQuant(bits=8), ActQuant(bits=6, sym=False),
         ActQuant(bits=8, granularity="per_tensor", scale=torch.tensor(0.37), zero=torch.tensor(128.0))]
 MODES = [InputMode("fake"), InputMode("codes", fp8=False, rowsum=True), InputMode("codes", fp8=True)]
 
-
-@pytest.fixture()
-def interp():
-    tk = triton_interpreter()
-    prev = tk.interpret_on_cpu(True)
-    yield tk
-    tk.interpret_on_cpu(prev)
 
 
 def _rel(a, b):

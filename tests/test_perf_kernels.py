@@ -11,7 +11,7 @@ from harness.perf.real import KERNELS, RealLinear, rel_err, select_kernels
 from harness.quant.quantizer import rtn_weight
 from harness.quant.simulated import build_fake_linear, quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
-from perf_helpers import rand_acts, triton_interpreter
+from perf_helpers import interp, rand_acts  # noqa: F401  (fixture)
 
 CASES = [  # (w_bits, act bits or None, group, w_sym)
     (4, None, None, False), (4, None, 32, False), (8, None, None, False), (6, None, None, True),
@@ -35,13 +35,6 @@ def _ref64(lq: LinearQuant, x: torch.Tensor) -> torch.Tensor:
     xq = quantize_activation(x, lq.act) if lq.act is not None else x
     return xq.double() @ lq.dequantized().double().t()
 
-
-@pytest.fixture()
-def interp():
-    tk = triton_interpreter()
-    prev = tk.interpret_on_cpu(True)
-    yield tk
-    tk.interpret_on_cpu(prev)
 
 
 @pytest.mark.parametrize("bits,abits,group,sym", CASES, ids=IDS)

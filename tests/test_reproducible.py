@@ -22,7 +22,9 @@ SUITE = {
     "name": "repro", "models": ["qvlm-tiny-llava"],
     # AWQ's grids shortened for time; its searches are the ones float32 made machine-dependent
     "methods": ["rtn", {"name": "rtn", "clip": True}, "gptq",
-                {"name": "awq", "label": "awq", "options": {"n_grid": 8, "clip_n_grid": 8}}],
+                {"name": "awq", "label": "awq", "options": {"n_grid": 8, "clip_n_grid": 8}},
+                {"name": "qvlm", "label": "qvlm", "options": {"search_batches": 1, "veo_epochs": 1,
+                                                              "veo_report": False, "veo_jacobian_batches": 1}}],
     "schemes": ["w4a4"], "tasks": ["synth_vqav2"], "limit": 40, "batch_size": 40,
     "calibration": {"task": "synth_scienceqa", "split": "train", "n": 16, "batch_size": 8},
     "quant": {"a_granularity": "per_tensor"}, "device": "cpu",
@@ -50,7 +52,7 @@ def test_cells_are_identical_under_other_cpu_kernel_paths(tmp_path):
     native = _run(tmp_path, "native", {}, threads=1)
     portable = _run(tmp_path, "portable", {"ATEN_CPU_CAPABILITY": "default", "DNNL_MAX_CPU_ISA": "SSE41"},
                     threads=2)
-    assert set(native) == {"rtn", "rtn+clip", "gptq", "awq"}
+    assert set(native) == {"rtn", "rtn+clip", "gptq", "awq", "qvlm"}
     for variant, (key, value, gens) in native.items():
         other_key, other_value, other_gens = portable[variant]
         assert other_key == key  # the same cell (the thread count is not part of its identity)

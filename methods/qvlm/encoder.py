@@ -517,5 +517,18 @@ class VEO:
 
 def optimize_vision_encoder(model: nn.Module, qcfg: QuantConfig, batches: Sequence[dict],
                             cfg: VEOConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run VEO; the model is left exactly as it was. Returns ``(param path -> tensor, info)``."""
-    return VEO(model, qcfg, batches, cfg).run()
+    """Run VEO; the model is left exactly as it was. Returns ``(param path -> tensor, info)``.
+
+    On the CPU it runs single-threaded: its backward passes reduce in an order that depends on
+    the thread count, and although each difference is at the float64 ulp, the trained tower and
+    then some answers differed between 1 and 2 threads (docs/benchmarks/scale.md). One thread
+    makes the state the same on every machine and thread count."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return VEO(model, qcfg, batches, cfg).run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return VEO(model, qcfg, batches, cfg).run()
+    finally:
+        torch.set_num_threads(threads)
