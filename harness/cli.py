@@ -13,6 +13,7 @@ def _csv(value: str) -> list[str]:
 
 def cmd_run(args) -> int:
     from .config import SuiteError, load_suite
+    from .executors import make_executor
     from .leaderboard import write_leaderboard
     from .runner import failure_lines, run_suite
 
@@ -20,7 +21,7 @@ def cmd_run(args) -> int:
     for key in ("models", "methods", "schemes", "tasks"):
         if getattr(args, key):
             overrides[key] = _csv(getattr(args, key))
-    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads"):
+    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads", "shards"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -29,7 +30,14 @@ def cmd_run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_suite(suite, show_progress=not args.quiet)
+        executor = make_executor(args.executor, suite, address=args.address, workers=args.workers,
+                                 gpus_per_worker=args.gpus_per_worker, shard_size=args.shard_size,
+                                 show_progress=None if args.executor == "serial" else not args.quiet)
+    except (RuntimeError, ValueError) as exc:  # Ray absent, bad flags, too few GPUs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_suite(suite, show_progress=not args.quiet, executor=executor)
     except SuiteError as exc:  # found while planning (e.g. two entries make the same row)
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="random seed")
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d = r.add_argument_group("distributed (--executor ray; pip install 'qvlm-bench[distributed]')")
+    d.add_argument("--executor", choices=["serial", "ray"], default="serial",
+                   help="serial: one process (default); ray: groups run on Ray workers")
+    d.add_argument("--address", help="Ray cluster to join (e.g. auto, or HOST:6379); default: start a "
+                                     "local Ray instance with this machine's GPUs or --workers CPU workers")
+    d.add_argument("--workers", type=int, help="number of workers (default: one per GPU; on CPUs: 1)")
+    d.add_argument("--gpus-per-worker", dest="gpus_per_worker", type=float,
+                   help="GPUs each worker holds (default 1; a fraction packs workers onto a GPU)")
+    d.add_argument("--shard-size", dest="shard_size", type=int,
+                   help="split a task with more questions than this into shards (default 10000; 0: never)")
+    d.add_argument("--shards", type=int, help="split every task into N shards (overrides the suite's `shards`)")
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("table", help="write leaderboard tables and plots from a results folder (or several runs)",

@@ -35,9 +35,11 @@ SUITE_KEYS = {
     "data_dir": "folder with local copies of task datasets (<data_dir>/<task>/<split>.parquet)",
     "include_paths": "extra folders of lm-eval task YAMLs",
     "output": "results folder (default results/<name>)",
+    "shards": "split every task's questions into N shards evaluated by several workers (--executor ray; "
+              "a task's own `shards` wins; results equal the unsharded run's)",
 }
 CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed")
-TASK_KEYS = ("name", "data", "options")
+TASK_KEYS = ("name", "data", "options", "shards")
 METHOD_KEYS = ("name", "options", "label", "clip")
 ACT_RANGE_KEYS = ("stream",)
 DTYPES = ("auto", "fp16", "bf16", "fp32", "fp64")
@@ -65,6 +67,7 @@ class TaskSpec:
     name: str
     data: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    shards: int | None = None  # how the Ray executor splits it; never part of a cell's key
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Suite:
     data_dir: str | None = None
     include_paths: list[str] = field(default_factory=list)
     output: str | None = None
+    shards: int | None = None  # default shard count of every task (Ray executor)
 
     @property
     def output_dir(self) -> Path:
@@ -185,6 +189,10 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if act_ranges.get("stream", STREAMS[0]) not in STREAMS:
         raise SuiteError(f"`act_ranges.stream` is {act_ranges['stream']!r}; valid: {', '.join(STREAMS)}")
 
+    shard_keys = [("`shards`", data.get("shards"))] + [(f"`shards` of task {t.name!r}", t.shards) for t in tasks]
+    for where, v in shard_keys:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise SuiteError(f"{where} must be a positive integer (1: not sharded), got {v!r}")
     for key, typ in (("limit", int), ("seed", int), ("batch_size", int), ("threads", int)):
         v = data.get(key)
         if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
@@ -208,7 +216,7 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
                   act_ranges=dict(act_ranges),
                   data_dir=data.get("data_dir"),
                   include_paths=[str(p) for p in data.get("include_paths") or []],
-                  output=data.get("output"))
+                  output=data.get("output"), shards=data.get("shards"))
     if validate_names:
         validate_names_exist(suite)
     return suite

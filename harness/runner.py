@@ -64,7 +64,8 @@ class SuiteRunner:
         self.records_path = self.out / "records.jsonl"
         self.show_progress = show_progress
         self.on_record = on_record
-        self.device = resolve_device(suite.device)
+        # an executor whose workers compute elsewhere (Ray) says on what; cells are keyed by it
+        self.device = getattr(executor, "device", None) or resolve_device(suite.device)
         if suite.threads:
             torch.set_num_threads(suite.threads)
         self.executor = executor or SerialExecutor(suite, self.device, show_progress)

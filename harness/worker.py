@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 
@@ -24,6 +25,27 @@ from .quant.state import QuantState
 from .records import git_describe, new_record, versions, write_jsonl
 
 log = logging.getLogger("qvlm_bench")
+
+
+@dataclass
+class OpenGroup:
+    """A group whose state is applied to the loaded model (or, with ``failed``, could not be)."""
+
+    group: Group
+    lm: Any = None
+    state: QuantState | None = None
+    cached: bool = False
+    handle: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    failed: list[dict] | None = None
+
+    def close(self) -> None:
+        """Give the model back its float weights."""
+        if self.handle is not None:
+            self.handle.restore()
+            self.handle = None
+
+
 
 
 def task_spec(task: TaskSpec, suite: Suite):
@@ -38,6 +60,14 @@ def _reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def reset_counters(handle, device: str) -> None:
+    """Before an evaluation: zero the activation quantizers' call counters and the GPU's peak
+    memory (the record reports the quantizers that fired and the peak during it)."""
+    for m in handle.fake_linears().values():
+        m.act_calls = 0
+    _reset_peak(device)
 
 
 class GroupWorker:
@@ -117,8 +147,13 @@ class GroupWorker:
         state.save(path)
         return state, False
 
-    def run_group(self, group: Group) -> Iterator[list[dict]]:
-        """Yield, per cell of ``group`` in order, the records it produced (failed ones too)."""
+    def open_group(self, group: Group) -> "OpenGroup":
+        """Load the model, get the group's state (cached or quantized now) and apply it.
+
+        On failure the result holds one failed record per cell and nothing is applied. Split from
+        ``run_group`` so a distributed worker can keep a group open across calls (one cell, or
+        one shard of a cell, per call) with the very same steps as the serial path.
+        """
         head = group.head
         timings: dict[str, float] = {}
         try:
@@ -126,35 +161,41 @@ class GroupWorker:
             lm = self.model(head)
             timings["load_s"] = time.perf_counter() - t0
         except Exception as exc:
-            for c in group.cells:
-                yield [self.failed(c, exc, "load")]
-            return
+            return OpenGroup(group, failed=[self.failed(c, exc, "load") for c in group.cells])
         try:
             state, cached = self.state(lm, head, timings)
         except Exception as exc:
-            for c in group.cells:
-                yield [self.failed(c, exc, "quantize")]
-            return
+            return OpenGroup(group, failed=[self.failed(c, exc, "quantize") for c in group.cells])
         t0 = time.perf_counter()
         try:
             handle = apply_state(lm.model, state, device=lm.device)
         except Exception as exc:
-            for c in group.cells:
-                yield [self.failed(c, exc, "apply", state)]
-            return
+            return OpenGroup(group, failed=[self.failed(c, exc, "apply", state) for c in group.cells])
         timings["apply_s"] = time.perf_counter() - t0
+        return OpenGroup(group, lm=lm, state=state, cached=cached, handle=handle, timings=timings)
+
+    def evaluate_cell(self, opened: "OpenGroup", cell: Cell) -> list[dict]:
+        """The records of one cell of an open group (a failed record if evaluation raised)."""
+        return self._evaluate(opened.lm, cell, opened.state, opened.cached, opened.handle,
+                              dict(opened.timings))
+
+    def run_group(self, group: Group) -> Iterator[list[dict]]:
+        """Yield, per cell of ``group`` in order, the records it produced (failed ones too)."""
+        opened = self.open_group(group)
+        if opened.failed is not None:
+            for rec in opened.failed:
+                yield [rec]
+            return
         try:
             for cell in group.cells:
-                yield self._evaluate(lm, cell, state, cached, handle, dict(timings))
+                yield self.evaluate_cell(opened, cell)
         finally:
-            handle.restore()
+            opened.close()
 
     def _evaluate(self, lm, cell: Cell, state: QuantState, cached: bool, handle, timings: dict) -> list[dict]:
         from .evaluate import evaluate_tasks
 
-        for m in handle.fake_linears().values():
-            m.act_calls = 0
-        _reset_peak(self.device)
+        reset_counters(handle, self.device)
         t0 = time.perf_counter()
         try:
             results = evaluate_tasks(lm, [task_spec(cell.task, self.suite)], limit=self.suite.limit,
@@ -166,30 +207,36 @@ class GroupWorker:
         except Exception as exc:
             return [self.failed(cell, exc, "evaluate", state)]
         timings["eval_s"] = time.perf_counter() - t0
+        records = []
+        for res in results:
+            t0 = time.perf_counter()
+            samples = self.samples_dir / f"{cell.key}-{res.task}.jsonl"
+            write_jsonl(samples, res.samples)
+            timings["record_s"] = time.perf_counter() - t0
+            records.append(self.ok_record(cell, state, cached, handle, res, timings,
+                                          str(samples.relative_to(self.out))))
+        return records
+
+    def ok_record(self, cell: Cell, state: QuantState, cached: bool, handle, res, timings: dict,
+                  samples_file: str | None) -> dict:
+        """The record of a finished evaluation ``res`` (a ``TaskResult``) of ``cell``."""
         peak = None
         if self.device.startswith("cuda"):
             peak = {"quantize": state.meta.get("peak_gib_quantize"),
                     "eval": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
         proof = dict(state.meta.get("proof") or state.proof())
         proof["act_quantizers_fired"] = handle.act_quantizers_fired()
-        records = []
-        for res in results:
-            t0 = time.perf_counter()
-            samples = self.samples_dir / f"{cell.key}-{res.task}.jsonl"
-            write_jsonl(samples, res.samples)
-            meta = {k: v for k, v in state.meta.items()
-                    if k not in ("options", "proof", "act_ranges", "peak_gib_quantize")}
-            timings["record_s"] = time.perf_counter() - t0
-            records.append(new_record(
-                **self.base(cell), metric=res.metric, value=res.value, stderr=res.stderr, n=res.n,
-                n_empty=res.n_empty, n_unparsed=res.n_unparsed, latency=None, memory=None,
-                quantize_s=state.meta.get("quantize_s"), eval_s=timings["eval_s"], status="ok",
-                error=None, proof=proof, state_cached=cached, method_meta=meta,
-                act_ranges=state.meta.get("act_ranges"),
-                timings={k: round(v, 4) for k, v in timings.items()}, peak_gib=peak,
-                samples_file=str(samples.relative_to(self.out)),
-            ))
-        return records
+        meta = {k: v for k, v in state.meta.items()
+                if k not in ("options", "proof", "act_ranges", "peak_gib_quantize")}
+        return new_record(
+            **self.base(cell), metric=res.metric, value=res.value, stderr=res.stderr, n=res.n,
+            n_empty=res.n_empty, n_unparsed=res.n_unparsed, latency=None, memory=None,
+            quantize_s=state.meta.get("quantize_s"), eval_s=timings["eval_s"], status="ok",
+            error=None, proof=proof, state_cached=cached, method_meta=meta,
+            act_ranges=state.meta.get("act_ranges"),
+            timings={k: round(v, 4) for k, v in timings.items()}, peak_gib=peak,
+            samples_file=samples_file,
+        )
 
     # ---- records -------------------------------------------------------------------------
 
