@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (or reuse it) and install qvlm-bench with its test extras.
+# Create .venv (or reuse it) and install qvlm-bench with its test extras and Ray (the Ray
+# executor's tests run on a local Ray instance; Ray is one 79 MB wheel plus four small packages).
 # Torch: an existing install is kept; otherwise torch 2.13.0 is preferred (a CPU build is enough
 # for the offline suite and the tests), falling back to whatever pip resolves.
 set -euo pipefail
@@ -12,7 +13,7 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,distributed]"
 # The test oracle for AWQ (tests/test_awq.py): AutoAWQ 0.2.9 without its dependencies, whose pins
 # (transformers 4.x, triton) would replace ours; the two modules the test imports need only ours.
 .venv/bin/python -m pip install -q --no-deps "autoawq==0.2.9"
