@@ -209,6 +209,15 @@ class RayExecutor:
     def __init__(self, suite: Suite, *, address: str | None = None, workers: int | None = None,
                  gpus_per_worker: float = 1.0, shard_size: int | None = DEFAULT_SHARD_SIZE,
                  retries: int = 1, show_progress: bool = True):
+        if suite.device.startswith("cuda:"):
+            raise ValueError(f"device {suite.device!r} pins one GPU; with --executor ray every worker "
+                             f"gets its own GPU: use device cuda (or auto)")
+        if workers is not None and workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        if gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker must not be negative, got {gpus_per_worker}")
+        if shard_size is not None and shard_size < 0:
+            raise ValueError(f"--shard-size must not be negative (0: never shard), got {shard_size}")
         self.ray = import_ray()
         self.suite = suite
         self.address = address
@@ -217,13 +226,6 @@ class RayExecutor:
         self.shard_size = shard_size or None
         self.retries = int(retries)
         self.show_progress = show_progress
-        if workers is not None and workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {workers}")
-        if self.gpus_per_worker < 0:
-            raise ValueError(f"--gpus-per-worker must be positive, got {gpus_per_worker}")
-        if suite.device.startswith("cuda:"):
-            raise ValueError(f"device {suite.device!r} pins one GPU; with --executor ray every worker "
-                             f"gets its own GPU: use device cuda (or auto)")
         self._started_ray = False
         if address:  # a cluster's resources decide the device kind: connect now
             self._connect()
