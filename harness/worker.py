@@ -46,8 +46,6 @@ class OpenGroup:
             self.handle = None
 
 
-
-
 def task_spec(task: TaskSpec, suite: Suite):
     """What lm-eval loads for a task: its name, or a config pointing at local data."""
     from tasks.sources import task_spec as spec
