@@ -154,17 +154,18 @@ def _node_ip() -> str | None:
 
 
 @dataclass
-class _GroupRun:
+class GroupRun:
+    """A pending group and its queue of jobs (cells, shards of cells)."""
+
     group: Group
-    status: str = "new"  # new -> opening -> ready (its jobs may run anywhere) ; done
-    opens: int = 0  # failed attempts to open (worker died)
+    status: str = "new"  # new -> opening -> ready (its jobs may run on any worker) -> done
     queue: deque = field(default_factory=deque)
 
 
 @dataclass
-class _Job:
+class Job:
     kind: str  # open | cell | shard
-    run: _GroupRun
+    run: GroupRun
     cell: int = -1
     docs: range | None = None
     attempts: int = 0
@@ -186,7 +187,7 @@ class _Slot:
     info: dict = field(default_factory=dict)
     model: str | None = None  # what the driver believes the worker has loaded / open
     open_key: str | None = None
-    job: _Job | None = None
+    job: Job | None = None
     since: float = 0.0
     down_since: float | None = None  # died; Ray is restarting it
     pinging: bool = False
@@ -199,6 +200,79 @@ class _Sharded:
     expected: int
     parts: list = field(default_factory=list)
     done: bool = False
+
+
+def pick_job(runs: list[GroupRun], model: str | None, open_key: str | None) -> Job | None:
+    """The scheduling policy: the next job for an idle worker that has ``model`` loaded and the
+    group ``open_key`` open. In order: work of the group it has open (no reload); a shard of a
+    ready group (shards exist to be spread); a new group, preferring its loaded model; else a
+    cell of a group another worker opened (the tail of the suite, where workers would idle).
+    Picking a new group marks it ``opening``: no other worker starts it until it is ready."""
+    ready = [r for r in runs if r.status == "ready" and r.queue]
+    for r in ready:
+        if r.group.state_key == open_key:
+            return r.queue.popleft()
+
+    def other_model(r: GroupRun) -> bool:  # sorts the worker's loaded model first
+        return r.group.head.model.name != model
+
+    for r in sorted(ready, key=other_model):
+        for job in r.queue:
+            if job.kind == "shard":
+                r.queue.remove(job)
+                return job
+    new = [r for r in runs if r.status == "new"]
+    if new:
+        r = sorted(new, key=other_model)[0]
+        r.status = "opening"
+        return Job("open", r)
+    for r in sorted(ready, key=other_model):
+        return r.queue.popleft()
+    return None
+
+
+def plan_shards(suite: Suite, groups: list[Group], sizes: dict[str, int],
+                shard_size: int | None) -> dict[str, list[range]]:
+    """``{cell key: doc ranges}`` for the cells evaluated in shards, given each task's size."""
+    plan = {}
+    for g in groups:
+        for c in g.cells:
+            n = sizes.get(c.task.name)
+            if n:
+                k = shard_count(n, suite.batch_size, requested_shards(suite, c.task), shard_size)
+                if k > 1:
+                    plan[c.key] = shard_ranges(n, k, suite.batch_size)
+    return plan
+
+
+def tasks_to_size(suite: Suite, groups: list[Group], shard_size: int | None) -> dict:
+    """The tasks whose size decides their shards: asked for (``shards`` > 1), or possibly above
+    the threshold (the suite's ``limit`` does not already keep them under it)."""
+    out = {}
+    for g in groups:
+        for c in g.cells:
+            t = c.task
+            req = requested_shards(suite, t)
+            if req == 1 or t.name in out:
+                continue
+            if req is None and (not shard_size or (suite.limit is not None and suite.limit <= shard_size)):
+                continue
+            out[t.name] = t
+    return out
+
+
+def new_runs(groups: list[Group], plan: dict[str, list[range]]) -> list[GroupRun]:
+    """A ``GroupRun`` per group, its queue holding one job per cell or per shard of a cell."""
+    runs = []
+    for g in groups:
+        r = GroupRun(g)
+        for i, c in enumerate(g.cells):
+            if c.key in plan:
+                r.queue.extend(Job("shard", r, i, docs) for docs in plan[c.key])
+            else:
+                r.queue.append(Job("cell", r, i))
+        runs.append(r)
+    return runs
 
 
 class RayExecutor:
@@ -329,21 +403,9 @@ class RayExecutor:
     # ---- sharding plan ----------------------------------------------------------------------
 
     def _shard_plan(self, groups: list[Group]) -> dict[str, list[range]]:
-        """``{cell key: doc ranges}`` for the cells evaluated in shards."""
-        suite = self.suite
-        tasks = {}
-        for g in groups:
-            for c in g.cells:
-                tasks.setdefault(c.task.name, c.task)
-        need = {}
-        for name, t in tasks.items():
-            req = requested_shards(suite, t)
-            if req == 1 or (req is None and (not self.shard_size or
-                                             (suite.limit is not None and suite.limit <= self.shard_size))):
-                continue
-            need[name] = t
-        if not need:
-            return {}
+        """``{cell key: doc ranges}`` for the cells evaluated in shards (tasks sized by workers,
+        which have the data)."""
+        need = tasks_to_size(self.suite, groups, self.shard_size)
         names = list(need)
         refs = [self.slots[i % len(self.slots)].handle.count.remote([need[n]]) for i, n in enumerate(names)]
         sizes = {}
@@ -352,44 +414,11 @@ class RayExecutor:
                 sizes.update(self.ray.get(ref))
             except Exception as exc:  # the cell will fail with the same error when evaluated
                 log.warning("could not count the questions of task %s (%s); not sharding it", name, exc)
-        plan = {}
-        for g in groups:
-            for c in g.cells:
-                if c.task.name in sizes and sizes[c.task.name] > 0:
-                    k = shard_count(sizes[c.task.name], suite.batch_size, requested_shards(suite, c.task),
-                                    self.shard_size)
-                    if k > 1:
-                        plan[c.key] = shard_ranges(sizes[c.task.name], k, suite.batch_size)
-        return plan
+        return plan_shards(self.suite, groups, sizes, self.shard_size)
 
     # ---- scheduling -------------------------------------------------------------------------
 
-    def _pick(self, slot: _Slot, runs: list[_GroupRun]) -> _Job | None:
-        """The next job for an idle worker: work of the group it has open; else a shard of a ready
-        group; else a new group (of the model it has loaded, if any); else a cell of a group
-        another worker opened (the tail of the suite)."""
-        ready = [r for r in runs if r.status == "ready" and r.queue]
-        for r in ready:
-            if r.group.state_key == slot.open_key:
-                return r.queue.popleft()
-        def other_model(r: _GroupRun) -> bool:  # sorts the worker's loaded model first
-            return r.group.head.model.name != slot.model
-
-        for r in sorted(ready, key=other_model):
-            for job in r.queue:
-                if job.kind == "shard":
-                    r.queue.remove(job)
-                    return job
-        new = [r for r in runs if r.status == "new"]
-        if new:
-            r = sorted(new, key=other_model)[0]
-            r.status = "opening"
-            return _Job("open", r)
-        for r in sorted(ready, key=other_model):
-            return r.queue.popleft()
-        return None
-
-    def _submit(self, slot: _Slot, job: _Job):
+    def _submit(self, slot: _Slot, job: Job):
         g = job.run.group
         h = slot.handle
         if job.kind == "open":
@@ -409,17 +438,8 @@ class RayExecutor:
         try:
             self._start_workers()
             plan = self._shard_plan(groups)
-            sharded: dict[str, _Sharded] = {}
-            runs = []
-            for g in groups:
-                r = _GroupRun(g)
-                for i, c in enumerate(g.cells):
-                    if c.key in plan:
-                        sharded[c.key] = _Sharded(c, len(plan[c.key]))
-                        r.queue.extend(_Job("shard", r, i, docs) for docs in plan[c.key])
-                    else:
-                        r.queue.append(_Job("cell", r, i))
-                runs.append(r)
+            sharded = {c.key: _Sharded(c, len(plan[c.key])) for g in groups for c in g.cells if c.key in plan}
+            runs = new_runs(groups, plan)
             self._status = _StatusLines(self.slots, self.show_progress)
             inflight: dict = {}  # ObjectRef -> (slot, "job" | "ping")
             while True:
@@ -430,7 +450,7 @@ class RayExecutor:
                             inflight[slot.handle.ping.remote()] = (slot, "ping")
                             slot.pinging = True
                     elif slot.job is None:
-                        job = self._pick(slot, runs)
+                        job = pick_job(runs, slot.model, slot.open_key)
                         if job is not None:
                             inflight[self._submit(slot, job)] = (slot, "job")
                 self._status.refresh()
@@ -484,7 +504,7 @@ class RayExecutor:
         rec["executor"] = {"name": "ray", "worker": slot.index, "pid": pid, "host": slot.info.get("host")}
         return rec
 
-    def _finished(self, slot: _Slot, job: _Job, result: dict, sharded: dict) -> Iterator[list[dict]]:
+    def _finished(self, slot: _Slot, job: Job, result: dict, sharded: dict) -> Iterator[list[dict]]:
         slot.info["pid"] = result.get("pid", slot.info.get("pid"))
         r = job.run
         slot.model, slot.open_key = r.group.head.model.name, r.group.state_key
@@ -522,10 +542,10 @@ class RayExecutor:
             rec["samples_file"] = str(path.relative_to(out))
             yield [self._tag(slot, rec, result["pid"])]
 
-    def _drop_shards(self, r: _GroupRun, cell: int) -> None:
+    def _drop_shards(self, r: GroupRun, cell: int) -> None:
         r.queue = deque(j for j in r.queue if not (j.kind == "shard" and j.cell == cell))
 
-    def _worker_died(self, slot: _Slot, job: _Job, exc, sharded: dict) -> Iterator[list[dict]]:
+    def _worker_died(self, slot: _Slot, job: Job, exc, sharded: dict) -> Iterator[list[dict]]:
         """The worker died during ``job`` (killed, crashed, its node lost). Ray restarts the actor;
         no call goes to it until it answers a ping (calls to a restarting actor fail at once)."""
         slot.model = slot.open_key = None
@@ -548,7 +568,7 @@ class RayExecutor:
             return
         yield from self._job_failed(slot, job, "worker died", exc, sharded)
 
-    def _job_failed(self, slot: _Slot, job: _Job, stage: str, exc, sharded: dict) -> Iterator[list[dict]]:
+    def _job_failed(self, slot: _Slot, job: Job, stage: str, exc, sharded: dict) -> Iterator[list[dict]]:
         r = job.run
         if job.kind == "open":
             cells = list(r.group.cells)
