@@ -13,6 +13,7 @@ throughput; docs/benchmarks/scale.md says which). Replace them with measured num
 
     PYTHONPATH=. python scripts/scale_model.py                          # llava-1.5, default costs
     PYTHONPATH=. python scripts/scale_model.py --costs costs.json --gpus 1,8,32 --shards 1,4
+    PYTHONPATH=. python scripts/scale_model.py --questions vqav2_val=214354     # full VQAv2 split
     PYTHONPATH=. python scripts/scale_model.py --from-records OUT/serial0/records.jsonl   # calibrate
         # load_s and eval s/question of the 7B from a run's records (e.g. bench_ray_overhead.py's)
 """
@@ -119,6 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", default="1,4", help="`shards:` values to compare (1: none)")
     ap.add_argument("--costs", help="JSON file overriding COSTS keys")
     ap.add_argument("--from-records", help="records.jsonl of a 7B run: its load_s and eval s/question")
+    ap.add_argument("--shard-size", type=int, default=None,
+                    help="questions above which a task is sharded (the executor's --shard-size; "
+                         "default: its default)")
+    ap.add_argument("--questions", action="append", default=[], metavar="TASK=N",
+                    help="questions of a task, e.g. vqav2_val=214354 for the full validation split")
     ap.add_argument("--json", help="write the table here too")
     args = ap.parse_args(argv)
     from harness.cells import group_cells, plan_cells
@@ -129,13 +135,19 @@ def main(argv=None) -> int:
         costs.update(json.loads(Path(args.costs).read_text()))
     if args.from_records:
         costs = from_records(args.from_records, costs)
+    for item in args.questions:
+        task, _, n = item.partition("=")
+        costs["questions"] = {**costs["questions"], task: int(n)}
+    from harness.sharding import DEFAULT_SHARD_SIZE
+
+    shard_size = DEFAULT_SHARD_SIZE if args.shard_size is None else (args.shard_size or None)
     rows = []
     for shards in [int(s) for s in args.shards.split(",")]:
         suite = load_suite(args.suite, overrides={"shards": shards} if shards > 1 else None)
         groups = group_cells(plan_cells(suite, "cuda"))
         serial = None
         for gpus in [int(g) for g in args.gpus.split(",")]:
-            res = simulate(groups, suite, gpus, costs)
+            res = simulate(groups, suite, gpus, costs, shard_size)
             if gpus == 1 and serial is None:
                 serial = res["makespan_s"]
             wall = res["makespan_s"] + (costs["ray_startup_s"] if gpus > 1 else 0.0)

@@ -46,7 +46,9 @@ from ..sharding import DEFAULT_SHARD_SIZE, ShardResult, merge_shards, requested_
 
 log = logging.getLogger("qvlm_bench")
 
-# How long the driver waits for Ray to restart dead workers when none is left alive.
+# How long the driver waits for workers to start, and for Ray to restart dead workers when none
+# is left alive.
+STARTUP_TIMEOUT_S = 600.0
 RESTART_TIMEOUT_S = 600.0
 INSTALL_HINT = ("the Ray executor needs Ray: pip install 'qvlm-bench[distributed]' "
                 "(or pip install 'ray>=2.9')")
@@ -294,14 +296,15 @@ class RayExecutor:
             raise ValueError(f"--shard-size must not be negative (0: never shard), got {shard_size}")
         self.ray = import_ray()
         self.suite = suite
-        self.address = address
+        # RAY_ADDRESS is Ray's own way to name a cluster; ray.init would join it anyway
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.workers = workers
         self.gpus_per_worker = float(gpus_per_worker)
         self.shard_size = shard_size or None
         self.retries = int(retries)
         self.show_progress = show_progress
         self._started_ray = False
-        if address:  # a cluster's resources decide the device kind: connect now
+        if self.address:  # a cluster's resources decide the device kind: connect now
             self._connect()
         self.device = self._resolve_device()
         self.slots: list[_Slot] = []
@@ -350,8 +353,8 @@ class RayExecutor:
         return "cuda" if gpus > 0 else "cpu"
 
     def _worker_count(self) -> tuple[int, dict]:
-        """How many workers, and the resources each asks Ray for."""
-        cpus = max(1, int(self._cluster("CPU")))
+        """How many workers, and the resources each asks Ray for: a GPU worker gets its share of
+        its node's cores (the least any GPU node offers per worker, so every worker fits)."""
         if self.device == "cuda":
             gpus = self._cluster("GPU")
             fit = int(gpus // self.gpus_per_worker)
@@ -359,14 +362,16 @@ class RayExecutor:
             if n > fit:
                 raise RuntimeError(f"--workers {n} × --gpus-per-worker {self.gpus_per_worker:g} needs "
                                    f"{n * self.gpus_per_worker:g} GPUs; the Ray cluster has {gpus:g}")
-            return n, {"num_gpus": self.gpus_per_worker, "num_cpus": 1}
+            shares = [int(node["Resources"].get("CPU", 0) // max(1, node["Resources"]["GPU"] // self.gpus_per_worker))
+                      for node in self.ray.nodes() if node.get("Alive") and node["Resources"].get("GPU", 0) > 0]
+            return n, {"num_gpus": self.gpus_per_worker, "num_cpus": max(1, min(shares, default=1))}
         n = self.workers or 1
-        return n, {"num_cpus": max(1, cpus // n)}
+        return n, {"num_cpus": max(1, int(self._cluster("CPU")) // n)}
 
     def _start_workers(self) -> None:
         ray = self.ray
         n, resources = self._worker_count()
-        threads = self.suite.threads or (resources["num_cpus"] if self.device == "cpu" else None)
+        threads = self.suite.threads or resources["num_cpus"]
         actor = ray.remote(WorkerActor).options(max_restarts=-1, max_task_retries=0, **resources)
         suite = worker_suite(self.suite)
         self.slots = [_Slot(i, actor.remote(suite, self.device, threads)) for i in range(n)]
@@ -375,7 +380,11 @@ class RayExecutor:
         marker = out / f".ray-{uuid.uuid4().hex}"
         marker.write_text("visible to every worker?\n")
         try:
-            infos = ray.get([s.handle.hello.remote(str(marker)) for s in self.slots])
+            infos = ray.get([s.handle.hello.remote(str(marker)) for s in self.slots], timeout=STARTUP_TIMEOUT_S)
+        except self.ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{n} workers asking for {resources} each did not start within "
+                               f"{STARTUP_TIMEOUT_S:.0f} s: the Ray cluster lacks the resources "
+                               f"(see `ray status`); use fewer --workers") from None
         finally:
             marker.unlink(missing_ok=True)
         mine = code_identity(self.suite)
@@ -460,6 +469,9 @@ class RayExecutor:
                         return
                     if all(s.down_since is not None for s in self.slots):
                         self._check_restarts(now)
+                if not inflight:  # every worker is down and its next ping is not due yet
+                    time.sleep(0.2)
+                    continue
                 done, _ = self.ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in done:
                     slot, kind = inflight.pop(ref)
