@@ -146,7 +146,7 @@ def evaluate_shard(worker, opened, cell: Cell, docs: range, *, show_progress: bo
         raise RuntimeError(f"lm-eval returned docs {[s['doc_id'] for s in samples][:5]}… for a shard "
                            f"of {len(docs)} questions; expected them in order")
     logger = _sample_logger(task_obj)
-    rows, metrics = [], {m: [] for m in aggregations}
+    rows, metrics = [], {}
     for s, doc_id in zip(samples, docs):
         row = _sample_row(task_obj, logger, s)
         row["doc_id"] = doc_id

@@ -112,8 +112,7 @@ class WorkerActor:
 
     def open(self, group: Group) -> dict:
         opened = self._ensure(group)
-        return {"pid": os.getpid(), "failed": opened.failed, "cached": opened.cached,
-                "timings": opened.timings}
+        return {"pid": os.getpid(), "failed": opened.failed}
 
     def cell(self, group: Group, i: int) -> dict:
         opened = self._ensure(group)
