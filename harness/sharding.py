@@ -108,12 +108,12 @@ def restrict_docs(task_obj, docs: range) -> None:
 
 def count_docs(suite: Suite, tasks: Sequence[TaskSpec]) -> dict[str, int]:
     """Questions each task evaluates (its evaluation docs, capped by the suite's ``limit``)."""
-    from .evaluate import task_manager
+    from .evaluate import load_tasks
     from .worker import task_spec
 
     out = {}
-    for t in tasks:
-        loaded = task_manager(suite.include_paths).load([task_spec(t, suite)])["tasks"]
+    for t in tasks:  # the evaluation's own cached task objects (read here, never modified)
+        loaded = load_tasks([task_spec(t, suite)], suite.include_paths)["tasks"]
         (task_obj,) = loaded.values()
         n = len(task_obj.eval_docs)
         out[t.name] = min(n, suite.limit) if suite.limit is not None else n
@@ -134,12 +134,19 @@ def evaluate_shard(worker, opened, cell: Cell, docs: range, *, show_progress: bo
     reset_counters(opened.handle, worker.device)
     t0 = time.perf_counter()
     model = _lm_class()(opened.lm, batch_size=suite.batch_size, show_progress=show_progress)
+    # a task object of its own (not evaluate.load_tasks' shared one): restrict_docs modifies it
     task_dict = task_manager(suite.include_paths).load([task_spec(cell.task, suite)])
     ((name, task_obj),) = task_dict["tasks"].items()
     aggregations = _aggregation_names(task_obj)
     restrict_docs(task_obj, docs)
-    out = evaluator.evaluate(model, task_dict, limit=None, log_samples=True,
-                             bootstrap_iters=BOOTSTRAP_ITERS, verbosity="ERROR")
+    hash_images = getattr(evaluator, "LMEVAL_HASHMM", None)
+    evaluator.LMEVAL_HASHMM = False  # as evaluate_tasks: the rows keep no images to hash
+    try:
+        out = evaluator.evaluate(model, task_dict, limit=None, log_samples=True,
+                                 bootstrap_iters=BOOTSTRAP_ITERS, verbosity="ERROR")
+    finally:
+        if hash_images is not None:
+            evaluator.LMEVAL_HASHMM = hash_images
     eval_s = time.perf_counter() - t0
     samples = out["samples"][name]
     if [s["doc_id"] for s in samples] != list(range(len(docs))):
