@@ -7,9 +7,9 @@ executor uses; a job's duration is built from per-stage costs: loading the model
 has another one loaded, quantizing (open) or loading the cached state (a worker joining a group
 another worker opened), and evaluating the task's questions (or a shard's share of them).
 
-The default costs are for LLaVA-1.5 on one H200 and are partly measured (quantization: docs/
-benchmarks/quantize_cost.md, qvlm_cost.md) and partly assumed (load, state load, evaluation
-throughput; docs/benchmarks/scale.md says which). Replace them with measured numbers:
+The default costs are for LLaVA-1.5 on one H200, measured (docs/benchmarks/quantize_cost.md,
+qvlm_cost.md, suite_7b.md) except where docs/benchmarks/scale.md marks them assumed. Replace them
+with other measurements:
 
     PYTHONPATH=. python scripts/scale_model.py                          # llava-1.5, default costs
     PYTHONPATH=. python scripts/scale_model.py --costs costs.json --gpus 1,8,32 --shards 1,4
@@ -29,14 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COSTS = {
-    "_note": "seconds on one H200; 13B = 7B x scale_13b where not given",
-    "load_s": {"7b": 20.0},  # assumed: 13.5 GB of fp16 safetensors from local disk onto the GPU
-    "state_load_s": {"7b": 10.0},  # assumed: a cached state read back and applied (joiners)
-    "open_extra_s": {"7b": 10.0},  # assumed: calibration encoding + finalize + apply
-    "quantize_s": {"7b": {"fp16": 0.0, "rtn": 5.0, "gptq": 109.5, "awq": 80.9, "qvlm": 382.0}},
-    "eval_s_per_q": {"7b": 0.04},  # assumed: batch 16, ~650-token prompts, short answers
+    "_note": "seconds on one H200; 13B = 7B x scale_13b where not given; sources in docs/benchmarks/scale.md",
+    "load_s": {"7b": 2.8},  # measured, page-cached folder (docs/benchmarks/suite_7b.md)
+    "state_load_s": {"7b": 5.0},  # assumed: 3.5 GB of cached codes read back (~2 s to write) + apply (1 s)
+    "open_extra_s": {"7b": 4.0},  # measured: finalize ~1 s + apply ~1 s + state save ~2 s (suite_7b.md)
+    "quantize_s": {"7b": {"fp16": 0.0, "rtn": 4.7, "gptq": 109.5, "awq": 80.9, "qvlm": 382.0}},
+    "eval_s_per_q": {"7b": 1 / 12.2},  # measured: 12.2 q/s through lm-eval, batch 16 (suite_7b.md)
     "scale_13b": 1.95,  # per-layer work (5120/4096)^2 x 40/32 layers
-    "ray_startup_s": 30.0,  # local instance + workers importing torch/transformers (CPU-measured order)
+    "ray_startup_s": 30.0,  # assumed: local instance + workers importing torch/transformers
     "questions": {"scienceqa_img": 2017, "vizwiz_vqa_val": 4319, "vqav2_val": 2000},
 }
 
