@@ -3,11 +3,12 @@
 A shard is a contiguous block of the task's evaluation docs whose boundaries fall on multiples
 of the evaluation batch size. Batches are formed in doc order (``harness.evaluate``), so every
 question is generated in exactly the batch — same neighbours, same padding — as in an unsharded
-run: the generations are the same bit for bit on any device, not only where batching cannot
-matter (float64 on the CPU). Each shard returns its per-question rows and lm-eval's per-question
+run: on a GPU, where another batch could round differently in fp16, it is the same computation,
+not merely a close one. Each shard returns its per-question rows and lm-eval's per-question
 metrics; the merge orders them by ``doc_id`` and scores them once with the task's own lm-eval
 aggregation and stderr functions, so the merged record equals an unsharded record in value,
-stderr, n, n_empty, n_unparsed and per-sample file content (tests/test_ray_executor.py).
+stderr, n, n_empty, n_unparsed and per-sample file content (tests/test_sharding.py in process,
+tests/test_ray_executor.py through Ray).
 
 Sharding changes how a cell is computed, never what: ``shards`` is not part of a cell's key.
 """
