@@ -75,7 +75,7 @@ def plot_by_scheme(board: Board, output: Path) -> dict[str, Path]:
             ref = board.references.get(model)
             if ref is not None and ref in t.index and not np.isnan(t.at[ref, col]):
                 v, lo, hi = t.at[ref, col], t.at[ref, f"{col} lo"], t.at[ref, f"{col} hi"]
-                ax.axhline(v, color="0.3", ls="--", lw=1, label=f"{ref[1]} (reference)")
+                ax.axhline(v, color="0.3", ls="--", lw=1, label=ref[1] if "reference" in ref[1] else f"{ref[1]} (reference)")
                 if not np.isnan(lo):
                     ax.axhspan(lo, hi, color="0.5", alpha=0.12, lw=0)
             for k, variant in enumerate(vs):
@@ -152,7 +152,7 @@ def plot_cost(board: Board, output: Path) -> dict[str, Path]:
                 ax.annotate(name.strip(), (x, v), xytext=(6, 4), textcoords="offset points", fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{AVG} accuracy (%)")
-    handles = [Line2D([], [], color="k" if ref else colors[v], marker="o", ls="", label=v + (" (reference)" if ref else ""))
+    handles = [Line2D([], [], color="k" if ref else colors[v], marker="o", ls="", label=v + (" (reference)" if ref and "reference" not in v else ""))
                for v, ref in sorted(used, key=lambda u: (not u[1], u[0]))]
     handles += [Line2D([], [], color="0.4", marker=markers[s], ls="", label=s.upper()) for s in schemes]
     handles.append(Line2D([], [], color="k", lw=1, alpha=0.5, marker="o", mfc="none", ms=9, label="Pareto front"))
