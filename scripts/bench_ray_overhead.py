@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from harness.models.random_folder import save_random_llava
+    from harness.perf.random_folder import save_random_llava
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     import torch
 
     from harness.config import parse_suite
-    from harness.models.random_folder import save_random_llava
+    from harness.perf.random_folder import save_random_llava
     from harness.runner import run_suite
 
     out = Path(args.out)

@@ -18,7 +18,7 @@ def build_processor(tokenizer_dir: str | Path, image_size: int, patch_size: int)
     """llava-hf's processor from a folder holding the Llama-2 ``tokenizer.model``."""
     from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
 
-    from .tiny import LLAVA_CHAT_TEMPLATE
+    from ..models.tiny import LLAVA_CHAT_TEMPLATE
 
     tok = LlamaTokenizer.from_pretrained(str(tokenizer_dir))
     tok.add_tokens(["<image>"], special_tokens=True)
@@ -34,7 +34,7 @@ def save_random_llava(arch: str, out: str | Path, tokenizer_dir: str | Path, *, 
                       device: str = "cuda", seed: int = 0, overrides: dict | None = None) -> Path:
     """Write ``out`` (config, random weights in ``dtype``, processor) for a shipped architecture
     (``harness/perf/configs``: llava-1.5-7b, llava-1.5-13b); ``overrides`` shrink it for tests."""
-    from ..perf.arch import build_random_model
+    from .arch import build_random_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
