@@ -44,7 +44,8 @@ def _reaching(package: str, forbidden: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("package,forbidden", [
     ("tasks", ("harness", "baselines", "methods")),
-    ("harness.models", ("harness.quant", "harness.runner", "harness.registry")),
+    ("harness.models", ("harness.quant", "harness.runner", "harness.registry", "harness.perf")),
+    ("harness.quant", ("harness.perf", "harness.runner", "harness.cells", "harness.worker")),
 ])
 def test_lower_layer_does_not_import_upper(package, forbidden):
     assert _reaching(package, forbidden) == []
