@@ -162,6 +162,14 @@ def get_method(name: str) -> type[Method]:
     return methods[name]
 
 
+def reference_method() -> str:
+    """The name of the method that declares itself the float reference (``reference = True``)."""
+    refs = [name for name, cls in available_methods().items() if cls.reference]
+    if len(refs) != 1:
+        raise RuntimeError(f"exactly one registered method must set `reference = True`; found {refs or 'none'}")
+    return refs[0]
+
+
 def method_source_files(cls: type[Method]) -> list[Path]:
     """The files that hold a method's own code: its module, or every ``.py`` file of its package
     when it lives in a package of its own (``methods/qvlm/``), not in a shared one (``baselines``)."""

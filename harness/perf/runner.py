@@ -41,9 +41,15 @@ from .measure import copy_bandwidth, device_info, peak_memory, time_generate
 from .real import TINYGEMM, RealLinear, select_kernels, set_compile
 from .records import write_perf_record, write_perf_table
 
-FLOAT_VARIANT = ("fp16", "w16a16")  # the registered float method and its scheme
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 TRAINED_GATE_MODEL = "qvlm-tiny-llava"
+
+
+def float_variant() -> tuple[str, str]:
+    """The baseline row: the method that declares itself the reference, unquantized."""
+    from ..registry import reference_method
+
+    return reference_method(), "w16a16"
 
 
 # ---------------------------------------------------------------------------- workload
@@ -247,7 +253,7 @@ class Variant:
 
     @property
     def is_reference(self) -> bool:
-        return (self.method, self.scheme) == FLOAT_VARIANT
+        return (self.method, self.scheme) == float_variant()
 
     @property
     def act_quant(self) -> bool:
@@ -336,7 +342,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
                graphs=graphs, device=device, kernels=kernels, overrides=overrides, plan_runs=plan_runs,
                float_linears=float_linears, lang_path=lang_path, log=log,
                trained_gate="on" if trained_gate == "on" or (trained_gate == "auto" and cuda) else "off")
-    pairs = [FLOAT_VARIANT] + [(m, s) for m in methods for s in schemes]
+    pairs = [float_variant()] + [(m, s) for m in methods for s in schemes]
     budget = Budget(time_budget_s, len(pairs) + (1 if auto and cuda else 0))
     records: list[dict] = []
     wanted = []
@@ -352,7 +358,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
         lm.model.to(torch.bfloat16)
         lm.dtype = torch.bfloat16
         _sync(device)
-        for m, s in [FLOAT_VARIANT] + wanted:  # the bf16 baseline first, with every batch size
+        for m, s in [float_variant()] + wanted:  # the bf16 baseline first, with every batch size
             v = Variant(m, s, torch.bfloat16)
             records += ctx.run_variant(v, budget, share=0 if v.is_reference else budget.shares - 1)
     skipped = [(r["method"], r["scheme"], r["dtype"], r["batch_size"]) for r in records
