@@ -31,13 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TINY = {"text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4),
-        "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
-        "image_seq_length": 4}
 STAGES = ("load_s", "calibrate_s", "quantize_s", "finalize_s", "apply_s", "eval_s")
-
 
 def run_cli(suite_file: Path, out: Path, extra: list[str], log: Path) -> dict:
     """One ``qvlm-bench run`` in a fresh process; its wall time and records."""
@@ -101,17 +95,12 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from harness.perf.random_folder import save_random_llava
+    from harness.perf.random_folder import bench_folder
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = "fp16" if args.device.startswith("cuda") else "fp32"
-    t0 = time.perf_counter()
-    folder = save_random_llava(args.arch, Path("/tmp") / f"random-{args.arch}-{args.shape}", args.tokenizer,
-                               dtype=dtype, device=args.device, overrides=TINY if args.shape == "tiny" else None)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    build_s = round(time.perf_counter() - t0, 2)
+    folder, build_s = bench_folder(args.arch, args.shape, args.tokenizer, dtype=dtype, device=args.device)
     suite_file = out / "suite.yaml"
     suite_file.write_text(yaml.safe_dump({
         "name": "ray-overhead", "models": [str(folder)], "methods": args.methods.split(","),

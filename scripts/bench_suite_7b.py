@@ -30,13 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TINY = {"text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4),
-        "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
-        "image_seq_length": 4}
 STAGES = ("load_s", "calibrate_s", "quantize_s", "finalize_s", "apply_s", "eval_s", "record_s")
-
 
 def _sync(device: str) -> None:
     import torch
@@ -123,7 +117,7 @@ def main(argv=None) -> int:
     import torch
 
     from harness.config import parse_suite
-    from harness.perf.random_folder import save_random_llava
+    from harness.perf.random_folder import bench_folder
     from harness.runner import run_suite
 
     out = Path(args.out)
@@ -133,12 +127,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         result["card"] = torch.cuda.get_device_name()
     result["commit"] = os.environ.get("QVLM_GIT_COMMIT")
-    t0 = time.perf_counter()
-    folder = save_random_llava(args.arch, Path("/tmp") / f"random-{args.arch}-{args.shape}", args.tokenizer,
-                               dtype=dtype, device=args.device, overrides=TINY if args.shape == "tiny" else None)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    result["build_folder_s"] = round(time.perf_counter() - t0, 2)
+    folder, result["build_folder_s"] = bench_folder(args.arch, args.shape, args.tokenizer, dtype=dtype,
+                                                    device=args.device)
     print(f"model folder {folder} in {result['build_folder_s']} s", flush=True)
     suite = parse_suite({
         "name": "suite-7b", "models": [str(folder)], "methods": args.methods.split(","),

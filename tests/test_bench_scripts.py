@@ -53,3 +53,32 @@ def test_quantize_cost_runs_on_the_tiny_shape(tmp_path, capsys):
     # every linear of the two decoder layers (7 each) is quantized, and timed
     assert all(r["quantized_linears"] == 14 and r["wall_s"] >= 0 for r in res["runs"])
     assert "| gptq | w4a16 | language |" in capsys.readouterr().out
+
+
+def test_suite_7b_script_runs_on_its_tiny_shape(tmp_path):
+    """scripts/bench_suite_7b.py end to end on a tiny random LLaVA folder with llava-hf's processor
+    (the Llama-2 tokenizer from ../shared/data) and the real ScienceQA rows: per-stage timings from
+    the records and the bridge-vs-plain throughput."""
+    import shutil
+
+    from conftest import shared_data
+
+    tok = shared_data("llama2_tokenizer")
+    data = tmp_path / "data" / "scienceqa_img"
+    data.mkdir(parents=True)
+    shutil.copy(shared_data("scienceqa_img_sample", "test.parquet"), data / "test.parquet")
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_suite_7b
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    assert bench_suite_7b.main(["--shape", "tiny", "--device", "cpu", "--limit", "4", "--calib", "4",
+                                "--batch", "4", "--methods", "fp16,rtn", "--tokenizer", str(tok),
+                                "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "suite_7b.json").read_text())
+    assert (result["ok"], result["failed"]) == (2, 0)
+    rtn = next(c for c in result["cells"] if c["variant"] == "rtn")
+    assert rtn["quantize_s"] > 0 and rtn["eval_s"] > 0
+    assert abs(rtn["overhead_s"] - (rtn["wall_s"] - rtn["quantize_s"] - rtn["eval_s"])) < 0.02
+    tp = result["throughput"]
+    assert tp["questions"] == 4 and tp["plain_q_per_s"] > 0 and tp["bridge_q_per_s"] > 0

@@ -53,3 +53,27 @@ def save_random_llava(arch: str, out: str | Path, tokenizer_dir: str | Path, *, 
     processor.save_pretrained(out)
     del lm
     return out
+
+
+# A tiny variant of the shipped architectures for smoke runs on a CPU: the same classes and
+# wiring, a few thousand times fewer parameters.
+TINY_OVERRIDES = {
+    "text_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4),
+    "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
+    "image_seq_length": 4,
+}
+
+
+def bench_folder(arch: str, shape: str, tokenizer_dir: str | Path, *, dtype: str, device: str) -> tuple[Path, float]:
+    """The benchmark scripts' model folder under /tmp (``shape``: "full" or "tiny") and the
+    seconds it took to build; the GPU cache is emptied afterwards."""
+    import time
+
+    t0 = time.perf_counter()
+    folder = save_random_llava(arch, Path("/tmp") / f"random-{arch}-{shape}", tokenizer_dir, dtype=dtype,
+                               device=device, overrides=TINY_OVERRIDES if shape == "tiny" else None)
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return folder, round(time.perf_counter() - t0, 2)
