@@ -59,6 +59,8 @@ def aggregate(results_dirs: Sequence[str | Path], n_resamples: int = DEFAULT_RES
 
 
 def write_aggregate(results_dirs: Sequence[str | Path], output: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = 0, level: float = DEFAULT_LEVEL, plots: bool = True) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} and the plots over several run folders into ``output``."""
-    return write_board(aggregate(results_dirs, n_resamples, seed, level), Path(output), plots=plots)
+                    seed: int = 0, level: float = DEFAULT_LEVEL, plots: bool = True,
+                    contrasts: Sequence[str] = ()) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html}, contrasts and the plots over several run folders into ``output``."""
+    return write_board(aggregate(results_dirs, n_resamples, seed, level), Path(output), plots=plots,
+                       contrasts=contrasts)

@@ -59,7 +59,8 @@ def cmd_table(args) -> int:
     from .leaderboard import write_leaderboard
     from .records import read_records
 
-    stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots)
+    stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots,
+                 contrasts=args.contrast)
     try:
         if len(args.results) > 1 or args.output:
             from .aggregate import write_aggregate
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     t.add_argument("--bootstrap-seed", dest="bootstrap_seed", type=int, default=0, help="bootstrap seed")
     t.add_argument("--no-plots", dest="no_plots", action="store_true", help="tables only")
+    t.add_argument("--contrast", action="append", default=[], metavar="A:B",
+                   help="also tabulate variant A minus variant B with its paired interval, per model and "
+                        "scheme (repeatable; X+clip:X is always included) -> contrasts.md")
     t.set_defaults(func=cmd_table)
 
     ls = sub.add_parser("list", help="list methods, tasks, schemes and bundled models")

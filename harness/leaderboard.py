@@ -117,6 +117,9 @@ class Board:
     n_resamples: int = DEFAULT_RESAMPLES
     level: float = DEFAULT_LEVEL
     seed: int = 0
+    # the resamples every interval came from, and its rows' order: contrasts reuse both
+    bootstrap: PairedBootstrap | None = None
+    rows: list[tuple] = field(default_factory=list)
 
     @property
     def records(self) -> list[dict]:
@@ -315,7 +318,7 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
         ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
-                 level=level, seed=seed)
+                 level=level, seed=seed, bootstrap=boot, rows=rows)
 
 
 def _join_perf(table: pd.DataFrame, perf_records: list[dict]) -> pd.DataFrame:
@@ -479,11 +482,14 @@ def _booktabs(df: pd.DataFrame) -> str:
         .replace("\\}", "}").replace("\\$", "$").replace("\\_", "_").replace("\\textasciicircum{}", "^") + "\n"
 
 
-def write_board(board: Board, output: Path, plots: bool = True) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} and (``plots``) the plots into ``output``; returns the paths."""
+def write_board(board: Board, output: Path, plots: bool = True, contrasts: Sequence[str] = ()) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html}, contrasts.{md,csv} (the default levers plus
+    ``contrasts``, "A:B") and (``plots``) the plots into ``output``; returns the paths."""
+    from .contrasts import contrast_pairs, write_contrasts
     from .page import write_page
     from .plots import write_plots
 
+    pairs = contrast_pairs(board, contrasts)  # a bad --contrast fails before anything is written
     output.mkdir(parents=True, exist_ok=True)
     paths = {ext: output / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
     board.table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
@@ -494,12 +500,14 @@ def write_board(board: Board, output: Path, plots: bool = True) -> dict[str, Pat
     figures = write_plots(board, output) if plots else {}
     write_page(board, paths["html"], figures)
     paths.update({f"plot {name}": p for name, p in figures.items()})
+    paths.update(write_contrasts(board, output, pairs))
     return paths
 
 
 def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
                       seed: int = 0, level: float = DEFAULT_LEVEL,
-                      perf_records: list[dict] | None = None, plots: bool = True) -> dict[str, Path]:
+                      perf_records: list[dict] | None = None, plots: bool = True,
+                      contrasts: Sequence[str] = ()) -> dict[str, Path]:
     """Write leaderboard.{md,csv,tex,html} and plots next to records.jsonl; returns the paths.
 
     ``with_stderr`` is accepted for the CLI's ``--stderr`` and ignored: every number carries its
@@ -511,4 +519,4 @@ def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resa
         raise FileNotFoundError(f"no records in {results_dir / 'records.jsonl'}; run a suite first")
     board = build_board([Run(results_dir.name, results_dir, records)], n_resamples=n_resamples, seed=seed,
                         level=level, perf_records=perf_records)
-    return write_board(board, results_dir, plots=plots)
+    return write_board(board, results_dir, plots=plots, contrasts=contrasts)

@@ -1,0 +1,122 @@
+"""Paired differences between two named variants — a lever against its control — with intervals.
+
+The leaderboard ranks variants; a contrast answers "what does this lever add": A − B for every
+(model, scheme) that has both rows, per task and on Avg, from the same paired resamples (and, over
+several runs, the same seed-aware intervals) as the leaderboard's own gaps. The engine's clipping
+lever (``X+clip`` against ``X``) is contrasted by default; others come from the command line
+(``qvlm-bench table DIR --contrast qvlm-cdm:qvlm-layerwise``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .stats import combine_runs
+
+CLIP_SUFFIX = "+clip"
+
+
+def variants_of(board) -> list[str]:
+    return sorted({row[1] for row in board.rows})
+
+
+def parse_contrast(text: str, known: Sequence[str]) -> tuple[str, str]:
+    """``"A:B"`` into (A, B), both variant labels of the table (a label may itself hold a colon)."""
+    cuts = [i for i, ch in enumerate(text) if ch == ":"]
+    for i in cuts:
+        a, b = text[:i].strip(), text[i + 1:].strip()
+        if a in known and b in known:
+            if a == b:
+                raise ValueError(f"--contrast {text!r}: a variant against itself is always 0")
+            return a, b
+    hint = f"known variants: {', '.join(known)}"
+    if not cuts:
+        raise ValueError(f"--contrast {text!r}: write it as A:B (A − B), e.g. --contrast rtn+clip:rtn; {hint}")
+    raise ValueError(f"--contrast {text!r}: both sides must be variants of this table; {hint}")
+
+
+def default_contrasts(board) -> list[tuple[str, str]]:
+    """The engine's levers present in the table: each ``X+clip`` against its ``X``."""
+    known = set(variants_of(board))
+    return [(v, v[: -len(CLIP_SUFFIX)]) for v in sorted(known)
+            if v.endswith(CLIP_SUFFIX) and v[: -len(CLIP_SUFFIX)] in known]
+
+
+def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """Index (model, scheme, contrast "A − B"); per task and Avg: value, lo, hi in points, and
+    ``<col> sig`` (the interval excludes 0). Pairs absent from a (model, scheme) are skipped."""
+    boot, rows = board.bootstrap, board.rows
+    if boot is None:
+        raise ValueError("this board has no resamples to draw contrasts from (build it with build_board)")
+    index = {row: i for i, row in enumerate(rows)}
+    found = []  # (model, scheme, a, b, ia, ib)
+    for a, b in pairs:
+        for model, scheme in sorted({(r[0], r[2]) for r in rows}):
+            ia, ib = index.get((model, a, scheme)), index.get((model, b, scheme))
+            if ia is not None and ib is not None:
+                found.append((model, scheme, a, b, ia, ib))
+    cols = [*board.tasks, "Avg"]
+    out = pd.DataFrame(index=pd.MultiIndex.from_tuples([(m, s, f"{a} − {b}") for m, s, a, b, *_ in found],
+                                                       names=["model", "scheme", "contrast"]))
+    if not found:
+        return out
+    w = np.zeros((len(found), len(rows)))
+    for k, (*_, ia, ib) in enumerate(found):
+        w[k, ia], w[k, ib] = 1.0, -1.0
+    T = len(board.tasks)
+    for col in cols:
+        weights = {t: w / T for t in board.tasks} if col == "Avg" else {col: w}
+        iv = combine_runs(*boot.statistic(weights), level=board.level, bounds=(-1.0, 1.0))
+        out[col], out[f"{col} lo"], out[f"{col} hi"] = 100 * iv.value, 100 * iv.lo, 100 * iv.hi
+        out[f"{col} sig"] = iv.excludes_zero()
+    return out
+
+
+def contrasts_markdown(board, table: pd.DataFrame) -> str:
+    """The contrasts as a markdown table (bold: the interval excludes 0) and a caption."""
+    from .leaderboard import number_text
+
+    cols = [*board.tasks, "Avg"]
+    lines = ["| Model | Scheme | Contrast | " + " | ".join(cols) + " |",
+             "|" + "---|" * (3 + len(cols))]
+    for (model, scheme, name), r in table.iterrows():
+        cells = []
+        for c in cols:
+            if pd.isna(r[c]):
+                cells.append("–")
+                continue
+            text = f"{number_text(r[c], True)} [{number_text(r[f'{c} lo'], True)}, {number_text(r[f'{c} hi'], True)}]"
+            cells.append(f"**{text}**" if r[f"{c} sig"] else text)
+        lines.append(f"| {model} | {scheme} | {name} | " + " | ".join(cells) + " |")
+    pct = f"{100 * board.level:g} %"
+    runs = len(board.runs)
+    lines += ["", f"A − B in accuracy points on the same questions{' and seeds' if runs > 1 else ''}, "
+              f"with the leaderboard's paired {pct} interval"
+              + (f" (mean over {runs} runs; seed-to-seed and question variance)" if runs > 1 else
+                 " (bootstrap over questions)")
+              + f". Bold: the interval excludes 0 — the lever changes accuracy at this level."]
+    return "\n".join(lines) + "\n"
+
+
+def contrast_pairs(board, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The default levers plus ``extra`` ("A:B", checked against the table's variants)."""
+    known = variants_of(board)
+    return list(dict.fromkeys(default_contrasts(board) + [parse_contrast(t, known) for t in extra]))
+
+
+def write_contrasts(board, output: Path, pairs: Sequence[tuple[str, str]]) -> dict[str, Path]:
+    """contrasts.{md,csv} in ``output``; an older pair of files is removed when there is nothing
+    to contrast."""
+    stale = [output / "contrasts.md", output / "contrasts.csv"]
+    if not pairs:
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return {}
+    table = contrast_table(board, pairs)
+    stale[0].write_text(contrasts_markdown(board, table))
+    table.reset_index().to_csv(stale[1], index=False, float_format="%.4f")
+    return {"contrasts md": stale[0], "contrasts csv": stale[1]}
