@@ -78,27 +78,22 @@ def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
 
 def contrasts_markdown(board, table: pd.DataFrame) -> str:
     """The contrasts as a markdown table (bold: the interval excludes 0) and a caption."""
-    from .leaderboard import number_text
+    from .leaderboard import cell_text
 
     cols = [*board.tasks, "Avg"]
     lines = ["| Model | Scheme | Contrast | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
-    for (model, scheme, name), r in table.iterrows():
-        cells = []
-        for c in cols:
-            if pd.isna(r[c]):
-                cells.append("–")
-                continue
-            text = f"{number_text(r[c], True)} [{number_text(r[f'{c} lo'], True)}, {number_text(r[f'{c} hi'], True)}]"
-            cells.append(f"**{text}**" if r[f"{c} sig"] else text)
-        lines.append(f"| {model} | {scheme} | {name} | " + " | ".join(cells) + " |")
+    for idx, r in table.iterrows():
+        cells = [cell_text(table, idx, c, signed=True) for c in cols]
+        cells = [f"**{t}**" if t != "–" and r[f"{c} sig"] else t for c, t in zip(cols, cells)]
+        lines.append("| " + " | ".join(idx) + " | " + " | ".join(cells) + " |")
     pct = f"{100 * board.level:g} %"
     runs = len(board.runs)
     lines += ["", f"A − B in accuracy points on the same questions{' and seeds' if runs > 1 else ''}, "
               f"with the leaderboard's paired {pct} interval"
               + (f" (mean over {runs} runs; seed-to-seed and question variance)" if runs > 1 else
                  " (bootstrap over questions)")
-              + f". Bold: the interval excludes 0 — the lever changes accuracy at this level."]
+              + ". Bold: the interval excludes 0 — the lever changes accuracy at this level."]
     return "\n".join(lines) + "\n"
 
 

@@ -117,9 +117,13 @@ class Board:
     n_resamples: int = DEFAULT_RESAMPLES
     level: float = DEFAULT_LEVEL
     seed: int = 0
-    # the resamples every interval came from, and its rows' order: contrasts reuse both
+    # the resamples every interval came from: contrasts draw their intervals from the same ones
     bootstrap: PairedBootstrap | None = None
-    rows: list[tuple] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[tuple]:
+        """Row keys in the bootstrap's row order (the table keeps the order it was built in)."""
+        return list(self.table.index)
 
     @property
     def records(self) -> list[dict]:
@@ -318,7 +322,7 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
         ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
-                 level=level, seed=seed, bootstrap=boot, rows=rows)
+                 level=level, seed=seed, bootstrap=boot)
 
 
 def _join_perf(table: pd.DataFrame, perf_records: list[dict]) -> pd.DataFrame:
@@ -345,12 +349,14 @@ def number_text(v: float, signed: bool) -> str:
     return f"{v:+.1f}" if signed else f"{v:.1f}"
 
 
-def cell_text(table: pd.DataFrame, idx: tuple, col: str, intervals: bool = True) -> str:
-    """'80.0 [73.3, 86.0]' (signed for Δ columns), '–' when absent."""
+def cell_text(table: pd.DataFrame, idx: tuple, col: str, intervals: bool = True,
+              signed: bool | None = None) -> str:
+    """'80.0 [73.3, 86.0]' (signed for Δ columns, or as ``signed`` says), '–' when absent."""
     v = table.at[idx, col] if col in table else np.nan
     if pd.isna(v):
         return "–"
-    signed = col in (DREF, VSBEST) or col.endswith(" vs best")
+    if signed is None:
+        signed = col in (DREF, VSBEST) or col.endswith(" vs best")
     text = number_text(v, signed)
     lo, hi = table.at[idx, f"{col} lo"], table.at[idx, f"{col} hi"]
     if intervals and pd.notna(lo):
