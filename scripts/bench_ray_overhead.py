@@ -33,9 +33,10 @@ sys.path.insert(0, str(REPO))
 
 STAGES = ("load_s", "calibrate_s", "quantize_s", "finalize_s", "apply_s", "eval_s")
 
-def run_cli(suite_file: Path, out: Path, extra: list[str], log: Path) -> dict:
-    """One ``qvlm-bench run`` in a fresh process; its wall time and records."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+def run_cli(suite_file: Path, out: Path, extra: list[str], log: Path, env: dict | None = None) -> dict:
+    """One ``qvlm-bench run`` in a fresh process (``env`` added to this one's); its wall time and records."""
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "harness.cli", "run", str(suite_file), "--output", str(out), "-q", *extra]
     t0 = time.perf_counter()
     with log.open("w") as fh:

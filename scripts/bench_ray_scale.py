@@ -104,24 +104,20 @@ def write_suite(args, folder: Path, out: Path) -> Path:
 def run_one(name: str, suite_file: Path, out: Path, gpus: int) -> dict:
     """One run into ``out/name`` (a previous one there is replaced), its summary in ``name.json``."""
     shutil.rmtree(out / name, ignore_errors=True)
-    env_before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = {}
     if name == "serial":
         extra = []
         if gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+            env["CUDA_VISIBLE_DEVICES"] = "0"
     else:
         extra = ["--executor", "ray", "--workers", str(max(gpus, 2))]
         if not gpus:
             extra += ["--gpus-per-worker", "0"]
     sampler = GpuSampler(out / f"{name}.gpu.csv")
     try:
-        res = run_cli(suite_file, out / name, extra, out / f"{name}.log")
+        res = run_cli(suite_file, out / name, extra, out / f"{name}.log", env=env)
     finally:
         gpu = sampler.stop()
-        if env_before is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = env_before
     summary = {k: v for k, v in res.items() if k != "records"}
     summary.update(name=name, gpus_visible=1 if name == "serial" and gpus else gpus, gpu=gpu,
                    groups=groups(res["records"]))
