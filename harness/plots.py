@@ -94,7 +94,7 @@ def plot_by_scheme(board: Board, output: Path) -> dict[str, Path]:
                 ax.set_ylabel("accuracy (%)")
             if m == len(models) - 1:
                 ax.set_xlabel("scheme (weight / activation bits)")
-    handles, labels = {}, {}
+    handles: dict = {}  # legend label -> its first handle
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
