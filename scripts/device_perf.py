@@ -212,8 +212,8 @@ def summary(records: Path) -> int:
         return 1
     write_perf_table(records, records.parent / "leaderboard.md")
     df = leaderboard_frame(recs)
-    cols = ["model", "batch", "method", "scheme", "dtype", "gate", "decode ms/tok", "decode ×",
-            "prefill ms", "prefill ×", "tok/s", "peak GiB", "peak / base", "status"]
+    cols = ["model", "batch", "method", "scheme", "dtype", "layouts for", "gate", "trained err", "trained tol",
+            "decode ms/tok", "decode ×", "prefill ms", "prefill ×", "tok/s", "peak GiB", "peak / base", "status"]
     print(df[[c for c in cols if c in df.columns]].to_markdown(index=False, floatfmt=".3g"))
     print("\nPer-layer kernel choice at batch 1 (us per layer; ref-cublas = the float layer it replaces):")
     for r in recs:
@@ -224,13 +224,15 @@ def summary(records: Path) -> int:
             ch = c.get(s["chosen"], {})
             ref = c.get("ref-cublas", {})
             ratio = ref["ms"] / ch["ms"] if ch.get("ms") and ref.get("ms") else None
-            print(f"  {r['model']} {r['method']} {r['scheme']} {r.get('dtype')} {s['phase']:7s} {tuple(s['shape'])}: "
+            print(f"  {r['model']} {r.get('variant') or r['method']} {r['scheme']} {r.get('dtype')} "
+                  f"{r.get('objective', 'generate')} {s['phase']:7s} {tuple(s['shape'])}: "
                   f"{s['chosen']} [{s.get('layout')}] {ch.get('ms', float('nan')) * 1e3:.1f} vs cublas "
                   f"{ref.get('ms', float('nan')) * 1e3:.1f}" + (f" ({ratio:.2f}x)" if ratio else ""))
     bad = [r for r in recs if r["status"] != "ok"]
     for r in bad:
-        print(f"  not ok: {r['model']} B={r.get('batch_size')} {r['method']} {r['scheme']} {r.get('dtype')}: "
-              f"{r.get('error')}")
+        print(f"  not ok: {r['model']} B={r.get('batch_size')} {r.get('variant') or r['method']} {r['scheme']} "
+              f"{r.get('dtype')} {r.get('objective', 'generate')}: {r.get('error')}; "
+              + "; ".join((r.get("gate") or {}).get("failed") or []))
     return 0
 
 

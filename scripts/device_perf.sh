@@ -5,7 +5,9 @@
 #
 # usage (repository root, one H200):
 #   QVLM_GIT_COMMIT=<sha of the checkout> OUT=/path bash scripts/device_perf.sh [PHASES]
-# PHASES: comma-separated among selftest, 7b, 13b (default: all three, ~7.5 minutes). Each phase is
+# PHASES: comma-separated among selftest, 7b, 13b (default: these three, ~7.5 minutes), tiny (the
+# bundled trained model as the benchmarked model), 7b-prefill / 13b-prefill (batch 1, layouts chosen
+# for prefill), 7b-sym / 13b-sym (W4A16 symmetric g128: tinygemm in bf16). Each phase is
 # a separate process under its own time limit, so a phase that hangs or dies leaves the others'
 # results; every finished (model, variant, batch) cell is in $OUT/perf/records.jsonl at once.
 # Limits (seconds, env): SELFTEST_S (default 70), PERF_7B_S (185), PERF_13B_S (195); each perf
@@ -47,7 +49,7 @@ phase() {  # name, limit in seconds, command...
   timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "=== $name: exit $rc after $(( $(date +%s) - t ))s" | tee -a "$OUT/device.log"
-  grep -E "^\[perf\].*(PASS|FAIL|decode|not run)|FAILED|Error|^\[selftest\] [0-9]+ failed" "$OUT/$name.log" \
+  grep -E "^\[perf\].*(PASS|FAIL|failed checks|decode|not run)|FAILED|Error|^\[selftest\] [0-9]+ failed" "$OUT/$name.log" \
     | tail -n 40 | tee -a "$OUT/device.log"
 }
 DRY_ARGS=()
@@ -66,7 +68,24 @@ for ph in ${PHASES//,/ }; do
               # shellcheck disable=SC2086  # PERF_EXTRA holds several arguments
               phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
-    *)        echo "unknown phase $ph (selftest, 7b, 13b)" ;;
+    # the same model, batch 1, layouts chosen for prefill alone (what each scheme can do there)
+    7b-prefill|13b-prefill)
+              S=${PERF_PREFILL_S:-150}; M="llava-1.5-${ph%-prefill}"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
+              # shellcheck disable=SC2086
+              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+                --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --objective prefill --batch 1 ;;
+    # W4A16 symmetric, groups of 128: tinygemm's zero point is exact for every layer (bf16 pass)
+    7b-sym|13b-sym)
+              S=${PERF_SYM_S:-150}; M="llava-1.5-${ph%-sym}"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
+              # shellcheck disable=SC2086
+              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+                --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --schemes w4a16 --batch 1 \
+                --override w_sym=true --override w_group_size=128 ;;
+    # the bundled trained model itself on the GPU: every gate record in full, in its own folder
+    tiny)     S=${PERF_TINY_S:-120}
+              phase perf-tiny "$S" python3 -m harness.perf.cli --model qvlm-tiny-llava "${PERF_ARGS[@]}" \
+                --batch 1 --trained-gate on --out "$OUT/perf-tiny" ;;
+    *)        echo "unknown phase $ph (selftest, tiny, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym)" ;;
   esac
 done
 echo "=== summary at $(( $(date +%s) - T0 ))s"

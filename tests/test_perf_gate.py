@@ -311,3 +311,72 @@ def test_trained_gate_verdict(policy, layer_ok, strict_ok, producers, trained, p
     g = {"policy": policy, "layerwise_ok": layer_ok, "strict_passed": strict_ok,
          "producers": {"passed": producers}}
     assert gate_mod.combine(g, {"ran": True, "passed": trained}) is passed
+
+
+def test_exact_reference_is_the_float64_model_teacher_forced(tiny_lm):
+    """``exact_reference``: one float64 forward over prompt + tokens gives, at every step, the logits a
+    float64 greedy run would compute at that prefix; ``sim_err`` is the eager model's own distance."""
+    import copy
+
+    from harness.perf.real import rel_err
+
+    wl = make_workload(tiny_lm.model.config, text_tokens=10, new_tokens=4)
+    ids, pix = wl.batch(1)
+    state = rtn_state(tiny_lm.model, parse_scheme("w4a8"), "rtn")
+    handle = apply_state(tiny_lm.model, state)
+    try:
+        m32 = copy.deepcopy(tiny_lm.model).to(torch.float32)
+        ref = gate_mod.simulated_reference(m32, ids, pix.float(), n_tokens=3)
+        m64 = copy.deepcopy(tiny_lm.model).to(torch.float64)
+        ex = gate_mod.exact_reference(m64, ids, pix, ref)
+        # independent: the float64 model run prefix by prefix, as a greedy loop would
+        seq = ids
+        for i, t in enumerate(ref.tokens):
+            want = m64(input_ids=seq, pixel_values=pix.double(), use_cache=False).logits[0, -1]
+            torch.testing.assert_close(ex.logits[i], want, rtol=0, atol=1e-9)
+            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+    finally:
+        handle.restore()
+    assert ex.logits.dtype == torch.float64 and ex.logits.shape == ref.logits.shape
+    assert ex.sim_err == pytest.approx(rel_err(ref.logits, ex.logits))
+    assert 0 < ex.sim_err < 1e-3  # float32 eager vs float64: rounding only
+    assert ex.sim_dev == pytest.approx((ref.logits.double() - ex.logits).abs().amax(-1).tolist())
+
+
+def test_exact_policy_allows_what_the_eager_model_itself_is_off(monkeypatch):
+    """Policy ``exact``: the engine may be as far from the float64 model as 2x the same-dtype eager
+    simulated model is (the trained-model gate: fp16 eager W8A8 is 2.7e-2 from float64 on the bundled
+    model, W4A4 0.16), and a greedy flip counts only where the float64 gap is within 2x the eager
+    model's own largest logit deviation at that step."""
+    monkeypatch.setattr(gate_mod, "language_layers", lambda m: ("lm.layers", None))
+    monkeypatch.setattr(gate_mod, "layerwise_errors", lambda e, r, p, *a: {"layers.0.o.prefill": 1e-3})
+    exact = torch.tensor([[0.0, 2.0, 1.9, -1.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+
+    def ref(sim_err, dev):
+        return gate_mod.SimReference(logits=exact.float(), tokens=[1, 0], exact=gate_mod.ExactReference(
+            logits=exact, sim_err=sim_err, sim_dev=dev))
+
+    def engine(real):
+        class Eng:
+            batch, model, dtype = 1, None, torch.float16
+
+            def teacher_forced_logits(self, tokens):
+                return real[None].float()
+        return Eng()
+
+    d = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    off = exact + 0.05 * exact.norm() * d / d.norm()  # 5e-2 relative, same argmax
+    g = gate_mod.check(engine(off), ref(0.03, [0.1, 0.1]), act_quant=True, policy="exact")
+    assert g["exact"]["rel_logit_err"] == pytest.approx(0.05, rel=1e-3)
+    assert g["exact"]["tol"] == pytest.approx(0.06) and g["passed"]
+    assert not gate_mod.check(engine(off), ref(0.02, [0.1, 0.1]), act_quant=True, policy="exact")["passed"]
+    # a flip of step 0 (gap 0.1 in the float64 model): a tie when the eager model deviates by >= 0.05
+    flip = exact.clone()
+    flip[0, 2] = 2.01
+    g = gate_mod.check(engine(flip), ref(0.03, [0.06, 0.0]), act_quant=True, policy="exact")
+    assert g["exact"]["token_flips"][0]["gap"] == pytest.approx(0.1) and g["passed"]
+    g = gate_mod.check(engine(flip), ref(0.03, [0.01, 0.0]), act_quant=True, policy="exact")
+    assert not g["passed"] and not g["exact"]["tokens_match_up_to_ties"]
+    with pytest.raises(ValueError, match="float64 reference"):
+        gate_mod.check(engine(off), gate_mod.SimReference(logits=exact.float(), tokens=[1, 0]),
+                       act_quant=True, policy="exact")

@@ -162,6 +162,18 @@ def test_layout_choice_minimises_the_workload_time():
     r = recs(127.0)
     real._choose_layout(members, r, plan, "sig")
     assert members[0].choice == {"decode": "torch-int4pack", "prefill": "torch-int4pack"}
+    r = recs(0.0)
+    real._choose_layout(members, r, [("decode", 1, 0.0), ("prefill", 647, 1.0)], "sig")  # prefill only
+    assert r["prefill"].layout_costs == pytest.approx({"tinygemm": 100.0, "ours": 4.0})
+    assert members[0].choice == {"decode": "triton-int4-dot", "prefill": "triton-int4-dot"}
+
+
+def test_objectives_weigh_the_phases():
+    from harness.perf import runner
+
+    assert runner.OBJECTIVES == ("generate", "decode", "prefill")
+    with pytest.raises(ValueError, match="objective must be one of generate, decode, prefill"):
+        runner.run_perf("qvlm-tiny-llava", objective="ttft", out="/nonexistent", log=lambda *a: None)
 
 
 def test_finalize_keeps_one_layout_and_the_codes_on_the_host():

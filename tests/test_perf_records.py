@@ -155,3 +155,25 @@ def test_table_keeps_each_cards_rows_in_its_own_section(tmp_path):
         append_record(path, r)
     text = write_perf_table(path, tmp_path / "leaderboard.md")
     assert text.index("# H200") < text.index("# H100 (earlier runs, kept for reference)")
+
+
+def test_rows_of_other_configurations_and_objectives_do_not_replace_each_other(tiny_llava_path, tmp_path):
+    """A run with quantization overrides is its own variant, and layouts chosen for another
+    objective are their own row: neither hides the default run's measurement."""
+    from harness.perf.runner import run_perf
+
+    common = dict(schemes=["w4a16"], batches=[1], out=tmp_path, new_tokens=3, text_tokens=8, warmup=1,
+                  reps=1, gate_tokens=2, device="cpu", dtype="fp32", trained_gate="off", compile=False,
+                  graphs=False, log=lambda *a: None)
+    a = run_perf(str(tiny_llava_path), **common)
+    b = run_perf(str(tiny_llava_path), overrides={"w_group_size": 128, "w_sym": True}, **common)
+    c = run_perf(str(tiny_llava_path), objective="prefill", **common)
+    assert [r["variant"] for r in a] == ["fp16", "rtn"] and b[0]["variant"] == "fp16"
+    assert b[1]["variant"] == "rtn (w_group_size=128, w_sym=True)"
+    assert b[1]["quant_config"]["w_group_size"] == 128 and b[1]["quant_config"]["w_sym"] is True
+    assert c[1]["objective"] == "prefill"
+    df = leaderboard_frame(load_records(tmp_path / "records.jsonl"))
+    rows = sorted(zip(df["method"], df["layouts for"], df["run"]))
+    assert rows == sorted([("fp16", "generate", b[0]["run_id"]), ("fp16", "prefill", c[0]["run_id"]),
+                           ("rtn", "generate", a[1]["run_id"]), ("rtn", "prefill", c[1]["run_id"]),
+                           ("rtn (w_group_size=128, w_sym=True)", "generate", b[1]["run_id"])])

@@ -57,9 +57,9 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
                    help="restrict kernel candidates by name prefix (experiments); names of opt-in kernels "
                         "(triton-int4-gemv, triton-int4-gemv2, triton-int8-gemv2, torch-int_mm-int8) add "
                         "them instead (docs/benchmarks/perf.md)")
-    p.add_argument("--objective", choices=["generate", "decode"], default="generate",
-                   help="choose each layer's weight layout by the time of the whole workload (default) "
-                        "or by decode time alone")
+    p.add_argument("--objective", choices=["generate", "decode", "prefill"], default="generate",
+                   help="choose each layer's weight layout by the time of the whole workload (default), "
+                        "by decode time alone, or by prefill time alone (rows say which)")
     p.add_argument("--trained-gate", choices=["auto", "on", "off"], default="auto",
                    help="also gate every variant end to end on the bundled trained model with the same "
                         "kernels (auto: on CUDA only)")

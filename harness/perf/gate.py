@@ -75,6 +75,20 @@ SIBLING_KEYS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pro
 
 
 @dataclass
+class ExactReference:
+    """The same simulated model in float64, teacher-forced on the run dtype's greedy tokens.
+
+    ``sim_err``: how far the run dtype's eager simulated model itself is from it (relative logit
+    error), ``sim_dev``: its largest absolute logit deviation per step. A correct engine cannot be
+    expected to be closer to the exact model than a correct eager implementation in the same dtype.
+    """
+
+    logits: torch.Tensor  # [1 + n_tokens, vocab] float64
+    sim_err: float
+    sim_dev: list[float]
+
+
+@dataclass
 class SimReference:
     """What the simulated model did on the gate sample."""
 
@@ -82,6 +96,7 @@ class SimReference:
     tokens: list[int]  # greedy tokens, len 1 + n_tokens
     io: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # linear path -> (in, out)
     layers: list[int] = field(default_factory=list)
+    exact: ExactReference | None = None
 
 
 def _last_logits(model, input_ids, pixel_values):
@@ -135,6 +150,53 @@ def simulated_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values:
         for h in hooks:
             h.remove()
     return SimReference(logits=torch.stack(logits), tokens=tokens, io=io, layers=layers)
+
+
+@torch.no_grad()
+def exact_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                    ref: SimReference) -> ExactReference:
+    """Teacher-forced float64 logits of ``model`` (the simulated model with its state applied, its
+    parameters cast to float64 from the run dtype's values) on ``ref``'s prompt and tokens.
+
+    The activation quantizers compute their ranges in float32 (``quantizer.qparams``), so this is
+    the simulated arithmetic at float32/float64 precision, not the run dtype's."""
+    ids = input_ids[:1]
+    n = len(ref.tokens)
+    if n > 1:
+        ids = torch.cat([ids, torch.tensor([ref.tokens[:-1]], device=ids.device, dtype=ids.dtype)], dim=1)
+    pix = pixel_values[:1].to(torch.float64)
+    try:
+        out = model(input_ids=ids, pixel_values=pix, use_cache=False, logits_to_keep=n)
+    except TypeError:
+        out = model(input_ids=ids, pixel_values=pix, use_cache=False)
+    logits = out.logits[0, -n:].double()
+    sim = ref.logits.to(logits.device).double()
+    return ExactReference(logits=logits.cpu(), sim_err=rel_err(sim, logits),
+                          sim_dev=(sim - logits).abs().amax(-1).tolist())
+
+
+def _exact_check(real: torch.Tensor, ref: SimReference, e2e_tol: float, tol: float) -> dict:
+    """The engine against the float64 reference: relative logit error within ``e2e_tol`` or
+    ``FLOAT_MARGIN`` x the same-dtype eager simulated model's own error, and the exact model's greedy
+    token at every step, except where the exact model's gap between the two tokens is within
+    ``FLOAT_MARGIN`` x the eager model's largest logit deviation at that step (a flip the eager
+    simulation could make as well) or ``tol`` x rms(logits)."""
+    ex = ref.exact
+    exact = ex.logits.to(real.device)
+    err = rel_err(real, exact)
+    allowed = max(e2e_tol, FLOAT_MARGIN * ex.sim_err)
+    want = exact.argmax(-1).tolist()
+    got = real.argmax(-1).tolist()
+    flips = []
+    for i, (a, b) in enumerate(zip(want, got)):
+        if a != b:
+            flips.append({"step": i, "exact": a, "real": b, "gap": float(exact[i, a] - exact[i, b]),
+                          "tie_tol": max(float(tol * exact[i].pow(2).mean().sqrt()),
+                                         FLOAT_MARGIN * ex.sim_dev[i])})
+    tokens_ok = all(f["gap"] <= f["tie_tol"] for f in flips)
+    return {"rel_logit_err": err, "tol": allowed, "sim_rel_logit_err": ex.sim_err,
+            "sim_max_dev": ex.sim_dev, "tokens_exact": want, "token_flips": flips,
+            "tokens_match_up_to_ties": tokens_ok, "passed": bool(err <= allowed and tokens_ok)}
 
 
 def _layer_error(mod, x: torch.Tensor, want: torch.Tensor, tol: float, key: str, ties: dict) -> float:
@@ -219,13 +281,18 @@ def check(engine, ref: SimReference, *, act_quant: bool, policy: str = "auto",
     layer_ok = layer_max <= tol
     e2e_tol = e2e_tolerance(getattr(engine, "dtype", None) or torch.float16, tol, float_e2e)
     e2e_ok = e2e <= e2e_tol and match
+    exact = _exact_check(real, ref, e2e_tol, tol) if ref.exact is not None else None
     e2e_ok_ties = e2e <= e2e_tol and match_or_tie
     if policy == "strict":
         passed = layer_ok and e2e_ok
     elif policy == "auto":
         passed = layer_ok and (e2e_ok_ties or act_quant)
+    elif policy == "exact":
+        if exact is None:
+            raise ValueError("gate policy 'exact' needs a float64 reference (SimReference.exact)")
+        passed = layer_ok and exact["passed"]
     else:
-        raise ValueError(f"unknown gate policy {policy!r}; valid: auto, strict")
+        raise ValueError(f"unknown gate policy {policy!r}; valid: auto, strict, exact")
     return {
         "policy": policy, "tol": tol, "passed": bool(passed), "strict_passed": bool(layer_ok and e2e_ok),
         "layerwise_max_rel_err": layer_max, "layerwise_ok": layer_ok, "layerwise": layer,
@@ -235,7 +302,7 @@ def check(engine, ref: SimReference, *, act_quant: bool, policy: str = "auto",
         "e2e_tokens_match_up_to_ties": match_or_tie, "token_mismatches": ties,
         "tokens_sim": ref.tokens, "tokens_real": real_tokens,
         "min_top2_margin": min(margins) if margins else None,
-        "batch_rows_max_rel_diff": rows_agree, "n_tokens": len(ref.tokens),
+        "batch_rows_max_rel_diff": rows_agree, "n_tokens": len(ref.tokens), "exact": exact,
     }
 
 
@@ -248,6 +315,43 @@ def combine(g: dict, trained: dict) -> bool:
     producers = g.get("producers", {}).get("passed", True)
     ok = g["layerwise_ok"] if g["policy"] == "auto" else g["strict_passed"]
     return bool(ok and producers and trained.get("passed"))
+
+
+def _worst_producer(pc: dict) -> str:
+    bad = [(k, c) for k, c in pc.get("checks", {}).items()
+           if c["non_tie"] or c["scale_mismatch"] or c.get("rowsum_mismatch") or c["float_err"] > GATE_TOL]
+    if not bad:
+        return ""
+    k, c = bad[0]
+    return (f" ({len(bad)} bad, first {k}: non-tie codes {c['non_tie']}, scales {c['scale_mismatch']}, "
+            f"row sums {c.get('rowsum_mismatch', 0)}, float err {c['float_err']:.1e})")
+
+
+def failed_checks(g: dict) -> list[str]:
+    """Which parts of a gate record failed, in words (for the log and the record's ``failed``)."""
+    out = []
+    if not g.get("layerwise_ok", True):
+        worst = max(g["layerwise"], key=g["layerwise"].get)
+        out.append(f"layerwise {g['layerwise_max_rel_err']:.2e} at {worst}")
+    if g.get("policy") == "strict" and not g.get("e2e_ok", True):
+        out.append(f"end-to-end {g['e2e_rel_logit_err']:.2e} (tol {g['e2e_tol']:.1e}, "
+                   f"tokens {'same' if g['e2e_tokens_match'] else 'differ'})")
+    if "producers" in g and not g["producers"]["passed"]:
+        out.append("fused quantizers" + _worst_producer(g["producers"]))
+    tr = g.get("trained") or {}
+    if tr.get("ran") and not tr.get("passed"):
+        if tr.get("error"):
+            out.append(f"trained model: {tr['error']}")
+        ex = tr.get("exact") or {}
+        if tr.get("layerwise_max_rel_err", 0) > GATE_TOL:
+            lw = tr.get("layerwise") or {"?": 0}
+            out.append(f"trained layerwise {tr['layerwise_max_rel_err']:.2e} at {max(lw, key=lw.get)}")
+        if ex and not ex["passed"]:
+            out.append(f"trained end-to-end vs float64 {ex['rel_logit_err']:.2e} (tol {ex['tol']:.1e}; eager "
+                       f"simulated {ex['sim_rel_logit_err']:.1e}), token flips {len(ex['token_flips'])}")
+        if "producers" in tr and not tr["producers"]["passed"]:
+            out.append("trained fused quantizers" + _worst_producer(tr["producers"]))
+    return out
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def _ratio(base, val):
 
 
 def latest_per_variant(records: list[dict]) -> list[dict]:
-    """The newest record per (card, model, batch, variant, scheme, dtype); older runs stay in
+    """The newest record per (card, model, batch, variant, scheme, dtype, objective); older runs stay in
     records.jsonl, and another card's rows are never replaced by this card's.
 
     A variant skipped for time (``error: not run: ...``) doesn't hide an older measurement of it.
@@ -67,7 +67,7 @@ def latest_per_variant(records: list[dict]) -> list[dict]:
     newest: dict = {}
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = (r.get("card"), r["model"], r.get("batch_size"), r.get("variant") or r["method"], r["scheme"],
-               run_dtype(r))
+               run_dtype(r), r.get("objective") or "generate")
         skipped = str(r.get("error") or "").startswith("not run")
         if skipped and key in newest:
             continue
@@ -94,17 +94,21 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
         blat = (b or {}).get("latency") or {}
         bmem = (b or {}).get("memory") or {}
         g = r.get("gate") or {}
+        trained_exact = (g.get("trained") or {}).get("exact") or {}
         timed = bool(lat) and r["status"] == "ok" and r.get("kernel") != "simulated"
         prefill = lat.get("prefill_ms")
         rows.append({
             "model": r["model"], "card": r.get("card"), "batch": r.get("batch_size"),
             "run": r.get("run_id"),
             "method": r.get("variant") or r["method"], "scheme": r["scheme"], "dtype": run_dtype(r),
+            "layouts for": r.get("objective") or "generate",
             "status": r["status"] if timed or r["status"] == "failed" else "simulated",
             "gate": ("pass" if g.get("passed") else "FAIL") if g else "—",
             "gate layer err": g.get("layerwise_max_rel_err"),
             "gate e2e err": g.get("e2e_rel_logit_err"),
             "gate tokens": ("same" if g.get("e2e_tokens_match") else "differ") if g else None,
+            "trained err": trained_exact.get("rel_logit_err"),
+            "trained tol": trained_exact.get("tol"),
             "vision ms": lat.get("vision_ms"),
             "TTFT ms": lat.get("ttft_ms"),
             "prefill ms": prefill,
@@ -124,7 +128,7 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
     if not df.empty:
         refs = {r.get("variant") or r["method"] for r in records if is_reference(r)}
         df["_o"] = df["method"].map(lambda m: 0 if m in refs else 1)
-        df = df.sort_values(["model", "batch", "dtype", "_o", "method", "scheme"]).drop(columns="_o")
+        df = df.sort_values(["model", "batch", "dtype", "_o", "method", "scheme", "layouts for"]).drop(columns="_o")
     return df
 
 

@@ -18,6 +18,7 @@ float baseline, so every ratio is against the baseline of the same dtype and cal
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shlex
@@ -43,6 +44,10 @@ from .records import write_perf_record, write_perf_table
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 TRAINED_GATE_MODEL = "qvlm-tiny-llava"
+# what each layer's one weight layout is chosen for: the whole workload (prefill once, new_tokens - 1
+# decode steps), decode alone, or prefill alone (what a scheme can do in prefill; decode then runs the
+# fastest kernel of that layout)
+OBJECTIVES = ("generate", "decode", "prefill")
 
 
 def float_variant() -> tuple[str, str]:
@@ -305,10 +310,14 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     ``dtype``: fp16 / bf16 / fp32, or ``auto`` (fp16 on CUDA, plus a bf16 pass with its own
     baseline for variants whose best kernel needs bf16; fp32 on the CPU). ``objective``:
     ``generate`` chooses each layer's layout by the time of the whole workload (prefill once,
-    ``new_tokens - 1`` decode steps), ``decode`` by decode time alone.
+    ``new_tokens - 1`` decode steps), ``decode`` by decode time alone, ``prefill`` by prefill alone.
     """
-    if objective not in ("generate", "decode"):
-        raise ValueError(f"objective must be 'generate' or 'decode', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if new_tokens < gate_tokens:
+        raise ValueError(f"--new-tokens {new_tokens} is below --gate-tokens {gate_tokens}: the gate feeds "
+                         f"{gate_tokens} tokens through the engine's KV cache, which holds the prompt and "
+                         f"new_tokens; raise --new-tokens or lower --gate-tokens")
     t_start = time.time()
     overrides = dict(overrides or {})
     out = Path(out)
@@ -329,7 +338,8 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     wl = make_workload(lm.model.config, text_tokens=text_tokens, new_tokens=new_tokens, seed=seed)
     lang_path, _ = language_layers(lm.model)
     float_linears = {n: m for n, m in select_linears(lm.model, ["language"]).items() if n.startswith(lang_path)}
-    plan_runs = {"decode": max(1, new_tokens - 1), "prefill": 1 if objective == "generate" else 0}
+    plan_runs = {"decode": max(1, new_tokens - 1) if objective != "prefill" else 0,
+                 "prefill": 0 if objective == "decode" else 1}
 
     common = {"suite": suite, "model": model, "task": None, "metric": "perf", "value": None,
               "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
@@ -400,7 +410,10 @@ class _Ctx:
 
     def _record(self, v: Variant, B: int, **fields) -> dict:
         qd = v.qcfg.to_dict() if v.qcfg is not None else None
-        rec = dict(self.common, method=v.method, variant=v.method, reference=v.is_reference,
+        variant = v.method
+        if self.overrides and not v.is_reference:  # rows of another configuration must not replace these
+            variant += " (" + ", ".join(f"{k}={val}" for k, val in sorted(self.overrides.items())) + ")"
+        rec = dict(self.common, method=v.method, variant=variant, reference=v.is_reference,
                    scheme=v.scheme, dtype=DTYPE_NAMES.get(v.dtype, str(v.dtype)), batch_size=B,
                    quant_config=qd, quantize_s=v.quantize_s, proof=v.proof, n=self.reps, latency=None,
                    memory=None, kernel=None, status="failed", error=v.error, gate=None,
@@ -412,13 +425,24 @@ class _Ctx:
         rec.pop("timestamp", None)
         return write_perf_record(self.out / "records.jsonl", **rec)
 
-    def _quantize(self, v: Variant, lm, wl: Workload):
-        """State + simulated reference of ``v`` on ``lm`` (None state for the float baseline)."""
+    def _quantize(self, v: Variant, lm, wl: Workload, exact: bool = False):
+        """State + simulated reference of ``v`` on ``lm`` (None state for the float baseline).
+
+        ``exact``: also the float64 copy of the simulated model's logits (``gate.exact_reference``;
+        small models only: it copies the model)."""
         ids1, pix1 = wl.batch(1)
         ids1, pix1 = ids1.to(self.device), pix1.to(self.device, lm.dtype)
         v.qcfg = parse_scheme(v.scheme, **({} if v.is_reference else self.overrides))
-        if v.is_reference:
+
+        def reference():
             v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, self.gate_tokens)
+            if exact:
+                m64 = copy.deepcopy(lm.model).to(torch.float64)
+                v.ref.exact = gate_mod.exact_reference(m64, ids1, pix1, v.ref)
+                del m64
+
+        if v.is_reference:
+            reference()
             return None
         cls = method_class(v.method)
         calib = random_calibration(lm, wl) if cls.calibrates(v.qcfg) else None
@@ -430,7 +454,7 @@ class _Ctx:
         v.proof = state.proof()
         handle = apply_state(lm.model, state, device=self.device)
         try:
-            v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, self.gate_tokens)
+            reference()
             v.proof["act_quantizers_fired"] = gate_mod.fake_linears_fired(lm.model)
         finally:
             handle.restore()
@@ -528,9 +552,13 @@ class _Ctx:
                 f"(layerwise {g['layerwise_max_rel_err']:.2e}, e2e {g['e2e_rel_logit_err']:.2e} "
                 f"tol {g['e2e_tol']:.1e}, tokens {'same' if g['e2e_tokens_match'] else 'DIFFER'}"
                 + (f", producers {'ok' if g['producers']['passed'] else 'FAIL'}" if "producers" in g else "")
-                + (f", trained e2e {tr.get('e2e_rel_logit_err', float('nan')):.2e} "
+                + (f", trained vs float64 {(tr.get('exact') or {}).get('rel_logit_err', float('nan')):.2e} "
+                   f"(eager {(tr.get('exact') or {}).get('sim_rel_logit_err', float('nan')):.1e}) "
                    f"{'PASS' if tr.get('passed') else 'FAIL'}" if tr.get("ran") else "")
                 + f") kernels {fields['kernel']}")
+            g["failed"] = gate_mod.failed_checks(g)
+            if g["failed"]:
+                log(f"[perf] B={B} {v.label}: failed checks: " + "; ".join(g["failed"]))
             if not g["passed"]:
                 fields["error"] = "correctness gate failed: not timed"
             elif simulated:
@@ -576,7 +604,7 @@ class _Ctx:
             tlm = self._trained_lm
             tv = Variant(v.method, v.scheme, tlm.dtype)
             wl = make_workload(tlm.model.config, text_tokens=24, new_tokens=self.gate_tokens + 1, seed=1)
-            state = self._quantize(tv, tlm, wl)
+            state = self._quantize(tv, tlm, wl, exact=True)
             blocks = self._blocks(tlm.model, state, tlm.dtype)
             del state
             engine = LlavaEngine(tlm.model, blocks, compile=False, graphs=False)  # the kernels are the subject
@@ -614,11 +642,12 @@ class _Ctx:
                 if isinstance(p, RealLinear):
                     p.finalize_storage()
             engine.capture(warmup=1)
-            g = gate_mod.check(engine, tv.ref, act_quant=False, policy="auto")
+            g = gate_mod.check(engine, tv.ref, act_quant=False, policy="exact")
             out.update(passed=bool(g["passed"]), e2e_rel_logit_err=g["e2e_rel_logit_err"], e2e_tol=g["e2e_tol"],
                        e2e_tokens_match=g["e2e_tokens_match"], layerwise_max_rel_err=g["layerwise_max_rel_err"],
-                       tokens_sim=g["tokens_sim"], tokens_real=g["tokens_real"], kernels=forced,
-                       not_accepted=fallback, fused_producers=engine.fused)
+                       layerwise=g["layerwise"], layerwise_rounding_ties=g["layerwise_rounding_ties"],
+                       exact=g["exact"], tokens_sim=g["tokens_sim"], tokens_real=g["tokens_real"],
+                       kernels=forced, not_accepted=fallback, fused_producers=engine.fused)
             if engine.fused:
                 pc = gate_mod.check_producers(engine, tv.ref)
                 out["producers"] = pc
