@@ -107,3 +107,37 @@ def test_cpu_fallback_is_the_torch_reference():
     finally:
         tk.interpret_on_cpu(prev)
     assert torch.equal(p.x, quantize_activation(x, act))
+
+
+def test_check_codes_tells_an_ulp_flip_from_a_wrong_code():
+    """The H200 run of 8a432de: W8A8/W6A6 prefill producers differed from the simulated quantizer in
+    1-3 of 2.65M codes, each one step where the quotient was near (not at) a half step -- what a
+    one-ulp difference in the producer's own RMSNorm value does at 8 bits (an fp16 ulp of a value
+    near amax is ~0.06 of a step). Those are ``ulp_flips``; a code off elsewhere stays ``non_tie``;
+    row sums must be those of the codes emitted."""
+    act = ActQuant(bits=8)  # symmetric: scale = amax / 127
+    h = torch.tensor([[127.0, 10.0, 20.5 + 2 ** -6, 30.25]], dtype=torch.float16)  # scale 1
+    assert fused.ulp(h).tolist() == [[2 ** -4, 2 ** -7, 2 ** -6, 2 ** -6]]  # float64 spacing of fp16
+    q = torch.tensor([[127.0, 10.0, 21.0, 30.0]])  # what round(h / 1) gives
+    assert torch.equal(fused._codes_torch(h, act)[0], q)
+
+    def prepared(codes):
+        c = torch.tensor([codes], dtype=torch.int8)
+        return fused.Prepared("codes", c, torch.tensor([1.0]), c.float().sum(-1).to(torch.int32))
+    ok = fused.check_codes(h, prepared([127, 10, 21, 30]), act)
+    assert ok["mismatches"] == 0 and ok["rowsum_mismatch"] == 0
+    # 20.5 + 2**-6 is one fp16 ulp above the half: a producer whose value was one ulp lower saw 20.5
+    # and rounded to even (20)
+    flip = fused.check_codes(h, prepared([127, 10, 20, 30]), act)
+    assert flip["mismatches"] == 1 and flip["ulp_flips"] == 1 and flip["non_tie"] == 0
+    # 30.25 is 0.25 from the half, 16 ulps: no rounding difference gives 31
+    wrong = fused.check_codes(h, prepared([127, 10, 21, 31]), act)
+    assert wrong["non_tie"] == 1 and wrong["ulp_flips"] == 0
+    far = fused.check_codes(h, prepared([127, 12, 21, 30]), act)  # two steps off
+    assert far["non_tie"] == 1
+    p = prepared([127, 10, 21, 30])
+    p.rowsum += 1
+    assert fused.check_codes(h, p, act)["rowsum_mismatch"] == 1
+    fake = fused.check_codes(h, fused.Prepared("fake", torch.tensor([[127.0, 10.0, 20.0, 30.0]],
+                                                                    dtype=torch.float16)), act)
+    assert fake["ulp_flips"] == 1 and fake["non_tie"] == 0

@@ -377,6 +377,14 @@ def test_exact_policy_allows_what_the_eager_model_itself_is_off(monkeypatch):
     assert g["exact"]["token_flips"][0]["gap"] == pytest.approx(0.1) and g["passed"]
     g = gate_mod.check(engine(flip), ref(0.03, [0.01, 0.0]), act_quant=True, policy="exact")
     assert not g["passed"] and not g["exact"]["tokens_match_up_to_ties"]
+    # the float engine's own distance to its float64 model in the same call counts as measured noise
+    # too (the H200 W4A16 run: eager deviation 0.010 at the flipped step, the fp16 float engine's 0.149)
+    fe = {"rel_logit_err": 0.025, "real_max_dev": [0.02, 0.149]}  # flip is 3.5e-2 off: within 2 x 0.025
+    g = gate_mod.check(engine(flip), ref(0.003, [0.01, 0.0]), act_quant=True, policy="exact", float_exact=fe)
+    assert g["passed"] and g["exact"]["noise_max_dev"] == pytest.approx(0.149)
+    assert g["exact"]["token_flips"][0]["tie_tol"] == pytest.approx(0.298)
+    assert g["exact"]["tol"] == pytest.approx(0.05) and g["exact"]["noise_rel_logit_err"] == 0.025
+    assert g["exact"]["real_max_dev"] == pytest.approx([0.11, 0.0])
     with pytest.raises(ValueError, match="float64 reference"):
         gate_mod.check(engine(off), gate_mod.SimReference(logits=exact.float(), tokens=[1, 0]),
                        act_quant=True, policy="exact")

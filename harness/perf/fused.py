@@ -334,10 +334,21 @@ def rows_q(x: torch.Tensor, act: ActQuant | None, mode: InputMode):
 TIE_WIDTH = 1e-3  # as real.TIE_WIDTH: a quotient within this many steps of k + 1/2 is a tie
 
 
+def ulp(h: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``h``'s own dtype at each element (float64): ``eps * 2**floor(log2|h|)``, and
+    the smallest subnormal at zero."""
+    fi = torch.finfo(h.dtype)
+    _, e = torch.frexp(h.float().abs())
+    return (fi.eps * torch.pow(2.0, e.double() - 1)).clamp_min(fi.tiny * fi.eps)
+
+
 def check_codes(h: torch.Tensor, prepared: Prepared, act: ActQuant) -> dict:
     """Codes (or fake values) of a fused producer against the simulated quantizer applied to the
-    same ``h``: every difference must be one step at an exact rounding tie (``non_tie`` counts the
-    others). Scales must agree to the last bit (``scale_mismatch`` rows)."""
+    same ``h``: every difference must be one step where one ulp of ``h``'s dtype (or a rounding tie)
+    can move the quotient across a half step -- the producer computes its value in its own reduction
+    order, which may differ from ``h``'s by an ulp (``non_tie`` counts the others; ``ulp_flips`` those
+    that are not exact ties). Scales must agree to the last bit (``scale_mismatch`` rows), and row
+    sums must be the sums of the codes emitted (``rowsum_mismatch``)."""
     q, scale, zero = _codes_torch(h, act)
     if prepared.kind == "fake":
         got_val = prepared.x.double()
@@ -348,14 +359,20 @@ def check_codes(h: torch.Tensor, prepared: Prepared, act: ActQuant) -> dict:
         got_q = prepared.x.float().double()
         diff = got_q != q.double()
         scale_bad = int((prepared.scale.double() != scale.reshape(-1).double()).sum())
-    out = {"elements": int(h.numel()), "mismatches": int(diff.sum()), "non_tie": 0,
+    out = {"elements": int(h.numel()), "mismatches": int(diff.sum()), "non_tie": 0, "ulp_flips": 0,
            "scale_mismatch": scale_bad}
     if out["mismatches"]:
+        s64 = scale.double().expand_as(diff)
         quot = (h.double() / scale.double() + zero.double()).expand_as(diff)[diff]
-        frac = quot - quot.floor()
-        out["non_tie"] = int(((frac - 0.5).abs() > TIE_WIDTH).sum())
+        dist = ((quot - quot.floor()) - 0.5).abs()
+        reach = ulp(h).expand_as(diff)[diff] / s64[diff]  # one ulp of h, in steps
+        out["ulp_flips"] = int(((dist > TIE_WIDTH) & (dist <= TIE_WIDTH + reach)).sum())
+        bad = dist > TIE_WIDTH + reach
         if prepared.kind == "codes":
-            out["non_tie"] += int(((prepared.x.float().double()[diff] - q.double()[diff]).abs() > 1).sum())
+            bad |= (prepared.x.float().double()[diff] - q.double()[diff]).abs() > 1
+        else:
+            bad |= (got_val[diff] - want_val[diff]).abs() > 1.5 * s64[diff]
+        out["non_tie"] = int(bad.sum())
     if prepared.kind == "codes" and prepared.rowsum is not None:
-        out["rowsum_mismatch"] = int((prepared.rowsum.long() != q.sum(-1).long()).sum())
+        out["rowsum_mismatch"] = int((prepared.rowsum.long() != prepared.x.float().sum(-1).long()).sum())
     return out

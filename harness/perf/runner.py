@@ -405,6 +405,7 @@ class _Ctx:
     trained_gate: str = "auto"
     _trained_lm: object = None
     float_e2e: dict = field(default_factory=dict)  # dtype -> the float engine's end-to-end error
+    float_trained: dict = field(default_factory=dict)  # dtype -> the float engine's trained-model exact record
 
     # -- one variant ---------------------------------------------------------------------------
 
@@ -642,7 +643,10 @@ class _Ctx:
                 if isinstance(p, RealLinear):
                     p.finalize_storage()
             engine.capture(warmup=1)
-            g = gate_mod.check(engine, tv.ref, act_quant=False, policy="exact")
+            g = gate_mod.check(engine, tv.ref, act_quant=False, policy="exact",
+                               float_exact=None if v.is_reference else self.float_trained.get(tlm.dtype))
+            if v.is_reference and g["exact"] is not None:
+                self.float_trained[tlm.dtype] = g["exact"]
             out.update(passed=bool(g["passed"]), e2e_rel_logit_err=g["e2e_rel_logit_err"], e2e_tol=g["e2e_tol"],
                        e2e_tokens_match=g["e2e_tokens_match"], layerwise_max_rel_err=g["layerwise_max_rel_err"],
                        layerwise=g["layerwise"], layerwise_rounding_ties=g["layerwise_rounding_ties"],
