@@ -141,3 +141,22 @@ def test_check_codes_tells_an_ulp_flip_from_a_wrong_code():
     fake = fused.check_codes(h, fused.Prepared("fake", torch.tensor([[127.0, 10.0, 20.0, 30.0]],
                                                                     dtype=torch.float16)), act)
     assert fake["ulp_flips"] == 1 and fake["non_tie"] == 0
+
+
+def test_check_codes_accepts_a_scale_from_an_amax_one_ulp_away():
+    """13B W4A4 on the H200 (commit 00109cb): one row of 2560 had a scale one ulp of amax away (its
+    producer's amax was the neighbouring fp16 value); its codes are then judged with that scale."""
+    act = ActQuant(bits=4)
+    h = torch.tensor([[6.0, 3.857421875, -1.0, 2.0]], dtype=torch.float16)  # scale 6/7: 4.5003 -> 5
+    s = torch.tensor([6.0]) / torch.tensor([7.0])
+    up = (torch.tensor([6.0]) + 2 ** -8) / torch.tensor([7.0])  # amax one fp16 ulp (2**-8) up: 4.4997 -> 4
+
+    def prepared(codes, scale):
+        return fused.Prepared("codes", torch.tensor([codes], dtype=torch.int8), scale)
+    ok = fused.check_codes(h, prepared([7, 5, -1, 2], s), act)
+    assert ok["mismatches"] == 0 and ok["scale_mismatch"] == 0 and ok["ulp_scales"] == 0
+    moved = fused.check_codes(h, prepared([7, 4, -1, 2], up), act)
+    assert moved["ulp_scales"] == 1 and moved["scale_mismatch"] == 0 and moved["mismatches"] == 0
+    assert fused.check_codes(h, prepared([7, 4, -1, 3], up), act)["non_tie"] == 1  # 2.33 is not near a half
+    far = fused.check_codes(h, prepared([7, 4, -1, 2], s * 1.01), act)
+    assert far["scale_mismatch"] == 1 and far["ulp_scales"] == 0
