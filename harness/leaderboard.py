@@ -55,9 +55,11 @@ def scheme_bits(rec_or_scheme) -> tuple[int, int]:
 
 def latest_ok(records: list[dict]) -> pd.DataFrame:
     """One row per (model, variant, scheme, task): the most recent successful record."""
-    # latency/memory columns show the batch-1 workload; other batch sizes stay in the perf tables
+    # latency/memory columns show the batch-1 workload with the default layouts; other batch sizes
+    # and layouts chosen for one phase (``--objective decode|prefill``) stay in the perf tables
     rows = [r for r in records if r.get("status") == "ok"
-            and not (r.get("metric") == "perf" and r.get("batch_size") not in (None, 1))]
+            and not (r.get("metric") == "perf" and (r.get("batch_size") not in (None, 1)
+                                                    or r.get("objective") not in (None, "generate")))]
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)

@@ -275,3 +275,17 @@ def test_gemlite_borrows_the_nearest_tuned_shape():
     assert cache["GEMM"]["(768, 12288, 4096, 4096, 8, 104)"] == cfg
     assert "(1024, 12288, 4096, 4096, 8, 104)" not in cache["GEMM"]  # only the rows it was tuned at
     assert borrow_configs(cache, 4096, 4096, 128, 8, 104) == []  # tuned already: nothing to borrow
+
+
+@pytest.mark.parametrize("bits,group", [(4, None), (4, 32), (8, None), (6, 64)])
+def test_dequant_kernel_is_the_simulated_weight_bit_for_bit(bits, group):
+    """``dequant+cublas`` (``dequant+torch`` on the CPU) dequantizes in one fused pass: the same
+    float weight as the eager reference, so the same output as ``simulated``, bit for bit."""
+    lq, lin = _layer(bits, None, group, False, seed=3)
+    for dtype in (torch.float16, torch.float32):
+        rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=dtype)
+        x = rand_acts(5, 128, 4).to(dtype)
+        w = real._dequant_impl(rl._ours(), rl.scale, rl.zero, rl.fmt == "int4", dtype)
+        assert torch.equal(w, rl.dequantized(dtype))
+        assert torch.equal(rl._run_fake("dequant+torch", x), rl._run_fake("simulated", x))
+        torch.testing.assert_close(w.double(), lq.dequantized().double().to(dtype).double(), rtol=0, atol=0)

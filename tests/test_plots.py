@@ -15,9 +15,10 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
     assert pareto_front(cost, acc).tolist() == [True, True, False, False, True, True, True]
 
 
-def _perf(method, scheme, decode_ms, peak_gib, batch_size=1):
+def _perf(method, scheme, decode_ms, peak_gib, batch_size=1, **extra):
     return record(method, scheme, None, metric="perf", value=None, batch_size=batch_size, kernel="triton-int4",
-                  latency={"decode_ms_per_token": decode_ms}, memory={"peak_bytes": int(peak_gib * 2**30)})
+                  latency={"decode_ms_per_token": decode_ms}, memory={"peak_bytes": int(peak_gib * 2**30)},
+                  **extra)
 
 
 @pytest.fixture
@@ -26,6 +27,7 @@ def folder(tmp_path):
              ("awq", "w4a4", "t"): scores(120, 90, 3), ("rtn", "w8a8", "t"): scores(120, 98, 4)}
     perf = [_perf("fp16", "w16a16", 6.0, 13.5), _perf("rtn", "w4a4", 4.6, 4.5), _perf("awq", "w4a4", 4.7, 4.5),
             _perf("rtn", "w8a8", 5.2, 7.5), _perf("rtn", "w8a8", 9.9, 9.9, batch_size=8),
+            _perf("rtn", "w4a4", 8.8, 8.8, objective="prefill"),  # layouts for prefill: perf tables only
             _perf("gptq", "w4a4", 1.0, 1.0)]  # no accuracy for gptq: not in the accuracy table
     return write_run(tmp_path / "run", cells, extra_records=perf)
 

@@ -179,6 +179,9 @@ def unpack_to(packed, zero, to_fp8):
 
 
 def _dequant_impl(wdata, scale, zero, packed: bool, dtype):
+    """``fp((code - zero) * scale)`` of our weight storage, as ``RealLinear.dequantized`` (the eager
+    reference) computes it, in a form inductor fuses into one pass (``dequant+cublas``: the H200
+    measured the eager reference at 0.87 ms for a 12288x4096 layer, ~7x its fp16 matmul)."""
     if packed:
         q = torch.stack([wdata & 0x0F, wdata >> 4], dim=-1).reshape(wdata.shape[0], -1).float()
     else:
@@ -555,8 +558,13 @@ class RealLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _run_fake(self, kernel: str, xq: torch.Tensor) -> torch.Tensor:
-        if kernel in ("simulated", "dequant+cublas", "dequant+torch"):
+        if kernel == "simulated":
             return F.linear(xq, self.dequantized(xq.dtype))
+        if kernel in ("dequant+cublas", "dequant+torch"):  # the same weight, one compiled pass
+            if self.fmt == "float":
+                return F.linear(xq, self.weight.to(xq.dtype))
+            w = _maybe_compiled(_dequant_impl)(self._ours(), self.scale, self.zero, self.fmt == "int4", xq.dtype)
+            return F.linear(xq, w)
         if kernel == TINYGEMM:
             packed, sz, g = self._layout("tinygemm")
             xb = xq if xq.dtype == torch.bfloat16 else xq.to(torch.bfloat16)
