@@ -289,3 +289,38 @@ def test_dequant_kernel_is_the_simulated_weight_bit_for_bit(bits, group):
         assert torch.equal(w, rl.dequantized(dtype))
         assert torch.equal(rl._run_fake("dequant+torch", x), rl._run_fake("simulated", x))
         torch.testing.assert_close(w.double(), lq.dequantized().double().to(dtype).double(), rtol=0, atol=0)
+
+
+def _gemlite_pack(codes: torch.Tensor, nbits: int, word_bits: int = 32) -> torch.Tensor:
+    """gemlite 0.6's ``pack_weights_over_cols_torch(..., transpose=True)`` as its source reads: word
+    ``[n, j // per]`` ORs in ``code[n, j] << (j % per) * nbits``; the result transposed to ``[K/per, N]``."""
+    per = word_bits // nbits
+    n, k = codes.shape
+    out = torch.zeros(n, k // per, dtype=torch.int64)
+    for j in range(k):
+        out[:, j // per] |= codes[:, j].long() << ((j % per) * nbits)
+    out = out.to(torch.int32 if word_bits == 32 else torch.int8) if word_bits < 64 else out
+    return out.t().contiguous()
+
+
+@pytest.mark.parametrize("nbits,group,word_bits", [(4, 128, 32), (4, 32, 32), (8, 64, 32), (4, 64, 8)])
+def test_gemlite_layout_dequantizes_to_the_simulated_weight(nbits, group, word_bits):
+    """``gemlite-dequant+cublas`` (prefill of gemlite's layout): unpacking gemlite's words gives back the
+    codes, and ``(q - zeros) * scales`` in fp16 is the simulated weight up to the scale's fp16
+    rounding -- exactly ``fp16((q - z) * fp16(s))``, checked in float64."""
+    from harness.perf import gemlite_kernels as glk
+
+    lq, _ = _layer(nbits, None, group, False, seed=5, n=48, k=256)
+    codes = lq.codes.to(torch.uint8)
+    g = lq.scale.shape[1]
+    scales = lq.scale.to(torch.float16).t().contiguous()  # [G, N] as gemlite keeps them
+    zeros = lq.zero.to(torch.float16).t().contiguous()
+    wq = _gemlite_pack(codes, nbits, word_bits)
+    w = glk.dequant_kn(wq, scales, zeros, nbits, word_bits // nbits, torch.float16)
+    assert w.shape == (256, 48) and w.dtype == torch.float16
+    rep = 256 // g
+    want = ((codes.double() - lq.zero.double().repeat_interleave(rep, 1))
+            * lq.scale.to(torch.float16).double().repeat_interleave(rep, 1)).to(torch.float16)
+    assert torch.equal(w, want.t())
+    # and against the state's own float weight: only the scale's rounding to fp16 apart
+    torch.testing.assert_close(w.t().double(), lq.dequantized().double(), rtol=2e-3, atol=1e-6)

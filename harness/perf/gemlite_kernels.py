@@ -180,13 +180,28 @@ def matmul(layer, x: torch.Tensor) -> torch.Tensor:
     return layer.forward(x.contiguous())
 
 
-def matmul_fp8(layer, codes: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
-    """``(codes @ (q - z).T) * scale_rows[:, None] * s_w[None, :]`` with gemlite's GEMM kernel."""
-    from gemlite.core import GEMLITE_TRITON_MAPPING
+def dequant_kn(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, nbits: int, per_word: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The weight a ``build`` layer computes with, as ``[K, N]`` in ``dtype``, from its own tensors.
 
-    meta = layer.get_meta_args()
-    w_q, scales, zeros, meta_scale = layer.get_tensor_args()
-    type_id = meta[5] * 100 + meta[1]
-    return GEMLITE_TRITON_MAPPING["GEMM"].forward(
-        codes.contiguous(), w_q, scales, zeros, scale_rows.reshape(-1, 1), *meta[1:-1], bool(meta[-1]),
-        type_id, meta_scale=meta_scale)
+    gemlite's layout (``pack_weights_over_cols``, transposed and made contiguous): word
+    ``wq[r, n]`` holds codes ``k = r * per_word + j`` of column ``n`` at bit ``j * nbits``;
+    ``scales`` / ``zeros`` are ``[G, N]``; ``W_group_mode`` 3 dequantizes ``(q - zeros) * scales`` in
+    the scales' dtype, which is what this returns, so ``x @ dequant_kn(...)`` is gemlite's product up
+    to the matmul's own rounding. Written for inductor to fuse into one pass (the prefill path of
+    this layout: dequantize once, then cuBLAS, instead of gemlite's GEMM)."""
+    words, n = wq.shape
+    wide = torch.int64 if wq.element_size() == 8 else torch.int32
+    shifts = torch.arange(per_word, device=wq.device, dtype=wide) * nbits
+    q = (wq.to(wide)[:, None, :] >> shifts[None, :, None]) & ((1 << nbits) - 1)
+    g = scales.shape[0]
+    q = q.reshape(g, words * per_word // g, n).to(dtype)
+    w = (q - zeros.to(dtype)[:, None, :]) * scales.to(dtype)[:, None, :]
+    return w.reshape(words * per_word, n)
+
+
+def dequant_args(layer) -> tuple:
+    """``dequant_kn``'s tensors and sizes for a ``build`` layer (``W_group_mode`` 3)."""
+    if layer.W_group_mode != 3:
+        raise ValueError(f"dequantizing gemlite's W_group_mode {layer.W_group_mode} is not implemented")
+    return layer.W_q, layer.scales, layer.zeros, int(layer.W_nbits), int(layer.elements_per_sample)
