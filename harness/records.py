@@ -72,14 +72,22 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write a whole JSONL file atomically (per-sample logs)."""
+    """Write a whole JSONL file atomically (per-sample logs). The temporary file has a name of its
+    own, so two processes writing the same file (two drivers on one results folder) cannot
+    interleave: the last complete write wins."""
+    import uuid
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=_json_default) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with tmp.open("x") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @functools.lru_cache(maxsize=1)

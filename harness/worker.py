@@ -10,6 +10,7 @@ not written: the caller (one process) appends them, so records.jsonl has a singl
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -25,6 +26,38 @@ from .quant.state import QuantState
 from .records import git_describe, new_record, versions, write_jsonl
 
 log = logging.getLogger("qvlm_bench")
+
+CACHE_RESERVE_BYTES = 1 << 30  # left free on the cache's disk: the records must always fit
+
+
+def state_nbytes(state: QuantState) -> int:
+    """Bytes of the state's tensors (what ``QuantState.save`` writes, less its JSON)."""
+    tensors = [getattr(lq, k) for lq in state.linears.values() for k in ("codes", "scale", "zero", "weight")]
+    tensors += [t for lq in state.linears.values() if lq.act is not None for t in (lq.act.scale, lq.act.zero)]
+    tensors += list(state.float_params.values())
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def cache_state(state: QuantState, path) -> bool:
+    """Cache ``state`` for later runs unless that would leave less than ``CACHE_RESERVE_BYTES`` free
+    or the write fails: the cache saves time, a full disk would lose records (7B states are a few
+    GB each; two fresh 9-group runs once filled an H200 machine's disk). Never fails the cell."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        need = state_nbytes(state) + CACHE_RESERVE_BYTES
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            log.warning("not caching the quantization state in %s: %.1f GB free, %.1f GB needed (state + "
+                        "%.0f GB reserve); free space there or point the suite's output elsewhere",
+                        path.parent, free / 1e9, need / 1e9, CACHE_RESERVE_BYTES / 1e9)
+            return False
+        state.save(path)
+        return True
+    except OSError as exc:
+        shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+        log.warning("could not cache the quantization state in %s (%s); the cell goes on without it",
+                    path, exc)
+        return False
 
 
 @dataclass
@@ -142,7 +175,7 @@ class GroupWorker:
         state.meta.setdefault("options", v.options)
         if calib is not None:
             state.meta.setdefault("calibration", {**calib.source, "digest": calib.digest()})
-        state.save(path)
+        cache_state(state, path)
         return state, False
 
     def open_group(self, group: Group) -> "OpenGroup":

@@ -362,3 +362,53 @@ def test_edited_method_code_recomputes_its_cells_and_states(tiny_llava_path, toy
     assert [r["method_code"] for r in recs] == [first, method_code_digest("rtn-edited-test")]
     assert [r["state_cached"] for r in recs] == [False, False]  # the old state was not reused
     assert len(list((tmp_path / "out" / "cache" / "states").iterdir())) == states + 1
+
+
+def test_a_full_disk_costs_the_state_cache_not_the_cell(tiny_llava_path, toy_include, tmp_path, monkeypatch,
+                                                        caplog):
+    """Too little free space (or a failing write) skips caching the state with a warning; the cells
+    run and are recorded, and nothing half-written is left in the cache."""
+    import errno
+    import logging
+    import shutil as sh
+
+    from harness import worker
+    from harness.quant.state import QuantState
+
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "out", methods=["rtn"],
+                                   schemes=["w4a4"]))
+    real_usage = sh.disk_usage
+    monkeypatch.setattr(worker.shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=worker.CACHE_RESERVE_BYTES - 1))
+    with caplog.at_level(logging.WARNING, logger="qvlm_bench"):
+        assert run_suite(suite, show_progress=False).ok == 1
+    assert "not caching the quantization state" in caplog.text and "GB free" in caplog.text
+    states = tmp_path / "out" / "cache" / "states"
+    assert not list(states.glob("*/state.json"))
+
+    def enospc(self, path):
+        (Path(str(path) + ".tmp")).mkdir(parents=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(worker.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(QuantState, "save", enospc)
+    suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "out2", methods=["rtn"],
+                                   schemes=["w4a4"]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qvlm_bench"):
+        assert run_suite(suite, show_progress=False).ok == 1
+    assert "No space left on device" in caplog.text
+    assert not list((tmp_path / "out2" / "cache" / "states").iterdir())  # the partial write removed
+    recs = read_records(tmp_path / "out2" / "records.jsonl")
+    assert [r["status"] for r in recs] == ["ok"] and recs[0]["state_cached"] is False
+
+
+def test_state_nbytes_counts_what_save_writes(tiny_lm, tmp_path):
+    from harness.quant.build import rtn_state
+    from harness.quant.config import parse_scheme
+    from harness.worker import state_nbytes
+
+    state = rtn_state(tiny_lm.model, parse_scheme("w4a4"), "rtn")
+    n = state_nbytes(state)
+    state.save(tmp_path / "s")
+    stored = (tmp_path / "s" / "state.safetensors").stat().st_size
+    assert n > 0 and n <= stored <= n + 64 * 1024  # safetensors adds its JSON header only
