@@ -7,7 +7,8 @@
 #   QVLM_GIT_COMMIT=<sha of the checkout> OUT=/path bash scripts/device_perf.sh [PHASES]
 # PHASES: comma-separated among selftest, 7b, 13b (default: these three, ~7.5 minutes), tiny (the
 # bundled trained model as the benchmarked model), 7b-prefill / 13b-prefill (batch 1, layouts chosen
-# for prefill), 7b-sym / 13b-sym (W4A16 symmetric g128: tinygemm in bf16). Each phase is
+# for prefill), 7b-sym / 13b-sym (W4A16 symmetric g128), 7b-decode / 13b-decode (the same with
+# layouts chosen for decode: where tinygemm in bf16 can win). Each phase is
 # a separate process under its own time limit, so a phase that hangs or dies leaves the others'
 # results; every finished (model, variant, batch) cell is in $OUT/perf/records.jsonl at once.
 # Limits (seconds, env): SELFTEST_S (default 70), PERF_7B_S (185), PERF_13B_S (195); each perf
@@ -81,11 +82,21 @@ for ph in ${PHASES//,/ }; do
               phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --schemes w4a16 --batch 1 \
                 --override w_sym=true --override w_group_size=128 ;;
+    # W4A16 symmetric g128 with layouts chosen for decode alone: tinygemm's layout can win there
+    # (its prefill is ~24x cuBLAS, so the generate objective never picks it); bf16 pass with its own
+    # bf16 baseline
+    7b-decode|13b-decode)
+              S=${PERF_DECODE_S:-180}; M="llava-1.5-${ph%-decode}"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
+              # shellcheck disable=SC2086
+              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+                --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --schemes w4a16 --batch 1 --objective decode \
+                --override w_sym=true --override w_group_size=128 ;;
     # the bundled trained model itself on the GPU: every gate record in full, in its own folder
     tiny)     S=${PERF_TINY_S:-120}
               phase perf-tiny "$S" python3 -m harness.perf.cli --model qvlm-tiny-llava "${PERF_ARGS[@]}" \
                 --batch 1 --trained-gate on --out "$OUT/perf-tiny" ;;
-    *)        echo "unknown phase $ph (selftest, tiny, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym)" ;;
+    *)        echo "unknown phase $ph (selftest, tiny, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
+                   "7b-decode, 13b-decode)" ;;
   esac
 done
 echo "=== summary at $(( $(date +%s) - T0 ))s"
