@@ -177,3 +177,22 @@ def test_rows_of_other_configurations_and_objectives_do_not_replace_each_other(t
     assert rows == sorted([("fp16", "generate", b[0]["run_id"]), ("fp16", "prefill", c[0]["run_id"]),
                            ("rtn", "generate", a[1]["run_id"]), ("rtn", "prefill", c[1]["run_id"]),
                            ("rtn (w_group_size=128, w_sym=True)", "generate", b[1]["run_id"])])
+
+
+def test_summary_shows_each_rows_ratios_per_batch_and_why_there_is_none(tmp_path):
+    recs = [_rec("fp16", "w16a16", 8.0, 40.0, 1000), _rec("rtn", "w4a16", 2.0, 30.0, 300),
+            _rec("rtn", "w4a4", 4.0, 20.0, 400, gate=False, status="failed"),
+            _rec("rtn", "w6a6", 4.0, 20.0, 400, kernel="simulated"),
+            _rec("fp16", "w16a16", 10.0, 100.0, 2000, batch=8),
+            {**_rec("rtn", "w4a16", None, None, None, status="failed", batch=8),
+             "error": "not run: time budget of 10s spent"}]
+    path = tmp_path / "records.jsonl"
+    for r in recs:
+        append_record(path, r)
+    text = write_perf_table(path, tmp_path / "leaderboard.md")
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[6:9]]
+            for line in summary.splitlines() if line.startswith("| m ")}
+    assert rows["w16a16"] == ["8.00 ms/tok, 39.0 ms", "10.00 ms/tok, 99.0 ms", "1.00"]
+    assert rows["w4a16"] == [f"4.00 / {39 / 29:.2f}", "not run", "0.30"]
+    assert rows["w4a4"][:2] == ["gate FAIL", "—"] and rows["w6a6"][:2] == ["simulated", "—"]

@@ -158,6 +158,7 @@ def write_perf_table(records_path: str | Path, out_path: str | Path, command: st
             if part_card.empty:
                 continue
             lines += ["", f"# {card}" + ("" if ci == 0 else " (earlier runs, kept for reference)")]
+            _summary(lines, part_card.drop(columns="_card"))
             for (model, batch), part in part_card.drop(columns="_card").groupby(["model", "batch"], sort=False):
                 _section(lines, records, card, model, batch, part)
     text = "\n".join(lines) + "\n"
@@ -166,6 +167,43 @@ def write_perf_table(records_path: str | Path, out_path: str | Path, command: st
     tmp.write_text(text)
     tmp.replace(out_path)
     return text
+
+
+def _summary_cell(r) -> str:
+    """``decode × / prefill ×`` of a row; the baseline's own times; or why there is no ratio."""
+    def num(v):
+        return v is not None and v == v
+
+    if r["status"] == "ok" and num(r["decode ×"]) and num(r["prefill ×"]):
+        if r["decode ×"] == 1 and r["prefill ×"] == 1 and num(r["decode ms/tok"]):
+            return f"{r['decode ms/tok']:.2f} ms/tok, {r['prefill ms']:.1f} ms"
+        return f"{r['decode ×']:.2f} / {r['prefill ×']:.2f}"
+    if r["status"] == "simulated":
+        return "simulated"
+    err = str(r.get("error") or "")
+    return "not run" if err.startswith("not run") else "gate FAIL" if r["gate"] == "FAIL" else "failed"
+
+
+def _summary(lines: list, part) -> None:
+    """One card's rows at a glance: per batch size ``decode × / prefill ×`` (the baselines' own times),
+    peak memory against the baseline at batch 1; details and runs in the sections below."""
+    batches = sorted(part["batch"].dropna().unique())
+    rows: dict = {}
+    for _, r in part.iterrows():
+        key = (r["model"], r["method"], r["scheme"], r["dtype"], r["layouts for"])
+        row = rows.setdefault(key, dict(zip(["model", "method", "scheme", "dtype", "layouts for"], key)))
+        row[f"batch {r['batch']}"] = _summary_cell(r)
+        peak = r["peak / base"]
+        if r["batch"] == 1 and r["status"] == "ok" and peak is not None and peak == peak:
+            row["peak / base (batch 1)"] = f"{peak:.2f}"
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows.values()))
+    order = ["model", "method", "scheme", "dtype", "layouts for"] + [f"batch {b}" for b in batches]
+    if "peak / base (batch 1)" in table:
+        order.append("peak / base (batch 1)")
+    lines += ["", "## Summary: decode × / prefill × against the baseline of the same run (its own times on its "
+              "row)", "", table[order].fillna("—").to_markdown(index=False, disable_numparse=True)]
 
 
 def _section(lines: list, records: list, card: str, model, batch, part) -> None:
