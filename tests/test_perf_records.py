@@ -195,4 +195,4 @@ def test_summary_shows_each_rows_ratios_per_batch_and_why_there_is_none(tmp_path
             for line in summary.splitlines() if line.startswith("| m ")}
     assert rows["w16a16"] == ["8.00 ms/tok, 39.0 ms", "10.00 ms/tok, 99.0 ms", "1.00"]
     assert rows["w4a16"] == [f"4.00 / {39 / 29:.2f}", "not run", "0.30"]
-    assert rows["w4a4"][:2] == ["gate FAIL", "—"] and rows["w6a6"][:2] == ["simulated", "—"]
+    assert rows["w4a4"][:2] == ["gate FAIL (run r1)", "—"] and rows["w6a6"][:2] == ["simulated", "—"]

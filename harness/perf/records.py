@@ -181,7 +181,9 @@ def _summary_cell(r) -> str:
     if r["status"] == "simulated":
         return "simulated"
     err = str(r.get("error") or "")
-    return "not run" if err.startswith("not run") else "gate FAIL" if r["gate"] == "FAIL" else "failed"
+    if err.startswith("not run"):
+        return "not run"
+    return f"{'gate FAIL' if r['gate'] == 'FAIL' else 'failed'} (run {str(r['run'])[:6]})"
 
 
 def _summary(lines: list, part) -> None:
