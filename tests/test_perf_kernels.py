@@ -324,3 +324,27 @@ def test_gemlite_layout_dequantizes_to_the_simulated_weight(nbits, group, word_b
     assert torch.equal(w, want.t())
     # and against the state's own float weight: only the scale's rounding to fp16 apart
     torch.testing.assert_close(w.t().double(), lq.dequantized().double(), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (6, 128), (4, 64), (4, None)])
+def test_splitk_gemv_sums_its_k_slices(interp, bits, group):
+    """``gemv-splitk`` (a narrow layer with a long K: more programs than output tiles) under the
+    interpreter: its float32 partials over K slices add up to the float64 product of the simulated
+    weights, like the one-slice GEMV."""
+    from harness.perf import triton_kernels as tk
+
+    n, k = 64, 2048
+    assert tk.splitk_factor(n, 1, k, "cpu") == 4 and tk.splitk_factor(n, 1, 512, "cpu") == 1
+    assert tk.splitk_factor(4096, 1, 11008, "cpu") == 1  # enough programs on 4 SMs already
+    lq, lin = _layer(bits, None, group, False, seed=9, n=n, k=k)
+    rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
+    rl._dtype = torch.float16
+    for rows in (1, 3):
+        x = rand_acts(rows, k, rows + 20)
+        want = _ref64(lq, x)
+        split = rl.run(f"triton-{rl.fmt}-gemv-splitk", x)
+        plain = rl.run(f"triton-{rl.fmt}-gemv", x)
+        assert split.dtype == torch.float16 and split.shape == (rows, n)
+        assert rel_err(split, want) < 2e-3 and rel_err(plain, want) < 2e-3
+        torch.testing.assert_close(split.float(), plain.float(), rtol=2e-3, atol=2e-3)
+    assert ("triton-int8-gemv-splitk" in rl.candidates("decode", "cpu")) == (rl.fmt == "int8")  # interpreter

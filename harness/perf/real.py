@@ -62,7 +62,8 @@ KERNELS = {
     "cublas": Kernel("float", "float"), "torch-float": Kernel("float", "float"),
     "simulated": Kernel("ours", "fake"), "dequant+cublas": Kernel("ours", "fake"),
     "dequant+torch": Kernel("ours", "fake"),
-    **{f"triton-{f}-{k}": Kernel("ours", "fake") for f in ("int4", "int8") for k in ("dot", "gemv", "gemv2")},
+    **{f"triton-{f}-{k}": Kernel("ours", "fake") for f in ("int4", "int8")
+       for k in ("dot", "gemv", "gemv2", "gemv-splitk")},
     TINYGEMM: Kernel("tinygemm", "fake"),
     "gemlite": Kernel("gemlite", "fake"), "gemlite-fp8": Kernel("gemlite", "codes", "fp8"),
     "gemlite-dequant+cublas": Kernel("gemlite", "fake"),
@@ -75,8 +76,8 @@ KERNELS = {
 # (docs/benchmarks/perf.md), and each costs compile time in a perf run
 # "gemlite" names gemlite for 5..8-bit codes too (4-bit: default): gemlite ships no tuned
 # configurations for 8-bit codes with fp16 activations, so it would autotune every shape
-OPT_IN_KERNELS = ("triton-int4-gemv", "triton-int4-gemv2", "triton-int8-gemv2", "torch-int_mm-int8",
-                  "gemlite")
+OPT_IN_KERNELS = ("triton-int4-gemv", "triton-int4-gemv2", "triton-int4-gemv-splitk", "triton-int8-gemv2",
+                  "torch-int_mm-int8", "gemlite")
 
 _COMPILE = {"on": False}
 
@@ -488,7 +489,7 @@ class RealLinear(nn.Module):
         if trit:
             out.append(f"triton-{fmt}-dot")
             if phase == "decode" and fmt == "int8":
-                out.append("triton-int8-gemv")
+                out += ["triton-int8-gemv", "triton-int8-gemv-splitk"]
         if cuda and self.tinygemm_usable(device) is None:
             out.append(TINYGEMM)
         if gem:
@@ -581,9 +582,9 @@ class RealLinear(nn.Module):
         if kernel.endswith("-gemv2"):
             return tk.wq_gemv2(xq, self._ours(), self.scale, self.zero, 4 if self.fmt == "int4" else 8,
                                self.group)
-        if kernel.endswith("-gemv") or kernel.endswith("-dot"):
+        if kernel.endswith(("-gemv", "-gemv-splitk", "-dot")):
             return tk.wq_matmul(xq, self._ours(), self.scale, self.zero, self.fmt == "int4", self.group,
-                                mode="gemv" if kernel.endswith("-gemv") else "dot")
+                                mode=kernel.split("-", 2)[2])
         raise ValueError(f"unknown kernel {kernel!r}")
 
     def _run_codes(self, kernel: str, p: Prepared, k: Kernel) -> torch.Tensor:

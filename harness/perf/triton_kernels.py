@@ -112,15 +112,20 @@ if HAS_TRITON:
             keep = [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
         return keep
 
-    @triton.autotune(configs=_gemv_configs(), key=["MB", "N", "K", "GROUP", "PACKED"],
+    @triton.autotune(configs=_gemv_configs(), key=["MB", "N", "K", "GROUP", "PACKED", "SPLIT"],
                      prune_configs_by={"early_config_prune": _prune_wq}, **_BENCH)
     @triton.jit
     def _wq_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G, MB,
-                        stride_xm, stride_ym,
+                        stride_xm, stride_ym, SPLIT, K_PER, stride_split,
                         PACKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # split-K: program (n, m, s) reduces K in [s * K_PER, (s + 1) * K_PER) into y[s] (float32
+        # partials, summed by the caller); SPLIT == 1 is the plain GEMV (K_PER = K)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        k_lo = pid_s * K_PER
+        k_hi = tl.minimum(K, k_lo + K_PER)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
@@ -129,7 +134,7 @@ if HAS_TRITON:
         if PACKED:
             HALF: tl.constexpr = BLOCK_K // 2
             kh = tl.arange(0, HALF)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 p = tl.load(w_ptr + offs_n[:, None] * (K // 2) + (k0 // 2 + kh)[None, :],
                             mask=n_ok[:, None], other=0)
                 lo = (p & 15).to(tl.float32)
@@ -155,7 +160,7 @@ if HAS_TRITON:
                 acc += tl.sum(xo[:, None, :] * whi[None, :, :], axis=2)
         else:
             kk = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 q = tl.load(w_ptr + offs_n[:, None] * K + (k0 + kk)[None, :],
                             mask=n_ok[:, None], other=0).to(tl.float32)
                 if GROUP % BLOCK_K == 0:
@@ -170,8 +175,8 @@ if HAS_TRITON:
                 xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
                              mask=m_ok[:, None], other=0.0).to(tl.float32)
                 acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptr + pid_s * stride_split + offs_m[:, None] * stride_ym + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.autotune(configs=_dot_configs(), key=["MB", "N", "K", "GROUP", "PACKED"],
                      prune_configs_by={"early_config_prune": _prune_wq}, **_BENCH)
@@ -380,6 +385,21 @@ if HAS_TRITON:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+SPLIT_ALIGN = 512  # K slices are multiples of every BLOCK_K the GEMV tries (and of K's own tiles)
+SPLIT_PROGRAMS_PER_SM = 2  # how many GEMV programs per SM split-K aims for
+
+
+def splitk_factor(n: int, m: int, k: int, device) -> int:
+    """How many K slices give a decode GEMV about ``SPLIT_PROGRAMS_PER_SM`` programs per SM: a narrow
+    layer with a long K (7B o/down: N 4096, K 4096/11008) otherwise runs ~N/32 programs on 132 SMs
+    (the H200 measured our INT8 GEMV at 0.71-0.84x cuBLAS fp16 there). At least 1; slices of at least
+    ``SPLIT_ALIGN``."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if str(device).startswith("cuda") else 4
+    programs = triton.cdiv(n, 32) * triton.cdiv(m, 8)
+    want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, programs)
+    return max(1, min(want, k // SPLIT_ALIGN))
+
+
 def _mb(m: int) -> int:
     """Row-count bucket for autotuning keys: exact up to 64 rows, then powers of two."""
     if m <= 64:
@@ -389,18 +409,29 @@ def _mb(m: int) -> int:
 
 def wq_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               packed: bool, group: int, mode: str = "dot") -> torch.Tensor:
-    """``x [M, K]`` fp16 times dequantized weights -> ``[M, N]`` fp16. ``mode``: 'gemv' or 'dot'."""
+    """``x [M, K]`` fp16 times dequantized weights -> ``[M, N]`` fp16. ``mode``: 'gemv', 'gemv-splitk'
+    (the GEMV over K slices, float32 partials summed after it: ``splitk_factor``) or 'dot'."""
     M, K = x.shape
     N = w.shape[0]
     G = scale.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if mode == "gemv":
+    if mode in ("gemv", "gemv-splitk"):
         bm = 1 if M == 1 else min(8, 1 << (M - 1).bit_length())
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm))  # noqa: E731
-        _wq_gemv_kernel[grid](x, w, scale, zero, y, M, N, K, G, _mb(M), x.stride(0), y.stride(0),
+        split = splitk_factor(N, M, K, x.device) if mode == "gemv-splitk" else 1
+        if split > 1:
+            k_per = triton.cdiv(triton.cdiv(K, split), SPLIT_ALIGN) * SPLIT_ALIGN
+            split = triton.cdiv(K, k_per)
+            part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+        else:
+            k_per, part = K, y
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, bm), split)  # noqa: E731
+        _wq_gemv_kernel[grid](x, w, scale, zero, part, M, N, K, G, _mb(M), x.stride(0), part.stride(-2),
+                              split, k_per, part.stride(0) if split > 1 else 0,
                               PACKED=packed, GROUP=group, BLOCK_M=bm)
+        if split > 1:
+            y.copy_(part.sum(0))  # the float32 partials, rounded once to the output dtype
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
         _wq_dot_kernel[grid](x, w, scale, zero, y, M, N, K, G, _mb(M), x.stride(0), y.stride(0),
