@@ -166,13 +166,11 @@ def report(out: Path, meta: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from harness.perf.random_folder import add_bench_folder_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="llava-1.5-7b")
-    ap.add_argument("--shape", choices=["full", "tiny"], default="full")
-    ap.add_argument("--tokenizer", required=True, help="folder with the Llama-2 tokenizer.model")
-    ap.add_argument("--data-dir", required=True, help="folder with scienceqa_img/test.parquet")
+    add_bench_folder_args(ap)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--schemes", default="w4a4,w6a6")
     ap.add_argument("--limit", type=int, default=64)

@@ -98,13 +98,11 @@ def task_spec_gen_tokens(task: str) -> int | None:
 
 
 def main(argv=None) -> int:
+    from harness.perf.random_folder import add_bench_folder_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="llava-1.5-7b")
-    ap.add_argument("--shape", choices=["full", "tiny"], default="full")
-    ap.add_argument("--tokenizer", required=True, help="folder with the Llama-2 tokenizer.model")
-    ap.add_argument("--data-dir", required=True, help="folder with scienceqa_img/test.parquet")
+    add_bench_folder_args(ap)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default=None, help="default: fp16 on cuda, fp32 on cpu")
     ap.add_argument("--methods", default="fp16,rtn,gptq,awq,qvlm")
     ap.add_argument("--schemes", default="w4a4")

@@ -77,3 +77,12 @@ def bench_folder(arch: str, shape: str, tokenizer_dir: str | Path, *, dtype: str
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
     return folder, round(time.perf_counter() - t0, 2)
+
+
+def add_bench_folder_args(ap) -> None:
+    """The command-line arguments every benchmark built on ``bench_folder`` takes (argparse)."""
+    ap.add_argument("--arch", default="llava-1.5-7b")
+    ap.add_argument("--shape", choices=["full", "tiny"], default="full")
+    ap.add_argument("--tokenizer", required=True, help="folder with the Llama-2 tokenizer.model")
+    ap.add_argument("--data-dir", required=True, help="folder with scienceqa_img/test.parquet")
+    ap.add_argument("--device", default="cuda")
