@@ -42,63 +42,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from harness.models.capture import LayerCall, layer_output
+from harness.models.family import ScaleGroup, scale_groups_of
 from harness.models.layers import part_of
-from harness.quant.blockwise import Block, part_inputs, run_blockwise, token_rows
+from harness.quant.blockwise import Block, part_inputs, run_blockwise
+from harness.quant.capture import linear_inputs, token_rows, watch_inputs
 from harness.quant.build import act_quantizer, linear_from_weight, target_linears
 from harness.quant.config import QuantConfig
 from harness.quant.quantizer import dequantize_weight, fake_quant, qparams, rtn_weight
-from harness.quant.simulated import applied, quantize_activation
+from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant, QuantState
+from harness.quant.transforms import FloatEdit
 from harness.quant.ties import RTOL, improves
 from harness.registry import Method, register_method
 
 AVOID_CLIP = ("q_", "k_", "query", "key", "Wqkv")
-
-
-@dataclass
-class ScaleGroup:
-    prev: str  # local path of the norm or linear the scale is folded into
-    linears: list[str]  # local paths of the linears whose input columns are scaled
-    inspect: str | None  # module whose output error is measured (None: the single linear)
-
-    @property
-    def key(self) -> str:
-        return "+".join(n.split(".")[-1] for n in self.linears)
-
-
-def _has(layer: nn.Module, path: str) -> bool:
-    try:
-        layer.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-def scaling_groups(layer: nn.Module) -> list[ScaleGroup]:
-    """The module groups AWQ scales in one Llama decoder or CLIP encoder layer."""
-    groups: list[ScaleGroup] = []
-    if _has(layer, "input_layernorm") and _has(layer, "mlp.gate_proj"):  # Llama family
-        groups.append(ScaleGroup("input_layernorm",
-                                 ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn"))
-        if layer.self_attn.v_proj.out_features == layer.self_attn.o_proj.in_features:
-            groups.append(ScaleGroup("self_attn.v_proj", ["self_attn.o_proj"], None))
-        groups.append(ScaleGroup("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"))
-        groups.append(ScaleGroup("mlp.up_proj", ["mlp.down_proj"], None))
-    elif _has(layer, "layer_norm1") and _has(layer, "mlp.fc1"):  # CLIP encoder layer
-        groups.append(ScaleGroup("layer_norm1",
-                                 ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn"))
-        if layer.self_attn.v_proj.out_features == layer.self_attn.out_proj.in_features:
-            groups.append(ScaleGroup("self_attn.v_proj", ["self_attn.out_proj"], None))
-        groups.append(ScaleGroup("layer_norm2", ["mlp.fc1"], None))
-    else:
-        raise NotImplementedError(f"AWQ has no scaling groups for {type(layer).__name__}")
-    return groups
 
 
 # ---- small pieces -------------------------------------------------------------------------------
@@ -182,16 +146,11 @@ def apply_clip(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
 def _capture(layer: nn.Module, calls: list[LayerCall], linears: list[str], modules: list[str]):
     lin_in: dict[str, list] = {n: [] for n in linears}
     mod_calls: dict[str, list] = {m: [] for m in modules}
-    handles = []
-    for n in linears:
-        handles.append(layer.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, _n=n: lin_in[_n].append(args[0].detach())))
-    for m in modules:
-        handles.append(layer.get_submodule(m).register_forward_pre_hook(
-            lambda _m, args, kwargs, _n=m: mod_calls[_n].append((tuple(args), dict(kwargs))),
-            with_kwargs=True))
+    handles = [layer.get_submodule(m).register_forward_pre_hook(
+        lambda _m, args, kwargs, _n=m: mod_calls[_n].append((tuple(args), dict(kwargs))),
+        with_kwargs=True) for m in modules]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch_inputs(layer, linears, lambda n, x, _m: lin_in[n].append(x)):
             for c in calls:
                 layer_output(layer, c)
     finally:
@@ -272,7 +231,7 @@ def awq_layer(layer: nn.Module, prefix: str, calls: list[LayerCall], masks, qcfg
               opts: dict, method: str = "awq") -> tuple[QuantState, dict]:
     """AWQ for one transformer layer: its fragment (full paths) and what was chosen."""
     act = act_quantizer(qcfg) if (qcfg.quantizes_acts and opts["act_aware"]) else None
-    groups = scaling_groups(layer)
+    groups = scale_groups_of(layer)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     inspect = sorted({g.inspect for g in groups if g.inspect})
     lin_in, mod_calls = _capture(layer, calls, list(linears), inspect)
@@ -284,25 +243,13 @@ def awq_layer(layer: nn.Module, prefix: str, calls: list[LayerCall], masks, qcfg
         info["ratio"][g.key] = ratio
         info["scales"][g.key] = scales.float().cpu()
     # fold all scales (a linear can be scaled on both sides: v by q/k/v's and o's scales)
-    new: dict[str, torch.Tensor] = {}
-
-    def cur(path):
-        if path not in new:
-            new[path] = layer.get_parameter(path).detach().clone()
-        return new[path]
+    edit = FloatEdit(layer)
     x_div: dict[str, torch.Tensor] = {}
     for g, s in found:
-        s = s.to(device=cur(f"{g.prev}.weight").device)
-        prev = layer.get_submodule(g.prev)
-        if isinstance(prev, nn.Linear):
-            new[f"{g.prev}.weight"] = cur(f"{g.prev}.weight") / s.view(-1, 1).to(prev.weight.dtype)
-        else:
-            new[f"{g.prev}.weight"] = cur(f"{g.prev}.weight") / s.to(prev.weight.dtype)
-        if getattr(prev, "bias", None) is not None:
-            new[f"{g.prev}.bias"] = cur(f"{g.prev}.bias") / s.to(prev.bias.dtype)
+        edit.scale_group("", g, s)
         for n in g.linears:
-            new[f"{n}.weight"] = cur(f"{n}.weight") * s.view(1, -1).to(linears[n].weight.dtype)
             x_div[n] = s
+    new = edit.cast()
     # clipping on the scaled weights and inputs (x/s, through the act quantizer if act-aware)
     weights = {n: new.get(f"{n}.weight", lin.weight.detach()) for n, lin in linears.items()}
     if opts["apply_clip"] and qcfg.quantizes_weights:
@@ -341,33 +288,23 @@ class AWQ(Method):
     name = "awq"
     summary = "AWQ: activation-aware per-channel scaling folded into norms/linears, then clipping"
     needs_calibration = True
-    defaults = {
-        "n_grid": 20,
-        "duo_scaling": False,  # True: AutoAWQ's default s = x_mean^α / w_mean^(1-α)
-        "act_aware": True,  # with A<16, both searches include the activation quantizer
-        "apply_clip": True,
-        "clip_n_grid": 20,
-        "clip_max_shrink": 0.5,
-        "clip_n_tokens": 512,
-        "propagate": "float",  # layer inputs from the float model, as llm-awq and AutoAWQ
-    }
+
+    @dataclass
+    class Options:
+        n_grid: int = 20
+        duo_scaling: bool = False  # True: AutoAWQ's default s = x_mean^α / w_mean^(1-α)
+        act_aware: bool = True  # with A<16, both searches include the activation quantizer
+        apply_clip: bool = True
+        clip_n_grid: int = 20
+        clip_max_shrink: float = 0.5
+        clip_n_tokens: int = 512
+        propagate: Literal["float", "quantized"] = "float"  # layer inputs from the float model (llm-awq, AutoAWQ)
 
     def _loose(self, model, names, batches, state, qcfg) -> None:
         """Projector / lm_head: clip search on inputs from a full forward, then round."""
         targets = {n: model.get_submodule(n) for n in names}
         rows: dict[str, list] = {n: [] for n in names}
-        current = {"mask": None}
-        handles = [targets[n].register_forward_pre_hook(
-            lambda _m, args, _n=n: rows[_n].append((args[0].detach(), current["mask"]))) for n in names]
-        try:
-            with torch.no_grad(), applied(model, state):
-                for b in batches:
-                    am = b.get("attention_mask")
-                    current["mask"] = None if am is None else am.bool()
-                    model(**b, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        linear_inputs(model, names, batches, lambda n, x, m: rows[n].append((x, m)), state=state)
         act = act_quantizer(qcfg) if (qcfg.quantizes_acts and self.options["act_aware"]) else None
         for n in names:
             w = targets[n].weight.detach()

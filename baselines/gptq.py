@@ -38,15 +38,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from harness.models.layers import part_of
-from harness.quant.blockwise import Block, part_inputs, run_blockwise, token_rows
+from harness.quant.blockwise import Block, part_inputs, run_blockwise
+from harness.quant.capture import linear_inputs, shared_input_sets, token_rows
 from harness.quant.build import act_quantizer, rtn_state, target_linears
 from harness.quant.config import QuantConfig
 from harness.quant.quantizer import weight_qparams
-from harness.quant.simulated import applied
 from harness.quant.state import LinearQuant, QuantState
 from harness.registry import Method, register_method
 
@@ -207,16 +208,7 @@ def _shared_input_sets(names: list[str], run) -> list[list[str]]:
     if missing:
         raise RuntimeError(f"calibration never reached {missing}")
 
-    def same(a, b):
-        return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-    sets: list[list[str]] = []
-    for i, (name, x) in enumerate(order):
-        if i and same(x, order[i - 1][1]):
-            sets[-1].append(name)
-        else:
-            sets.append([name])
-    return sets
+    return shared_input_sets(order)
 
 
 def _to_cpu(lq: LinearQuant) -> LinearQuant:
@@ -234,22 +226,17 @@ class GPTQ(Method):
     name = "gptq"
     summary = "GPTQ: Hessian-based error-feedback rounding, sequential over layers"
     needs_calibration = True
-    defaults = {
-        "percdamp": 0.01,
-        "blocksize": 128,
-        "act_order": False,
-        "static_groups": False,
-        "true_sequential": True,
-        "propagate": "quantized",  # each layer's inputs from the already-quantized layers
-        "precision": "auto",  # Hessian and solve: float64 on CPU, float32 on GPUs (see below)
-    }
     PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        if self.options["precision"] not in ("auto", *self.PRECISIONS):
-            raise ValueError(f"precision must be one of auto, {', '.join(self.PRECISIONS)}; "
-                             f"got {self.options['precision']!r}")
+    @dataclass
+    class Options:
+        percdamp: float = 0.01
+        blocksize: int = 128
+        act_order: bool = False
+        static_groups: bool = False
+        true_sequential: bool = True
+        propagate: Literal["quantized", "float"] = "quantized"  # inputs from the already-quantized layers
+        precision: Literal["auto", "float32", "float64"] = "auto"  # Hessian and solve (see math_dtype)
 
     def math_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of the Hessian and the GPTQ solve: ``auto`` is float64 on the CPU (small
@@ -308,20 +295,7 @@ class GPTQ(Method):
             return
 
         def run(hook_names, fn, first_call_only=False):
-            current = {"mask": None}
-            handles = []
-            for n in hook_names:
-                handles.append(model.get_submodule(n).register_forward_pre_hook(
-                    lambda _m, args, _n=n: fn(_n, args[0].detach(), current["mask"])))
-            try:
-                with torch.no_grad(), applied(model, state):
-                    for b in (batches[:1] if first_call_only else batches):
-                        am = b.get("attention_mask")
-                        current["mask"] = None if am is None else am.bool()
-                        model(**b, use_cache=False)
-            finally:
-                for h in handles:
-                    h.remove()
+            linear_inputs(model, hook_names, batches[:1] if first_call_only else batches, fn, state=state)
 
         sets = [[n] for n in names]
         frag = QuantState(method=self.name, config=qcfg)

@@ -7,10 +7,14 @@ packages register through the entry-point group ``qvlm_bench.methods``.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import pkgutil
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +39,10 @@ class Method:
 
     Subclasses set ``name`` and implement ``quantize``, which returns a ``QuantState`` and leaves
     the model exactly as it found it (the runner reuses one loaded model for every cell).
-    ``defaults`` lists the method's hyper-parameters; each record stores the resolved values.
+    Hyper-parameters are a dataclass ``Options`` (fields with defaults and types): a suite's
+    values are checked against the field types, ``self.opts`` is the typed instance, and
+    ``self.options`` / ``defaults`` the same values as a dict (each record stores them).
+    Methods from before ``Options`` may still set a plain ``defaults`` dict.
 
     The engine asks the class, never the name: ``reference`` marks the float reference every Δ is
     measured against (run once per model, unquantized); ``quantizes = False`` marks a *control*
@@ -51,6 +58,16 @@ class Method:
     reference: ClassVar[bool] = False
     quantizes: ClassVar[bool] = True
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    Options: ClassVar[type | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        opts = cls.__dict__.get("Options")
+        if opts is not None:
+            if not dataclasses.is_dataclass(opts):
+                raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+            cls.defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                            for f in dataclasses.fields(opts)}
 
     def __init__(self, **options: Any):
         bad = [k for k in options if k not in self.defaults]
@@ -58,6 +75,10 @@ class Method:
             valid = ", ".join(self.defaults) or "(none)"
             raise ValueError(f"method {self.name!r} has no option(s) {bad}; valid: {valid}")
         self.options: dict[str, Any] = {**self.defaults, **options}
+        self.opts = None
+        if self.Options is not None:
+            check_option_types(self.name, self.Options, options)
+            self.opts = self.Options(**self.options)
 
     @classmethod
     def calibrates(cls, qcfg: QuantConfig) -> bool:
@@ -69,6 +90,45 @@ class Method:
     def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
         """``lm``: a ``LoadedModel``; ``calib``: a ``CalibrationSet`` (None if not needed)."""
         raise NotImplementedError
+
+
+def _accepts(hint, value) -> bool:
+    """Whether ``value`` fits a simple annotation (bool, int, float, str, their Optional/Union,
+    Literal, list/tuple); anything more elaborate is left to the dataclass's own checks."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def check_option_types(method: str, options_cls: type, values: dict[str, Any]) -> None:
+    """Raise ValueError naming the option, the type it needs and the value given."""
+    hints = typing.get_type_hints(options_cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is not None and not _accepts(hint, value):
+            if typing.get_origin(hint) is typing.Literal:
+                want = "one of " + ", ".join(map(str, typing.get_args(hint)))
+            else:
+                want = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ValueError(f"method {method!r} option {key!r} must be {want}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -170,19 +230,83 @@ def reference_method() -> str:
     return refs[0]
 
 
-def method_source_files(cls: type[Method]) -> list[Path]:
-    """The files that hold a method's own code: its module, or every ``.py`` file of its package
-    when it lives in a package of its own (``methods/qvlm/``), not in a shared one (``baselines``)."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_PACKAGES = ("harness", "baselines", "methods", "tasks")  # the project's own source trees
+
+
+def _module_file(name: str) -> Path | None:
     try:
-        file = Path(inspect.getsourcefile(cls) or "")
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    origin = getattr(spec, "origin", None) if spec else None
+    return Path(origin).resolve() if origin and origin.endswith(".py") else None
+
+
+def _imported_modules(file: Path, module: str) -> set[str]:
+    """Module names a source file imports (relative imports resolved against ``module``)."""
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[:len(parts) - node.level + 1] if node.level > 1 else parts
+                base = ".".join(parts + ([node.module] if node.module else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)  # ``from pkg import module``
+    return out
+
+
+def method_source_files(cls: type[Method]) -> list[Path]:
+    """The files that decide a method's numbers: its module (or every ``.py`` file of its package
+    when it lives in a package of its own, like ``methods/qvlm/``) and, transitively, every file of
+    the same source tree it imports, so a baseline built on ``awq.py`` is re-keyed when
+    ``awq.py`` changes. The tree is this repository for in-tree methods, the method's top-level
+    package for one installed elsewhere."""
+    try:
+        file = Path(inspect.getsourcefile(cls) or "").resolve()
     except (TypeError, OSError):  # defined in a notebook or exec'd text: no file to hash
         return []
     if not file.is_file():
         return []
     package = cls.__module__.rpartition(".")[0]
+    own = [file]
     if package and package not in IN_TREE_PACKAGES and (file.parent / "__init__.py").is_file():
-        return sorted(file.parent.rglob("*.py"))
-    return [file]
+        own = sorted(file.parent.rglob("*.py"))
+    top = cls.__module__.split(".")[0]
+    if file.is_relative_to(REPO_ROOT):
+        trees = [REPO_ROOT / p for p in SOURCE_PACKAGES]
+    else:
+        init = _module_file(top)
+        trees = [init.parent if init is not None and init.name == "__init__.py" else file.parent]
+    root = REPO_ROOT if file.is_relative_to(REPO_ROOT) else trees[0]
+    seen: dict[Path, str] = {}
+    todo = [(f, _module_of(f, root, cls.__module__, file)) for f in own]
+    while todo:
+        f, mod = todo.pop()
+        if f in seen:
+            continue
+        seen[f] = mod
+        for name in _imported_modules(f, mod):
+            dep = _module_file(name)
+            if dep is not None and dep not in seen and any(dep.is_relative_to(t) for t in trees):
+                todo.append((dep, name))
+    return sorted(seen)
+
+
+def _module_of(f: Path, root: Path, cls_module: str, cls_file: Path) -> str:
+    if f == cls_file:
+        return cls_module
+    rel = f.relative_to(root).with_suffix("") if f.is_relative_to(root) else Path(f.stem)
+    parts = list(rel.parts)
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+        return ".".join(parts)
+    return ".".join(parts)
 
 
 def files_digest(files: list[Path], root: Path) -> str:
@@ -203,4 +327,7 @@ def method_code_digest(name: str) -> str | None:
     except UnknownMethodError:
         return None
     files = method_source_files(cls)
-    return files_digest(files, files[0].parent) if files else None
+    if not files:
+        return None
+    root = REPO_ROOT if all(f.is_relative_to(REPO_ROOT) for f in files) else files[0].parent
+    return files_digest(files, root)

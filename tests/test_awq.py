@@ -14,7 +14,8 @@ from harness.quant.simulated import applied
 from harness.quant.state import QuantState
 from harness.registry import available_methods, get_method
 
-from baselines.awq import AWQ, awq_layer, scaling_groups
+from baselines.awq import AWQ, awq_layer
+from harness.models.family import scale_groups_of
 from conftest import assert_first_vision_ranges, output_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,7 +123,7 @@ def test_scales_and_clips_match_autoawq(duo):
 
 def test_gqa_skips_o_after_v():
     layer, _ = _tiny_llama_layer(kv_heads=2)
-    keys = [g.key for g in scaling_groups(layer)]
+    keys = [g.key for g in scale_groups_of(layer)]
     assert keys == ["q_proj+k_proj+v_proj", "gate_proj+up_proj", "down_proj"]
 
 

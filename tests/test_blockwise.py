@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from harness.models.capture import capture_inputs
-from harness.quant.blockwise import part_inputs, run_blockwise, token_rows
+from harness.quant.blockwise import part_inputs, run_blockwise
+from harness.quant.capture import token_rows
 from harness.quant.build import linear_from_weight, act_quantizer
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import applied

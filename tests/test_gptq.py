@@ -190,7 +190,7 @@ def test_gptq_precision_option_and_thread_independence(tiny_lm, tiny_calib, monk
     assert m.math_dtype(torch.device("cpu")) == torch.float64
     assert m.math_dtype(torch.device("cuda")) == torch.float32
     assert get_method("gptq")(precision="float32").math_dtype(torch.device("cpu")) == torch.float32
-    with pytest.raises(ValueError, match="precision must be one of auto, float32, float64"):
+    with pytest.raises(ValueError, match="'precision' must be one of auto, float32, float64"):
         get_method("gptq")(precision="fp64")
     seen = []
 

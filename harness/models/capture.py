@@ -74,21 +74,3 @@ def layer_output(layer: nn.Module, call: LayerCall) -> torch.Tensor:
     """The hidden states a layer returns for a captured call (tuple outputs unwrapped)."""
     out = layer(*call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def capture_linear_inputs(module: nn.Module, linears: dict[str, nn.Linear],
-                          forward: Callable[[], Any]) -> dict[str, list[torch.Tensor]]:
-    """Inputs each named linear receives while ``forward()`` runs (for Hessians, scale search)."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
-    handles = []
-    for name, lin in linears.items():
-        def hook(_m, args, _name=name):
-            seen[_name].append(args[0].detach())
-        handles.append(lin.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen

@@ -55,7 +55,7 @@ track_float=False, on_block=None) -> QuantState``
     before any activation quantizer of ``state``; ``mask`` is that call's token mask or ``None``).
     ``fragment(method, config)``: an empty ``QuantState`` to fill.
 
-``token_rows(x, mask)``: the ``[n_real_tokens, features]`` rows of a ``[batch, seq, features]``
+``token_rows(x, mask)`` (from ``harness.quant.capture``): the ``[n_real_tokens, features]`` rows of a ``[batch, seq, features]``
 tensor (all rows if ``mask`` is ``None`` or does not match), for statistics that must not count
 padding.
 """
@@ -72,6 +72,7 @@ from torch import nn
 
 from ..models.capture import LayerCall, capture_inputs, layer_output
 from ..models.layers import language_layers, vision_layers
+from .capture import token_rows, watch_inputs
 from .config import QuantConfig
 from .simulated import applied
 from .state import QuantState
@@ -114,13 +115,6 @@ def part_inputs(model: nn.Module, part: str, batches: Iterable[dict],
         raise RuntimeError(f"captured {len(calls)} calls of {path}.0 from {len(batches)} batches")
     masks = [_mask_for(b, c) if part == "language" else None for b, c in zip(batches, calls)]
     return PartInputs(path=path, layers=layers, calls=calls, masks=masks)
-
-
-def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Rows of ``x`` (``[..., features]``) for real tokens only, flattened to ``[n, features]``."""
-    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-        return x[mask.to(x.device)]
-    return x.reshape(-1, x.shape[-1])
 
 
 @dataclass
@@ -178,25 +172,13 @@ class Block:
     def linear_inputs(self, names: Iterable[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],
                       state: QuantState | None = None, calls: list[LayerCall] | None = None) -> None:
         """Stream the input of each named linear to ``fn(name, x, mask)`` while the block runs."""
-        names = list(names)
         calls = self.calls if calls is None else calls
-        current: dict[str, torch.Tensor | None] = {"mask": None}
 
         def run():
-            handles = []
-            for name in names:
-                mod = self.model.get_submodule(name)
-
-                def hook(_m, args, _n=name):
-                    fn(_n, args[0].detach(), current["mask"])
-                handles.append(mod.register_forward_pre_hook(hook))
-            try:
+            with watch_inputs(self.model, names, fn) as tokens:
                 for call, mask in zip(calls, self.masks):
-                    current["mask"] = mask
+                    tokens.mask = mask
                     self._forward_raw(call)
-            finally:
-                for h in handles:
-                    h.remove()
 
         with torch.no_grad():
             if state is not None and (state.linears or state.float_params):

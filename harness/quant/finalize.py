@@ -20,6 +20,7 @@ from .build import target_linears
 from .config import QuantConfig
 from .ranges import fill_static_ranges
 from .state import QuantState
+from .transforms import online
 
 
 class StateError(ValueError):
@@ -63,6 +64,11 @@ def validate_state(model: nn.Module, state: QuantState, qcfg: QuantConfig, *, qu
         if not isinstance(mod, nn.Linear):
             problems.append(f"{name}: a {type(mod).__name__}, not nn.Linear")
             continue
+        if lq.input_transform is not None:
+            try:
+                online(lq.input_transform)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
         if lq.codes is not None:
             problems += [f"{name}: {p}" for p in _code_problems(lq, mod, qcfg)]
         elif quantizes and qcfg.quantizes_weights:

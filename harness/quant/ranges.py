@@ -34,15 +34,16 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .blockwise import token_rows
+from .capture import run_batches, shared_input_sets, token_rows, watch_inputs
 from .config import QuantConfig
+from .grid import PERCENTILE_GRID, clip_ratios, upper_quantiles
 from .quantizer import qparams
 from .simulated import apply_state, quantize_activation
 from .state import ActQuant, QuantState
 from .ties import stable_argmin
 
 STREAMS = ("weights", "quantized")
-SEARCH_GRID = (1.0, 0.995, 0.99, 0.985, 0.98)
+SEARCH_GRID = PERCENTILE_GRID
 SEARCH_ROWS = 2048  # real-token rows per activation tensor kept for the clipping search
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -76,7 +77,7 @@ def undecided(state: QuantState, rule: dict | None) -> list[str]:
 
 
 class _Collector:
-    """Forward pre-hooks that gather, per linear, the range of its input over real tokens and
+    """Gathers (through ``harness.quant.capture``), per linear, the range of its input over real tokens and
     (for the search) evenly spaced real-token rows; and which linears read the same tensor."""
 
     def __init__(self, model: nn.Module, names: list[str], rows_per_batch: int):
@@ -87,74 +88,32 @@ class _Collector:
         self.hi: dict[str, torch.Tensor] = {}
         self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.order: list[tuple[str, torch.Tensor]] = []  # first batch: call order and inputs
-        self.mask: torch.Tensor | None = None
         self.batch = 0
 
-    def _hook(self, name: str):
-        def hook(_m, args):
-            x = args[0].detach()
-            if self.batch == 0:
-                self.order.append((name, x))
-            rows = token_rows(x, self.mask)
-            lo, hi = rows.min(), rows.max()
-            self.lo[name] = lo if name not in self.lo else torch.minimum(self.lo[name], lo)
-            self.hi[name] = hi if name not in self.hi else torch.maximum(self.hi[name], hi)
-            if self.rows_per_batch and rows.shape[0]:
-                k = min(self.rows_per_batch, rows.shape[0])
-                idx = torch.linspace(0, rows.shape[0] - 1, k, device=rows.device).round().long().unique()
-                self.rows[name].append(rows[idx])
-        return hook
+    def add(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.batch == 0:
+            self.order.append((name, x))
+        rows = token_rows(x, mask)
+        lo, hi = rows.min(), rows.max()
+        self.lo[name] = lo if name not in self.lo else torch.minimum(self.lo[name], lo)
+        self.hi[name] = hi if name not in self.hi else torch.maximum(self.hi[name], hi)
+        if self.rows_per_batch and rows.shape[0]:
+            k = min(self.rows_per_batch, rows.shape[0])
+            idx = torch.linspace(0, rows.shape[0] - 1, k, device=rows.device).round().long().unique()
+            self.rows[name].append(rows[idx])
 
     def run(self, batches: list[dict], stop_after: set[str] | None = None) -> None:
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
-        fired: set[str] = set()
-
-        class _Stop(Exception):
-            pass
-
-        def after(name):
-            def hook(_m, _a, _o):
-                fired.add(name)
-                if stop_after and stop_after <= fired:
-                    raise _Stop
-            return hook
-        if stop_after:
-            handles += [self.model.get_submodule(n).register_forward_hook(after(n)) for n in stop_after]
-        try:
-            with torch.no_grad():
-                for i, batch in enumerate(batches):
-                    self.batch = i
-                    fired.clear()
-                    am = batch.get("attention_mask")
-                    self.mask = None if am is None else am.bool()
-                    try:
-                        self.model(**batch, use_cache=False)
-                    except _Stop:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
+        with watch_inputs(self.model, self.names, self.add) as tokens:
+            for i, batch in enumerate(batches):
+                self.batch = i
+                run_batches(self.model, [batch], tokens, stop_after)
         missing = [n for n in self.names if n not in self.lo]
         if missing:
             raise RuntimeError(f"calibration never reached {missing[:5]}; cannot set their activation ranges")
 
     def shared_sets(self) -> list[list[str]]:
         """Linears that read the very same tensor (q/k/v, gate/up) share one quantizer."""
-        sets: list[list[str]] = []
-        firsts: list[torch.Tensor] = []
-        seen: set[str] = set()
-        for name, x in self.order:
-            if name in seen:
-                continue
-            seen.add(name)
-            for s, x0 in zip(sets, firsts):
-                if x is x0:
-                    s.append(name)
-                    break
-            else:
-                sets.append([name])
-                firsts.append(x)
-        return sets
+        return shared_input_sets(self.order)
 
 
 def _weights_only(state: QuantState, keep_acts: set[str]) -> QuantState:
@@ -200,28 +159,18 @@ def _candidates(act: ActQuant, qcfg: QuantConfig, lo: float, hi: float, rows: to
     absx = rows.abs()
     out = []
     if act.granularity == "per_tensor":
-        flat = absx.reshape(-1)
-        n = flat.numel()
-        k = n - min(min(n - 1, max(0, int(round(p * (n - 1))))) for p in grid)
-        top = flat.topk(k).values  # descending
+        _, q = upper_quantiles(absx.reshape(-1), grid)
         amax = max(abs(lo), abs(hi), 1e-12)
         span = torch.tensor([lo, hi], dtype=torch.float64)
         for p in grid:
-            ratio = 1.0 if p >= 1.0 else float(top[n - 1 - min(n - 1, max(0, int(round(p * (n - 1)))))]) / amax
+            ratio = 1.0 if p >= 1.0 else float(q[p]) / amax
             clip = float(qcfg.a_clip * min(ratio, 1.0))
             scale, zero = qparams(span, act.bits, act.sym, clip, dim=0)
             out.append(ActQuant(act.bits, act.sym, "per_tensor", clip, scale, zero))
         return out
-    n = absx.shape[-1]
-    k = n - min(min(n - 1, max(0, int(round(p * (n - 1))))) for p in grid)
-    top = absx.topk(k, dim=-1).values
-    mx = top[:, :1].clamp_min(1e-12)
+    ratios = clip_ratios(absx, grid)
     for p in grid:
-        if p >= 1.0:
-            ratio = 1.0
-        else:
-            i = min(n - 1, max(0, int(round(p * (n - 1)))))
-            ratio = float((top[:, n - 1 - i:n - i] / mx).mean())
+        ratio = 1.0 if p >= 1.0 else float(ratios[p].mean())
         out.append(ActQuant(act.bits, act.sym, "per_token", float(qcfg.a_clip * ratio)))
     return out
 

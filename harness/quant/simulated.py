@@ -1,7 +1,8 @@
 """The simulated (fake-quant) model: a float model that computes exactly what the state says.
 
 ``apply_state`` swaps each quantized ``nn.Linear`` for a ``FakeQuantLinear`` holding the
-dequantized weight and the input activation quantizer, and loads the method's float overrides.
+dequantized weight and the input activation quantizer (behind the state's online input
+transform, if any), and loads the method's float overrides.
 It returns a handle whose ``restore()`` puts the float model back, so one loaded model serves
 every (method, scheme) cell without a second copy in memory.
 """
@@ -16,6 +17,7 @@ from torch import nn
 
 from .quantizer import fake_quant
 from .state import ActQuant, LinearQuant, QuantState
+from .transforms import add_online_hook
 
 
 def quantize_activation(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
@@ -125,6 +127,8 @@ def apply_state(model: nn.Module, state: QuantState, device=None) -> AppliedStat
                 if getattr(lq, k) is not None})
             fake = build_fake_linear(linear, source)
             fake.quant = lq
+            if lq.input_transform is not None:
+                add_online_hook(fake, lq.input_transform)
             parent, child = _split(name)
             setattr(model.get_submodule(parent), child, fake)
             handle.replaced[name] = linear

@@ -53,6 +53,9 @@ class LinearQuant:
     sym: bool = False
     act: ActQuant | None = None
     weight: torch.Tensor | None = None  # float weight override when codes is None
+    # an online transform in front of the input quantizer ("hadamard": QuaRot's), folded into
+    # the weight offline; harness.quant.transforms applies it
+    input_transform: str | None = None
 
     def dequantized(self) -> torch.Tensor:
         """The float weight the simulated model computes with."""
@@ -124,6 +127,8 @@ class QuantState:
         for name, lq in self.linears.items():
             entry = {"bits": lq.bits, "group_size": lq.group_size, "sym": lq.sym,
                      "act": lq.act.to_meta() if lq.act else None}
+            if lq.input_transform is not None:
+                entry["input_transform"] = lq.input_transform
             for key in ("codes", "scale", "zero", "weight"):
                 t = getattr(lq, key)
                 if t is not None:
@@ -162,7 +167,8 @@ class QuantState:
                 act = ActQuant(**entry["act"], scale=get("act_scale"), zero=get("act_zero"))
             linears[name] = LinearQuant(bits=entry["bits"], codes=get("codes"), scale=get("scale"),
                                         zero=get("zero"), group_size=entry["group_size"],
-                                        sym=entry["sym"], act=act, weight=get("weight"))
+                                        sym=entry["sym"], act=act, weight=get("weight"),
+                                        input_transform=entry.get("input_transform"))
         float_params = {name: tensors[f"float/{name}"] for name in meta["float_params"]}
         return cls(method=meta["method"], config=QuantConfig.from_dict(meta["config"]),
                    linears=linears, float_params=float_params, meta=meta["meta"])

@@ -60,13 +60,15 @@ from torch.nn import functional as F
 
 from harness.models.capture import LayerCall, layer_output
 from harness.quant.build import act_quantizer, linear_from_weight
+from harness.quant.capture import shared_input_sets, watch_inputs
 from harness.quant.config import QuantConfig
+from harness.quant.grid import PERCENTILE_GRID, clip_ratios, quantile_index, unclipped_first, upper_quantiles
 from harness.quant.quantizer import dequantize_weight, qparams, rtn_weight
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
 from harness.quant.ties import improves, stable_argmin
 
-DEFAULT_GRID = (1.0, 0.995, 0.99, 0.985, 0.98)
+DEFAULT_GRID = PERCENTILE_GRID
 COORDINATES = ("group", "layer")
 PER_TENSOR_SAMPLES = 65536
 EXHAUSTIVE_MAX = 125  # 5 percentiles ** 3 layers: a block of three with layer coordinates
@@ -80,32 +82,13 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 
 # ---- percentiles -> clip ratios ------------------------------------------------------------------
 
-def _quantile_index(n: int, p: float) -> int:
-    return min(n - 1, max(0, int(round(p * (n - 1)))))
-
-
-def upper_quantiles(x: torch.Tensor, grid: Sequence[float]) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
-    """``(max, {p: q_p})`` of ``x`` along the last dim (kept), for percentiles near 1.
-
-    Uses ``topk`` of the few largest values instead of a full sort; ``q_p`` is the order
-    statistic at index ``round(p * (n - 1))`` of the ascending order.
-    """
-    n = x.shape[-1]
-    idx = {p: _quantile_index(n, p) for p in grid}
-    k = n - min(idx.values())
-    top = x.topk(k, dim=-1).values  # descending
-    return top[..., :1], {p: top[..., n - 1 - i:n - i] for p, i in idx.items()}
-
-
 def weight_clip_ratios(weight: torch.Tensor, group_size: int | None,
                        grid: Sequence[float]) -> dict[float, torch.Tensor]:
     """Per group ``q_p(|w|) / max|w|`` as ``[out, n_groups, 1]`` float32 tensors (1.0 at p = 1):
     clip ratios enter ``qparams``, which computes weight scales in float32 for every input dtype."""
     out_f, in_f = weight.shape
     gs = in_f if group_size is None or group_size <= 0 or group_size >= in_f else group_size
-    mx, q = upper_quantiles(weight.detach().float().abs().reshape(out_f, in_f // gs, gs), grid)
-    mx = mx.clamp_min(1e-12)
-    return {p: torch.ones_like(mx) if p >= 1.0 else q[p] / mx for p in grid}
+    return clip_ratios(weight.detach().float().abs().reshape(out_f, in_f // gs, gs), grid)
 
 
 @dataclass
@@ -164,7 +147,7 @@ class ActStats:
             ratio = 1.0
         else:
             vals = torch.cat(self.samples).sort().values
-            ratio = float(vals[_quantile_index(vals.numel(), p)]) / max(abs(self.lo), abs(self.hi), 1e-12)
+            ratio = float(vals[quantile_index(vals.numel(), p)]) / max(abs(self.lo), abs(self.hi), 1e-12)
         act.clip_ratio = float(qcfg.a_clip * ratio)
         span = torch.tensor([self.lo, self.hi], dtype=torch.float32)
         act.scale, act.zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)
@@ -283,34 +266,20 @@ class SearchLayer:
     def probe(self, calls: Sequence[LayerCall], hidden: Sequence[torch.Tensor],
               masks: Sequence[torch.Tensor | None], seed: int) -> list[torch.Tensor]:
         seen: list[tuple[str, torch.Tensor]] = []
-        handles = []
-        for name in self.linear_names:
-            mod = self.layer.get_submodule(name)
-            handles.append(mod.register_forward_pre_hook(
-                lambda _m, args, _n=name: seen.append((_n, args[0]))))
         gen = torch.Generator().manual_seed(seed)
         per_tensor = self.qcfg.quantizes_acts and self.qcfg.a_granularity == "per_tensor"
         outs = []
-        try:
+        with watch_inputs(self.layer, self.linear_names, lambda n, x, _m: seen.append((n, x))):
             for call, h, mask in zip(calls, hidden, masks):
                 seen.clear()
                 outs.append(layer_output(self.layer, call.with_hidden(h)))
                 if not self.groups:
-                    for name, x in seen:
-                        for g in self.groups:
-                            if any(x is y for n, y in seen if n == g.linears[0]):
-                                g.linears.append(name)
-                                break
-                        else:
-                            self.groups.append(Group([name]))
+                    self.groups = [Group(names) for names in shared_input_sets(seen)]
                 if self.qcfg.quantizes_acts:
                     first = {n: x for n, x in reversed(seen)}
                     for g in self.groups:
                         g.stats.add(first[g.linears[0]], mask, self.grid, per_tensor, gen)
-        finally:
-            for hd in handles:
-                hd.remove()
-            seen.clear()
+        seen.clear()
         missing = set(self.linear_names) - {n for g in self.groups for n in g.linears}
         if missing:
             raise RuntimeError(f"linears never called during calibration: {sorted(missing)}")
@@ -576,10 +545,7 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
     uses the first that many batches (all when None); the activation statistics always use
     every batch. ``q_out`` covers the evaluated batches.
     """
-    grid = tuple(dict.fromkeys(float(p) for p in grid))
-    if 1.0 not in grid:
-        grid = (1.0,) + grid
-    grid = (1.0,) + tuple(p for p in grid if p != 1.0)  # unclipped first: it wins near-ties
+    grid = unclipped_first(grid)
     sls = [SearchLayer(layer, qcfg, grid, names, coordinates, search_weights)
            for layer, names in zip(layers, linear_names)]
     f_outs: list[list[torch.Tensor]] = []
