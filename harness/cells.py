@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # a score depends on (besides the state). Editing any of these recomputes the cells concerned.
 STATE_CODE = ("harness/quant", "harness/calibration.py", "harness/prompting.py",
               "harness/models/capture.py", "harness/models/layers.py", "harness/models/parts.py",
+              "harness/models/family.py",
               "harness/task_data.py")
 EVAL_CODE = ("harness/evaluate.py", "tasks/metrics.py", "tasks/sources.py", "tasks/subset.py")
 DEFAULT_CALIBRATION = {"split": "train", "n": 64, "batch_size": 8}

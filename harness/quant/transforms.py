@@ -132,7 +132,7 @@ def apply_hadamard(x: torch.Tensor) -> torch.Tensor:
 
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
     """The orthogonal ``H`` that ``apply_hadamard`` multiplies by (dense; for tests and small n)."""
-    return apply_hadamard(torch.eye(n, dtype=dtype))
+    return apply_hadamard(torch.eye(n, dtype=dtype)).contiguous()
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
