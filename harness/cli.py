@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("table", help="write leaderboard tables and plots from a results folder (or several runs)",
                        description="Write leaderboard.{md,csv,tex,html} and plots from results/<suite>/records.jsonl, "
-                                   "every number with a paired 95 % interval (bootstrap over questions); given "
+                                   "every number with a paired 95 % interval (bootstrap over each task's "
+                                   "clusters: questions, or the images a task groups them by); given "
                                    "several folders (runs with different --seed), one leaderboard of the mean "
                                    "over runs whose intervals add the seed-to-seed spread, into --output.")
     t.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl")

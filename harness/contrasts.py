@@ -78,7 +78,7 @@ def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
 
 def contrasts_markdown(board, table: pd.DataFrame) -> str:
     """The contrasts as a markdown table (bold: the interval excludes 0) and a caption."""
-    from .leaderboard import cell_text
+    from .leaderboard import cell_text, resampling_text
 
     cols = [*board.tasks, "Avg"]
     lines = ["| Model | Scheme | Contrast | " + " | ".join(cols) + " |",
@@ -91,9 +91,10 @@ def contrasts_markdown(board, table: pd.DataFrame) -> str:
     runs = len(board.runs)
     lines += ["", f"A − B in accuracy points on the same questions{' and seeds' if runs > 1 else ''}, "
               f"with the leaderboard's paired {pct} interval"
-              + (f" (mean over {runs} runs; seed-to-seed and question variance)" if runs > 1 else
-                 " (bootstrap over questions)")
-              + ". Bold: the interval excludes 0 — the lever changes accuracy at this level."]
+              + (f" (mean over {runs} runs; seed-to-seed and cluster-resampling variance)" if runs > 1 else
+                 " (bootstrap over each task's clusters, paired by question)")
+              + f". Cluster unit resampled — {resampling_text(board)}."
+              + " Bold: the interval excludes 0 — the lever changes accuracy at this level."]
     return "\n".join(lines) + "\n"
 
 

@@ -125,6 +125,7 @@ class TaskResult:
     n_unparsed: int
     samples: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    cluster_unit: str = "question"  # what the interval resamples (the task's cluster_spec)
 
 
 def task_manager(include_paths: Sequence[str | Path] = ()):
@@ -162,6 +163,21 @@ def _sample_logger(task_obj):
     return getattr(importlib.import_module(mod_name), fn)
 
 
+def cluster_spec(task_obj) -> tuple[str, str | None]:
+    """(unit, field) of the clusters a task declares in its YAML ``metadata``: ``cluster_unit``
+    (``"image"``) and ``cluster_field``, the doc column holding each question's cluster
+    (``image_id``). Undeclared: ``("question", None)`` — every question its own cluster."""
+    meta = getattr(getattr(task_obj, "config", None), "metadata", None) or {}
+    meta = meta if isinstance(meta, dict) else {}
+    unit, col = str(meta.get("cluster_unit") or "question"), meta.get("cluster_field")
+    if (unit == "question") != (col is None):
+        name = getattr(task_obj.config, "task", "?")
+        raise ValueError(f"task {name}: metadata cluster_unit {unit!r} with cluster_field {col!r}; a unit other "
+                         "than 'question' needs the doc column naming each question's cluster, and "
+                         "'question' takes none")
+    return unit, col
+
+
 def _sample_row(task_obj, logger, s: dict) -> dict:
     doc = s.get("doc", {})
     args = s.get("arguments")
@@ -182,6 +198,12 @@ def _sample_row(task_obj, logger, s: dict) -> dict:
         row.update(logger(doc, generation))
     else:
         row["score"] = s.get("accuracy")
+    _, col = cluster_spec(task_obj)
+    if col is not None:  # the leaderboard resamples these clusters (harness.stats)
+        if doc.get(col) is None:
+            raise ValueError(f"task {task_obj.config.task}: doc {row['doc_id']} has no {col!r}, the column its "
+                             "metadata names as cluster_field")
+        row["cluster"] = doc[col]
     return row
 
 
@@ -221,6 +243,6 @@ def evaluate_tasks(lm, task_specs: Sequence[str | dict], *, limit: int | None = 
             task=name, metric="accuracy", value=float(acc) * 100, stderr=se, n=n,
             n_empty=round(float(metrics.get("empty,none", 0.0)) * n),
             n_unparsed=round(float(metrics.get("unparsed,none", 0.0)) * n),
-            samples=rows,
+            samples=rows, cluster_unit=cluster_spec(task_obj)[0] if task_obj is not None else "question",
         ))
     return results

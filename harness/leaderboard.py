@@ -4,7 +4,8 @@ Rows are (model, variant, scheme) — the record's ``variant`` (fallback: ``meth
 task, the average over tasks, ``Δ ref`` against the same model's reference row (the records with
 ``reference: true``; fallback: method ``fp16``) and ``vs best`` against the best other variant of
 the same model and scheme. Every number carries a 95 % interval from a paired, stratified bootstrap
-over the questions in the records' per-question sample files (harness.stats); with several runs
+over the questions in the records' per-question sample files (harness.stats), resampling the
+clusters a task declares (VQAv2's images) whole; with several runs
 (calibration seeds) the seed-to-seed spread is added. A best value is bold only when it is
 significantly above every other variant's; variants not significantly below the best are marked
 tied. Latency and memory columns appear when perf records exist. Built from the records alone, so
@@ -24,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from .records import read_records
-from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, PairedBootstrap, TaskScores, combine_runs
+from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
+                    combine_runs)
 
 ROW = ["model", "variant", "scheme"]
 REFERENCE_FALLBACK = "fp16"  # records written before the ``reference`` key: the fp16 method
@@ -121,6 +123,8 @@ class Board:
     seed: int = 0
     # the resamples every interval came from: contrasts draw their intervals from the same ones
     bootstrap: PairedBootstrap | None = None
+    # task -> (cluster unit the bootstrap resampled, clusters, questions)
+    clusters: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def rows(self) -> list[tuple]:
@@ -144,8 +148,9 @@ def _sort_key(row: tuple, bits: dict, refs: set) -> tuple:
 FALLBACK = "interval from the record's stderr (normal, unpaired)"
 
 
-def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> dict | None:
-    """doc_id -> score of a record's samples file, or None (noted in ``problems``) when unusable."""
+def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> tuple[dict, dict | None] | None:
+    """(doc_id -> score, doc_id -> cluster or None where the rows carry no cluster) of a record's
+    samples file, or None (noted in ``problems``) when unusable."""
     rel = _field(rec, "samples_file")
     where = f"{rec.get('model')}/{variant_of(rec)}/{rec.get('scheme')}/{rec.get('task')}"
     if not rel:
@@ -155,11 +160,13 @@ def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> dic
     if not path.is_file():
         problems.setdefault("samples file missing", []).append(f"{where} ({path})")
         return None
-    scores = {}
+    scores, clusters = {}, {}
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
             scores[row["doc_id"]] = float(row["score"])
+            if row.get("cluster") is not None:
+                clusters[row["doc_id"]] = row["cluster"]
     if not scores:
         problems.setdefault("samples file empty", []).append(f"{where} ({path})")
         return None
@@ -169,7 +176,38 @@ def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> dic
         problems.setdefault("samples file disagrees with its record (a file from another run?)", []).append(
             f"{where} ({path}: mean {mean:.4f}, record {value:.4f})")
         return None
-    return scores
+    return scores, (clusters if len(clusters) == len(scores) else None)
+
+
+def _task_clusters(task: str, ids: list, cells: list[tuple[str, dict | None]],
+                   notes: list[str]) -> tuple[np.ndarray | None, str]:
+    """The clusters of a task's questions ``ids`` from its cells' (declared unit, doc_id -> cluster).
+
+    The unit is the one the records declare (``cluster_unit``; records without it: questions);
+    the cluster of a question is a property of the data, so every row uses the ids any cell
+    logged. Questions resampled one by one (with a note) where cells disagree or ids are missing.
+    """
+    declared = sorted({unit for unit, _ in cells if unit != QUESTION})
+    if not declared:
+        return None, QUESTION
+    if len(declared) > 1:
+        notes.append(f"{task}: the records declare different cluster units {declared}; its intervals "
+                     "resample questions")
+        return None, QUESTION
+    unit = declared[0]
+    label: dict = {}
+    for u, found in cells:
+        for doc, c in (found or {}).items() if u == unit else ():
+            if label.setdefault(doc, c) != c:
+                notes.append(f"{task}: question {doc} is in {unit} {label[doc]!r} in one record and {c!r} in "
+                             "another (records from different data?); its intervals resample questions")
+                return None, QUESTION
+    missing = sum(1 for d in ids if d not in label)
+    if missing:
+        notes.append(f"{task}: {missing} question(s) have no {unit} id in any samples file (written before "
+                     f"clusters were logged?); its intervals resample questions")
+        return None, QUESTION
+    return cluster_index([label[d] for d in ids]), unit
 
 
 def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
@@ -201,16 +239,21 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
     # per task: (runs, rows, questions) scores aligned by doc_id, NaN where not scored
     problems: dict[str, list[str]] = {}
     loaded: dict[str, dict[tuple[int, int], dict | tuple]] = {t: {} for t in tasks}
+    cluster_ids: dict[str, dict[tuple[int, int], dict | None]] = {t: {} for t in tasks}
+    units: dict[str, dict[tuple[int, int], str]] = {t: {} for t in tasks}
     for _, r in acc.iterrows():
         k, i = int(r["_run"]), ri[tuple(r[c] for c in ROW)]
         rec = r.to_dict()
-        scores = _load_scores(runs[k].folder, rec, problems)
-        loaded[rec["task"]][(k, i)] = scores if scores is not None else \
-            (float(rec["value"]) / 100, float(_field(rec, "stderr") or 0.0) / 100)
+        found = _load_scores(runs[k].folder, rec, problems)
+        if found is not None:
+            loaded[rec["task"]][(k, i)], cluster_ids[rec["task"]][(k, i)] = found
+            units[rec["task"]][(k, i)] = _field(rec, "cluster_unit") or QUESTION
+        else:
+            loaded[rec["task"]][(k, i)] = (float(rec["value"]) / 100, float(_field(rec, "stderr") or 0.0) / 100)
     for reason, where in problems.items():
         notes.append(f"{reason}, {FALLBACK}: {len(where)} cell(s): " + "; ".join(where[:5])
                      + ("; …" if len(where) > 5 else ""))
-    task_scores, n_questions = {}, {}
+    task_scores, n_questions, n_clusters, clusters_of = {}, {}, {}, {}
     for t in tasks:
         ids = sorted({d for v in loaded[t].values() if isinstance(v, dict) for d in v}, key=lambda d: (str(type(d)), d))
         col = {d: j for j, d in enumerate(ids)}
@@ -221,8 +264,13 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
                 arr[k, i, [col[d] for d in v]] = list(v.values())
             else:
                 fallback[(k, i)] = v
-        task_scores[t] = TaskScores(arr, fallback)
+        clusters, unit = _task_clusters(t, ids, [(units[t][c], cluster_ids[t][c]) for c in cluster_ids[t]], notes)
+        task_scores[t] = TaskScores(arr, fallback, clusters=clusters, unit=unit)
         n_questions[t] = {(k, i): (len(v) if isinstance(v, dict) else None) for (k, i), v in loaded[t].items()}
+        # per row: the clusters among the questions it was scored on
+        cl = np.arange(len(ids)) if clusters is None else clusters
+        n_clusters[t] = [len(np.unique(cl[~np.isnan(arr[:, i]).all(0)])) for i in range(len(rows))]
+        clusters_of[t] = (unit, task_scores[t].n_clusters, len(ids))
     boot = PairedBootstrap(task_scores, n_resamples=n_resamples, seed=seed)
 
     table = pd.DataFrame(index=pd.MultiIndex.from_tuples(rows, names=ROW))
@@ -305,6 +353,9 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
     for t in tasks:
         table[f"{t} n"] = [max((n_questions[t].get((k, i)) or 0 for k in range(len(runs))), default=0) or np.nan
                            for i in range(R)]
+        # what the interval resampled: the task's cluster unit and how many of them the row has
+        table[f"{t} cluster unit"] = clusters_of[t][0]
+        table[f"{t} clusters"] = [c or np.nan for c in n_clusters[t]]
     table["runs"] = [sum(any((k, i) in loaded[t] for t in tasks) for k in range(len(runs))) for i in range(R)]
     table["intervals"] = ["normal (no samples)" if any((k, i) in task_scores[t].fallback for t in tasks
                                                      for k in range(len(runs))) else "bootstrap"
@@ -324,7 +375,7 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
         ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
-                 level=level, seed=seed, bootstrap=boot)
+                 level=level, seed=seed, bootstrap=boot, clusters=clusters_of)
 
 
 def _join_perf(table: pd.DataFrame, perf_records: list[dict]) -> pd.DataFrame:
@@ -397,20 +448,33 @@ def formatted(board: Board, style: str) -> pd.DataFrame:
     return out.reset_index().rename(columns={"model": "Model", "variant": "Variant", "scheme": "Scheme"})
 
 
+def resampling_text(board: Board) -> str:
+    """What the bootstrap resampled per task: 'synth_scienceqa: questions; synth_vqav2: images
+    (150 questions in 60 images)'."""
+    parts = []
+    for t in board.tasks:
+        unit, c, n = board.clusters.get(t, (QUESTION, None, None))
+        parts.append(f"{t}: questions" if unit == QUESTION else f"{t}: {unit}s ({n} questions in {c} {unit}s)")
+    return "; ".join(parts)
+
+
 def caption(board: Board) -> list[str]:
     """What the columns, intervals and marks mean (one sentence per item)."""
     pct = f"{100 * board.level:g} %"
     multi = len(board.runs) > 1
+    units = resampling_text(board)
     lines = [
         "Accuracy in percent from the simulated (fake-quant) model; rows are (model, variant, scheme)."
         + (f" Each number is the mean over {len(board.runs)} runs (calibration seeds)." if multi else ""),
         (f"[lo, hi]: {pct} interval — mean over runs ± t · se, where se² adds the seed-to-seed variance "
-         "(divided by the number of runs) and the variance from resampling questions (paired "
-         f"bootstrap, {board.n_resamples} resamples); Welch–Satterthwaite degrees of freedom."
+         "(divided by the number of runs) and the variance from resampling each task's clusters with "
+         f"their questions together (paired bootstrap, {board.n_resamples} resamples); "
+         "Welch–Satterthwaite degrees of freedom."
          if multi else
-         f"[lo, hi]: {pct} percentile interval from a bootstrap over questions ({board.n_resamples} "
-         "resamples, the same resamples for every row, so differences are paired; tasks resampled "
-         "separately for Avg)."),
+         f"[lo, hi]: {pct} percentile interval from a bootstrap over each task's clusters, their "
+         f"questions kept together ({board.n_resamples} resamples, the same resamples for every row, so "
+         "differences are paired by question; tasks resampled separately for Avg)."),
+        f"Cluster unit resampled — {units}.",
         "Avg: mean of the task columns.",
     ]
     if board.references:

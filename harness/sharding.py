@@ -128,7 +128,7 @@ def evaluate_shard(worker, opened, cell: Cell, docs: range, *, show_progress: bo
     """
     from lm_eval import evaluator
 
-    from .evaluate import _lm_class, _sample_logger, _sample_row, task_manager
+    from .evaluate import _lm_class, _sample_logger, _sample_row, cluster_spec, task_manager
     from .worker import reset_counters, task_spec
 
     suite = worker.suite
@@ -162,6 +162,7 @@ def evaluate_shard(worker, opened, cell: Cell, docs: range, *, show_progress: bo
         for m in s["metrics"]:
             metrics.setdefault(m, []).append(s[m])
     part = score(name, metrics, aggregations, len(rows))
+    part.cluster_unit = cluster_spec(task_obj)[0]
     timings = {**opened.timings, "eval_s": eval_s}
     record = worker.ok_record(cell, opened.state, opened.cached, opened.handle, part, timings, None)
     return ShardResult(key=cell.key, task=name, docs=(docs.start, docs.stop), rows=rows,

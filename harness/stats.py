@@ -1,15 +1,21 @@
-"""Confidence intervals for leaderboard numbers: a paired, stratified bootstrap over questions.
+"""Confidence intervals for leaderboard numbers: a paired, stratified, clustered bootstrap.
 
-Every row of a leaderboard is scored on the same questions, so one set of question resamples per
-task, shared by every row (and every run), gives each statistic that is linear in the task means
-(a cell, a row's average over tasks, the difference of two rows) a *paired* interval at once:
-both sides of a difference see the same resampled questions, so the question-difficulty noise
-they share cancels. Tasks are resampled independently (stratified): the average over tasks keeps
-each task's weight, as the table's Avg does.
+Every row of a leaderboard is scored on the same questions, so one set of resamples per task,
+shared by every row (and every run), gives each statistic that is linear in the task means (a
+cell, a row's average over tasks, the difference of two rows) a *paired* interval at once: both
+sides of a difference see the same resampled questions, so the question-difficulty noise they
+share cancels. Tasks are resampled independently (stratified): the average over tasks keeps each
+task's weight, as the table's Avg does.
+
+A task declares its cluster unit (``cluster_unit`` in its YAML's metadata): the resamples draw
+whole clusters (the image, for VQAv2, where several questions share one) with replacement and
+keep every question of a drawn cluster, so answers that correlate within an image widen the
+interval as they should. A task with one question per cluster (ScienceQA, VizWiz, or clusters not
+declared) is resampled by question, draw for draw as before clustering existed.
 
 With several runs (calibration seeds) evaluated on the same questions, a statistic's seed-to-seed
-variance and its question-resampling variance add; the interval is a t-interval with
-Welch–Satterthwaite degrees of freedom (see ``SeedCombined``'s docstring for why not a two-level
+variance and its cluster-resampling variance add; the interval is a t-interval with
+Welch–Satterthwaite degrees of freedom (see ``combine_runs``'s docstring for why not a two-level
 bootstrap). Resamples are drawn from ``numpy.random.default_rng((seed, task))``, so a cell's
 interval does not change when a row is added to the table.
 """
@@ -47,6 +53,16 @@ def resample_counts(n: int, n_resamples: int, rng: np.random.Generator, start: i
     return np.bincount(idx.ravel(), minlength=k * n).reshape(k, n).astype(np.float64)
 
 
+QUESTION = "question"  # the cluster unit of a task whose questions are resampled one by one
+
+
+def cluster_index(labels) -> np.ndarray:
+    """Cluster labels of the questions (any hashable values) as indices 0..C-1 in order of first
+    appearance: one question per cluster gives ``arange(n)``, the question bootstrap's own draws."""
+    first: dict = {}
+    return np.fromiter((first.setdefault(c, len(first)) for c in labels), dtype=np.int64, count=len(labels))
+
+
 @dataclass
 class TaskScores:
     """Per-question scores of one task: ``scores[run, row, question]`` (NaN: not scored there).
@@ -54,10 +70,29 @@ class TaskScores:
     ``fallback``: for (run, row) pairs without per-question scores, ``(value, stderr)`` of the
     task mean (the record's own numbers); their resamples are ``value + stderr * z`` with one
     normal draw per resample, independent of every other row (so gaps involving them are unpaired).
+    ``clusters``: the cluster of each question (indices 0..C-1, :func:`cluster_index`), or None:
+    every question its own cluster. ``unit`` names the cluster (``"image"``; ``"question"``).
     """
 
     scores: np.ndarray
     fallback: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    clusters: np.ndarray | None = None
+    unit: str = QUESTION
+
+    def __post_init__(self):
+        if self.clusters is not None:
+            c = np.asarray(self.clusters)
+            n = np.shape(self.scores)[-1]
+            if c.shape != (n,) or not np.issubdtype(c.dtype, np.integer):
+                raise ValueError(f"clusters must be one integer index per question ({n}), got {c.shape} {c.dtype}")
+            if n and (c.min() < 0 or np.bincount(c).min() == 0):
+                raise ValueError("clusters must index 0..C-1 with every cluster used (harness.stats.cluster_index)")
+            self.clusters = c
+
+    @property
+    def n_clusters(self) -> int:
+        n = np.shape(self.scores)[-1]
+        return n if self.clusters is None or not n else int(self.clusters.max()) + 1
 
 
 class PairedBootstrap:
@@ -93,12 +128,22 @@ class PairedBootstrap:
             point = (flat.sum(1) / mask.sum(1)).reshape(runs, rows)
         reps = np.empty((self.n_resamples, runs * rows))
         rng = task_rng(seed, name)
-        complete = bool(mask.all())  # every row scored on every question: each resample has n
+        # clusters: C of them drawn with replacement, each question weighted by its cluster's
+        # draws; one question per cluster is the question bootstrap (the same draws, exactly)
+        clusters = ts.clusters
+        n_draw = ts.n_clusters
+        if clusters is not None and n_draw == n and np.array_equal(clusters, np.arange(n)):
+            clusters = None  # the question bootstrap; not even a copy of the counts (BLAS sums
+            # can depend on the operands' memory alignment, and this must be bit for bit the same)
+        # every row scored on every question, one question per cluster: each resample has n
+        complete = bool(mask.all()) and n_draw == n
         if n:
             step = max(1, _CHUNK_ENTRIES // n)
             for start in range(0, self.n_resamples, step):
                 stop = min(start + step, self.n_resamples)
-                w = resample_counts(n, self.n_resamples, rng, start, stop)
+                w = resample_counts(n_draw, self.n_resamples, rng, start, stop)
+                if clusters is not None:
+                    w = w[:, clusters]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     reps[start:stop] = (w @ flat.T) / (n if complete else w @ mask.T)
         else:
@@ -172,7 +217,9 @@ def combine_runs(point: np.ndarray, reps: np.ndarray, level: float = DEFAULT_LEV
     the run-averaged statistic. Runs that differ (calibration seeds on the same questions): the mean
     ḡ over the K runs that have the statistic, ± t · se, clipped to ``bounds``. Per question i and
     run k the statistic is d_ki = μ + α_i (the question) + β_k (the seed) + γ_ki (their
-    interaction), so Var ḡ = σ_α²/n + σ_β²/K + σ_γ²/(nK). Its estimate is
+    interaction), so Var ḡ = σ_α²/n + σ_β²/K + σ_γ²/(nK) (with clusters, σ_α²/n is the variance
+    of the question mean under cluster resampling, and the bootstrap variances below estimate
+    that one). Its estimate is
 
         se² = s²/K + max(0, (K · v_avg − v_run) / (K − 1))
 

@@ -266,7 +266,7 @@ class GroupWorker:
             error=None, proof=proof, state_cached=cached, method_meta=meta,
             act_ranges=state.meta.get("act_ranges"),
             timings={k: round(v, 4) for k, v in timings.items()}, peak_gib=peak,
-            samples_file=samples_file,
+            samples_file=samples_file, cluster_unit=getattr(res, "cluster_unit", "question"),
         )
 
     # ---- records -------------------------------------------------------------------------

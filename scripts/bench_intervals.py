@@ -10,6 +10,9 @@ docs/benchmarks/intervals.md.
 4. Coverage of the across-seed interval on simulated calibration seeds with a known true gap:
    the t-interval with seed and question variance (what the leaderboard uses), a two-level
    bootstrap (resample seeds, then questions), and a t-interval over per-seed gaps alone.
+5. Coverage on clustered data (several questions per image, answers correlated within an image):
+   the bootstrap over images (what the leaderboard does for a task that declares them) against
+   the bootstrap over questions, for a cell, a gap, and the across-seed interval.
 """
 
 from __future__ import annotations
@@ -170,6 +173,52 @@ def coverage(experiments=400, K=4, n=150, sigma=0.03, tau=0.15, rho=1.0, B=1000,
         print(f"  {name}: {100 * hits[name] / experiments:.1f} % (mean width {100 * np.mean(widths[name]):.1f} points)")
 
 
+def clustered_coverage(experiments=400, images=100, r=0.5, K=1, sigma=0.0, tau=0.5, B=1000, seed=2) -> None:
+    """A VQAv2-like task: ``images`` images with 1–9 questions each (mean 5). Question i of image
+    g has difficulty z_i = √r·a_g + √(1−r)·b_i; B answers it when z_i < Φ⁻¹(p_B); A when
+    z_i + τ·w_i < c_A + σ·shift_k, with w_i = √r·e_g + √(1−r)·f_i (which questions the quantization
+    flips, correlated within an image, shared by the runs) and c_A set so that P(A right) = p_A
+    exactly at σ = 0. r is the within-image correlation of both; truth: p_A, and p_A − p_B. With
+    K > 1 runs (seeds), the leaderboard's t-interval (seeds + shared resampled variance)."""
+    from scipy import stats
+
+    rng = np.random.default_rng([seed, int(100 * r), K])
+    pa, pb = 0.70, 0.62
+    ta, tb = stats.norm.ppf(pa) * np.sqrt(1 + tau ** 2), stats.norm.ppf(pb)
+    if sigma:  # the seed shift moves A's accuracy; its expectation over seeds is the truth
+        z = rng.standard_normal((2, 2_000_000))
+        truth_a = float(np.mean(z[0] * np.sqrt(1 + tau ** 2) < ta + sigma * z[1]))
+    else:
+        truth_a = pa
+    truths = {"cell A": truth_a, "gap A − B": truth_a - pb}
+    hits = {(m, s): 0 for m in ("images", "questions") for s in truths}
+    widths = {k: [] for k in hits}
+    for _ in range(experiments):
+        sizes = rng.integers(1, 10, images)
+        g = np.repeat(np.arange(images), sizes)
+        n = g.size
+        zq = np.sqrt(r) * rng.standard_normal(images)[g] + np.sqrt(1 - r) * rng.standard_normal(n)
+        wq = np.sqrt(r) * rng.standard_normal(images)[g] + np.sqrt(1 - r) * rng.standard_normal(n)
+        shift = sigma * rng.standard_normal(K)
+        sa = (zq[None] + tau * wq[None] < ta + shift[:, None]).astype(float)
+        sb = np.broadcast_to((zq < tb).astype(float), (K, n))
+        scores = np.stack([sa, sb], axis=1)  # (runs, rows, n)
+        bseed = int(rng.integers(1 << 30))
+        for method, clusters in (("images", g), ("questions", None)):
+            boot = PairedBootstrap({"t": TaskScores(scores, clusters=clusters)}, B, bseed)
+            iv = combine_runs(*boot.statistic({"t": np.array([[1.0, 0.0], [1.0, -1.0]])}))
+            for j, name in enumerate(truths):
+                hits[(method, name)] += iv.lo[j] <= truths[name] <= iv.hi[j]
+                widths[(method, name)].append(iv.hi[j] - iv.lo[j])
+    print(f"{images} images of 1–9 questions (mean 5), within-image correlation r={r}, "
+          f"flips τ={tau}, K={K} runs, seed sd σ={sigma} ({experiments} experiments, nominal 95 %):")
+    for name in truths:
+        w_img, w_q = np.mean(widths[("images", name)]), np.mean(widths[("questions", name)])
+        print(f"  {name}: images {100 * hits[('images', name)] / experiments:.1f} % (width {100 * w_img:.1f}), "
+              f"questions {100 * hits[('questions', name)] / experiments:.1f} % (width {100 * w_q:.1f}); "
+              f"width ratio {w_img / w_q:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, default=Path("results/default"))
@@ -185,6 +234,11 @@ def main() -> None:
     for sigma, tau, rho in ((0.03, 0.15, 1.0), (0.0, 0.15, 1.0), (0.05, 0.0, 1.0), (0.01, 0.1, 0.6),
                             (0.03, 0.1, 0.6)):
         coverage(sigma=sigma, tau=tau, rho=rho)
+    print("coverage on clustered data (questions sharing an image), bootstrap over images vs questions:")
+    for r in (0.0, 0.3, 0.6, 0.9):
+        clustered_coverage(r=r)
+    for r in (0.0, 0.6):
+        clustered_coverage(r=r, K=4, sigma=0.03)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ def record(method, scheme, task, scores=None, *, variant=None, reference=None, s
 
 
 def write_run(folder: Path, cells: dict[tuple, np.ndarray], seed: int = 0, with_samples: bool = True,
-              keys: dict[tuple, dict] | None = None, extra_records: list[dict] = ()) -> Path:
-    """cells[(method, scheme, task)] or cells[(method, variant, scheme, task)]: per-question scores."""
+              keys: dict[tuple, dict] | None = None, extra_records: list[dict] = (),
+              clusters: dict[str, list] | None = None) -> Path:
+    """cells[(method, scheme, task)] or cells[(method, variant, scheme, task)]: per-question scores.
+
+    ``clusters[task]``: each question's image id, logged in the samples as the harness does
+    (``cluster``), and the task's records declare ``cluster_unit: image``."""
     folder.mkdir(parents=True, exist_ok=True)
     recs = []
     for j, (key, scores) in enumerate(cells.items()):
@@ -44,10 +48,13 @@ def write_run(folder: Path, cells: dict[tuple, np.ndarray], seed: int = 0, with_
         if with_samples:
             rel = f"samples/{j}-{method}-{scheme}-{task}.jsonl"
             (folder / "samples").mkdir(exist_ok=True)
-            (folder / rel).write_text("".join(json.dumps({"doc_id": i, "score": float(s)}) + "\n"
+            img = (clusters or {}).get(task)
+            (folder / rel).write_text("".join(json.dumps({"doc_id": i, "score": float(s)}
+                                                         | ({"cluster": img[i]} if img is not None else {})) + "\n"
                                               for i, s in enumerate(scores)))
+        unit = {"cluster_unit": "image"} if task in (clusters or {}) else {}
         recs.append(record(method, scheme, task, scores, variant=variant, seed=seed, samples_file=rel,
-                           **((keys or {}).get(key, {}))))
+                           **unit, **((keys or {}).get(key, {}))))
     recs += list(extra_records)
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return folder

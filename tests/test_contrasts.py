@@ -1,6 +1,7 @@
 """Contrasts: A − B between two variants with the leaderboard's paired intervals (harness.contrasts)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from board_data import scores, write_run
 
@@ -108,3 +109,69 @@ def test_no_pair_no_file(tmp_path):
     (folder / "contrasts.md").write_text("stale")
     paths = write_leaderboard(folder, plots=False)
     assert "contrasts md" not in paths and not (folder / "contrasts.md").exists()
+
+
+def _images(n: int, seed: int) -> list[int]:
+    """Image ids of n questions in doc order: 1–7 questions per image, ids unordered."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.integers(1, 8)))
+    ids = rng.permutation(len(sizes)) * 1000 + 7  # like COCO ids: not 0..C-1, not sorted
+    return [int(i) for i in np.repeat(ids, sizes)[:n]]
+
+
+def _image_cells(images: dict[str, list[int]]) -> dict:
+    """rtn+clip fixes or breaks whole images at once: its gap to rtn correlates within an image."""
+    rng = np.random.default_rng(4)
+    data = {}
+    for t, img in images.items():
+        per_image = {i: rng.random() for i in set(img)}
+        base = np.array([float(per_image[i] < 0.75) for i in img])
+        plain = _flip(base, 10, 40, seed=31)
+        shift = {i: rng.choice([-1.0, 0.0, 1.0], p=[0.15, 0.6, 0.25]) for i in set(img)}
+        clip = np.clip(plain + np.array([shift[i] for i in img]), 0, 1)
+        data.update({("fp16", "fp16", "w16a16", t): base, ("rtn", "rtn", "w4a4", t): plain,
+                     ("rtn", "rtn+clip", "w4a4", t): clip})
+    return data
+
+
+def test_contrasts_pair_by_question_within_image(tmp_path):
+    from harness.stats import cluster_index, percentile_interval, resample_counts, task_rng
+
+    images = {t: _images(N, seed=k) for k, t in enumerate(TASKS)}
+    cells = _image_cells(images)
+    folder = write_run(tmp_path / "img", cells, clusters=images)
+    # one row's samples file in another order: rows are joined by doc_id, not by position
+    rtn_a = next(p for p in (folder / "samples").iterdir() if p.name.endswith("-rtn-w4a4-a.jsonl"))
+    rtn_a.write_text("".join(reversed(rtn_a.read_text().splitlines(keepends=True))))
+    board = _board(folder)
+    row = contrast_table(board, [("rtn+clip", "rtn")]).loc[("m", "w4a4", "rtn+clip − rtn")]
+    for t in TASKS:
+        # independent reference: draw the images as the bootstrap does (same generator), weight each
+        # question by its image's draws, and average the per-question differences A − B
+        cl = cluster_index(images[t])
+        C = int(cl.max()) + 1
+        assert board.clusters[t] == ("image", C, N)
+        w = resample_counts(C, board.n_resamples, task_rng(board.seed, t), 0, board.n_resamples)[:, cl]
+        d = cells[("rtn", "rtn+clip", "w4a4", t)] - cells[("rtn", "rtn", "w4a4", t)]
+        lo, hi = percentile_interval((w @ d) / w.sum(1))
+        assert row[t] == pytest.approx(100 * d.mean(), abs=1e-9)
+        assert (row[f"{t} lo"], row[f"{t} hi"]) == pytest.approx((100 * lo, 100 * hi), abs=1e-9)
+    # the same answers with the images ignored: intervals too narrow
+    flat = _board(write_run(tmp_path / "flat", cells))
+    naive = contrast_table(flat, [("rtn+clip", "rtn")]).loc[("m", "w4a4", "rtn+clip − rtn")]
+    assert flat.clusters["a"] == ("question", N, N)
+    for t in TASKS:
+        assert row[f"{t} hi"] - row[f"{t} lo"] > 1.4 * (naive[f"{t} hi"] - naive[f"{t} lo"])
+
+
+def test_tables_say_the_cluster_unit(tmp_path):
+    images = {"a": _images(N, seed=0)}
+    folder = write_run(tmp_path / "img", _image_cells(images), clusters=images)
+    paths = write_leaderboard(folder, plots=False)
+    C = len(set(images["a"]))
+    note = f"Cluster unit resampled — a: images ({N} questions in {C} images)"
+    assert note in paths["md"].read_text() and note in paths["contrasts md"].read_text()
+    csv = pd.read_csv(paths["csv"])
+    assert set(csv["a cluster unit"]) == {"image"} and set(csv["a clusters"]) == {C}

@@ -2,6 +2,7 @@
 by construction, significance marks, fallbacks for old records, and the failed-cell notes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -156,3 +157,39 @@ def test_a_control_row_is_shown_but_not_ranked(tmp_path):
     marks = {row[1]: t.loc[row, "Avg mark"] for row in t.index}
     assert marks == {"fp16": "", "fp16+veo": "", "qvlm": "lead", "rtn": ""}
     assert t.loc[("m", "fp16+veo", "w4a4"), "Avg"] == 100.0
+
+
+def test_cluster_ids_missing_or_conflicting_fall_back_to_questions_with_a_note(tmp_path):
+    a = _base(seed=3)
+    img = [i // 3 for i in range(len(a))]
+    cells = {("fp16", "w16a16", "t"): a, ("rtn", "w4a4", "t"): a - 0.1}
+    new = write_run(tmp_path / "new", cells, clusters={"t": img})
+    old = write_run(tmp_path / "old", cells)  # written before cluster ids were logged
+    fp16, rtn = "samples/0-fp16-w16a16-t.jsonl", "samples/1-rtn-w4a4-t.jsonl"
+
+    def mix(first: Path, second: Path, into: Path) -> None:
+        """``into``: the fp16 record and samples of ``first``, the rtn ones of ``second``."""
+        recs = [(first / "records.jsonl").read_text().splitlines()[0],
+                (second / "records.jsonl").read_text().splitlines()[1]]
+        (into / "samples").mkdir(parents=True, exist_ok=True)
+        (into / "records.jsonl").write_text("\n".join(recs) + "\n")
+        (into / fp16).write_text((first / fp16).read_text())
+        (into / rtn).write_text((second / rtn).read_text())
+
+    # one record with image ids beside an old one: the ids serve every row (the cluster of a
+    # question is a property of the data)
+    mix(new, old, tmp_path / "m1")
+    board = _board(tmp_path / "m1")
+    assert board.clusters["t"] == ("image", len(set(img)), len(a)) and not board.notes
+    # records that declare images but whose samples carry no ids
+    mix(new, new, tmp_path / "m2")
+    for f in (fp16, rtn):
+        (tmp_path / "m2" / f).write_text((old / f).read_text())
+    board = _board(tmp_path / "m2")
+    assert board.clusters["t"] == ("question", len(a), len(a))
+    assert any("have no image id" in n for n in board.notes)
+    # two records that put one question in different images
+    other = write_run(tmp_path / "other", cells, clusters={"t": [i // 2 for i in range(len(a))]})
+    mix(new, other, tmp_path / "m3")
+    board = _board(tmp_path / "m3")
+    assert board.clusters["t"][0] == "question" and any("in one record and" in n for n in board.notes)

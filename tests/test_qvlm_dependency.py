@@ -93,8 +93,43 @@ def test_partition_extremes():
     assert partition(deps, 0.0) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert partition([], 0.0) == [[0]]
     assert resolve_h0([1.0, 3.0, 2.0], "median") == 2.0
-    with pytest.raises(ValueError):
-        resolve_h0([1.0], "mean")
+    assert resolve_h0([1.0, 3.0, 2.0, 6.0], "mean") == 3.0
+    assert resolve_h0([1.0, 3.0], "absolute", 0.25) == resolve_h0([1.0, 3.0], 0.25) == 0.25
+    for rule, value in (("mode", None), ("absolute", None), ("absolute", float("nan")), ("absolute", True),
+                        ("median", 0.5), ("mean", 0.5)):
+        with pytest.raises(ValueError, match="h0"):
+            resolve_h0([1.0], rule, value)
+
+
+# six layers whose five adjacent dependencies all lie well above 0.8 nats
+STRONG = [1.0, 1.2, 0.9, 1.1, 1.0]
+
+
+def test_lower_dependency_gives_smaller_blocks_only_with_the_absolute_rule():
+    """VEO's purpose (lower dependency -> smaller blocks) shows under a fixed threshold; the
+    median and mean rules rescale with the dependencies and keep the blocks."""
+    weak = [d / 2 for d in STRONG]  # every dependency halved (exact in binary floating point)
+    absolute = [partition(d, resolve_h0(d, "absolute", 0.8)) for d in (STRONG, weak)]
+    assert absolute == [[[0, 1, 2], [3, 4, 5]], [[0], [1], [2], [3], [4], [5]]]
+    assert max(map(len, absolute[1])) < max(map(len, absolute[0]))
+    for rule in ("median", "mean"):
+        h_strong, h_weak = resolve_h0(STRONG, rule), resolve_h0(weak, rule)
+        assert h_weak == h_strong / 2
+        assert partition(weak, h_weak) == partition(STRONG, h_strong)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_relative_rules_ignore_a_common_scale(seed):
+    rng = random.Random(seed)
+    deps = [rng.uniform(0, 3) for _ in range(rng.randint(2, 30))]
+    for rule in ("median", "mean"):
+        blocks = partition(deps, resolve_h0(deps, rule))
+        for c in (0.5, 0.25, 4.0):  # powers of two: scaling is exact, so no near-tie can flip
+            scaled = [c * d for d in deps]
+            assert partition(scaled, resolve_h0(scaled, rule)) == blocks
+    # the absolute rule at a threshold above every dependency scaled by 1/4: all singletons
+    quarter = [d / 4 for d in deps]
+    assert partition(quarter, resolve_h0(quarter, "absolute", 0.76)) == [[i] for i in range(len(deps) + 1)]
 
 
 def test_position_sampler_uses_real_tokens_only():

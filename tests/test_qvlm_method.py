@@ -17,7 +17,7 @@ from harness.cells import DEFAULT_CALIBRATION
 VARIANTS = {"qvlm": (True, True), "qvlm-cdm": (True, False), "qvlm-veo": (False, True),
             "qvlm-layerwise": (False, False)}
 FAST = {"veo_epochs": 1, "veo_lr": 1e-3}
-OPEN_CHOICES = ("h0", "cdm_tau", "grid", "coordinates", "search_weights", "exhaustive_max",
+OPEN_CHOICES = ("h0_rule", "h0", "cdm_tau", "grid", "coordinates", "search_weights", "exhaustive_max",
                 "max_block", "veo_lambda1", "veo_lambda2", "veo_eta", "veo_optimizer", "veo_lr",
                 "veo_epochs", "veo_micro_batch", "veo_jacobian_fallback")
 
@@ -51,10 +51,12 @@ def test_registered_with_the_papers_defaults_and_a_fast_preset():
     assert d["coordinates"] == "layer" and 5 ** 3 <= d["exhaustive_max"]  # blocks of 3: exhaustive
     assert (DEFAULT_CALIBRATION["n"], DEFAULT_CALIBRATION["batch_size"]) == (64, 8)
     assert d["search_batches"] is None and d["veo_report"] is True
+    assert (d["h0_rule"], d["h0"]) == ("median", None)  # no deep model yet to choose the rule by
     with pytest.raises(ValueError):
         get_method("qvlm")(no_such_option=1)
     for bad in ({"veo_micro_batch": 0}, {"veo_jacobian_fallback": "ignore"},
-                {"search_weights": "yes"}, {"coordinates": "channel"}):
+                {"search_weights": "yes"}, {"coordinates": "channel"}, {"h0_rule": "mode"},
+                {"h0": 0.5}, {"h0_rule": "absolute"}):
         with pytest.raises(ValueError):
             get_method("qvlm")(**bad).quantize(None, parse_scheme("w4a4"), None)
     control = methods["fp16+veo"]
@@ -67,11 +69,12 @@ def test_variant_runs_and_leaves_model_unchanged(tiny_lm, tiny_calib, name):
     cdm, veo = VARIANTS[name]
     snap = _snapshot(tiny_lm.model)
     qcfg = parse_scheme("w4a4")
-    state = get_method(name)(**FAST, h0=-1.0).quantize(tiny_lm, qcfg, tiny_calib)
+    state = get_method(name)(**FAST, h0_rule="absolute", h0=-1.0).quantize(tiny_lm, qcfg, tiny_calib)
     _assert_unchanged(tiny_lm.model, snap)
     meta = state.meta
     assert meta["stages"] == {"cdm": cdm, "veo": veo}
     assert meta["options"]["h0"] == -1.0 and meta["options"]["veo_epochs"] == 1
+    assert meta["options"]["h0_rule"] == "absolute" and meta.get("h0_rule") == ("absolute" if cdm else None)
     assert set(meta["search_cost_s"]) == {"veo", "cdm", "search", "total"}
     assert (meta["search_cost_s"]["veo"] > 0) == veo and (meta["search_cost_s"]["cdm"] > 0) == cdm
     # h0 = -1 joins every pair: one block of both layers with CDM, singletons without
@@ -115,8 +118,8 @@ def _same_state(a: QuantState, b: QuantState) -> None:
 
 def test_same_seed_same_state(tiny_lm, tiny_calib, tmp_path):
     qcfg = parse_scheme("w4a4")
-    a = get_method("qvlm")(**FAST, h0=-1.0, seed=3).quantize(tiny_lm, qcfg, tiny_calib)
-    b = get_method("qvlm")(**FAST, h0=-1.0, seed=3).quantize(tiny_lm, qcfg, tiny_calib)
+    a = get_method("qvlm")(**FAST, h0_rule="absolute", h0=-1.0, seed=3).quantize(tiny_lm, qcfg, tiny_calib)
+    b = get_method("qvlm")(**FAST, h0_rule="absolute", h0=-1.0, seed=3).quantize(tiny_lm, qcfg, tiny_calib)
     _same_state(a, b)
     loaded = QuantState.load(a.save(tmp_path / "state"))
     _same_state(a, loaded)

@@ -112,8 +112,10 @@ def test_sharded_cell_equals_the_unsharded_cell(tmp_path):
         opened.close()
     merged, rows = merge_shards(parts)
     assert len(parts) == 3 and [p.docs for p in parts] == [(0, 4), (4, 8), (8, 13)]
-    for key in ("value", "stderr", "n", "n_empty", "n_unparsed", "config_hash", "proof", "method_meta"):
+    for key in ("value", "stderr", "n", "n_empty", "n_unparsed", "config_hash", "proof", "method_meta",
+                "cluster_unit"):
         assert merged[key] == whole[key], key
+    assert whole["cluster_unit"] == "image" and all("cluster" in r for r in rows)
     lines = (tmp_path / whole["samples_file"]).read_text().splitlines()
     assert lines == [json.dumps(r) for r in rows]
     scores = [json.loads(line)["score"] for line in lines]

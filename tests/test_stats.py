@@ -195,3 +195,88 @@ def test_bad_input_names_the_fix():
         _boot({"t": np.ones((1, 5))}, n_resamples=10)
     with pytest.raises(ValueError, match="same \\(runs, rows\\) shape"):
         PairedBootstrap({"t": TaskScores(np.ones((1, 2, 5))), "u": TaskScores(np.ones((1, 3, 5)))})
+
+
+# ---- clusters (several questions about one image) -----------------------------------------------
+
+
+def _clustered(sizes, seed=0, p=0.7):
+    """Scores perfectly correlated within each cluster: every question of cluster g scores y_g."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(len(sizes)) < p).astype(float)
+    return np.repeat(y, sizes), np.repeat(np.arange(len(sizes)), sizes)
+
+
+def cluster_robust_se(x: np.ndarray, clusters: np.ndarray) -> float:
+    """CR0 standard error of a mean (intercept-only least squares), float64:
+    se² = Σ_g (Σ_{i∈g} (x_i − x̄))² / N²."""
+    x = np.asarray(x, dtype=np.float64)
+    resid = np.bincount(clusters, weights=x - x.mean())
+    return float(np.sqrt((resid ** 2).sum()) / len(x))
+
+
+def test_cluster_index_numbers_clusters_in_order_of_first_appearance():
+    assert list(stats.cluster_index(["b", "a", "b", 7, "a"])) == [0, 1, 0, 2, 1]
+    assert list(stats.cluster_index([f"img{i}" for i in (5, 3, 9)])) == [0, 1, 2]  # singletons: arange
+    with pytest.raises(ValueError, match="every cluster used"):
+        TaskScores(np.ones((1, 1, 3)), clusters=np.array([0, 2, 2]))
+    with pytest.raises(ValueError, match="one integer index per question"):
+        TaskScores(np.ones((1, 1, 3)), clusters=np.array([0, 1]))
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_one_question_per_cluster_is_the_question_bootstrap_exactly(monkeypatch, chunk):
+    if chunk:
+        monkeypatch.setattr(stats, "_CHUNK_ENTRIES", chunk)
+    rng = np.random.default_rng(8)
+    scores = rng.choice([0.0, 0.3, 0.6, 1.0], size=(2, 3, 300))
+    scores[1, 2, :40] = np.nan  # a row scored on fewer questions in one run
+    weights = {"t": np.array([[1.0, 0, 0], [1.0, -1.0, 0], [0, 0.5, -0.5]])}
+    plain = PairedBootstrap({"t": TaskScores(scores)}, seed=5)
+    labels = [f"VizWiz_{i:05d}.png" for i in range(300)]  # one image per question
+    one = PairedBootstrap({"t": TaskScores(scores, clusters=stats.cluster_index(labels), unit="image")}, seed=5)
+    assert np.array_equal(plain.reps["t"], one.reps["t"], equal_nan=True)
+    a, b = combine_runs(*plain.statistic(weights)), combine_runs(*one.statistic(weights))
+    for f in ("value", "lo", "hi", "se"):
+        assert np.array_equal(getattr(a, f), getattr(b, f), equal_nan=True)
+
+
+@pytest.mark.parametrize("sizes", [[4] * 300, list(np.random.default_rng(1).integers(1, 8, 400))])
+def test_perfectly_correlated_clusters_give_the_cluster_robust_se(sizes):
+    x, g = _clustered(sizes, seed=2)
+    se = cluster_robust_se(x, g)
+    naive_se = x.std() / np.sqrt(len(x))
+    assert se > 1.7 * naive_se  # clusters of ~4 identical answers: about sqrt(4) wider
+    boot = PairedBootstrap({"t": TaskScores(x[None, None], clusters=g, unit="image")}, n_resamples=20000)
+    reps = boot.reps["t"][:, 0, 0]
+    # Monte Carlo error of a bootstrap sd at 20 000 resamples ≈ 0.5 %; the ratio estimator of
+    # unequal clusters and the (C−1)/C factor add < 0.5 %
+    assert reps.std(ddof=1) == pytest.approx(se, rel=0.02)
+    iv = combine_runs(*boot.statistic({"t": np.eye(1)}))
+    assert iv.value[0] == pytest.approx(x.mean(), abs=1e-12)
+    assert (iv.hi[0] - iv.lo[0]) / 2 == pytest.approx(1.959964 * se, rel=0.04)
+    # the question bootstrap of the same data is too narrow by the design effect
+    naive = combine_runs(*_boot({"t": x[None]}, n_resamples=4000).statistic({"t": np.eye(1)}))
+    assert (naive.hi[0] - naive.lo[0]) / 2 == pytest.approx(1.959964 * naive_se, rel=0.06)
+
+
+def test_seed_interval_adds_the_cluster_variance_of_the_shared_questions():
+    # d_ki = α_i + β_k: question effects correlated within images, a seed shift per run, no
+    # interaction; then se² = var(β)/K + CR0(α)² exactly in expectation
+    rng = np.random.default_rng(9)
+    sizes = rng.integers(1, 7, 250)
+    g = np.repeat(np.arange(len(sizes)), sizes)
+    alpha = np.repeat(rng.normal(0, 0.3, len(sizes)), sizes) + rng.normal(0, 0.1, g.size)
+    beta = np.array([0.02, -0.01, 0.03, 0.0])
+    base = rng.random(g.size)
+    scores = np.stack([np.stack([base + alpha + bk, base]) for bk in beta])  # (runs, rows, n)
+    boot = PairedBootstrap({"t": TaskScores(scores, clusters=g, unit="image")}, n_resamples=20000)
+    iv = combine_runs(*boot.statistic({"t": np.array([[1.0, -1.0]])}))
+    K = len(beta)
+    ref = np.sqrt(beta.var(ddof=1) / K + cluster_robust_se(alpha, g) ** 2)
+    assert iv.value[0] == pytest.approx(alpha.mean() + beta.mean(), abs=1e-12)
+    assert iv.se[0] == pytest.approx(ref, rel=0.02)
+    # ignoring the images would understate the shared term
+    flat = combine_runs(*PairedBootstrap({"t": TaskScores(scores)}, n_resamples=4000).statistic(
+        {"t": np.array([[1.0, -1.0]])}))
+    assert flat.se[0] < 0.75 * iv.se[0]

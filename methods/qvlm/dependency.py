@@ -23,9 +23,14 @@ Choices the paper leaves open, and ours:
   than exactly 0 (about 0.06 nats at the default tau=0.01 on Gaussian data, 2.5% of
   the 4-bit marginal entropy; it vanishes as tau -> 0, see the tests), an independent
   layer gives the marginal entropy H(Y) up to the plug-in bias (M-1)^2 / 2N.
-* **h0.** Not given by the paper. ``"median"`` (default) takes the median of the model's adjacent
-  dependencies on the calibration set, so roughly half the adjacent pairs may join; a number is a
-  fixed threshold in nats. The resolved value is recorded.
+* **h0.** Not given by the paper; the rule is an option (``h0_rule``), the resolved value is
+  recorded. ``"median"`` (default): the median of the model's adjacent dependencies on the
+  calibration set, so roughly half the adjacent pairs may join. ``"mean"``: their mean — the
+  official code's threshold (its quant_modules.py compares a layer's dependency with the running
+  mean of the entropies it has collected); it is pulled up by a few strong dependencies where the
+  median is not. ``"absolute"``: a fixed ``h0`` in nats. Median and mean are *relative* rules:
+  scaling every dependency by c > 0 scales h0 by c and leaves the blocks unchanged, so only the
+  absolute rule lets lower dependency (VEO's aim) give smaller blocks (tested).
 * **Partition.** Greedy left to right: a block starting at k_r grows to k_s while
   ``Σ_{k_r<=k<k_s} D(k, k+1) > (k_s - k_r) * h0`` and it holds fewer than ``max_block`` layers.
 """
@@ -139,16 +144,34 @@ def level_range(bits: int, sym: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2 ** bits - 1)
 
 
-def resolve_h0(deps: Sequence[float], h0: float | str) -> float:
-    """The numeric threshold: ``h0`` itself, or the median of ``deps`` for ``"median"``."""
-    if isinstance(h0, str):
-        if h0 != "median":
-            raise ValueError(f"h0 must be a number (nats) or 'median', got {h0!r}")
-        return float(torch.tensor(list(deps), dtype=torch.float64).median()) if deps else 0.0
-    h0 = float(h0)
-    if not math.isfinite(h0):
-        raise ValueError(f"h0 must be finite, got {h0}")
-    return h0
+H0_RULES = ("median", "mean", "absolute")
+
+
+def check_h0(rule: str, value: float | None) -> None:
+    """Raise ValueError unless (``rule``, ``value``) is a valid threshold choice: a rule of
+    :data:`H0_RULES`, with a finite number for ``"absolute"`` and no number for the others."""
+    if rule not in H0_RULES:
+        raise ValueError(f"h0_rule must be one of {H0_RULES}, got {rule!r}")
+    if rule == "absolute":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"h0_rule 'absolute' needs h0, a finite number of nats, got h0={value!r}")
+    elif value is not None:
+        raise ValueError(f"h0={value!r} is a fixed threshold: set h0_rule: absolute to use it "
+                         f"(h0_rule {rule!r} derives h0 from the dependencies; leave h0 null)")
+
+
+def resolve_h0(deps: Sequence[float], rule: str | float = "median", value: float | None = None) -> float:
+    """The numeric threshold of Eq. 7 by ``rule`` (:data:`H0_RULES`): the median or the mean of
+    ``deps``, or ``value`` for ``"absolute"``. A number as ``rule`` is a fixed threshold."""
+    if not isinstance(rule, str):
+        rule, value = "absolute", rule
+    check_h0(rule, value)
+    if rule == "absolute":
+        return float(value)
+    if not deps:
+        return 0.0
+    d = torch.tensor(list(deps), dtype=torch.float64)
+    return float(d.median() if rule == "median" else d.mean())
 
 
 def partition(deps: Sequence[float], h0: float, max_block: int = 3) -> list[list[int]]:

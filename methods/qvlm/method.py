@@ -37,7 +37,7 @@ from harness.quant.state import QuantState
 from harness.quant.ties import improves
 from harness.registry import Method, register_method
 
-from .dependency import mine_dependencies, partition, resolve_h0
+from .dependency import check_h0, mine_dependencies, partition, resolve_h0
 from .encoder import JACOBIAN_FALLBACKS, VEOConfig, optimize_vision_encoder
 from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, sequential_search
 
@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = {
     "search_batches": None,  # calibration batches in the search objective (None: all)
     # dependency mining (§1)
     "max_block": 3,  # paper
-    "h0": "median",  # threshold in nats, or "median" of the adjacent dependencies
+    "h0_rule": "median",  # Eq. 7's threshold: "median" or "mean" of the adjacent dependencies, or "absolute"
+    "h0": None,  # the threshold in nats for h0_rule "absolute" (null otherwise)
     "cdm_samples": 65536,  # activation positions sampled for the joint distribution
     "cdm_bits": 8,  # entropy grid when activations stay in float (else the scheme's a_bits)
 }
@@ -144,6 +145,7 @@ class QVLMBase(Method):
             raise ValueError("exhaustive_max must be >= 0 (0: always coordinate descent)")
         if not isinstance(o["search_weights"], bool):
             raise ValueError(f"search_weights must be true or false, got {o['search_weights']!r}")
+        check_h0(o["h0_rule"], o["h0"])
         validate_veo(o)
 
     def quantize(self, lm, qcfg: QuantConfig, calib) -> QuantState:
@@ -195,9 +197,9 @@ class QVLMBase(Method):
                     sym = qcfg.a_sym if qcfg.quantizes_acts else True
                     deps = mine_dependencies(layers, inputs.calls, masks, bits, sym,
                                              float(o["cdm_tau"]), int(o["cdm_samples"]), seed)
-                    h0 = resolve_h0(deps, o["h0"])
+                    h0 = resolve_h0(deps, o["h0_rule"], o["h0"])
                     blocks = partition(deps, h0, int(o["max_block"]))
-                    meta.update({"dependencies": deps, "h0": h0, "entropy_bits": bits})
+                    meta.update({"dependencies": deps, "h0": h0, "h0_rule": o["h0_rule"], "entropy_bits": bits})
                     cost["cdm"] = time.perf_counter() - t0
                 else:
                     blocks = [[i] for i in range(len(layers))]
