@@ -6,7 +6,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "harness/quant", "harness/models", "harness/perf", "harness/executors",
             "baselines", "methods", "tasks")
-TOKEN = re.compile(r"(?<![\w/.-])([\w.-]+(?:\.py|\.yaml|/))")
+TOKEN = re.compile(r"(?<![\w/.-])([\w.-]+(?:\.py|\.yaml|/))(?![\w.-])")
 
 
 def _layout() -> dict[str, set[str]]:
