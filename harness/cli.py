@@ -108,6 +108,11 @@ def cmd_list(args) -> int:
         print("schemes: w<bits>a<bits>, bits in 2..8 or 16, e.g. " + ", ".join(COMMON_SCHEMES))
         print("  overrides: " + ", ".join(OVERRIDE_KEYS))
     if what in (None, "models"):
+        from .models.family import available_families
+
+        print("model families (adapters in harness/models/family.py):")
+        for name, summary in available_families().items():
+            print(f"  {name:<16} {summary}")
         print("bundled models:")
         for name, path in bundled_models().items():
             print(f"  {name:<16} {path}")
