@@ -26,12 +26,20 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64 when it is float64, else float32: quantizer arithmetic never loses the
+    input's precision (a float64 model's activations were once rounded to float32 here)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Tensor = 1.0,
             dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point reducing over ``dim`` (kept), from the clipped range of ``x``.
 
     ``clip_ratio`` (scalar or broadcastable tensor) shrinks the range before rounding; values
-    beyond it saturate. Computed in float32 whatever the input dtype.
+    beyond it saturate. Computed in float32 whatever the input dtype: a scale is a parameter of
+    the quantizer, stored (and used by the kernels) in float32; applying it to a float64 tensor is
+    then exact (``quantize``, ``fake_quant``).
     """
     check_bits(bits)
     x = x.float()
@@ -50,7 +58,8 @@ def qparams(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.Ten
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (uint8) of ``x`` for broadcastable ``scale``/``zero``."""
-    q = torch.round(x.float() / scale) + zero
+    x = wide(x)
+    q = torch.round(x / scale.to(x.dtype)) + zero.to(x.dtype)
     return q.clamp_(0, 2 ** bits - 1).to(torch.uint8)
 
 
@@ -62,7 +71,9 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool, clip_ratio: float | torch.
                dim: int = -1) -> torch.Tensor:
     """Quantize-dequantize ``x`` with ranges taken along ``dim`` (per token when dim=-1)."""
     scale, zero = qparams(x, bits, sym, clip_ratio, dim)
-    q = torch.round(x.float() / scale) + zero
+    xw = wide(x)
+    scale, zero = scale.to(xw.dtype), zero.to(xw.dtype)
+    q = torch.round(xw / scale) + zero
     return ((q.clamp_(0, 2 ** bits - 1) - zero) * scale).to(x.dtype)
 
 

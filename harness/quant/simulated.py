@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .quantizer import fake_quant
+from .quantizer import fake_quant, wide
 from .state import ActQuant, LinearQuant, QuantState
 from .transforms import add_online_hook
 
@@ -26,9 +26,10 @@ def quantize_activation(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
         return fake_quant(x, act.bits, act.sym, act.clip_ratio, dim=-1)
     if act.scale is None:
         raise ValueError("a per-tensor activation quantizer needs a calibrated scale")
-    scale = act.scale.to(x.device)
-    zero = act.zero.to(x.device)
-    q = torch.round(x.float() / scale) + zero
+    xw = wide(x)
+    scale = act.scale.to(device=x.device, dtype=xw.dtype)
+    zero = act.zero.to(device=x.device, dtype=xw.dtype)
+    q = torch.round(xw / scale) + zero
     return ((q.clamp_(0, 2 ** act.bits - 1) - zero) * scale).to(x.dtype)
 
 

@@ -63,7 +63,7 @@ from harness.quant.build import act_quantizer, linear_from_weight
 from harness.quant.capture import shared_input_sets, watch_inputs
 from harness.quant.config import QuantConfig
 from harness.quant.grid import PERCENTILE_GRID, clip_ratios, quantile_index, unclipped_first, upper_quantiles
-from harness.quant.quantizer import dequantize_weight, qparams, rtn_weight
+from harness.quant.quantizer import dequantize_weight, qparams, rtn_weight, wide
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
 from harness.quant.ties import improves, stable_argmin
@@ -73,11 +73,6 @@ COORDINATES = ("group", "layer")
 PER_TENSOR_SAMPLES = 65536
 EXHAUSTIVE_MAX = 125  # 5 percentiles ** 3 layers: a block of three with layer coordinates
 MAX_SWEEPS = 50  # safety cap on coordinate-descent sweeps (each move lowers the error by a margin)
-
-
-def wide(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or float64 when it already is: statistics never lose the input's precision."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 # ---- percentiles -> clip ratios ------------------------------------------------------------------
