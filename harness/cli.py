@@ -36,23 +36,32 @@ def cmd_run(args) -> int:
     except (RuntimeError, ValueError) as exc:  # Ray absent, bad flags, too few GPUs
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .records import RecordWriteError
+    from .resultsdir import ResultsDirError
+
     try:
         summary = run_suite(suite, show_progress=not args.quiet, executor=executor)
-    except SuiteError as exc:  # found while planning (e.g. two entries make the same row)
+    except (SuiteError, ResultsDirError) as exc:  # planning (two entries, one row); folder unusable
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RecordWriteError as exc:  # the disk filled mid-run: every record before it is kept
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{suite.name}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done "
           f"-> {suite.output_dir / 'records.jsonl'}")
+    table_failed = False
     try:
         paths = write_leaderboard(suite.output_dir)
         print(paths["md"].read_text())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"no leaderboard: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        table_failed = True
+        print(f"error: the leaderboard in {suite.output_dir} was not rewritten, so any tables there are "
+              f"from an earlier tabulation: {exc}", file=sys.stderr)
     if summary.failed:
         print(f"{summary.failed} cell(s) failed (full errors and tracebacks in the records):", file=sys.stderr)
         for line in failure_lines(summary.records):
             print(f"  {line}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or table_failed else 0
 
 
 def cmd_table(args) -> int:
@@ -76,7 +85,7 @@ def cmd_table(args) -> int:
                 if not perf:
                     raise FileNotFoundError(f"no records in {args.perf}/records.jsonl (--perf)")
             paths = write_leaderboard(args.results[0], perf_records=perf, **stats)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(paths["md"].read_text())

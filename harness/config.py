@@ -6,6 +6,7 @@ the offending key and lists the valid choices, so a typo costs seconds, not a fa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 from .quant.config import OVERRIDE_KEYS, QuantConfig, SchemeError, parse_scheme
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one path component: results/<name> stays under results/
 
 SUITE_KEYS = {
     "name": "suite name; results go to results/<name>/ unless `output` is set",
@@ -131,7 +133,12 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     unknown = [k for k in data if k not in SUITE_KEYS]
     if unknown:
         raise SuiteError(f"unknown suite key(s) {unknown}; valid keys: {', '.join(SUITE_KEYS)}")
-    name = str(data.get("name") or "suite")
+    name = data.get("name")
+    name = "suite" if name is None else str(name) if isinstance(name, int) and not isinstance(name, bool) else name
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise SuiteError(f"`name` is {name!r}; it names the results folder results/<name>, so it must be one "
+                         "plain folder name: letters, digits, `-`, `_` and `.`, not `.` or `..` (to write "
+                         "elsewhere, set `output`)")
 
     models = [ModelSpec(**_entry(m, "models", "name", MODEL_KEYS)) for m in _list(data.get("models"), "models")]
 
@@ -167,6 +174,11 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
             raise SuiteError(f"in `schemes`: {exc}") from None
 
     tasks = [TaskSpec(**_entry(t, "tasks", "name", TASK_KEYS)) for t in _list(data.get("tasks"), "tasks")]
+    _unique_nonempty("models", [m.name for m in models], "`qvlm-bench list models`")
+    _unique_nonempty("methods", [m.name for m in methods], "`qvlm-bench list methods`", allow_repeats=True)
+    _unique_nonempty("schemes", [q.scheme for q in schemes], "`qvlm-bench list schemes`",
+                     keys=[repr(sorted(q.to_dict().items())) for q in schemes])
+    _unique_nonempty("tasks", [t.name for t in tasks], "`qvlm-bench list tasks`")
 
     calibration = data.get("calibration") or {}
     if not isinstance(calibration, dict):
@@ -197,6 +209,12 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
         v = data.get(key)
         if v is not None and (not isinstance(v, typ) or isinstance(v, bool) or v < 0):
             raise SuiteError(f"`{key}` must be a non-negative integer, got {v!r}")
+    if data.get("batch_size") == 0:
+        raise SuiteError("`batch_size` is 0; it must be at least 1 (questions per evaluation batch; "
+                         "remove the key for the default 16)")
+    if data.get("limit") == 0:
+        raise SuiteError("`limit` is 0, which would evaluate no question; give at least 1, or null (or "
+                         "no `limit`) for every question")
     device = str(data.get("device") or "auto")
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise SuiteError(f"`device` is {device!r}; valid: auto, cpu, cuda, cuda:N")
@@ -220,6 +238,20 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if validate_names:
         validate_names_exist(suite)
     return suite
+
+
+def _unique_nonempty(key: str, names: list[str], listing: str, *, allow_repeats: bool = False,
+                     keys: list[str] | None = None) -> None:
+    """``key`` lists at least one entry, and (unless ``allow_repeats``) none twice: a repeated task
+    would be evaluated twice and shown once; an empty list would run nothing and exit 0."""
+    if not names:
+        raise SuiteError(f"`{key}` is empty, so the suite would run nothing; list at least one ({listing})")
+    if allow_repeats:  # methods: one method with different options is two rows (labels checked later)
+        return
+    keys = keys or names
+    dup = next((names[i] for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        raise SuiteError(f"{dup!r} is listed twice in `{key}`; list each once")
 
 
 def _check_local_model(name: str) -> None:

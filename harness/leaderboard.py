@@ -15,7 +15,9 @@ it can be regenerated at any time.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .records import read_records
+from .records import read_records, temp_name
 from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
                     combine_runs)
 
@@ -161,10 +163,15 @@ def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> tup
         problems.setdefault("samples file missing", []).append(f"{where} ({path})")
         return None
     scores, clusters = {}, {}
-    for line in path.read_text().splitlines():
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            scores[row["doc_id"]] = float(row["score"])
+            try:
+                row = json.loads(line)
+                scores[row["doc_id"]] = float(row["score"])
+            except (ValueError, KeyError, TypeError) as exc:  # named, not a bare "Expecting value"
+                problems.setdefault("samples file unreadable (delete it and the cell's record line to "
+                                    "recompute it)", []).append(f"{where} ({path} line {lineno}: {exc})")
+                return None
             if row.get("cluster") is not None:
                 clusters[row["doc_id"]] = row["cluster"]
     if not scores:
@@ -213,7 +220,9 @@ def _task_clusters(task: str, ids: list, cells: list[tuple[str, dict | None]],
 def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                 level: float = DEFAULT_LEVEL, perf_records: list[dict] | None = None) -> Board:
     """The numeric leaderboard with intervals over one run or several runs of the same suite."""
-    notes: list[str] = []
+    from .aggregate import check_comparable
+
+    notes: list[str] = check_comparable(runs)
     frames = []
     for k, run in enumerate(runs):
         df = latest_ok(run.records)
@@ -557,12 +566,33 @@ def _booktabs(df: pd.DataFrame) -> str:
 def write_board(board: Board, output: Path, plots: bool = True, contrasts: Sequence[str] = ()) -> dict[str, Path]:
     """Write leaderboard.{md,csv,tex,html}, contrasts.{md,csv} (the default levers plus
     ``contrasts``, "A:B") and (``plots``) the plots into ``output``; returns the paths."""
-    from .contrasts import contrast_pairs, write_contrasts
-    from .page import write_page
-    from .plots import write_plots
+    from .contrasts import contrast_pairs
 
     pairs = contrast_pairs(board, contrasts)  # a bad --contrast fails before anything is written
     output.mkdir(parents=True, exist_ok=True)
+    # every file is written in a staging folder, then renamed into place: a kill while tabulating
+    # leaves the previous tables whole (never a 0-byte leaderboard.csv beside a missing page)
+    staging = temp_name(output / "leaderboard")
+    staging.mkdir()
+    try:
+        written = _write_board_files(board, staging, plots, pairs)
+        final = {}
+        for key, p in written.items():
+            os.replace(p, output / p.name)
+            final[key] = output / p.name
+        if not pairs:  # nothing to contrast: an older pair of files is stale
+            for name in ("contrasts.md", "contrasts.csv"):
+                (output / name).unlink(missing_ok=True)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_board_files(board: Board, output: Path, plots: bool, pairs) -> dict[str, Path]:
+    from .contrasts import write_contrasts
+    from .page import write_page
+    from .plots import write_plots
+
     paths = {ext: output / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
     board.table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
     md = formatted(board, "md")

@@ -1,21 +1,30 @@
 """Result records: one JSON line per (model, method, scheme, task) cell in ``records.jsonl``.
 
 Lines are appended with a single ``write`` on an ``O_APPEND`` descriptor and fsynced, so a run
-killed at any moment leaves every finished record intact; a torn last line (if the machine died
-mid-write) is skipped on reading. The key names below are a published contract (docs/design.md):
-add keys freely, never rename.
+killed at any moment leaves every finished record intact. A torn last line (the machine died or
+the disk filled mid-write) is never glued to the next record: an append starts on a fresh line, a
+short write is rolled back (``RecordWriteError``), and unreadable lines are reported on the console
+(file and line) when read, and moved aside by ``set_aside_unreadable`` when a run starts
+(docs/reliability.md). The key names below are a published contract (docs/design.md): add keys
+freely, never rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
+
+log = logging.getLogger("qvlm_bench")
 
 RECORD_KEYS = (
     "suite", "model", "method", "scheme", "quant_config", "task", "metric", "value", "stderr",
@@ -32,14 +41,38 @@ def new_record(**fields: Any) -> dict:
     return rec
 
 
+class RecordWriteError(OSError):
+    """A record could not be appended (full disk, read-only folder); the file is left as it was."""
+
+
 def append_record(path: str | Path, record: dict) -> None:
+    """Append one record as one line, fsynced. If the file ends in a torn line the record starts on
+    a fresh one (never glued to it); a short or failed write is rolled back to the previous end
+    and raised as ``RecordWriteError`` naming the file, so the file only ever gains whole lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, default=_json_default, sort_keys=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        end = os.fstat(fd).st_size
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            view = memoryview(line)
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(28, "No space left on device (a write wrote nothing)")
+                view = view[n:]
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+            raise RecordWriteError(exc.errno, f"could not append a record to {path}: "
+                                   f"{exc.strerror or exc}; the file was rolled back to its last complete "
+                                   "record. Free space (or make the folder writable) and run again: "
+                                   "finished cells are kept, this one is recomputed") from exc
     finally:
         os.close(fd)
 
@@ -54,39 +87,108 @@ def _json_default(obj):
     return str(obj)
 
 
+_REPORTED: set[tuple] = set()
+
+
+def _scan(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(records, [(line number, text) of unreadable lines]) of a JSONL file."""
+    records, bad = [], []
+    for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        text = raw.decode("utf-8", errors="replace").strip()
+        if not text:
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad.append((i, text))
+    return records, bad
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """All complete records in file order (a torn trailing line is ignored)."""
+    """All readable records in file order. Unreadable lines (a torn write) are skipped and reported
+    once per process on the console, naming the file and line: a skipped line is a cell whose
+    result will be recomputed, and the user should know why."""
     path = Path(path)
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    records, bad = _scan(path)
+    for lineno, text in bad:
+        key = (str(path.resolve()), lineno, hashlib.sha1(text.encode()).hexdigest())
+        if key not in _REPORTED:
+            _REPORTED.add(key)
+            log.warning("%s line %d is not a complete record (a write cut short by a crash or a full "
+                        "disk?): skipped, its cell is recomputed by the next run: %.80s", path, lineno, text)
+    return records
+
+
+def set_aside_unreadable(path: str | Path) -> list[int]:
+    """Move the unreadable lines of ``path`` to ``<path>.unreadable`` (kept, never deleted) and
+    rewrite ``path`` atomically without them; returns their line numbers. Run by the driver that
+    holds the results folder's lock, before its first append."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, bad = _scan(path)
+    if not bad:
+        return []
+    aside = path.with_name(path.name + ".unreadable")
+    with open(aside, "a") as f:
+        for lineno, text in bad:
+            f.write(f"{path.name}:{lineno}: {text}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    write_jsonl(path, records)
+    log.warning("%s: moved %d unreadable line(s) (line %s) to %s; their cells are recomputed", path,
+                len(bad), ", ".join(str(n) for n, _ in bad), aside)
+    return [n for n, _ in bad]
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, unique to this process and call: two writers of one
+    file never share a temporary. ``clean_stale_temps`` recognizes it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write a whole file through a temporary name and ``os.replace``: a reader (or a crash) sees
+    the old file or the new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with tmp.open("xb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never mask the write's own error
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     """Write a whole JSONL file atomically (per-sample logs). The temporary file has a name of its
     own, so two processes writing the same file (two drivers on one results folder) cannot
     interleave: the last complete write wins."""
-    import uuid
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temp_name(path)
     try:
         with tmp.open("x") as f:
             for row in rows:
                 f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never mask the write's own error
+            tmp.unlink(missing_ok=True)
         raise
 
 

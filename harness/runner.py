@@ -87,6 +87,14 @@ class SuiteRunner:
         return group_cells(todo), len(cells) - len(todo)
 
     def run(self) -> RunSummary:
+        """Run the pending cells as the results folder's only driver (``harness.resultsdir``: checked
+        writable, locked, leftovers of killed runs cleaned) before anything is loaded."""
+        from .resultsdir import open_results_dir
+
+        with open_results_dir(self.out):
+            return self._run()
+
+    def _run(self) -> RunSummary:
         from tqdm.auto import tqdm
 
         summary = RunSummary()

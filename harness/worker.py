@@ -20,7 +20,8 @@ import torch
 
 from .cells import Cell, Group, digest
 from .config import Suite, TaskSpec
-from .quant.finalize import check_model_unchanged, finalize_state, param_checksum
+from .quant.finalize import (StateError, check_model_unchanged, finalize_state, param_checksum,
+                             validate_state)
 from .quant.simulated import apply_state
 from .quant.state import QuantState
 from .records import git_describe, new_record, versions, write_jsonl
@@ -53,11 +54,21 @@ def cache_state(state: QuantState, path) -> bool:
             return False
         state.save(path)
         return True
-    except OSError as exc:
-        shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    except OSError as exc:  # save() removed its partial folder
         log.warning("could not cache the quantization state in %s (%s); the cell goes on without it",
                     path, exc)
         return False
+
+
+def check_loaded_state(lm, state: QuantState, cell: Cell) -> None:
+    """The checks a fresh state passes (``finalize.validate_state``) and its stored proof recomputed:
+    a cached state whose bytes verify but whose content is wrong (an older bug, a hand edit) must
+    not become a number. Raises ``StateError``."""
+    validate_state(lm.model, state, cell.qcfg, quantizes=cell.variant.cls.quantizes)
+    stored = state.meta.get("proof")
+    fresh = state.proof(device=lm.device)
+    if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in fresh.items()):
+        raise StateError(f"its stored proof {stored} differs from the proof of its content {fresh}")
 
 
 @dataclass
@@ -147,12 +158,14 @@ class GroupWorker:
     def state(self, lm, cell: Cell, timings: dict) -> tuple[QuantState, bool]:
         """The group's finalized state: from the cache, or quantized now (and cached)."""
         path = self.cache_dir / cell.state_key
-        if (path / "state.json").exists():
-            try:
-                return QuantState.load(path), True
-            except Exception:  # a corrupt cache entry is recomputed, never trusted
-                log.warning("ignoring unreadable cached state %s", path)
         v = cell.variant
+        if (path / "state.json").exists():
+            try:  # a cached state is trusted only as far as a fresh one: checksum, checks, proof
+                state = QuantState.load(path)
+                check_loaded_state(lm, state, cell)
+                return state, True
+            except Exception as exc:
+                log.warning("ignoring cached state %s (%s); quantizing it again", path, exc)
         t0 = time.perf_counter()
         calib = self.calibration(lm, cell.calibration) if cell.calibration is not None else None
         timings["calibrate_s"] = time.perf_counter() - t0

@@ -29,7 +29,7 @@ def test_nothing_cites_notes_outside_the_repository():
     assert found == []
 
 
-@pytest.mark.parametrize("doc", ["docs/design.md", "docs/protocols.md"])
+@pytest.mark.parametrize("doc", ["docs/design.md", "docs/protocols.md", "docs/reliability.md"])
 def test_relative_links_resolve(doc):
     text = (REPO / doc).read_text()
     links = [t for t in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text) if "://" not in t]

@@ -373,7 +373,6 @@ def test_a_full_disk_costs_the_state_cache_not_the_cell(tiny_llava_path, toy_inc
     import shutil as sh
 
     from harness import worker
-    from harness.quant.state import QuantState
 
     suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "out", methods=["rtn"],
                                    schemes=["w4a4"]))
@@ -386,11 +385,13 @@ def test_a_full_disk_costs_the_state_cache_not_the_cell(tiny_llava_path, toy_inc
     states = tmp_path / "out" / "cache" / "states"
     assert not list(states.glob("*/state.json"))
 
-    def enospc(self, path):
-        (Path(str(path) + ".tmp")).mkdir(parents=True)
+    import safetensors.torch
+
+    def enospc(tensors, filename, *args, **kwargs):  # the disk fills halfway through the state
+        Path(filename).write_bytes(b"\0" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(worker.shutil, "disk_usage", real_usage)
-    monkeypatch.setattr(QuantState, "save", enospc)
+    monkeypatch.setattr(safetensors.torch, "save_file", enospc)
     suite = parse_suite(suite_dict(tiny_llava_path, toy_include, tmp_path / "out2", methods=["rtn"],
                                    schemes=["w4a4"]))
     caplog.clear()

@@ -40,9 +40,10 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-# Weight files up to this size are hashed in full; larger ones by name, size and modification time
-# (hashing a 13 GB checkpoint on every run would cost minutes).
+# Weight folders up to this size are hashed in full; larger ones by a content sample (below).
 FULL_HASH_BYTES = 512 * 2**20
+SAMPLE_BYTES = 4096  # bytes read at each sampled offset of a large weight file
+SPREAD_SAMPLES = 256  # evenly spaced samples of a large file that is not safetensors
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _FINGERPRINTS: dict[tuple, str] = {}
 
@@ -51,10 +52,12 @@ def model_fingerprint(name_or_path: str) -> str:
     """What identifies a model's weights, for cache keys: retraining a bundled model or replacing a
     local folder's files gives a new fingerprint, so stale results and states are never reused.
 
-    A local or bundled folder: sha256 over its config and weight files (content when they are
-    small, else name/size/mtime). A Hub id: the id and the commit of its locally cached snapshot
-    (no network), so a new revision downloaded into the cache recomputes the cells; an id not yet
-    cached is just "hub:<id>" until its first load.
+    A local or bundled folder: sha256 over its config and weight files, from content only, so a
+    folder rebuilt or copied with identical bytes keeps its cell keys (an mtime would not). Up to
+    ``FULL_HASH_BYTES`` in all, every byte; above, hashing 13 GB on every run would cost minutes,
+    so each large file contributes its size and a sample (``_sampled_digest``). A Hub id: the id
+    and the commit of its locally cached snapshot (no network), so a new revision downloaded into
+    the cache recomputes the cells; an id not yet cached is just "hub:<id>" until its first load.
     """
     import hashlib
 
@@ -66,20 +69,63 @@ def model_fingerprint(name_or_path: str) -> str:
     files = sorted(f for f in folder.iterdir() if f.is_file() and (
         f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES or f.name.endswith(".index.json")))
     stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    key = (str(folder.resolve()), stats)
+    key = (str(folder.resolve()), stats)  # memo only (this process): the digest uses no mtime
     if key not in _FINGERPRINTS:
         full = sum(st[1] for st in stats) <= FULL_HASH_BYTES
         h = hashlib.sha256()
-        for f, (name, size, mtime) in zip(files, stats):
+        for f, (name, size, _) in zip(files, stats):
             h.update(f"{name}:{size}".encode())
-            if full or f.name == "config.json":
+            if full or f.suffix not in _WEIGHT_SUFFIXES:  # configs and indexes: small, in full
                 with open(f, "rb") as fh:
                     for block in iter(lambda: fh.read(1 << 20), b""):
                         h.update(block)
             else:
-                h.update(str(mtime).encode())
+                h.update(_sampled_digest(f, size))
         _FINGERPRINTS[key] = h.hexdigest()[:16]
     return _FINGERPRINTS[key]
+
+
+def _sampled_digest(f: Path, size: int) -> bytes:
+    """A content digest of a large weight file that reads a few MB, not the file.
+
+    safetensors: its whole header (every tensor's name, dtype, shape and byte range) plus
+    ``SAMPLE_BYTES`` at the start, middle and end of every tensor, so any retrained or replaced
+    tensor changes it (training changes essentially all of a tensor's bytes) while a 7B
+    checkpoint costs ~1k tensors × 12 KB ≈ 10 MB of reads. Other formats (pickles): the first
+    and last MB plus ``SPREAD_SAMPLES`` evenly spaced samples. An edit confined to bytes no
+    sample touches would go unseen; a rebuilt folder with identical bytes is always recognized.
+    """
+    import hashlib
+    import json
+    import struct
+
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        offsets: list[tuple[int, int]] = []
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if f.suffix == ".safetensors" and len(head) == 8 else 0
+        header = fh.read(n) if 0 < n <= min(size - 8, 100 << 20) else b""
+        try:
+            entries = json.loads(header) if header else None
+        except ValueError:
+            entries = None
+        if isinstance(entries, dict):
+            h.update(head + header)
+            base = 8 + n
+            for name, info in sorted(entries.items()):
+                if name == "__metadata__" or not isinstance(info, dict):
+                    continue
+                start, end = (base + int(x) for x in info["data_offsets"])
+                for at in (start, (start + end) // 2, end - SAMPLE_BYTES):
+                    offsets.append((max(start, at), min(SAMPLE_BYTES, end - max(start, at))))
+        else:
+            offsets = [(0, 1 << 20), (max(0, size - (1 << 20)), 1 << 20)]
+            offsets += [(size * i // SPREAD_SAMPLES, SAMPLE_BYTES) for i in range(SPREAD_SAMPLES)]
+        for at, length in offsets:
+            if length > 0:
+                fh.seek(at)
+                h.update(fh.read(length))
+    return h.digest()
 
 
 def cached_hub_commit(repo_id: str, cache_dir: str | Path | None = None) -> str | None:

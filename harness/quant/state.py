@@ -6,7 +6,11 @@ memory) and the on-disk cache (resume) are all derived from it, so they cannot d
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,33 @@ import torch
 
 from .config import QuantConfig
 from .quantizer import dequantize_weight
+
+CHECKSUM_FILE = "checksum.json"  # written last: a folder without it was never finished
+STATE_FILES = ("state.safetensors", "state.json")
+
+
+class CorruptStateError(ValueError):
+    """A cached state's bytes are not the ones that were saved (or were never finished)."""
+
+
+def state_temp_name(key: str) -> str:
+    """The folder a state is written in before its rename: hidden, unique per process and call, so
+    two drivers saving one key never write into the same folder."""
+    return f".{key}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def is_state_temp(name: str) -> bool:
+    """A folder name ``state_temp_name`` makes (or the fixed ``<key>.tmp`` of older versions)."""
+    return name.endswith(".tmp")
+
+
+def state_key_of_temp(name: str) -> str:
+    return name[1:].split(".")[0] if name.startswith(".") else name[: -len(".tmp")]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -105,12 +136,25 @@ class QuantState:
     # ---- persistence ------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write ``state.safetensors`` + ``state.json`` into folder ``path`` (atomically renamed)."""
+        """Write ``state.safetensors`` + ``state.json`` + their checksums into folder ``path``: built
+        in a temporary folder of this call's own (two drivers saving one key never share it) and
+        renamed when complete; a failure leaves nothing behind."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(state_temp_name(path.name))
+        tmp.mkdir()
+        try:
+            self._write(tmp)
+            _publish(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _write(self, tmp: Path) -> None:
+        """The state's files, then their checksums (last: a folder without them is unfinished)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
 
@@ -145,18 +189,50 @@ class QuantState:
         meta = {"method": self.method, "config": self.config.to_dict(), "linears": layers,
                 "float_params": list(self.float_params), "meta": self.meta}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
-        if path.exists():
-            import shutil
+        sums = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                for name in STATE_FILES}
+        for name in STATE_FILES:  # the data is on disk before the checksum that vouches for it
+            fd = os.open(tmp / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with open(tmp / CHECKSUM_FILE, "w") as f:
+            json.dump({"algorithm": "sha256", "files": sums}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
 
-            shutil.rmtree(path)
-        tmp.rename(path)
-        return path
+    @staticmethod
+    def verify(path: str | Path) -> str | None:
+        """None when the folder's files match the checksums written last by ``save``; otherwise
+        what is wrong (missing checksum: never finished, or written before checksums existed)."""
+        path = Path(path)
+        try:
+            sums = json.loads((path / CHECKSUM_FILE).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"no valid {CHECKSUM_FILE} (unfinished, or saved by an older version)"
+        for name in STATE_FILES:
+            f, want = path / name, sums.get(name) or {}
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want.get("bytes"):
+                return f"{name} has {f.stat().st_size} bytes, {want.get('bytes')} were saved"
+            if _sha256(f) != want.get("sha256"):
+                return f"{name} does not match its sha256 (the bytes changed after saving)"
+        return None
 
     @classmethod
-    def load(cls, path: str | Path) -> "QuantState":
+    def load(cls, path: str | Path, *, verify: bool = True) -> "QuantState":
+        """Read a saved state; with ``verify`` (the default) its checksums must match first
+        (``CorruptStateError`` naming the file otherwise): a flipped byte must never become a
+        silently wrong number."""
         from safetensors.torch import load_file
 
         path = Path(path)
+        if verify:
+            problem = cls.verify(path)
+            if problem is not None:
+                raise CorruptStateError(f"cached state {path}: {problem}")
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
         linears = {}
@@ -172,3 +248,23 @@ class QuantState:
         float_params = {name: tensors[f"float/{name}"] for name in meta["float_params"]}
         return cls(method=meta["method"], config=QuantConfig.from_dict(meta["config"]),
                    linears=linears, float_params=float_params, meta=meta["meta"])
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path``, replacing an older folder there. If another writer
+    published the same key in between (``rename`` onto a non-empty folder fails) and its copy
+    verifies, ours is redundant and dropped."""
+    if path.exists():
+        old = path.with_name(state_temp_name(path.name))
+        try:
+            path.rename(old)
+        except FileNotFoundError:
+            pass
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if QuantState.verify(path) is not None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
