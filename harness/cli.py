@@ -97,7 +97,7 @@ def cmd_list(args) -> int:
     from .models.loading import bundled_models
     from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
     from .registry import available_methods, broken_methods
-    from .tasks_index import available_tasks
+    from tasks.index import available_tasks
 
     what = args.what
     if what in (None, "methods"):

@@ -275,7 +275,7 @@ def validate_names_exist(suite: Suite) -> None:
             cls(**(m.options or {}))
         except ValueError as exc:
             raise SuiteError(f"in `methods` ({m.name}): {exc}") from None
-    from .tasks_index import available_tasks
+    from tasks.index import available_tasks
 
     known = available_tasks(suite.include_paths)
     for t in suite.tasks:

@@ -38,9 +38,3 @@ def select_linears(model: nn.Module, parts: tuple[str, ...] | list[str]) -> dict
         raise ValueError(f"unknown model part(s) {bad}; valid: {list(PARTS)}")
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and part_of(n) in parts}
-
-
-def linears_in(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
-    """``nn.Linear`` modules inside ``module`` keyed by full path (``prefix`` + local path)."""
-    dot = f"{prefix}." if prefix else ""
-    return {f"{dot}{n}": m for n, m in module.named_modules() if isinstance(m, nn.Linear)}

@@ -72,7 +72,7 @@ from torch import nn
 
 from ..models.capture import LayerCall, capture_inputs, layer_output
 from ..models.layers import language_layers, vision_layers
-from .capture import token_rows, watch_inputs
+from .capture import watch_inputs
 from .config import QuantConfig
 from .simulated import applied
 from .state import QuantState

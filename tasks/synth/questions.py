@@ -7,7 +7,6 @@ caller then draws a new scene. Answers are canonical single words ("red", "3", "
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -333,6 +332,3 @@ def h_material(scene: Scene, rng) -> Q | None:
     mat = _pick(rng, MATERIALS)
     return Q("context_material", f"How many shapes are made of {mat}?", str(scene.count(**attrs)), "number",
              "how many", pool=NUMBER_POOL, hint=f"The {noun} are made of {mat}.", n_choices=(4, 5))
-
-
-Family = Callable[[Scene, np.random.Generator], "Q | None"]

@@ -128,9 +128,6 @@ def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, fill: tuple[int, int, int]) -> 
         raise ValueError(o.shape)
 
 
-ATTR_VALUES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES}
-
-
 POSITION_BINS = 8  # object centres are labelled in 8 columns and 8 rows of the image
 
 
