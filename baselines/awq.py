@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -63,6 +63,11 @@ from harness.quant.ties import RTOL, improves
 from harness.registry import Method, register_method
 
 AVOID_CLIP = ("q_", "k_", "query", "key", "Wqkv")
+
+# The scale search's error for one call: ``error(i, float_out, candidate_out) -> (num, den)``, i the
+# call's index; the loss of a candidate is ``Σ num / Σ den`` over the calls. ``None``: AWQ's mean
+# squared error over real tokens (``_masked_sq``). MBQ passes modality-weighted errors.
+ScaleError = Callable[[int, torch.Tensor, torch.Tensor], tuple[float, float]]
 
 
 # ---- small pieces -------------------------------------------------------------------------------
@@ -171,8 +176,10 @@ def _group_scales(x_mean, w_mean, ratio, duo):
 
 
 def search_scale(layer: nn.Module, group: ScaleGroup, lin_in, mod_calls, masks, qcfg: QuantConfig,
-                 opts: dict, act: ActQuant | None) -> tuple[torch.Tensor, float, list[float]]:
-    """AWQ's grid search for one group: (best scales, best α, loss per α)."""
+                 opts: dict, act: ActQuant | None,
+                 error: ScaleError | None = None) -> tuple[torch.Tensor, float, list[float]]:
+    """AWQ's grid search for one group: (best scales, best α, loss per α). ``error``: the
+    output error per call (default: mean squared error over real tokens)."""
     xs = lin_in[group.linears[0]]
     lins = [layer.get_submodule(n) for n in group.linears]
     # per-channel mean |x| over real tokens (float32 sums, as AutoAWQ), back in the input dtype
@@ -210,9 +217,9 @@ def search_scale(layer: nn.Module, group: ScaleGroup, lin_in, mod_calls, masks, 
         try:
             num, den = 0.0, 0
             with torch.no_grad():
-                for (a, k), ref, m in zip(runs, fp_out, masks):
+                for i, ((a, k), ref, m) in enumerate(zip(runs, fp_out, masks)):
                     out = _first(functional_call(inspect, overrides, a, k))
-                    s_num, s_den = _masked_sq(ref, out, m)
+                    s_num, s_den = _masked_sq(ref, out, m) if error is None else error(i, ref, out)
                     num += s_num
                     den += s_den
         finally:
@@ -228,8 +235,10 @@ def search_scale(layer: nn.Module, group: ScaleGroup, lin_in, mod_calls, masks, 
 
 
 def awq_layer(layer: nn.Module, prefix: str, calls: list[LayerCall], masks, qcfg: QuantConfig,
-              opts: dict, method: str = "awq") -> tuple[QuantState, dict]:
-    """AWQ for one transformer layer: its fragment (full paths) and what was chosen."""
+              opts: dict, method: str = "awq",
+              error_for: Callable[[ScaleGroup], ScaleError | None] | None = None) -> tuple[QuantState, dict]:
+    """AWQ for one transformer layer: its fragment (full paths) and what was chosen.
+    ``error_for(group)``: the scale search's error for a group (None: AWQ's)."""
     act = act_quantizer(qcfg) if (qcfg.quantizes_acts and opts["act_aware"]) else None
     groups = scale_groups_of(layer)
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -238,7 +247,8 @@ def awq_layer(layer: nn.Module, prefix: str, calls: list[LayerCall], masks, qcfg
     info = {"ratio": {}, "scales": {}, "clip": {}}
     found = []
     for g in groups:
-        scales, ratio, _ = search_scale(layer, g, lin_in, mod_calls, masks, qcfg, opts, act)
+        error = error_for(g) if error_for is not None else None
+        scales, ratio, _ = search_scale(layer, g, lin_in, mod_calls, masks, qcfg, opts, act, error)
         found.append((g, scales))
         info["ratio"][g.key] = ratio
         info["scales"][g.key] = scales.float().cpu()
@@ -300,6 +310,11 @@ class AWQ(Method):
         clip_n_tokens: int = 512
         propagate: Literal["float", "quantized"] = "float"  # layer inputs from the float model (llm-awq, AutoAWQ)
 
+    def scale_error(self, part: str, path: str) -> Callable[[ScaleGroup], ScaleError | None] | None:
+        """The scale search's error per group of the layer at ``path`` (None: AWQ's, for every
+        layer). A subclass's hook: MBQ weights vision and text tokens here."""
+        return None
+
     def _loose(self, model, names, batches, state, qcfg) -> None:
         """Projector / lm_head: clip search on inputs from a full forward, then round."""
         targets = {n: model.get_submodule(n) for n in names}
@@ -338,7 +353,8 @@ class AWQ(Method):
                 def process(block: Block):
                     frag = QuantState(method=self.name, config=qcfg)
                     for path, layer in zip(block.paths, block.layers):
-                        f, info = awq_layer(layer, path, block.calls, block.masks, qcfg, o, self.name)
+                        f, info = awq_layer(layer, path, block.calls, block.masks, qcfg, o, self.name,
+                                            error_for=self.scale_error(part, path))
                         frag.linears.update(f.linears)
                         frag.float_params.update(f.float_params)
                         ratios[path] = info["ratio"]

@@ -5,7 +5,7 @@ Fine-tunes the vision encoder's float weights, before the language model is quan
     L = L_reg + λ1·L_ent + λ2·L_err
 
 * ``L_reg`` (paper): the model's autoregressive loss on the calibration answers (the batches'
-  ``labels``), float model.
+  ``labels``), float model (``harness.quant.answers.lm_output``, shared with MBQ).
 * ``L_ent`` (paper): Σ_k w_k · D(k, k+1), the cross-layer dependency of Eq. 4 between consecutive
   language layers' outputs (the CDM estimator of ``dependency.py``, differentiable through the
   soft assignment; per-token scales held constant), on ``samples`` random real-token positions
@@ -56,6 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.models.layers import language_layers, part_of
+from harness.quant.answers import lm_output
 from harness.quant.build import rtn_state
 from harness.quant.config import QuantConfig
 from harness.quant.quantizer import expand_groups, rtn_weight
@@ -291,9 +292,8 @@ class VEO:
         self.seen.clear()
         if self.xv_name is not None:
             self.seen[self.xv_name] = None
-        inputs = {k: v for k, v in batch.items() if k != "labels" or labels}
         try:
-            out = self.model(**inputs, use_cache=False)
+            out = lm_output(self.model, batch, labels=labels)  # with labels: .loss is L_reg
         finally:
             self.flags["capture"] = False
             self.flags["quant"] = False
