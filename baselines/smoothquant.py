@@ -74,10 +74,8 @@ def smoothing_scales(model: nn.Module, groups, batches, alpha: float) -> list[to
     return scales
 
 
-def smoothing_edit(model: nn.Module, parts, batches, alpha: float = 0.5,
-                   fold_linears: bool = False) -> FloatEdit:
-    """The float (unquantized) smoothed model as a ``FloatEdit``: exact in real arithmetic."""
-    groups = smoothing_groups(model, parts, fold_linears)
+def smoothing_edit(model: nn.Module, groups, batches, alpha: float = 0.5) -> FloatEdit:
+    """The smoothed float (unquantized) model as a ``FloatEdit``: exact in real arithmetic."""
     edit = FloatEdit(model)
     for (p, g), s in zip(groups, smoothing_scales(model, groups, batches, alpha)):
         edit.scale_group(p, g, s)
@@ -101,12 +99,11 @@ class SmoothQuant(Method):
             return QuantState(method=self.name, config=qcfg, meta={"options": dict(self.options)})
         if calib is None:
             raise ValueError("smoothquant needs calibration data")
-        edit = smoothing_edit(lm.model, qcfg.parts, list(calib.inputs()), self.opts.alpha,
-                              self.opts.fold_linears)
+        groups = smoothing_groups(lm.model, qcfg.parts, self.opts.fold_linears)
+        edit = smoothing_edit(lm.model, groups, list(calib.inputs()), self.opts.alpha)
         with edited(lm.model, edit):
             state = rtn_state(lm.model, qcfg, self.name)  # codes of the smoothed weights
         edit.to_state(state)  # norms (and unquantized linears' weights) as float params
-        state.meta.update(options=dict(self.options), smoothed_groups=len(
-            smoothing_groups(lm.model, qcfg.parts, self.opts.fold_linears)),
-            quantize_s=time.perf_counter() - t0)
+        state.meta.update(options=dict(self.options), smoothed_groups=len(groups),
+                          quantize_s=time.perf_counter() - t0)
         return state

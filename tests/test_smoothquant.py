@@ -129,14 +129,14 @@ def test_state_holds_the_smoothed_norms_and_rtn_codes_of_the_smoothed_weights(bu
 def test_smoothed_float_model_equals_the_original(bundled, batches, fold_linears):
     """Exact in real arithmetic: in float64 the logits agree to round-off, both through the
     edited model and through a state carrying the edit as float params."""
-    from baselines.smoothquant import smoothing_edit
+    from baselines.smoothquant import smoothing_edit, smoothing_groups
     from harness.quant.config import parse_scheme
     from harness.quant.simulated import applied
     from harness.quant.state import QuantState
     from harness.quant.transforms import edited
 
     model = bundled.model
-    edit = smoothing_edit(model, ALL, batches, alpha=0.5, fold_linears=fold_linears)
+    edit = smoothing_edit(model, smoothing_groups(model, ALL, fold_linears), batches, alpha=0.5)
     assert len(edit.params) > 40  # norms and linears of both towers
     with torch.no_grad():
         ref = [model(**b, use_cache=False).logits for b in batches]
@@ -166,7 +166,7 @@ def _smoothed_channel_maxima(model, batches, alpha, parts=ALL):
     groups = smoothing_groups(model, parts)
     names = [f"{p}.{g.linears[0]}" for p, g in groups]
     before = channel_stats(model, names, batches)
-    edit = smoothing_edit(model, parts, batches, alpha)
+    edit = smoothing_edit(model, groups, batches, alpha)
     with edited(model, edit):
         after = channel_stats(model, names, batches)
         w = [torch.cat([model.get_submodule(f"{p}.{n}").weight.detach().abs() for n in g.linears]).amax(0)
