@@ -1,5 +1,8 @@
 """Calibration data: image-text pairs encoded once and shared by every method of a suite.
 
+``with_images=False`` (a suite's ``calibration: {modality: text}``) encodes the same questions
+and answers without their images: no image placeholder in the prompt, no ``pixel_values``.
+
 Methods receive a ``CalibrationSet`` of ready model inputs; ``labels`` mark the answer tokens
 (-100 elsewhere) for methods with a language-modelling loss (Q-VLM's encoder optimization).
 The digest enters the state cache key, so a different calibration never reuses a state.
@@ -43,23 +46,25 @@ class CalibrationSet:
 
 
 def encode_pairs(lm, pairs: Sequence[tuple[Any, str, str]], batch_size: int = 8,
-                 source: dict | None = None) -> CalibrationSet:
+                 source: dict | None = None, with_images: bool = True) -> CalibrationSet:
     """Encode ``(image, prompt, answer)`` triples as LLaVA training examples.
 
     The text is the model's chat prompt followed by the answer and EOS; labels cover the answer.
+    ``with_images=False``: the prompts without their images (text-only calibration).
     """
     processor = lm.processor
     tok = processor.tokenizer
     batches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        prompts = [chat_prompt(processor, text) for _, text, _ in chunk]
+        prompts = [chat_prompt(processor, text, with_image=with_images) for _, text, _ in chunk]
         full = [p + " " + ans + (tok.eos_token or "") for p, (_, _, ans) in zip(prompts, chunk)]
-        enc = processor(images=[img for img, _, _ in chunk], text=full, return_tensors="pt",
-                        padding=True)
+        images = [img for img, _, _ in chunk] if with_images else None
+        enc = processor(images=images, text=full, return_tensors="pt", padding=True)
         labels = torch.full_like(enc["input_ids"], -100)
         for i, prompt in enumerate(prompts):
-            n_prompt = len(processor(images=[chunk[i][0]], text=[prompt], return_tensors="pt")["input_ids"][0])
+            one = [chunk[i][0]] if with_images else None
+            n_prompt = len(processor(images=one, text=[prompt], return_tensors="pt")["input_ids"][0])
             n_real = int(enc["attention_mask"][i].sum())
             seq = enc["input_ids"].shape[1]
             # left padding: the real tokens are the last n_real; the answer follows the prompt

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
+from .config import CALIBRATION_MODALITIES, MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
 from .quant.config import QuantConfig
 from .registry import Method, files_digest, get_method, method_code_digest
 
@@ -74,8 +74,10 @@ class Variant:
         return bool(self.cls.reference)
 
 
-def variant_label(spec: MethodSpec, cls: type[Method], options: dict[str, Any]) -> str:
-    """``name``, ``name+clip``, ``name (preset)`` or ``name (k=v, …)`` from the non-default options.
+def variant_label(spec: MethodSpec, cls: type[Method], options: dict[str, Any],
+                  calibration: str | None = None) -> str:
+    """``name``, ``name+clip``, ``name (preset)`` or ``name (k=v, …)`` from the non-default options,
+    and ``calibration`` (e.g. ``text calib``) last in the parentheses when it is not the default.
 
     A suite may set ``label`` explicitly; otherwise two entries of one method with different
     options get different labels, so they never collide in a table.
@@ -90,6 +92,7 @@ def variant_label(spec: MethodSpec, cls: type[Method], options: dict[str, Any]) 
             changed = {k: v for k, v in changed.items() if k not in values}
             break
     parts += [f"{k}={_short(v)}" for k, v in sorted(changed.items())]
+    parts += [calibration] if calibration else []
     base = spec.name + ("+clip" if spec.clip else "")
     return f"{base} ({', '.join(parts)})" if parts else base
 
@@ -152,14 +155,30 @@ def _model_fingerprint(name: str) -> str:
     return model_fingerprint(name)
 
 
+def uses_calibration(cls: type[Method], clip: bool, qcfg: QuantConfig) -> bool:
+    """Whether a cell gets the calibration set: methods that need it, static activation ranges
+    (any method), and the clipping search; never the float reference."""
+    if cls.reference:
+        return False
+    return bool(cls.calibrates(qcfg) or (clip and qcfg.quantizes_acts))
+
+
+def calibration_label(suite: Suite) -> str | None:
+    """What a row label says about the calibration set when it is not the default
+    (``text calib`` for ``modality: text``)."""
+    modality = suite.calibration.get("modality", CALIBRATION_MODALITIES[0])
+    return None if modality == CALIBRATION_MODALITIES[0] else f"{modality} calib"
+
+
 def calibration_spec(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict | None:
-    """The suite's shared calibration set, for every cell that uses data: methods that need it,
-    static activation ranges (any method), and the clipping search."""
-    if variant.reference:
-        return None
-    if not (variant.cls.calibrates(qcfg) or (variant.clip and qcfg.quantizes_acts)):
+    """The suite's shared calibration set, for every cell that uses data (``uses_calibration``).
+    ``modality`` is in the spec only when it is not the default (image-text), so the records and
+    cell keys of runs from before the option are unchanged."""
+    if not uses_calibration(variant.cls, variant.clip, qcfg):
         return None
     spec = {**DEFAULT_CALIBRATION, "seed": suite.seed, **suite.calibration}
+    if spec.get("modality") == CALIBRATION_MODALITIES[0]:
+        del spec["modality"]
     if not spec.get("task"):
         spec["task"] = suite.tasks[0].name
     version = _data_version(spec["task"])
@@ -186,7 +205,8 @@ def resolve_variants(suite: Suite) -> list[Variant]:
         options = cls(**(spec.options or {})).options
         if cls.reference and spec.clip:
             raise SuiteError(f"method {spec.name!r} is the float reference; `clip` does not apply to it")
-        label = variant_label(spec, cls, options)
+        calibrated = any(uses_calibration(cls, bool(spec.clip), q) for q in suite.schemes)
+        label = variant_label(spec, cls, options, calibration_label(suite) if calibrated else None)
         if label in seen:
             raise SuiteError(f"two entries of `methods` make the same row {label!r}; give one a "
                              f"different `label`")

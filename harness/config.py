@@ -29,7 +29,8 @@ SUITE_KEYS = {
     "limit": "evaluate at most this many examples per task (null: all)",
     "seed": "random seed for calibration sampling and methods",
     "batch_size": "evaluation batch size",
-    "calibration": "{task, split, n, batch_size, seed}: calibration pairs shared by all methods",
+    "calibration": "{task, split, n, batch_size, seed, modality}: calibration pairs shared by all methods "
+                   "(modality: image-text, the default, or text: the same questions without their images)",
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "auto (fp16 on GPUs, fp64 on the CPU), fp16, bf16, fp32 or fp64",
     "threads": "CPU threads for torch (default: torch's own, one per core)",
@@ -40,7 +41,9 @@ SUITE_KEYS = {
     "shards": "split every task's questions into N shards evaluated by several workers (--executor ray; "
               "a task's own `shards` wins; results equal the unsharded run's)",
 }
-CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed")
+CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed", "modality")
+# What the calibration questions carry: their images (the default) or their text alone.
+CALIBRATION_MODALITIES = ("image-text", "text")
 TASK_KEYS = ("name", "data", "options", "shards")
 METHOD_KEYS = ("name", "options", "label", "clip")
 ACT_RANGE_KEYS = ("stream",)
@@ -186,6 +189,15 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     bad = [k for k in calibration if k not in CALIBRATION_KEYS]
     if bad:
         raise SuiteError(f"unknown key(s) {bad} in `calibration`; valid: {list(CALIBRATION_KEYS)}")
+    modality = calibration.get("modality", CALIBRATION_MODALITIES[0])
+    if modality not in CALIBRATION_MODALITIES:
+        raise SuiteError(f"`calibration.modality` is {modality!r}; valid: {', '.join(CALIBRATION_MODALITIES)} "
+                         "(text: the same questions without their images)")
+    imageless = sorted({p for q in schemes for p in q.parts if p in ("vision", "projector")})
+    if modality == "text" and imageless:
+        raise SuiteError(f"`calibration.modality: text` has no images, so nothing reaches the {imageless} "
+                         "linears the schemes quantize (`parts`); calibrate with image-text or quantize "
+                         "the language model only")
 
     for m in methods:
         if not isinstance(m.clip, bool):

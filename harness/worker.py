@@ -150,7 +150,8 @@ class GroupWorker:
             task = next((t for t in self.suite.tasks if t.name == spec["task"]), TaskSpec(spec["task"]))
             pairs = task_pairs(task.name, spec["split"], task.data or self.suite.data_dir, task.options,
                                self.suite.include_paths, n=int(spec["n"]), seed=int(spec["seed"]))
-            self._calib[key] = encode_pairs(lm, pairs, int(spec["batch_size"]), source=spec)
+            self._calib[key] = encode_pairs(lm, pairs, int(spec["batch_size"]), source=spec,
+                                            with_images=spec.get("modality", "image-text") != "text")
         return self._calib[key]
 
     # ---- one group ---------------------------------------------------------------------
