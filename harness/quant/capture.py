@@ -7,8 +7,10 @@ comes through here, so all of them see the same tokens the same way:
 * the input a linear's *quantizer* sees: hooks run after any online transform the state put in
   front of the linear (QuaRot's Hadamard, ``harness.quant.transforms``), since those are
   registered as the module's first pre-hook;
-* real tokens only: ``fn(name, x, mask)`` gets the batch's attention mask (``None``: every token
-  is real), and ``token_rows`` drops the padding rows;
+* real tokens only: ``fn(name, x, mask)`` gets the batch's attention mask for language-model
+  linears (``None`` for the vision tower and projector, whose every patch token is real, so a
+  vision tensor is never masked by a text mask of the same shape), and ``token_rows`` drops the
+  padding rows;
 * released after use: hooks are removed when the ``with`` block or the call ends, even on error.
 
 Typical use::
@@ -28,6 +30,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..models.parts import part_of
+
+IMAGE_PARTS = ("vision", "projector")  # their inputs are image patches, every one real
 InputFn = Callable[[str, torch.Tensor, "torch.Tensor | None"], None]
 
 
@@ -54,8 +59,10 @@ def watch_inputs(root: nn.Module, names: Iterable[str], fn: InputFn,
     handles = []
     try:
         for name in names:
-            def hook(_m, args, _n=name):
-                fn(_n, args[0].detach(), tokens.mask)
+            patches = part_of(name) in IMAGE_PARTS  # the token mask describes text tokens only
+
+            def hook(_m, args, _n=name, _patches=patches):
+                fn(_n, args[0].detach(), None if _patches else tokens.mask)
             handles.append(root.get_submodule(name).register_forward_pre_hook(hook))
         yield tokens
     finally:
