@@ -68,6 +68,7 @@ class Variant:
     options: dict[str, Any]  # resolved: defaults filled in
     clip: bool  # the engine's activation-clipping search on top of the method
     label: str
+    calibration: dict[str, Any] = field(default_factory=dict)  # the row's overrides ({modality: text})
 
     @property
     def reference(self) -> bool:
@@ -163,10 +164,10 @@ def uses_calibration(cls: type[Method], clip: bool, qcfg: QuantConfig) -> bool:
     return bool(cls.calibrates(qcfg) or (clip and qcfg.quantizes_acts))
 
 
-def calibration_label(suite: Suite) -> str | None:
+def calibration_label(suite: Suite, overrides: dict | None = None) -> str | None:
     """What a row label says about the calibration set when it is not the default
-    (``text calib`` for ``modality: text``)."""
-    modality = suite.calibration.get("modality", CALIBRATION_MODALITIES[0])
+    (``text calib`` for ``modality: text``, the suite's or the row's own)."""
+    modality = {**suite.calibration, **(overrides or {})}.get("modality", CALIBRATION_MODALITIES[0])
     return None if modality == CALIBRATION_MODALITIES[0] else f"{modality} calib"
 
 
@@ -176,7 +177,7 @@ def calibration_spec(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict 
     cell keys of runs from before the option are unchanged."""
     if not uses_calibration(variant.cls, variant.clip, qcfg):
         return None
-    spec = {**DEFAULT_CALIBRATION, "seed": suite.seed, **suite.calibration}
+    spec = {**DEFAULT_CALIBRATION, "seed": suite.seed, **suite.calibration, **variant.calibration}
     if spec.get("modality") == CALIBRATION_MODALITIES[0]:
         del spec["modality"]
     if not spec.get("task"):
@@ -206,12 +207,13 @@ def resolve_variants(suite: Suite) -> list[Variant]:
         if cls.reference and spec.clip:
             raise SuiteError(f"method {spec.name!r} is the float reference; `clip` does not apply to it")
         calibrated = any(uses_calibration(cls, bool(spec.clip), q) for q in suite.schemes)
-        label = variant_label(spec, cls, options, calibration_label(suite) if calibrated else None)
+        label = variant_label(spec, cls, options,
+                              calibration_label(suite, spec.calibration) if calibrated else None)
         if label in seen:
             raise SuiteError(f"two entries of `methods` make the same row {label!r}; give one a "
                              f"different `label`")
         seen[label] = spec
-        out.append(Variant(spec.name, cls, options, bool(spec.clip), label))
+        out.append(Variant(spec.name, cls, options, bool(spec.clip), label, dict(spec.calibration or {})))
     return out
 
 
@@ -238,6 +240,8 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
                     "code": [code["method"], state_code], "quant": qcfg.to_dict(),
                     "calibration": calib, "act_ranges": ranges, "seed": suite.seed,
                 }
+                if v.calibration:  # a row's own calibration overrides make it a row of its own,
+                    state_id["calibration_overrides"] = v.calibration  # even where it gets no data
                 state_key = digest(state_id)
                 for task in suite.tasks:
                     identity = {

@@ -45,7 +45,7 @@ CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed", "modality")
 # What the calibration questions carry: their images (the default) or their text alone.
 CALIBRATION_MODALITIES = ("image-text", "text")
 TASK_KEYS = ("name", "data", "options", "shards")
-METHOD_KEYS = ("name", "options", "label", "clip")
+METHOD_KEYS = ("name", "options", "label", "clip", "calibration")
 ACT_RANGE_KEYS = ("stream",)
 DTYPES = ("auto", "fp16", "bf16", "fp32", "fp64")
 MODEL_KEYS = ("name", "dtype")
@@ -65,6 +65,7 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     clip: bool = False
+    calibration: dict[str, Any] = field(default_factory=dict)  # per-row override: {modality: text}
 
 
 @dataclass
@@ -189,12 +190,18 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     bad = [k for k in calibration if k not in CALIBRATION_KEYS]
     if bad:
         raise SuiteError(f"unknown key(s) {bad} in `calibration`; valid: {list(CALIBRATION_KEYS)}")
-    modality = calibration.get("modality", CALIBRATION_MODALITIES[0])
-    if modality not in CALIBRATION_MODALITIES:
-        raise SuiteError(f"`calibration.modality` is {modality!r}; valid: {', '.join(CALIBRATION_MODALITIES)} "
-                         "(text: the same questions without their images)")
+    for m in methods:  # a row may calibrate on another modality than the suite: {modality: text}
+        if not isinstance(m.calibration, dict) or set(m.calibration) - {"modality"}:
+            raise SuiteError(f"`calibration` of method {m.name!r} may only set `modality` "
+                             f"({', '.join(CALIBRATION_MODALITIES)}), got {m.calibration!r}")
+    modalities = {calibration.get("modality", CALIBRATION_MODALITIES[0])}
+    modalities |= {m.calibration["modality"] for m in methods if "modality" in m.calibration}
+    for modality in sorted(modalities):
+        if modality not in CALIBRATION_MODALITIES:
+            raise SuiteError(f"`calibration.modality` is {modality!r}; valid: {', '.join(CALIBRATION_MODALITIES)} "
+                             "(text: the same questions without their images)")
     imageless = sorted({p for q in schemes for p in q.parts if p in ("vision", "projector")})
-    if modality == "text" and imageless:
+    if "text" in modalities and imageless:
         raise SuiteError(f"`calibration.modality: text` has no images, so nothing reaches the {imageless} "
                          "linears the schemes quantize (`parts`); calibrate with image-text or quantize "
                          "the language model only")

@@ -9,6 +9,7 @@ lever (``X+clip`` against ``X``) is contrasted by default; others come from the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,9 +17,6 @@ import numpy as np
 import pandas as pd
 
 from .stats import combine_runs
-
-CLIP_SUFFIX = "+clip"
-
 
 def variants_of(board) -> list[str]:
     return sorted({row[1] for row in board.rows})
@@ -39,11 +37,34 @@ def parse_contrast(text: str, known: Sequence[str]) -> tuple[str, str]:
     raise ValueError(f"--contrast {text!r}: both sides must be variants of this table; {hint}")
 
 
+# The levers the engine adds to any method, as (record field, value with the lever, without it):
+# a default contrast pairs two rows whose records differ in exactly one of these and nothing else.
+LEVERS = (("clip", True, False), ("modality", "image-text", "text"))
+
+
+def _row_fields(rec: dict) -> dict:
+    """What a record says its row is: the method and its options, and each lever's setting."""
+    return {"method": rec.get("method"),
+            "options": json.dumps(rec.get("method_options") or {}, sort_keys=True, default=str),
+            "clip": bool(rec.get("clip")),
+            "modality": (rec.get("calibration") or {}).get("modality", "image-text")}
+
+
 def default_contrasts(board) -> list[tuple[str, str]]:
-    """The engine's levers present in the table: each ``X+clip`` against its ``X``."""
-    known = set(variants_of(board))
-    return [(v, v[: -len(CLIP_SUFFIX)]) for v in sorted(known)
-            if v.endswith(CLIP_SUFFIX) and v[: -len(CLIP_SUFFIX)] in known]
+    """Each lever present in the table against its control, paired by the rows' record fields
+    (never by parsing labels): ``X+clip − X``, ``X − X (text calib)`` (image-text − text)."""
+    fields: dict[str, dict] = {}
+    for rec in board.records:
+        if rec.get("status") == "ok" and rec.get("metric") == "accuracy" and rec.get("variant"):
+            fields.setdefault(rec["variant"], _row_fields(rec))
+    pairs = []
+    for a, fa in sorted(fields.items()):
+        for b, fb in sorted(fields.items()):
+            diff = [k for k in fa if fa[k] != fb[k]]
+            if len(diff) == 1 and any(diff[0] == key and fa[key] == on and fb[key] == off
+                                      for key, on, off in LEVERS):
+                pairs.append((a, b))
+    return pairs
 
 
 def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:

@@ -53,8 +53,9 @@ def write_run(folder: Path, cells: dict[tuple, np.ndarray], seed: int = 0, with_
                                                          | ({"cluster": img[i]} if img is not None else {})) + "\n"
                                               for i, s in enumerate(scores)))
         unit = {"cluster_unit": "image"} if task in (clusters or {}) else {}
+        lever = {"clip": True} if variant and variant.endswith("+clip") else {}  # as the harness records it
         recs.append(record(method, scheme, task, scores, variant=variant, seed=seed, samples_file=rel,
-                           **unit, **((keys or {}).get(key, {}))))
+                           **unit, **lever, **((keys or {}).get(key, {}))))
     recs += list(extra_records)
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return folder

@@ -92,3 +92,40 @@ def test_the_worker_encodes_the_text_set_for_a_text_spec(tiny_llava_path, tiny_l
     assert calib.source["modality"] == "text" and calib.n == image_text.n == 4
     assert "pixel_values" not in calib.batches[0] and "pixel_values" in image_text.batches[0]
     assert worker.base(cell)["calibration"]["modality"] == "text"  # every record carries it
+
+
+def test_a_row_may_calibrate_on_text_beside_its_image_text_twin(tiny_llava_path):
+    """`{name: rtn, calibration: {modality: text}}` beside `rtn`: two rows, two calibration specs,
+    two states; a modality other than the valid ones, or another key, is refused."""
+    suite = _suite(tiny_llava_path, methods=["fp16", "rtn", {"name": "rtn", "calibration": {"modality": "text"}}])
+    cells = cells_mod.plan_cells(suite, "cpu")
+    by_label = {c.variant.label: c for c in cells}
+    assert set(by_label) == {"fp16", "rtn", "rtn (text calib)"}
+    assert "modality" not in by_label["rtn"].calibration
+    assert by_label["rtn (text calib)"].calibration["modality"] == "text"
+    assert by_label["rtn"].state_key != by_label["rtn (text calib)"].state_key
+    for bad in ({"modality": "images"}, {"n": 8}):
+        with pytest.raises(SuiteError, match="modality"):
+            _suite(tiny_llava_path, methods=["rtn", {"name": "rtn", "calibration": bad}])
+
+
+def test_contrasts_pair_the_modality_lever_by_record_fields(tmp_path):
+    """image-text − text and +clip − plain are paired from the records' fields; two rows that
+    differ in two levers (or in a method option) are not a default contrast."""
+    from board_data import scores, write_run
+    from harness.contrasts import default_contrasts
+    from harness.leaderboard import Run, build_board
+    from harness.records import read_records
+
+    text = {"calibration": {"task": "t", "modality": "text"}}
+    cells = {("rtn", "rtn", "w4a4", "t"): scores(50, 30), ("rtn", "rtn+clip", "w4a4", "t"): scores(50, 35, 1),
+             ("rtn", "rtn (text calib)", "w4a4", "t"): scores(50, 25, 2),
+             ("rtn", "rtn+clip (text calib)", "w4a4", "t"): scores(50, 28, 3),
+             ("awq", "awq", "w4a4", "t"): scores(50, 33, 4)}
+    keys = {("rtn", "rtn (text calib)", "w4a4", "t"): text,
+            ("rtn", "rtn+clip (text calib)", "w4a4", "t"): {**text, "clip": True}}
+    folder = write_run(tmp_path / "run", cells, keys=keys)
+    board = build_board([Run("run", folder, read_records(folder / "records.jsonl"))], n_resamples=200)
+    assert sorted(default_contrasts(board)) == sorted([
+        ("rtn+clip", "rtn"), ("rtn+clip (text calib)", "rtn (text calib)"),
+        ("rtn", "rtn (text calib)"), ("rtn+clip", "rtn+clip (text calib)")])
