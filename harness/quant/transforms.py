@@ -225,13 +225,40 @@ def online(spec: str | None):
     raise ValueError(f"unknown input transform {spec!r}; valid: {', '.join(ONLINE_TRANSFORMS)}")
 
 
-def add_online_hook(module: nn.Module, spec: str):
-    """Register ``spec`` as ``module``'s first forward pre-hook (its quantizer sees the result)."""
+ONLINE_ATTR = "online_input_transform"  # set on a module while an online transform hooks it
+
+
+class OnlineHook:
+    """Handle of ``add_online_hook``: ``remove()`` drops the hook and the module's mark."""
+
+    def __init__(self, module: nn.Module, spec: str, handle):
+        self.module, self.spec, self.handle = module, spec, handle
+
+    def remove(self) -> None:
+        self.handle.remove()
+        if getattr(self.module, ONLINE_ATTR, None) == self.spec:
+            delattr(self.module, ONLINE_ATTR)
+
+
+def add_online_hook(module: nn.Module, spec: str) -> OnlineHook:
+    """Register ``spec`` as ``module``'s first forward pre-hook (its quantizer sees the result)
+    and mark the module with it (``online_transform_of``)."""
     fn = online(spec)
+    if online_transform_of(module) is not None:
+        raise ValueError(f"{type(module).__name__} already has an online input transform")
 
     def hook(_m, args):
         return (fn(args[0]),) + tuple(args[1:])
-    return module.register_forward_pre_hook(hook, prepend=True)
+    handle = module.register_forward_pre_hook(hook, prepend=True)
+    setattr(module, ONLINE_ATTR, spec)
+    return OnlineHook(module, spec, handle)
+
+
+def online_transform_of(module: nn.Module) -> str | None:
+    """The online input transform hooked on ``module`` (by ``edited`` or ``apply_state``), or None.
+    ``apply_state`` gives a linear's replacement the same transform, so a quantizer running
+    inside ``edited`` (GPTQ applying the layers it has quantized) keeps the transformed stream."""
+    return getattr(module, ONLINE_ATTR, None)
 
 
 # ---- edits ---------------------------------------------------------------------------------------
