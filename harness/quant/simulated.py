@@ -2,7 +2,8 @@
 
 ``apply_state`` swaps each quantized ``nn.Linear`` for a ``FakeQuantLinear`` holding the
 dequantized weight and the input activation quantizer (behind the state's online input
-transform, if any), and loads the method's float overrides.
+transform, if any, or the one the replaced linear had inside ``transforms.edited``), and loads
+the method's float overrides.
 It returns a handle whose ``restore()`` puts the float model back, so one loaded model serves
 every (method, scheme) cell without a second copy in memory.
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from .quantizer import fake_quant, wide
 from .state import ActQuant, LinearQuant, QuantState
-from .transforms import add_online_hook
+from .transforms import add_online_hook, online_transform_of
 
 
 def quantize_activation(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
@@ -128,8 +129,13 @@ def apply_state(model: nn.Module, state: QuantState, device=None) -> AppliedStat
                 if getattr(lq, k) is not None})
             fake = build_fake_linear(linear, source)
             fake.quant = lq
-            if lq.input_transform is not None:
-                add_online_hook(fake, lq.input_transform)
+            # inside ``transforms.edited`` the linear may carry an online transform the entry
+            # (made from the edited weight, e.g. by GPTQ) does not name: the fake keeps it
+            spec, inherited = lq.input_transform, online_transform_of(linear)
+            if spec is not None and inherited is not None and spec != inherited:
+                raise ValueError(f"{name}: input transform {spec!r} on top of {inherited!r}")
+            if (spec or inherited) is not None:
+                add_online_hook(fake, spec or inherited)
             parent, child = _split(name)
             setattr(model.get_submodule(parent), child, fake)
             handle.replaced[name] = linear
