@@ -62,6 +62,8 @@ class ModelAdapter:
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` is of this family; looks at ``model.config`` only, so that a
+        family is known from a config before any weight is loaded (``adapter_for_config``)."""
         raise NotImplementedError
 
     # -- layers -----------------------------------------------------------------------------------
@@ -121,6 +123,22 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         f"no model adapter for {type(model).__name__} (model_type "
         f"{getattr(model.config, 'model_type', '?')!r}); supported families: {names}. Add a "
         "ModelAdapter subclass in harness/models/family.py (see LlavaAdapter) to support it.")
+
+
+def adapter_for_config(config) -> ModelAdapter:
+    """The adapter for a model with this transformers config, before the model exists (an
+    adapter's ``matches`` looks at ``model.config`` only); the same error as ``adapter_for``."""
+    from types import SimpleNamespace
+
+    shell = SimpleNamespace(config=config)
+    for cls in _ADAPTERS:
+        if cls.matches(shell):
+            return cls()
+    raise UnknownFamilyError(
+        f"no model adapter for model_type {getattr(config, 'model_type', '?')!r} "
+        f"({', '.join(getattr(config, 'architectures', None) or []) or 'no architectures'}); supported "
+        f"families: {', '.join(c.name for c in _ADAPTERS)}. Add a ModelAdapter subclass in "
+        "harness/models/family.py (see LlavaAdapter) to support it.")
 
 
 def scale_groups_of(layer: nn.Module) -> list[ScaleGroup]:

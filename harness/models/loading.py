@@ -1,7 +1,11 @@
-"""Load LLaVA-family checkpoints: Hub ids, local folders, and the models bundled with the project.
+"""Load vision-language checkpoints: Hub ids, local folders, and the models bundled with the project.
 
-Every model, bundled or downloaded, goes through ``load_model`` so that the bundled default is a
-faithful stand-in for ``llava-hf/llava-1.5-7b-hf``: same classes, same processor, same hooks.
+Every model, bundled or downloaded, goes through ``load_model``: transformers'
+``AutoModelForImageTextToText`` and ``AutoProcessor`` pick the classes from the folder's config,
+and the family's adapter (``harness.models.family``) is chosen from the config before any weight
+is read, so an unsupported family fails at once with the list of supported ones. The bundled
+default is a faithful stand-in for ``llava-hf/llava-1.5-7b-hf``: same classes, same processor,
+same hooks.
 """
 
 from __future__ import annotations
@@ -118,18 +122,47 @@ class LoadedModel:
     processor: Any
     dtype: torch.dtype
     device: str
+    adapter: Any = None  # the family's ModelAdapter (harness.models.family)
+
+    @property
+    def family(self) -> str | None:
+        return getattr(self.adapter, "name", None)
+
+
+def load_config(name_or_path: str):
+    """The model's transformers config (a local folder, or a Hub id cached or reachable)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+
+
+def check_family(name_or_path: str) -> str | None:
+    """The family name of a model from its config alone (no weights read); raises
+    ``UnknownFamilyError`` naming the supported families for an unsupported one. None when the
+    config cannot be read here (a Hub id with no Hub): ``load_model`` reports that later."""
+    from .family import adapter_for_config
+
+    try:
+        config = load_config(name_or_path)
+    except (OSError, ValueError):
+        return None
+    return adapter_for_config(config).name
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                device: str = "cpu") -> LoadedModel:
-    """Load a ``LlavaForConditionalGeneration``-compatible checkpoint and its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load an image-text-to-text checkpoint of a supported family, its processor and adapter."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .family import adapter_for, adapter_for_config
 
     path = resolve_model_path(name_or_path)
     torch_dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
     try:
+        config = load_config(path)
+        adapter_for_config(config)  # an unknown family fails here, before any weight is read
         processor = AutoProcessor.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     except OSError as exc:
         valid = ", ".join(bundled_models()) or "(none)"
         raise ModelNotFoundError(
@@ -137,6 +170,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
             f"Use a bundled model ({valid}), a local folder in Hugging Face format, or a Hub id "
             f"such as llava-hf/llava-1.5-7b-hf with the Hub reachable."
         ) from exc
+    adapter = adapter_for(model)
     model.to(device).eval()
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
@@ -144,4 +178,4 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token or tok.eos_token
     return LoadedModel(name=name_or_path, path=path, model=model, processor=processor,
-                       dtype=torch_dtype, device=str(device))
+                       dtype=torch_dtype, device=str(device), adapter=adapter)
