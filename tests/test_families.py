@@ -45,3 +45,120 @@ def test_run_stops_on_an_unknown_family_before_any_cell(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no model adapter" in err and "llava-1.5" in err
     assert not (tmp_path / "out" / "records.jsonl").exists()
+
+
+# ---- every family's tiny random folder ------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from conftest import make_pairs  # noqa: E402
+from harness.models.tiny import TINY_FAMILIES  # noqa: E402
+
+CLASSES = {"llava-1.5": "LlavaForConditionalGeneration",
+           "llava-next": "LlavaNextForConditionalGeneration",
+           "llava-onevision": "LlavaOnevisionForConditionalGeneration",
+           "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+           "internvl3": "InternVLForConditionalGeneration"}
+
+
+def test_every_family_has_a_tiny_folder_and_the_list_names_them():
+    assert set(TINY_FAMILIES) == set(CLASSES) == set(available_families())
+
+
+def _lm(tiny_family_paths, family, dtype="fp32"):
+    return load_model(str(tiny_family_paths(family)), dtype=dtype)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_family_loads_with_its_adapter(tiny_family_paths, family):
+    lm = _lm(tiny_family_paths, family)
+    assert type(lm.model).__name__ == CLASSES[family]
+    assert lm.family == family and check_family(str(tiny_family_paths(family))) == family
+    assert lm.adapter.image_token_id(lm.model) == lm.processor.image_token_id
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_parts_and_layers_of_each_family(tiny_family_paths, family):
+    from harness.models.layers import language_layers, select_linears, vision_layers
+    from harness.models.parts import part_of
+
+    lm = _lm(tiny_family_paths, family)
+    m, ad = lm.model, lm.adapter
+    lpath, lang = language_layers(m)
+    vpath, vis = vision_layers(m)
+    assert (lpath, vpath) == (ad.language_layers(m)[0], ad.vision_layers(m)[0])
+    assert len(lang) == 2 and len(vis) == 2 and lpath.endswith("language_model.layers")
+    linears = {n: mod for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    # the path rules agree with the adapter for every linear, and every linear has a part
+    assert {n: part_of(n) for n in linears} == {n: ad.part_of(n) for n in linears}
+    assert {ad.part_of(n) for n in linears} == {"language", "vision", "projector", "lm_head"}
+    assert set(select_linears(m, ["language"])) == {n for n in linears if n.startswith(lpath + ".")}
+    assert len(select_linears(m, ["language"])) == 7 * 2
+    assert set(select_linears(m, ["vision"])) == {n for n in linears if n.startswith(vpath + ".")}
+    for path in (ad.embeddings(m), ad.final_norm(m), ad.lm_head(m)):
+        m.get_submodule(path)
+    writers = ad.projector_writers(m)
+    assert writers and all(ad.part_of(w) == "projector" for w in writers)
+    for layer in list(lang) + list(vis):
+        for g in ad.scale_groups(layer):
+            prev = layer.get_submodule(g.prev)
+            width = prev.weight.shape[0]
+            assert all(layer.get_submodule(n).in_features == width for n in g.linears), (family, g)
+    for layer in lang:
+        assert all(isinstance(layer.get_submodule(n), torch.nn.Linear) for n in ad.residual_writers(layer))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_rtn_proof_names_every_language_linear(tiny_family_paths, family):
+    from harness.models.layers import select_linears
+    from harness.quant.build import rtn_state
+    from harness.quant.config import parse_scheme
+    from harness.quant.finalize import finalize_state
+
+    lm = _lm(tiny_family_paths, family)
+    qcfg = parse_scheme("w4a16")
+    state = finalize_state(lm.model, rtn_state(lm.model, qcfg, "rtn"), qcfg, None, None)
+    targets = set(select_linears(lm.model, ["language"]))
+    assert set(state.linears) == targets
+    proof = state.meta["proof"]
+    assert proof["quantized_linears"] == len(targets) == 14 and proof["weight_bits"] == [4]
+
+
+def _logits(lm, batches):
+    with torch.no_grad():
+        return [lm.model(**b, use_cache=False).logits for b in batches]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_scale_groups_fold_exactly_in_float64(tiny_family_paths, family):
+    """Random per-channel scales over every scale group of every language and vision layer,
+    folded by FloatEdit: the family's logits equal the float model's to float64 round-off."""
+    from harness.calibration import encode_pairs
+    from harness.quant.transforms import FloatEdit, edited
+
+    lm = _lm(tiny_family_paths, family, dtype="fp64")
+    batches = list(encode_pairs(lm, make_pairs(4, seed=3), batch_size=2).inputs())
+    ref = _logits(lm, batches)
+    gen = torch.Generator().manual_seed(0)
+    edit = FloatEdit(lm.model)
+    n_groups = 0
+    for path, layers in (lm.adapter.language_layers(lm.model), lm.adapter.vision_layers(lm.model)):
+        for i, layer in enumerate(layers):
+            for g in lm.adapter.scale_groups(layer):
+                width = layer.get_submodule(g.linears[0]).in_features
+                s = torch.exp(torch.randn(width, generator=gen, dtype=torch.float64))
+                edit.scale_group(f"{path}.{i}", g, s)
+                n_groups += 1
+    assert n_groups >= 2 * 2 + 2 * 2
+    with edited(lm.model, edit):
+        got = _logits(lm, batches)
+    for r, q in zip(ref, got):
+        assert torch.allclose(q, r, rtol=1e-9, atol=1e-9 * float(r.abs().max())), family
+    # the check can fail: the same scales on the readers alone (no fold into prev) show up
+    broken = FloatEdit(lm.model)
+    for name, value in edit.params.items():
+        if any(f".{lin}.weight" in name for lin in ("q_proj", "gate_proj", "qkv", "fc1")):
+            broken.params[name] = value
+    with edited(lm.model, broken):
+        bad = _logits(lm, batches)
+    assert any(not torch.allclose(b, r, rtol=1e-6, atol=1e-6 * float(r.abs().max())) for r, b in zip(ref, bad))

@@ -129,6 +129,51 @@ class LoadedModel:
         return getattr(self.adapter, "name", None)
 
 
+def image_only_processor(cls):
+    """``cls`` without its video processor: the harness asks one image per question, and
+    transformers' video processors need torchvision, which this project does not install.
+    Saved folders name ``cls`` itself, so the real class loads them where torchvision exists."""
+    base_attrs = [a for a in cls.get_attributes() if "video" not in a]
+
+    class ImageOnly(cls):  # cls.__init__ itself: transformers reads its code for the accepted kwargs
+        video_processor = None  # the family's __init__ passes it on; ProcessorMixin drops it
+
+        @classmethod
+        def get_attributes(klass):
+            return list(base_attrs)
+
+        def to_dict(self):
+            d = super().to_dict()
+            d["processor_class"] = cls.__name__
+            return d
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    return ImageOnly
+
+
+def load_processor(path: str, config=None):
+    """``AutoProcessor`` for the folder or Hub id; where transformers cannot build the family's
+    video processor (no torchvision), the same processor class without it."""
+    import importlib.util
+
+    import transformers
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ImportError, AttributeError, ValueError):
+        if importlib.util.find_spec("torchvision") is not None:
+            raise
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        config = config or load_config(path)
+        name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is None or not any("video" in a for a in cls.get_attributes()):
+            raise
+        return image_only_processor(cls).from_pretrained(path)
+
+
 def load_config(name_or_path: str):
     """The model's transformers config (a local folder, or a Hub id cached or reachable)."""
     from transformers import AutoConfig
@@ -152,7 +197,7 @@ def check_family(name_or_path: str) -> str | None:
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                device: str = "cpu") -> LoadedModel:
     """Load an image-text-to-text checkpoint of a supported family, its processor and adapter."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from .family import adapter_for, adapter_for_config
 
@@ -161,7 +206,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     try:
         config = load_config(path)
         adapter_for_config(config)  # an unknown family fails here, before any weight is read
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path, config)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     except OSError as exc:
         valid = ", ".join(bundled_models()) or "(none)"
