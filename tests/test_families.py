@@ -162,3 +162,32 @@ def test_scale_groups_fold_exactly_in_float64(tiny_family_paths, family):
     with edited(lm.model, broken):
         bad = _logits(lm, batches)
     assert any(not torch.allclose(b, r, rtol=1e-6, atol=1e-6 * float(r.abs().max())) for r, b in zip(ref, bad))
+
+
+SYNTH_TASKS = ["synth_scienceqa", "synth_vizwiz", "synth_vqav2"]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_qvlm_bench_run_end_to_end_on_each_family(tiny_family_paths, family, tmp_path):
+    """``qvlm-bench run`` on a tiny suite pointing at the family's folder: calibration, RTN,
+    finalize, a few questions of each synthetic task; every record ok, RTN's with its proof
+    (random weights: accuracy is not the point)."""
+    import yaml
+
+    from harness.cli import main
+    from harness.records import read_records
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": f"fam-{family}", "models": [str(tiny_family_paths(family))], "methods": ["fp16", "rtn"],
+        "schemes": ["w4a8"], "tasks": SYNTH_TASKS, "limit": 2, "batch_size": 2, "device": "cpu",
+        "dtype": "fp32", "calibration": {"task": "synth_vqav2", "n": 4, "batch_size": 2},
+        "output": str(tmp_path / "out")}))
+    assert main(["run", str(suite), "--quiet"]) == 0
+    records = read_records(tmp_path / "out" / "records.jsonl")
+    assert {r["task"] for r in records} == set(SYNTH_TASKS)
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    rtn = [r for r in records if r["method"] == "rtn"]
+    assert len(rtn) == 3
+    for r in rtn:
+        assert r["proof"]["quantized_linears"] == 14 and r["proof"]["act_quantizers_fired"] > 0
