@@ -106,6 +106,14 @@ class ModelAdapter:
         """Linears whose outputs become language-model input embeddings (image features)."""
         raise NotImplementedError
 
+    def projector(self, model: nn.Module) -> str:
+        """Path of the module that maps vision features to language-model embeddings (its input
+        is the vision encoder's output): ``multi_modal_projector`` unless a family says otherwise."""
+        found = [n for n, _ in model.named_modules() if n.split(".")[-1] == "multi_modal_projector"]
+        if not found:
+            raise ValueError(f"{self.name}: no multi_modal_projector in {type(model).__name__}")
+        return min(found, key=len)
+
     def scale_groups(self, layer: nn.Module) -> list[ScaleGroup]:
         """The scale groups of one decoder or vision layer (model order)."""
         raise NotImplementedError
@@ -322,6 +330,9 @@ class Qwen2VLAdapter(_LlavaLike):
         if not found:
             raise ValueError(f"no visual.blocks in {type(model).__name__}")
         return found[0]
+
+    def projector(self, model):
+        return self.vision_layers(model)[0].rsplit(".", 1)[0] + ".merger"
 
     def text_position_ids(self, model):
         return False
