@@ -191,3 +191,38 @@ def test_qvlm_bench_run_end_to_end_on_each_family(tiny_family_paths, family, tmp
     assert len(rtn) == 3
     for r in rtn:
         assert r["proof"]["quantized_linears"] == 14 and r["proof"]["act_quantizers_fired"] > 0
+
+
+def test_blockwise_vision_blocks_of_qwen25_get_their_own_attention_windows(tiny_family_paths):
+    """Qwen2.5-VL's vision blocks attend within windows except in ``fullatt_block_indexes``:
+    block-wise methods must give each block its own ``cu_seqlens`` (ModelAdapter.
+    layer_kwargs_vary), or the block outputs they compute are not the model's."""
+    from harness.calibration import encode_pairs
+    from harness.quant.blockwise import part_inputs, run_blockwise
+
+    lm = _lm(tiny_family_paths, "qwen2.5-vl", dtype="fp64")
+    batches = list(encode_pairs(lm, make_pairs(2, seed=5), batch_size=2).inputs())
+    path, blocks = lm.adapter.vision_layers(lm.model)
+    assert lm.adapter.layer_kwargs_vary(lm.model, "vision")
+    seen: dict[int, torch.Tensor] = {}
+    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: seen.setdefault(i, out)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            lm.model(**batches[0], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    inputs = part_inputs(lm.model, "vision", batches[:1])
+    call = inputs.calls[0]
+    assert not torch.equal(call.for_layer(0).kwargs["cu_seqlens"], call.for_layer(1).kwargs["cu_seqlens"])
+    got: dict[int, torch.Tensor] = {}
+
+    def process(block):
+        got[block.layer_ids[0]] = block.float_outputs()[0]
+    run_blockwise(lm.model, inputs, process, propagate="float")
+    for i in range(len(blocks)):
+        assert torch.allclose(got[i], seen[i], atol=1e-12), i
+    # the first block's arguments reused for the full-attention block would not reproduce it
+    from harness.models.capture import layer_output
+    wrong = layer_output(blocks[1], call.with_hidden(seen[0]).for_layer(0))
+    assert not torch.allclose(wrong, seen[1], atol=1e-6)

@@ -40,3 +40,30 @@ def test_method_runs_on_family(method, family, tiny_family_paths, tmp_path):
         for r in records:
             assert r["proof"]["quantized_linears"] == 14 and r["proof"]["weight_bits"] == [4]
             assert r["proof"]["act_quantizers_fired"] > 0
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_vision_and_projector_quantize_on_family(method, family, tiny_family_paths):
+    """With ``parts: [language, vision, projector]`` the block-wise methods walk each family's
+    vision layers (CLIP, SigLIP, Qwen's visual.blocks with window attention, InternViT) and the
+    projector; the finalized state covers every linear of those parts and leaves the model as
+    it was."""
+    from conftest import make_pairs
+    from harness.calibration import encode_pairs
+    from harness.models.layers import select_linears
+    from harness.models.loading import load_model
+    from harness.quant.config import parse_scheme
+    from harness.quant.finalize import check_model_unchanged, finalize_state, param_checksum
+    from harness.quant.ranges import rule_for
+
+    lm = load_model(str(tiny_family_paths(family)), dtype="fp32")
+    calib = encode_pairs(lm, make_pairs(4), batch_size=2)
+    qcfg = parse_scheme("w4a8", parts=["language", "vision", "projector"])
+    before = param_checksum(lm.model)
+    state = available_methods()[method]().quantize(lm, qcfg, calib)
+    check_model_unchanged(before, param_checksum(lm.model), method)
+    finalize_state(lm.model, state, qcfg, list(calib.inputs()), rule_for(qcfg))
+    targets = select_linears(lm.model, qcfg.parts)
+    assert set(state.linears) == set(targets)
+    assert state.meta["proof"]["quantized_linears"] == len(targets)
