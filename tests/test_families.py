@@ -226,3 +226,32 @@ def test_blockwise_vision_blocks_of_qwen25_get_their_own_attention_windows(tiny_
     from harness.models.capture import layer_output
     wrong = layer_output(blocks[1], call.with_hidden(seen[0]).for_layer(0))
     assert not torch.allclose(wrong, seen[1], atol=1e-6)
+
+
+def test_qwen_processor_gets_lmms_evals_pixel_bounds_for_real_geometry():
+    from transformers import Qwen2_5_VLConfig
+
+    from harness.models.family import adapter_for_config
+
+    real = Qwen2_5_VLConfig(vision_config={"patch_size": 14, "spatial_merge_size": 2})
+    assert adapter_for_config(real).processor_kwargs(real) == {"min_pixels": 256 * 28 * 28,
+                                                               "max_pixels": 1605632}
+    tiny = Qwen2_5_VLConfig(vision_config={"patch_size": 8, "spatial_merge_size": 2})
+    assert adapter_for_config(tiny).processor_kwargs(tiny) == {}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_task_text_is_framed_by_the_familys_chat_template(tiny_family_paths, family):
+    """The task's protocol text reaches the model unchanged, after the image, inside the family's
+    chat format (lmms-eval's default task prompts are the same text for all five families)."""
+    from harness.prompting import chat_prompt
+    from tasks.vqav2 import doc_to_text
+
+    lm = _lm(tiny_family_paths, family)
+    text = doc_to_text({"question": "What color is the cube?"})
+    prompt = chat_prompt(lm.processor, text)
+    assert text in prompt
+    image = lm.processor.image_token if family != "internvl3" else "<IMG_CONTEXT>"
+    assert prompt.index(image) < prompt.index(text)
+    marker = {"llava-1.5": "ASSISTANT:", "llava-next": "ASSISTANT:"}.get(family, "<|im_start|>assistant\n")
+    assert prompt.endswith(marker)

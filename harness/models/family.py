@@ -79,6 +79,11 @@ class ModelAdapter:
         to; the path rules of ``parts.part_of`` unless a family's paths need its own."""
         return part_by_name(name)
 
+    def processor_kwargs(self, config) -> dict:
+        """Settings the evaluation protocol puts on the family's processor over the checkpoint's
+        saved ones (docs/protocols.md, "Model families"); none unless a family needs them."""
+        return {}
+
     def text_position_ids(self, model: nn.Module) -> bool:
         """Whether a batch may carry plain 1-D ``position_ids`` (real tokens counted, left
         padding skipped). False for multimodal RoPE (Qwen2-VL's M-RoPE): the model computes its
@@ -333,6 +338,18 @@ class Qwen2VLAdapter(_LlavaLike):
 
     def projector(self, model):
         return self.vision_layers(model)[0].rsplit(".", 1)[0] + ".merger"
+
+    # lmms-eval's qwen2_5_vl model: min_pixels 256·28², max_pixels 1,605,632 = 2048·28² (the Hub
+    # processor's own bounds are 4·28² and 16384·28²), i.e. 256 to 2048 visual tokens
+    LMMS_EVAL_TOKENS = (256, 2048)
+
+    def processor_kwargs(self, config):
+        vc = getattr(config, "vision_config", None)
+        unit = getattr(vc, "patch_size", 0) * getattr(vc, "spatial_merge_size", 0)
+        if unit != 28:  # only Qwen's own geometry (tiny test folders keep their small bounds)
+            return {}
+        lo, hi = self.LMMS_EVAL_TOKENS
+        return {"min_pixels": lo * unit * unit, "max_pixels": hi * unit * unit}
 
     def text_position_ids(self, model):
         return False

@@ -151,16 +151,17 @@ def image_only_processor(cls):
     return ImageOnly
 
 
-def load_processor(path: str, config=None):
-    """``AutoProcessor`` for the folder or Hub id; where transformers cannot build the family's
-    video processor (no torchvision), the same processor class without it."""
+def load_processor(path: str, config=None, **kwargs):
+    """``AutoProcessor`` for the folder or Hub id (``kwargs`` override its saved settings);
+    where transformers cannot build the family's video processor (no torchvision), the same
+    processor class without it."""
     import importlib.util
 
     import transformers
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(path)
+        return AutoProcessor.from_pretrained(path, **kwargs)
     except (OSError, ImportError, AttributeError, ValueError):
         if importlib.util.find_spec("torchvision") is not None:
             raise
@@ -171,7 +172,7 @@ def load_processor(path: str, config=None):
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if cls is None or not any("video" in a for a in cls.get_attributes()):
             raise
-        return image_only_processor(cls).from_pretrained(path)
+        return image_only_processor(cls).from_pretrained(path, **kwargs)
 
 
 def load_config(name_or_path: str):
@@ -205,8 +206,8 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     torch_dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
     try:
         config = load_config(path)
-        adapter_for_config(config)  # an unknown family fails here, before any weight is read
-        processor = load_processor(path, config)
+        family = adapter_for_config(config)  # an unknown family fails here, before any weight is read
+        processor = load_processor(path, config, **family.processor_kwargs(config))
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     except OSError as exc:
         valid = ", ".join(bundled_models()) or "(none)"
