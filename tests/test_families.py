@@ -255,3 +255,29 @@ def test_task_text_is_framed_by_the_familys_chat_template(tiny_family_paths, fam
     assert prompt.index(image) < prompt.index(text)
     marker = {"llava-1.5": "ASSISTANT:", "llava-next": "ASSISTANT:"}.get(family, "<|im_start|>assistant\n")
     assert prompt.endswith(marker)
+
+
+@pytest.mark.parametrize("name,model,dtype", [
+    ("qwen2.5-vl", "Qwen/Qwen2.5-VL-7B-Instruct", "bf16"),
+    ("llava-onevision", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "fp16"),
+])
+def test_family_suites_load_and_validate(name, model, dtype):
+    """The real-checkpoint suites beside llava-1.5.yaml validate (they need the Hub and a GPU to
+    run), with the same methods, schemes, tasks and calibration as the LLaVA-1.5 suite."""
+    from harness.config import load_suite
+
+    suite, ref = load_suite(name), load_suite("llava-1.5")
+    assert [m.name for m in suite.models] == [model] and suite.dtype == dtype
+    for key in ("schemes", "calibration"):
+        assert getattr(suite, key) == getattr(ref, key), key
+    assert [t.name for t in suite.tasks] == [t.name for t in ref.tasks]
+    assert [m.name for m in suite.methods] == [m.name for m in ref.methods]
+
+
+def test_qvlm_bench_list_models_names_the_five_families(capsys):
+    from harness.cli import main
+
+    assert main(["list", "models"]) == 0
+    out = capsys.readouterr().out
+    for family in ("llava-1.5", "llava-next", "llava-onevision", "qwen2.5-vl", "internvl3"):
+        assert f"  {family} " in out
