@@ -281,3 +281,50 @@ def test_qvlm_bench_list_models_names_the_five_families(capsys):
     out = capsys.readouterr().out
     for family in ("llava-1.5", "llava-next", "llava-onevision", "qwen2.5-vl", "internvl3"):
         assert f"  {family} " in out
+
+
+def test_qwen2_vl_shares_the_adapter_and_its_scale_groups_fold_exactly():
+    """Qwen2-VL (LayerNorm vision blocks with fc1/fc2, no windows) goes through the Qwen2.5-VL
+    adapter: parts by path, scale groups exact on the vision tower and the decoder (float64)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from harness.quant.transforms import FloatEdit, edited
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        image_token_id=120, video_token_id=121, vision_start_token_id=122)
+    model = Qwen2VLForConditionalGeneration(cfg).double().eval()
+    ad = adapter_for(model)
+    assert ad.name == "qwen2.5-vl" and not ad.layer_kwargs_vary(model, "vision")
+    assert not ad.tied_lm_head(model)
+    vpath, blocks = ad.vision_layers(model)
+    assert vpath.endswith("visual.blocks") and len(blocks) == 2
+    assert [g.linears for g in ad.scale_groups(blocks[0])] == [("attn.qkv",), ("mlp.fc1",)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert {ad.part_of(n) for n in linears} == {"language", "vision", "projector", "lm_head"}
+    pixels = torch.randn(16, 3 * 2 * 8 * 8, dtype=torch.float64)
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.randint(0, 100, (1, 12))
+
+    def outputs():
+        with torch.no_grad():
+            v = model.model.visual(pixels, grid_thw=grid)
+            v = v.pooler_output if hasattr(v, "pooler_output") else v
+            return v, model(input_ids=ids).logits
+    ref = outputs()
+    edit = FloatEdit(model)
+    gen = torch.Generator().manual_seed(1)
+    for path, layers in (ad.language_layers(model), (vpath, blocks)):
+        for i, layer in enumerate(layers):
+            for g in ad.scale_groups(layer):
+                w = layer.get_submodule(g.linears[0]).in_features
+                edit.scale_group(f"{path}.{i}", g, torch.exp(torch.randn(w, generator=gen, dtype=torch.float64)))
+    with edited(model, edit):
+        got = outputs()
+    for r, q in zip(ref, got):
+        assert torch.allclose(q, r, rtol=1e-9, atol=1e-9 * float(r.abs().max()))

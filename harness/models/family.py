@@ -127,6 +127,14 @@ class ModelAdapter:
         """Linears of a decoder layer whose outputs are added to the residual stream."""
         raise NotImplementedError
 
+    def tied_lm_head(self, model: nn.Module) -> bool:
+        """Whether ``lm_head`` shares its weight with the token embedding (small Qwen2 decoders:
+        Qwen2.5-VL-3B, InternVL3-1B/2B): a transform of one is a transform of the other, so a
+        rotation must untie them (or treat them as one)."""
+        head = model.get_submodule(self.lm_head(model))
+        emb = model.get_submodule(self.embeddings(model))
+        return head.weight is emb.weight
+
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config
         for key in ("image_token_index", "image_token_id"):

@@ -132,7 +132,8 @@ class LoadedModel:
 def image_only_processor(cls):
     """``cls`` without its video processor: the harness asks one image per question, and
     transformers' video processors need torchvision, which this project does not install.
-    Saved folders name ``cls`` itself, so the real class loads them where torchvision exists."""
+    A folder it saves names ``cls`` itself as its ``processor_class`` (``load_processor`` reads
+    such a folder back through this class)."""
     base_attrs = [a for a in cls.get_attributes() if "video" not in a]
 
     class ImageOnly(cls):  # cls.__init__ itself: transformers reads its code for the accepted kwargs
@@ -152,19 +153,16 @@ def image_only_processor(cls):
 
 
 def load_processor(path: str, config=None, **kwargs):
-    """``AutoProcessor`` for the folder or Hub id (``kwargs`` override its saved settings);
-    where transformers cannot build the family's video processor (no torchvision), the same
-    processor class without it."""
-    import importlib.util
-
+    """``AutoProcessor`` for the folder or Hub id (``kwargs`` override its saved settings).
+    Where transformers cannot build the family's video processor (no torchvision here, or a
+    folder saved without one, as the tiny test folders are), the same processor class without
+    it: the harness asks one image per question."""
     import transformers
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path, **kwargs)
-    except (OSError, ImportError, AttributeError, ValueError):
-        if importlib.util.find_spec("torchvision") is not None:
-            raise
+    except (OSError, ImportError, AttributeError, ValueError) as exc:
         from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
         config = config or load_config(path)
@@ -172,7 +170,10 @@ def load_processor(path: str, config=None, **kwargs):
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if cls is None or not any("video" in a for a in cls.get_attributes()):
             raise
-        return image_only_processor(cls).from_pretrained(path, **kwargs)
+        try:
+            return image_only_processor(cls).from_pretrained(path, **kwargs)
+        except Exception:
+            raise exc from None
 
 
 def load_config(name_or_path: str):
