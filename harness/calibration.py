@@ -72,11 +72,25 @@ def encode_pairs(lm, pairs: Sequence[tuple[Any, str, str]], batch_size: int = 8,
         batch = {k: v.to(lm.device) for k, v in enc.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(lm.dtype)
-        # positions count real tokens only, as generate() does under left padding
-        batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        # positions count real tokens only, as generate() does under left padding (families with
+        # multimodal RoPE compute their 3-D positions from the mask themselves)
+        if _text_position_ids(lm):
+            batch["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         batch["labels"] = labels.to(lm.device)
         batches.append(batch)
     return CalibrationSet(batches=batches, source=dict(source or {}, n=len(pairs), batch_size=batch_size))
+
+
+def _text_position_ids(lm) -> bool:
+    from .models.family import UnknownFamilyError, adapter_for
+
+    adapter = getattr(lm, "adapter", None)
+    if adapter is None:
+        try:
+            adapter = adapter_for(lm.model)
+        except (UnknownFamilyError, AttributeError):
+            return True
+    return adapter.text_position_ids(lm.model)
 
 
 def sample_indices(total: int, n: int, seed: int) -> list[int]:

@@ -29,6 +29,15 @@ def cmd_run(args) -> int:
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .models.family import UnknownFamilyError
+    from .models.loading import check_family
+
+    try:  # an unsupported family stops the run before any cell, not once per cell
+        for model in suite.models:
+            check_family(model.name)
+    except UnknownFamilyError as exc:
+        print(f"error: model {model.name!r}: {exc}", file=sys.stderr)
+        return 2
     try:
         executor = make_executor(args.executor, suite, address=args.address, workers=args.workers,
                                  gpus_per_worker=args.gpus_per_worker, shard_size=args.shard_size,

@@ -192,3 +192,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_paths(tmp_path_factory):
+    """A builder of tiny random folders, one per family (harness.models.tiny.build_tiny_family),
+    each built once per session."""
+    from harness.models.tiny import TinyLlavaSpec, build_tiny_family
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_family(family, tmp_path_factory.mktemp(f"tiny-{family}"),
+                                              TinyLlavaSpec(seed=0))
+        return built[family]
+    return get

@@ -24,6 +24,9 @@ class LayerCall:
 
     args: tuple
     kwargs: dict[str, Any]
+    # where a part's layers get different arguments (Qwen2.5-VL's vision blocks: window or full
+    # attention), each layer's own: index -> (args after the hidden states, kwargs without them)
+    layer_args: dict[int, tuple[tuple, dict[str, Any]]] | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -31,8 +34,18 @@ class LayerCall:
 
     def with_hidden(self, hidden: torch.Tensor) -> "LayerCall":
         if self.args:
-            return LayerCall((hidden,) + tuple(self.args[1:]), self.kwargs)
-        return LayerCall((), {**self.kwargs, "hidden_states": hidden})
+            return LayerCall((hidden,) + tuple(self.args[1:]), self.kwargs, self.layer_args)
+        return LayerCall((), {**self.kwargs, "hidden_states": hidden}, self.layer_args)
+
+    def for_layer(self, index: int) -> "LayerCall":
+        """This call's hidden states with the arguments layer ``index`` of the part receives
+        (itself where all layers receive the same)."""
+        if not self.layer_args or index not in self.layer_args:
+            return self
+        rest, kwargs = self.layer_args[index]
+        if self.args:
+            return LayerCall((self.hidden,) + tuple(rest), dict(kwargs), self.layer_args)
+        return LayerCall((), {**kwargs, "hidden_states": self.hidden}, self.layer_args)
 
 
 def _detach(value):
@@ -43,6 +56,15 @@ def _detach(value):
     return value
 
 
+def _takes_use_cache(layer: nn.Module) -> bool:
+    """Whether ``layer.forward`` accepts ``use_cache`` (decoder layers do; some vision layers,
+    e.g. InternViT's, take no extra keyword arguments)."""
+    import inspect
+
+    params = inspect.signature(layer.forward).parameters.values()
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def capture_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[dict],
                    run: Callable[[nn.Module, dict], Any] | None = None) -> list[LayerCall]:
     """Run ``model`` on each batch until ``layer`` is reached; return the layer's calls.
@@ -50,10 +72,12 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[dict],
     ``run(model, batch)`` performs the forward pass (default: ``model(**batch)``).
     """
     calls: list[LayerCall] = []
+    use_cache = _takes_use_cache(layer)
 
     def hook(_module, args, kwargs):
         kw = {k: _detach(v) for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
-        kw["use_cache"] = False
+        if use_cache:
+            kw["use_cache"] = False
         calls.append(LayerCall(tuple(_detach(a) for a in args), kw))
         raise _StopForward
 
@@ -68,6 +92,42 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[dict],
     finally:
         handle.remove()
     return calls
+
+
+def capture_layer_args(model: nn.Module, layers, batches: Iterable[dict],
+                       run: Callable[[nn.Module, dict], Any] | None = None) -> list[dict]:
+    """Per batch, ``{layer index: (args after the hidden states, kwargs without them)}`` for every
+    layer of ``layers`` (one forward pass per batch, stopped after the last layer); for parts
+    whose layers receive different arguments (``ModelAdapter.layer_kwargs_vary``)."""
+    out: list[dict] = []
+    current: dict = {}
+    last = len(layers) - 1
+
+    def hook(index):
+        def fn(_module, args, kwargs):
+            kw = {k: _detach(v) for k, v in kwargs.items()
+                  if k not in ("past_key_values", "cache", "hidden_states")}
+            if _takes_use_cache(layers[index]):
+                kw["use_cache"] = False
+            current[index] = (tuple(_detach(a) for a in args[1:]), kw)
+            if index == last:
+                raise _StopForward
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current = {}
+                try:
+                    (run or (lambda m, b: m(**b, use_cache=False)))(model, batch)
+                except _StopForward:
+                    pass
+                out.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def layer_output(layer: nn.Module, call: LayerCall) -> torch.Tensor:

@@ -17,7 +17,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from .layers import language_layers, vision_layers
+from .layers import language_layers_by_name, vision_layers_by_name
+from .parts import part_of as part_by_name
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,38 @@ class ModelAdapter:
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` is of this family; looks at ``model.config`` only, so that a
+        family is known from a config before any weight is loaded (``adapter_for_config``)."""
         raise NotImplementedError
 
     # -- layers -----------------------------------------------------------------------------------
     def language_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
-        return language_layers(model)
+        return language_layers_by_name(model)
 
     def vision_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
-        return vision_layers(model)
+        return vision_layers_by_name(model)
+
+    def part_of(self, name: str) -> str | None:
+        """Which quantizable part (``harness.models.parts.PARTS``) the linear at ``name`` belongs
+        to; the path rules of ``parts.part_of`` unless a family's paths need its own."""
+        return part_by_name(name)
+
+    def processor_kwargs(self, config) -> dict:
+        """Settings the evaluation protocol puts on the family's processor over the checkpoint's
+        saved ones (docs/protocols.md, "Model families"); none unless a family needs them."""
+        return {}
+
+    def text_position_ids(self, model: nn.Module) -> bool:
+        """Whether a batch may carry plain 1-D ``position_ids`` (real tokens counted, left
+        padding skipped). False for multimodal RoPE (Qwen2-VL's M-RoPE): the model computes its
+        3-D positions from the input ids and image grid, and given 1-D ones would use them."""
+        return True
+
+    def layer_kwargs_vary(self, model: nn.Module, part: str) -> bool:
+        """Whether the layers of ``part`` ("language" | "vision") receive different keyword
+        arguments (Qwen2.5-VL's vision blocks: window attention in most, full attention in
+        some), so block-wise methods must capture every layer's own, not reuse the first's."""
+        return False
 
     # -- the language model's residual stream -----------------------------------------------------
     def embeddings(self, model: nn.Module) -> str:
@@ -86,6 +111,14 @@ class ModelAdapter:
         """Linears whose outputs become language-model input embeddings (image features)."""
         raise NotImplementedError
 
+    def projector(self, model: nn.Module) -> str:
+        """Path of the module that maps vision features to language-model embeddings (its input
+        is the vision encoder's output): ``multi_modal_projector`` unless a family says otherwise."""
+        found = [n for n, _ in model.named_modules() if n.split(".")[-1] == "multi_modal_projector"]
+        if not found:
+            raise ValueError(f"{self.name}: no multi_modal_projector in {type(model).__name__}")
+        return min(found, key=len)
+
     def scale_groups(self, layer: nn.Module) -> list[ScaleGroup]:
         """The scale groups of one decoder or vision layer (model order)."""
         raise NotImplementedError
@@ -94,6 +127,14 @@ class ModelAdapter:
         """Linears of a decoder layer whose outputs are added to the residual stream."""
         raise NotImplementedError
 
+    def tied_lm_head(self, model: nn.Module) -> bool:
+        """Whether ``lm_head`` shares its weight with the token embedding (small Qwen2 decoders:
+        Qwen2.5-VL-3B, InternVL3-1B/2B): a transform of one is a transform of the other, so a
+        rotation must untie them (or treat them as one)."""
+        head = model.get_submodule(self.lm_head(model))
+        emb = model.get_submodule(self.embeddings(model))
+        return head.weight is emb.weight
+
     def image_token_id(self, model: nn.Module) -> int | None:
         cfg = model.config
         for key in ("image_token_index", "image_token_id"):
@@ -101,6 +142,14 @@ class ModelAdapter:
             if value is not None:
                 return int(value)
         return None
+
+    def image_tokens(self, model: nn.Module, processor, image) -> int:
+        """How many language-model positions (image features) one picture becomes, as this
+        family's processor expands it (fixed for LLaVA-1.5, resolution-dependent for the others)."""
+        from ..prompting import chat_prompt
+
+        enc = processor(images=[image], text=[chat_prompt(processor, "x")], return_tensors="pt")
+        return int((enc["input_ids"] == self.image_token_id(model)).sum())
 
 
 _ADAPTERS: list[type[ModelAdapter]] = []
@@ -123,6 +172,22 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         "ModelAdapter subclass in harness/models/family.py (see LlavaAdapter) to support it.")
 
 
+def adapter_for_config(config) -> ModelAdapter:
+    """The adapter for a model with this transformers config, before the model exists (an
+    adapter's ``matches`` looks at ``model.config`` only); the same error as ``adapter_for``."""
+    from types import SimpleNamespace
+
+    shell = SimpleNamespace(config=config)
+    for cls in _ADAPTERS:
+        if cls.matches(shell):
+            return cls()
+    raise UnknownFamilyError(
+        f"no model adapter for model_type {getattr(config, 'model_type', '?')!r} "
+        f"({', '.join(getattr(config, 'architectures', None) or []) or 'no architectures'}); supported "
+        f"families: {', '.join(c.name for c in _ADAPTERS)}. Add a ModelAdapter subclass in "
+        "harness/models/family.py (see LlavaAdapter) to support it.")
+
+
 def scale_groups_of(layer: nn.Module) -> list[ScaleGroup]:
     """The scale groups of a transformer layer, from the first adapter that knows its type
     (for code that holds a layer, not the model)."""
@@ -139,17 +204,69 @@ def available_families() -> dict[str, str]:
     return {c.name: c.summary for c in _ADAPTERS}
 
 
-@register_adapter
-class LlavaAdapter(ModelAdapter):
-    """LLaVA-1.5 (``LlavaForConditionalGeneration``): a Llama decoder, a CLIP vision tower and a
-    two-layer MLP projector; transformers 5 module paths."""
+# ---- scale groups by layer structure (shared by the families whose layers share it) -------------
 
-    name = "llava-1.5"
-    summary = "LlavaForConditionalGeneration: Llama decoder, CLIP ViT, MLP projector"
+def _attn_groups(layer, norm: str, attn: str, q: str, k: str, v: str, o: str) -> list[ScaleGroup]:
+    groups = [ScaleGroup(norm, (f"{attn}.{q}", f"{attn}.{k}", f"{attn}.{v}"), attn)]
+    a = layer.get_submodule(attn)
+    if getattr(a, v).out_features == getattr(a, o).in_features:  # no GQA: v's rows feed o
+        groups.append(ScaleGroup(f"{attn}.{v}", (f"{attn}.{o}",)))
+    return groups
+
+
+def decoder_groups(layer) -> list[ScaleGroup] | None:
+    """Llama / Qwen2 decoder layer (q/k/v biases in Qwen2 are outputs: they do not move)."""
+    if not (_has(layer, "input_layernorm") and _has(layer, "mlp.gate_proj")):
+        return None
+    return (_attn_groups(layer, "input_layernorm", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj")
+            + [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+               ScaleGroup("mlp.up_proj", ("mlp.down_proj",))])
+
+
+def clip_groups(layer) -> list[ScaleGroup] | None:
+    """CLIP / SigLIP encoder layer; fc2 follows a GELU, through which no scale folds."""
+    if not (_has(layer, "layer_norm1") and _has(layer, "mlp.fc1")):
+        return None
+    return (_attn_groups(layer, "layer_norm1", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj")
+            + [ScaleGroup("layer_norm2", ("mlp.fc1",))])
+
+
+def qwen_vision_groups(layer) -> list[ScaleGroup] | None:
+    """Qwen2-VL / Qwen2.5-VL vision block: a fused ``attn.qkv`` (so no v → proj group: a scale
+    would have to divide v's third of qkv's rows only), then a GELU MLP (Qwen2-VL: fc1/fc2) or
+    a gated one with biases (Qwen2.5-VL: gate/up/down, where up's rows feed down)."""
+    if not (_has(layer, "norm1") and _has(layer, "attn.qkv")):
+        return None
+    groups = [ScaleGroup("norm1", ("attn.qkv",), "attn")]
+    if _has(layer, "mlp.gate_proj"):
+        groups += [ScaleGroup("norm2", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                   ScaleGroup("mlp.up_proj", ("mlp.down_proj",))]
+    else:
+        groups.append(ScaleGroup("norm2", ("mlp.fc1",)))
+    return groups
+
+
+def internvl_vision_groups(layer) -> list[ScaleGroup] | None:
+    """InternViT layer: the attention output is multiplied by ``lambda_1`` after
+    ``projection_layer`` (a per-channel output scale: the v → projection fold is unaffected);
+    q/k norms, where present, act on q/k's outputs, not their inputs."""
+    if not (_has(layer, "layernorm_before") and _has(layer, "attention.q_proj")):
+        return None
+    return (_attn_groups(layer, "layernorm_before", "attention", "q_proj", "k_proj", "v_proj",
+                         "projection_layer")
+            + [ScaleGroup("layernorm_after", ("mlp.fc1",))])
+
+
+class _LlavaLike(ModelAdapter):
+    """A ``model.language_model`` decoder with ``embed_tokens``/``norm``, an untied-or-tied
+    ``lm_head`` and a ``multi_modal_projector`` whose last linear writes image features."""
+
+    LAYER_GROUPS: ClassVar[tuple] = (decoder_groups, clip_groups)
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return getattr(model.config, "model_type", None) == "llava"
+        return getattr(model.config, "model_type", None) in cls.MODEL_TYPES
 
     def embeddings(self, model):
         return self.language_layers(model)[0].rsplit(".", 1)[0] + ".embed_tokens"
@@ -162,32 +279,112 @@ class LlavaAdapter(ModelAdapter):
 
     def projector_writers(self, model):
         names = [n for n, m in model.named_modules()
-                 if "multi_modal_projector" in n and isinstance(m, nn.Linear)]
+                 if self.part_of(n) == "projector" and isinstance(m, nn.Linear)]
         return names[-1:]
 
     def scale_groups(self, layer):
-        groups: list[ScaleGroup] = []
-        if _has(layer, "input_layernorm") and _has(layer, "mlp.gate_proj"):  # Llama decoder
-            attn = layer.self_attn
-            groups.append(ScaleGroup("input_layernorm",
-                                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                     "self_attn"))
-            if attn.v_proj.out_features == attn.o_proj.in_features:  # no GQA: v's rows feed o
-                groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)))
-            groups.append(ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
-            groups.append(ScaleGroup("mlp.up_proj", ("mlp.down_proj",)))
-        elif _has(layer, "layer_norm1") and _has(layer, "mlp.fc1"):  # CLIP encoder layer
-            attn = layer.self_attn
-            groups.append(ScaleGroup("layer_norm1",
-                                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                     "self_attn"))
-            if attn.v_proj.out_features == attn.out_proj.in_features:
-                groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)))
-            # fc2 follows quick_gelu, through which no scale folds
-            groups.append(ScaleGroup("layer_norm2", ("mlp.fc1",)))
-        else:
-            raise UnknownFamilyError(f"{self.name}: no scale groups for a {type(layer).__name__}")
-        return groups
+        for find in self.LAYER_GROUPS:
+            groups = find(layer)
+            if groups is not None:
+                return groups
+        raise UnknownFamilyError(f"{self.name}: no scale groups for a {type(layer).__name__}")
 
     def residual_writers(self, layer):
         return ["self_attn.o_proj", "mlp.down_proj"]
+
+
+@register_adapter
+class LlavaAdapter(_LlavaLike):
+    """LLaVA-1.5 (``LlavaForConditionalGeneration``): a Llama decoder, a CLIP vision tower and a
+    two-layer MLP projector; transformers 5 module paths."""
+
+    name = "llava-1.5"
+    summary = "LlavaForConditionalGeneration: Llama decoder, CLIP ViT, MLP projector"
+    MODEL_TYPES = ("llava",)
+
+
+@register_adapter
+class LlavaNextAdapter(_LlavaLike):
+    """LLaVA-NeXT / llava-v1.6 (``LlavaNextForConditionalGeneration``): LLaVA-1.5's parts, with
+    any-resolution tiling (a base view plus tiles from ``image_grid_pinpoints``, and a learned
+    ``image_newline`` row separator), so a picture's token count depends on its size."""
+
+    name = "llava-next"
+    summary = "LlavaNextForConditionalGeneration (llava-v1.6): Llama/Mistral decoder, CLIP ViT, any-res tiles"
+    MODEL_TYPES = ("llava_next",)
+
+
+@register_adapter
+class LlavaOnevisionAdapter(_LlavaLike):
+    """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): a Qwen2 decoder (q/k/v
+    biases, grouped-query attention), a SigLIP vision tower, any-resolution tiles."""
+
+    name = "llava-onevision"
+    summary = "LlavaOnevisionForConditionalGeneration: Qwen2 decoder, SigLIP ViT, any-res tiles"
+    MODEL_TYPES = ("llava_onevision",)
+
+
+@register_adapter
+class Qwen2VLAdapter(_LlavaLike):
+    """Qwen2-VL / Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
+    ``Qwen2_5_VLForConditionalGeneration``): a Qwen2 decoder with multimodal RoPE (3-D
+    positions), a native-resolution ViT whose layers are ``model.visual.blocks`` (fused qkv;
+    Qwen2.5-VL: RMSNorm, gated MLP, window attention) and a patch merger
+    ``model.visual.merger`` (2×2 patches → one token) as the projector."""
+
+    name = "qwen2.5-vl"
+    summary = "Qwen2_5_VL/Qwen2VLForConditionalGeneration: Qwen2 decoder (M-RoPE), native-res ViT, patch merger"
+    LAYER_GROUPS = (decoder_groups, qwen_vision_groups)
+    MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+    def vision_layers(self, model):
+        found = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and n.split(".")[-2:] == ["visual", "blocks"]]
+        if not found:
+            raise ValueError(f"no visual.blocks in {type(model).__name__}")
+        return found[0]
+
+    def projector(self, model):
+        return self.vision_layers(model)[0].rsplit(".", 1)[0] + ".merger"
+
+    # lmms-eval's qwen2_5_vl model: min_pixels 256·28², max_pixels 1,605,632 = 2048·28² (the Hub
+    # processor's own bounds are 4·28² and 16384·28²), i.e. 256 to 2048 visual tokens
+    LMMS_EVAL_TOKENS = (256, 2048)
+
+    def processor_kwargs(self, config):
+        vc = getattr(config, "vision_config", None)
+        unit = getattr(vc, "patch_size", 0) * getattr(vc, "spatial_merge_size", 0)
+        if unit != 28:  # only Qwen's own geometry (tiny test folders keep their small bounds)
+            return {}
+        lo, hi = self.LMMS_EVAL_TOKENS
+        return {"min_pixels": lo * unit * unit, "max_pixels": hi * unit * unit}
+
+    def text_position_ids(self, model):
+        return False
+
+    def layer_kwargs_vary(self, model, part):
+        vc = getattr(model.config, "vision_config", None)
+        full = list(getattr(vc, "fullatt_block_indexes", None) or [])
+        depth = getattr(vc, "depth", 0)
+        # Qwen2.5-VL: window attention except in fullatt_block_indexes (Qwen2-VL has none)
+        return part == "vision" and bool(full) and len(full) < depth
+
+
+@register_adapter
+class InternVLAdapter(_LlavaLike):
+    """InternVL3 in transformers' own classes (``InternVLForConditionalGeneration``; the
+    ``OpenGVLab/InternVL3-*-hf`` checkpoints): a Qwen2 decoder, an InternViT vision tower whose
+    layers are ``vision_tower.encoder.layer`` (layer scales ``lambda_1/2``), pixel shuffle
+    (½ downsampling) and a LayerNorm + MLP projector."""
+
+    name = "internvl3"
+    summary = "InternVLForConditionalGeneration (InternVL3 -hf): Qwen2 decoder, InternViT, pixel-shuffle MLP projector"
+    LAYER_GROUPS = (decoder_groups, internvl_vision_groups)
+    MODEL_TYPES = ("internvl",)
+
+    def vision_layers(self, model):
+        found = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and n.endswith("vision_tower.encoder.layer")]
+        if not found:
+            raise ValueError(f"no vision_tower.encoder.layer in {type(model).__name__}")
+        return found[0]

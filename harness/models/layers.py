@@ -21,14 +21,38 @@ def _module_list(model: nn.Module, must_contain: str) -> tuple[str, nn.ModuleLis
     return min(found, key=lambda nm: len(nm[0]))
 
 
-def language_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(path, layers)`` of the language model's decoder layers."""
+def language_layers_by_name(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return _module_list(model, "language_model")
 
 
-def vision_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(path, layers)`` of the vision encoder's transformer layers."""
+def vision_layers_by_name(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return _module_list(model, "vision_tower")
+
+
+def _adapter(model: nn.Module):
+    """The model's family adapter, or None (a model of no known family, or no config)."""
+    from .family import UnknownFamilyError, adapter_for
+
+    if getattr(model, "config", None) is None:
+        return None
+    try:
+        return adapter_for(model)
+    except UnknownFamilyError:
+        return None
+
+
+def language_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, layers)`` of the language model's decoder layers (the family adapter's, else by
+    name: the shortest ``*language_model*layers`` list)."""
+    adapter = _adapter(model)
+    return adapter.language_layers(model) if adapter else language_layers_by_name(model)
+
+
+def vision_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, layers)`` of the vision encoder's transformer layers (the family adapter's, e.g.
+    Qwen2-VL's ``visual.blocks``; else by name: ``*vision_tower*layers``)."""
+    adapter = _adapter(model)
+    return adapter.vision_layers(model) if adapter else vision_layers_by_name(model)
 
 
 def select_linears(model: nn.Module, parts: tuple[str, ...] | list[str]) -> dict[str, nn.Linear]:
@@ -36,5 +60,7 @@ def select_linears(model: nn.Module, parts: tuple[str, ...] | list[str]) -> dict
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise ValueError(f"unknown model part(s) {bad}; valid: {list(PARTS)}")
+    adapter = _adapter(model)
+    which = adapter.part_of if adapter else part_of
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and part_of(n) in parts}
+            if isinstance(m, nn.Linear) and which(n) in parts}

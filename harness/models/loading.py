@@ -1,7 +1,11 @@
-"""Load LLaVA-family checkpoints: Hub ids, local folders, and the models bundled with the project.
+"""Load vision-language checkpoints: Hub ids, local folders, and the models bundled with the project.
 
-Every model, bundled or downloaded, goes through ``load_model`` so that the bundled default is a
-faithful stand-in for ``llava-hf/llava-1.5-7b-hf``: same classes, same processor, same hooks.
+Every model, bundled or downloaded, goes through ``load_model``: transformers'
+``AutoModelForImageTextToText`` and ``AutoProcessor`` pick the classes from the folder's config,
+and the family's adapter (``harness.models.family``) is chosen from the config before any weight
+is read, so an unsupported family fails at once with the list of supported ones. The bundled
+default is a faithful stand-in for ``llava-hf/llava-1.5-7b-hf``: same classes, same processor,
+same hooks.
 """
 
 from __future__ import annotations
@@ -164,18 +168,94 @@ class LoadedModel:
     processor: Any
     dtype: torch.dtype
     device: str
+    adapter: Any = None  # the family's ModelAdapter (harness.models.family)
+
+    @property
+    def family(self) -> str | None:
+        return getattr(self.adapter, "name", None)
+
+
+def image_only_processor(cls):
+    """``cls`` without its video processor: the harness asks one image per question, and
+    transformers' video processors need torchvision, which this project does not install.
+    A folder it saves names ``cls`` itself as its ``processor_class`` (``load_processor`` reads
+    such a folder back through this class)."""
+    base_attrs = [a for a in cls.get_attributes() if "video" not in a]
+
+    class ImageOnly(cls):  # cls.__init__ itself: transformers reads its code for the accepted kwargs
+        video_processor = None  # the family's __init__ passes it on; ProcessorMixin drops it
+
+        @classmethod
+        def get_attributes(klass):
+            return list(base_attrs)
+
+        def to_dict(self):
+            d = super().to_dict()
+            d["processor_class"] = cls.__name__
+            return d
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    return ImageOnly
+
+
+def load_processor(path: str, config=None, **kwargs):
+    """``AutoProcessor`` for the folder or Hub id (``kwargs`` override its saved settings).
+    Where transformers cannot build the family's video processor (no torchvision here, or a
+    folder saved without one, as the tiny test folders are), the same processor class without
+    it: the harness asks one image per question."""
+    import transformers
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, **kwargs)
+    except (OSError, ImportError, AttributeError, ValueError) as exc:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        config = config or load_config(path)
+        name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if cls is None or not any("video" in a for a in cls.get_attributes()):
+            raise
+        try:
+            return image_only_processor(cls).from_pretrained(path, **kwargs)
+        except Exception:
+            raise exc from None
+
+
+def load_config(name_or_path: str):
+    """The model's transformers config (a local folder, or a Hub id cached or reachable)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+
+
+def check_family(name_or_path: str) -> str | None:
+    """The family name of a model from its config alone (no weights read); raises
+    ``UnknownFamilyError`` naming the supported families for an unsupported one. None when the
+    config cannot be read here (a Hub id with no Hub): ``load_model`` reports that later."""
+    from .family import adapter_for_config
+
+    try:
+        config = load_config(name_or_path)
+    except (OSError, ValueError):
+        return None
+    return adapter_for_config(config).name
 
 
 def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
                device: str = "cpu") -> LoadedModel:
-    """Load a ``LlavaForConditionalGeneration``-compatible checkpoint and its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load an image-text-to-text checkpoint of a supported family, its processor and adapter."""
+    from transformers import AutoModelForImageTextToText
+
+    from .family import adapter_for, adapter_for_config
 
     path = resolve_model_path(name_or_path)
     torch_dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
     try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        config = load_config(path)
+        family = adapter_for_config(config)  # an unknown family fails here, before any weight is read
+        processor = load_processor(path, config, **family.processor_kwargs(config))
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     except OSError as exc:
         valid = ", ".join(bundled_models()) or "(none)"
         raise ModelNotFoundError(
@@ -183,6 +263,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
             f"Use a bundled model ({valid}), a local folder in Hugging Face format, or a Hub id "
             f"such as llava-hf/llava-1.5-7b-hf with the Hub reachable."
         ) from exc
+    adapter = adapter_for(model)
     model.to(device).eval()
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
@@ -190,4 +271,4 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token or tok.eos_token
     return LoadedModel(name=name_or_path, path=path, model=model, processor=processor,
-                       dtype=torch_dtype, device=str(device))
+                       dtype=torch_dtype, device=str(device), adapter=adapter)

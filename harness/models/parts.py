@@ -10,7 +10,14 @@ PARTS = ("language", "vision", "projector", "lm_head")
 
 
 def part_of(name: str) -> str | None:
-    """Which quantizable part a linear layer's path belongs to (None: not quantizable)."""
+    """Which quantizable part a linear layer's path belongs to (None: not quantizable).
+
+    Path rules of every supported family (``harness.models.family``): ``vision_tower`` (LLaVA,
+    InternVL) or ``visual`` (Qwen2-VL's ``visual.blocks``) is the vision encoder, except
+    ``visual.merger``, Qwen2-VL's projector; ``multi_modal_projector`` the projector."""
+    segments = name.split(".")
+    if "visual" in segments:
+        return "projector" if "merger" in segments[segments.index("visual"):] else "vision"
     if "vision_tower" in name:
         return "vision"
     if "multi_modal_projector" in name:

@@ -70,7 +70,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..models.capture import LayerCall, capture_inputs, layer_output
+from ..models.capture import LayerCall, capture_inputs, capture_layer_args, layer_output
 from ..models.layers import language_layers, vision_layers
 from .capture import watch_inputs
 from .config import QuantConfig
@@ -98,6 +98,17 @@ def _mask_for(batch: dict, call: LayerCall) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
+def _layer_kwargs_vary(model: nn.Module, part: str) -> bool:
+    from ..models.family import UnknownFamilyError, adapter_for
+
+    if getattr(model, "config", None) is None:
+        return False
+    try:
+        return adapter_for(model).layer_kwargs_vary(model, part)
+    except UnknownFamilyError:
+        return False
+
+
 def part_inputs(model: nn.Module, part: str, batches: Iterable[dict],
                 state: QuantState | None = None) -> PartInputs:
     """What the first layer of ``part`` ("language" | "vision") receives for each batch."""
@@ -106,11 +117,20 @@ def part_inputs(model: nn.Module, part: str, batches: Iterable[dict],
         raise ValueError(f"block-wise processing covers 'language' and 'vision', not {part!r}")
     path, layers = finder(model)
     batches = list(batches)
+    vary = _layer_kwargs_vary(model, part)
+
+    def capture():
+        calls = capture_inputs(model, layers[0], batches)
+        if vary:  # each layer's own arguments (e.g. window vs full attention), hidden states aside
+            for call, per_layer in zip(calls, capture_layer_args(model, layers, batches)):
+                call.layer_args = per_layer
+        return calls
+
     if state is not None and (state.linears or state.float_params):
         with applied(model, state):
-            calls = capture_inputs(model, layers[0], batches)
+            calls = capture()
     else:
-        calls = capture_inputs(model, layers[0], batches)
+        calls = capture()
     if len(calls) != len(batches):
         raise RuntimeError(f"captured {len(calls)} calls of {path}.0 from {len(batches)} batches")
     masks = [_mask_for(b, c) if part == "language" else None for b, c in zip(batches, calls)]
@@ -142,8 +162,9 @@ class Block:
 
     def _forward_raw(self, call: LayerCall) -> torch.Tensor:
         hidden = None
-        for layer in self.layers:
-            hidden = layer_output(layer, call if hidden is None else call.with_hidden(hidden))
+        for index, layer in zip(self.layer_ids, self.layers):
+            c = call if hidden is None else call.with_hidden(hidden)
+            hidden = layer_output(layer, c.for_layer(index))
         return hidden
 
     def forward(self, call: LayerCall, state: QuantState | None = None) -> torch.Tensor:
@@ -214,11 +235,14 @@ def run_blockwise(model: nn.Module, inputs: PartInputs,
     keep_float = track_float or propagate == "float"
     float_calls = list(inputs.calls) if keep_float else None
     for index, ids in enumerate(blocks):
+        first = ids[0]  # a block's calls carry its first layer's own arguments
         block = Block(index=index, layer_ids=list(ids),
                       paths=[f"{inputs.path}.{i}" for i in ids],
                       layers=[inputs.layers[i] for i in ids],
-                      calls=float_calls if propagate == "float" else calls,
-                      masks=inputs.masks, float_calls=float_calls, model=model)
+                      calls=[c.for_layer(first) for c in (float_calls if propagate == "float" else calls)],
+                      masks=inputs.masks,
+                      float_calls=None if float_calls is None else [c.for_layer(first) for c in float_calls],
+                      model=model)
         t0 = time.perf_counter()
         frag = process(block)
         _merge(merged, frag)

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from harness.models.family import adapter_for
 from harness.models.layers import language_layers, part_of
 from harness.quant.answers import lm_output
 from harness.quant.build import rtn_state
@@ -208,8 +209,7 @@ class VEO:
         self.vision_params = {n: p for n, p in model.named_parameters() if part_of(n) == "vision"}
         if not self.vision_params:
             raise ValueError("the model has no vision tower parameters to optimize")
-        self.projector = next(m for n, m in model.named_modules()
-                              if n.endswith("multi_modal_projector"))
+        self.projector = model.get_submodule(adapter_for(model).projector(model))
         config = model.config
         self.image_token = getattr(config, "image_token_id", None)
         if self.image_token is None:
