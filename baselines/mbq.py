@@ -94,12 +94,6 @@ class Modalities:
 
 # ---- 1. sensitivities -----------------------------------------------------------------------------
 
-def _sample(batch: dict, i: int) -> dict:
-    n = int(batch["input_ids"].shape[0])
-    return {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v)
-            for k, v in batch.items()}
-
-
 def gradient_sensitivity(model: nn.Module, batches: list[dict], text_tokens: str = "answer",
                          loss_scale: float | None = None) -> dict[str, dict[str, float]]:
     """``{writer path: {"vision": ḡ_v, "text": ḡ_t, "samples_vision": n, "samples_text": n}}`` for
@@ -135,23 +129,29 @@ def gradient_sensitivity(model: nn.Module, batches: list[dict], text_tokens: str
     try:
         with torch.enable_grad():
             for batch, vis_b, txt_b in zip(batches, modal.vision, modal.text):
-                for i in range(int(batch["input_ids"].shape[0])):
-                    vis, txt = vis_b[i], txt_b[i]
-                    sample = _sample(batch, i)
-                    if not bool(answer_mask(sample).any()):
-                        continue  # no answer, no loss
-                    outs.clear()
-                    loss = lm_output(model, sample, labels=True).loss
-                    grads = torch.autograd.grad(loss * loss_scale, [outs[n] for n in names])
-                    for n, g in zip(names, grads):
-                        g = g[0].double()  # [seq, channels]
+                # one pass per batch: sample i's outputs reach only its own loss terms, so its own
+                # loss's gradient is the batch loss's times (answer tokens in the batch) / (its
+                # answer tokens) — per-sample gradients without splitting a family's image inputs
+                counts = answer_mask(batch).sum(dim=1)
+                if not bool(counts.any()):
+                    continue  # no answer, no loss
+                outs.clear()
+                loss = lm_output(model, batch, labels=True).loss
+                grads = torch.autograd.grad(loss * loss_scale, [outs[n] for n in names])
+                total = float(counts.sum())
+                for n, g_b in zip(names, grads):
+                    for i in range(int(g_b.shape[0])):
+                        if not int(counts[i]):
+                            continue
+                        g = g_b[i].double() * (total / float(counts[i]))  # [seq, channels]
                         if not bool(torch.isfinite(g).all()):
                             raise FloatingPointError(f"non-finite gradient at {n} (loss scale {loss_scale})")
+                        vis, txt = vis_b[i], txt_b[i]
                         for kind, m in (("vision", vis), ("text", txt)):
                             if bool(m.any()):
                                 sums[n][kind] += float(g[m.to(g.device)].abs().mean()) / loss_scale
                                 sums[n][f"samples_{kind}"] += 1
-                    del grads, loss
+                del grads, loss
     finally:
         for h in handles:
             h.remove()

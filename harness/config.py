@@ -16,7 +16,7 @@ import yaml
 from .quant.config import OVERRIDE_KEYS, QuantConfig, SchemeError, parse_scheme
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
-SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # one path component: results/<name> stays under results/
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # one path component: results/<name> stays under results/
 
 SUITE_KEYS = {
     "name": "suite name; results go to results/<name>/ unless `output` is set",
@@ -141,7 +141,7 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     name = "suite" if name is None else str(name) if isinstance(name, int) and not isinstance(name, bool) else name
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise SuiteError(f"`name` is {name!r}; it names the results folder results/<name>, so it must be one "
-                         "plain folder name: letters, digits, `-`, `_` and `.`, not `.` or `..` (to write "
+                         "plain folder name: letters, digits, `-`, `_`, `+` and `.`, not `.` or `..` (to write "
                          "elsewhere, set `output`)")
 
     models = [ModelSpec(**_entry(m, "models", "name", MODEL_KEYS)) for m in _list(data.get("models"), "models")]

@@ -90,7 +90,10 @@ def test_sensitivities_match_autograd_float64(tiny_llava_path):
     for n in ref:
         assert ours[n]["samples_vision"] == ours[n]["samples_text"] == 6
         for k in ("vision", "text"):
-            assert ours[n][k] == pytest.approx(ref[n][k], rel=1e-12, abs=1e-300), (n, k)
+            # ours: one pass per padded batch; the reference: one pass per sample. Equal in exact
+            # arithmetic; transformers' RMSNorm rounds to float32 even in a float64 model, which
+            # turns the batches' 1e-16 BLAS differences into ~1e-8
+            assert ours[n][k] == pytest.approx(ref[n][k], rel=1e-6, abs=1e-300), (n, k)
     # Causal attention: the last layer's outputs at image positions reach no answer's logit,
     # so their gradient is exactly zero and MBQ's median floor is what weights that layer.
     last = "model.language_model.layers.1"
