@@ -52,11 +52,13 @@ def code_digest(paths: tuple[str, ...]) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` is fp16 on GPUs (as the papers) and fp64 on the CPU: float64 makes every
-    computation reproducible across x86 SIMD paths and thread counts (docs/design.md)."""
+    """A suite's dtype on ``device``: ``auto`` by the project's one rule (``models.loading.auto_dtype``:
+    fp16 on GPUs, fp64 on the CPU)."""
     if dtype != "auto":
         return dtype
-    return "fp16" if device.startswith("cuda") else "fp64"
+    from .models.loading import auto_dtype
+
+    return auto_dtype(device)
 
 
 @dataclass(frozen=True)
