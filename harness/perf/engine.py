@@ -388,7 +388,7 @@ class LlavaEngine:
 
     def tensors_in_use(self) -> set[int]:
         """``data_ptr`` of every tensor the engine reads (linears, float tensors, vision modules)."""
-        ptrs = {t.data_ptr() for t in self.float_tensors().values()}
+        ptrs = {t.data_ptr() for t in self.float_tensors().values()} | {self.inv_freq.data_ptr()}
         for m in list(self.linears().values()) + self.vision_modules():
             for t in list(m.parameters()) + list(m.buffers()):
                 if t is not None:
