@@ -73,7 +73,7 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: fp16, plus a bf16 pass (with a bf16 baseline) for variants whose best "
-                        "kernel needs bf16; fp32 on the CPU")
+                        "kernel needs bf16; fp64 on the CPU (models.loading.auto_dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/perf", help="folder for records.jsonl and leaderboard.md")
     p.add_argument("--suite", default="perf")

@@ -338,7 +338,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     """Benchmark ``model`` (architecture name, folder or Hub id); returns the records written.
 
     ``dtype``: fp16 / bf16 / fp32, or ``auto`` (fp16 on CUDA, plus a bf16 pass with its own
-    baseline for variants whose best kernel needs bf16; fp32 on the CPU). ``objective``:
+    baseline for variants whose best kernel needs bf16; fp64 on the CPU: ``models.loading.auto_dtype``). ``objective``:
     ``generate`` chooses each layer's layout by the time of the whole workload (prefill once,
     ``new_tokens - 1`` decode steps), ``decode`` by decode time alone, ``prefill`` by prefill alone.
     """
