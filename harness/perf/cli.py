@@ -71,7 +71,7 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32", "fp64"],
                    help="auto: fp16, plus a bf16 pass (with a bf16 baseline) for variants whose best "
                         "kernel needs bf16; fp64 on the CPU (models.loading.auto_dtype)")
     p.add_argument("--seed", type=int, default=0)
