@@ -52,11 +52,13 @@ def code_digest(paths: tuple[str, ...]) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` is fp16 on GPUs (as the papers) and fp64 on the CPU: float64 makes every
-    computation reproducible across x86 SIMD paths and thread counts (docs/design.md)."""
+    """A suite's dtype on ``device``: ``auto`` by the project's one rule (``models.loading.auto_dtype``:
+    fp16 on GPUs, fp64 on the CPU)."""
     if dtype != "auto":
         return dtype
-    return "fp16" if device.startswith("cuda") else "fp64"
+    from .models.loading import auto_dtype
+
+    return auto_dtype(device)
 
 
 @dataclass(frozen=True)
@@ -188,25 +190,35 @@ def calibration_spec(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict 
     return spec
 
 
-def act_range_rule(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict | None:
+def act_range_rule(suite: Suite | None, variant: Variant, qcfg: QuantConfig) -> dict | None:
     """How the engine fills the activation quantizers a method leaves undecided (None: nothing
-    to fill — float, dynamic per-token without the clipping search, or a control)."""
+    to fill — float, dynamic per-token without the clipping search, or a control). ``suite``
+    None: the default stream (``qvlm-bench perf``)."""
     from .quant.ranges import rule_for
 
     if variant.reference or not variant.cls.quantizes or not qcfg.quantizes_acts:
         return None
-    return rule_for(qcfg, clip=variant.clip, stream=suite.act_ranges.get("stream"))
+    return rule_for(qcfg, clip=variant.clip, stream=(suite.act_ranges if suite else {}).get("stream"))
 
 
 def resolve_variants(suite: Suite) -> list[Variant]:
+    return resolve_methods(suite.methods, suite)
+
+
+def resolve_methods(specs: list[MethodSpec | str], suite: Suite | None = None) -> list[Variant]:
+    """The rows ``specs`` (a suite's ``methods`` entries, or bare method names) make, each with its
+    class, resolved options and label: the one ``Variant`` of accuracy suites and ``qvlm-bench perf``.
+    ``suite`` (None: no suite, as ``qvlm-bench perf --methods``) decides the calibration label."""
     out: list[Variant] = []
     seen: dict[str, MethodSpec] = {}
-    for spec in suite.methods:
+    for spec in specs:
+        if isinstance(spec, str):
+            spec = MethodSpec(spec)
         cls = get_method(spec.name)
         options = cls(**(spec.options or {})).options
         if cls.reference and spec.clip:
             raise SuiteError(f"method {spec.name!r} is the float reference; `clip` does not apply to it")
-        calibrated = any(uses_calibration(cls, bool(spec.clip), q) for q in suite.schemes)
+        calibrated = suite is not None and any(uses_calibration(cls, bool(spec.clip), q) for q in suite.schemes)
         label = variant_label(spec, cls, options,
                               calibration_label(suite, spec.calibration) if calibrated else None)
         if label in seen:
@@ -215,6 +227,23 @@ def resolve_variants(suite: Suite) -> list[Variant]:
         seen[label] = spec
         out.append(Variant(spec.name, cls, options, bool(spec.clip), label, dict(spec.calibration or {})))
     return out
+
+
+def state_identity(model: str, weights: str, dtype: str, device_kind: str, variant: Variant,
+                   qcfg: QuantConfig, calibration: dict | None, act_ranges: dict | None, seed: int,
+                   code: dict | None = None) -> dict:
+    """What determines a quantization state (its digest is the ``state_key``): the same for an
+    accuracy cell and a ``qvlm-bench perf`` row, so records of one state carry one key."""
+    code = code or {"method": method_code_digest(variant.method), "engine": code_digest(STATE_CODE)}
+    ident = {
+        "model": model, "weights": weights, "dtype": dtype, "device": device_kind,
+        "method": variant.method, "options": variant.options, "clip": variant.clip,
+        "code": [code["method"], code["engine"]], "quant": qcfg.to_dict(),
+        "calibration": calibration, "act_ranges": act_ranges, "seed": seed,
+    }
+    if variant.calibration:  # a row's own calibration overrides make it a row of its own,
+        ident["calibration_overrides"] = variant.calibration  # even where it gets no data
+    return ident
 
 
 def plan_cells(suite: Suite, device: str) -> list[Cell]:
@@ -234,14 +263,8 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
                 calib = calibration_spec(suite, v, qcfg)
                 ranges = act_range_rule(suite, v, qcfg)
                 code = {"method": method_code_digest(v.method), "engine": state_code, "eval": eval_code}
-                state_id = {
-                    "model": model.name, "weights": weights[model.name], "dtype": dtype,
-                    "device": device_kind, "method": v.method, "options": v.options, "clip": v.clip,
-                    "code": [code["method"], state_code], "quant": qcfg.to_dict(),
-                    "calibration": calib, "act_ranges": ranges, "seed": suite.seed,
-                }
-                if v.calibration:  # a row's own calibration overrides make it a row of its own,
-                    state_id["calibration_overrides"] = v.calibration  # even where it gets no data
+                state_id = state_identity(model.name, weights[model.name], dtype, device_kind, v, qcfg,
+                                          calib, ranges, suite.seed, code=code)
                 state_key = digest(state_id)
                 for task in suite.tasks:
                     identity = {

@@ -130,6 +130,11 @@ def _entry(item, key: str, main: str, allowed: tuple[str, ...]) -> dict:
     raise SuiteError(f"entries of `{key}` are strings or mappings, got {item!r}")
 
 
+def method_spec(item) -> MethodSpec:
+    """One entry of a suite's ``methods`` (a name, or a mapping of ``METHOD_KEYS``) as a ``MethodSpec``."""
+    return item if isinstance(item, MethodSpec) else MethodSpec(**_entry(item, "methods", "name", METHOD_KEYS))
+
+
 def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     """Validate a suite mapping and resolve it (method and task names checked when asked)."""
     if not isinstance(data, dict):
@@ -151,7 +156,7 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
         from .registry import available_methods
 
         raw_methods = list(available_methods())
-    methods = [MethodSpec(**_entry(m, "methods", "name", METHOD_KEYS)) for m in _list(raw_methods, "methods")]
+    methods = [method_spec(m) for m in _list(raw_methods, "methods")]
     shared = data.get("method_options") or {}
     if not isinstance(shared, dict) or not all(isinstance(v, dict) for v in shared.values()):
         raise SuiteError("`method_options` must map method names to mappings of options")

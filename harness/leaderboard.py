@@ -371,7 +371,7 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
                           for i in range(R)]
 
     perf = [r for run in runs for r in run.records if r.get("metric") == "perf"] + list(perf_records or [])
-    table = _join_perf(table, perf)
+    table = _join_perf(table, perf, acc)
 
     ref_desc = {}
     for model, row in references.items():
@@ -387,19 +387,56 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
                  level=level, seed=seed, bootstrap=boot, clusters=clusters_of)
 
 
-def _join_perf(table: pd.DataFrame, perf_records: list[dict]) -> pd.DataFrame:
-    df = latest_ok(perf_records)
-    if df.empty:
+REFERENCE_ROW = "<reference>"
+
+
+def _quant_identity(rec: dict) -> str | None:
+    """The quantization settings of a record (its ``quant_config``), or None where it has none."""
+    qc = rec.get("quant_config")
+    if not isinstance(qc, dict) or not qc:
+        return None
+    return json.dumps({k: v for k, v in qc.items() if k != "scheme"}, sort_keys=True, default=str)
+
+
+def row_identity(rec: dict) -> tuple:
+    """What a latency row and an accuracy row must share to be joined: the model, the row label
+    (``cells.Variant.label``, which names the method's non-default options and the clip lever; the
+    float reference matches the reference whatever dtype it ran in), the scheme, and the
+    quantization settings behind the scheme (group size, symmetry, static or dynamic ranges)."""
+    ref = is_reference(rec)
+    return (rec.get("model"), REFERENCE_ROW if ref else variant_of(rec), rec.get("scheme"),
+            None if ref else _quant_identity(rec))
+
+
+def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The batch-1 perf columns of each accuracy row from the perf record of the same identity
+    (``row_identity``): each method's latency is its own row's, never another method's."""
+    perf = {}  # the newest successful batch-1 record per identity (as ``latest_ok`` filters)
+    for r in perf_records:
+        if r.get("metric") == "perf" and r.get("status") == "ok" and r.get("batch_size") in (None, 1) \
+                and r.get("objective") in (None, "generate"):
+            perf[row_identity(r)] = r
+    if not perf:
         return table
-    df = df[df["metric"] == "perf"]
-    if df.empty:
-        return table
-    p = df.set_index(ROW)
-    lat = p["latency"].apply(lambda d: (d or {}).get("decode_ms_per_token"))
-    mem = p["memory"].apply(lambda d: ((d or {}).get("peak_bytes") or 0) / 2**30 or None)
-    extra = pd.DataFrame({"decode ms/tok": lat, "peak GiB": mem, "kernel": p["kernel"]})
-    extra = extra[extra.index.isin(table.index)]  # perf of rows without accuracy belongs to the perf tables
-    return table.join(extra, how="left")
+    acc_recs = {} if acc is None else {tuple(r[c] for c in ROW): r for r in acc.to_dict("records")}
+    cols: dict[str, list] = {"decode ms/tok": [], "peak GiB": [], "kernel": []}
+    for row in table.index:
+        rec = acc_recs.get(tuple(row), {"model": row[0], "variant": row[1], "scheme": row[2]})
+        rec = {k: _field(rec, k) for k in rec}
+        key = row_identity(rec)
+        hit = perf.get(key)
+        if hit is None and key[3] is not None:  # perf records from before quant_config: by label only
+            hit = next((p for k, p in perf.items() if k[:3] == key[:3] and k[3] is None), None)
+        lat, mem = (hit or {}).get("latency") or {}, (hit or {}).get("memory") or {}
+        cols["decode ms/tok"].append(lat.get("decode_ms_per_token") if hit else None)
+        cols["peak GiB"].append((mem.get("peak_bytes") or 0) / 2**30 or None if hit else None)
+        cols["kernel"].append(hit.get("kernel") if hit else None)
+    if not any(v is not None for v in cols["decode ms/tok"] + cols["kernel"]):
+        return table  # perf of rows without accuracy belongs to the perf tables
+    out = table.copy()
+    for c, vals in cols.items():
+        out[c] = pd.Series(vals, index=table.index, dtype=float if c != "kernel" else object)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Executing one group of cells (one quantization state, several tasks) and making its records.
 
 The same code runs in the serial runner and in every distributed worker: load the model (kept
-loaded while consecutive groups use it), encode the shared calibration set, quantize (or load
-the cached state), finalize the state (engine-owned ranges, validation, proof), apply it on the
-model's device, evaluate each task and turn each result into a record. Records are returned,
-not written: the caller (one process) appends them, so records.jsonl has a single writer.
+loaded while consecutive groups use it), encode the shared calibration set, get the state (cached,
+or made by ``prepare.prepare_state``: quantize, check, finalize — the path ``qvlm-bench perf``
+takes too), apply it on the model's device, evaluate each task and turn each result into a record.
+Records are returned, not written: the caller (one process) appends them, so records.jsonl has a single writer.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from .cells import Cell, Group, digest
 from .config import Suite, TaskSpec
-from .quant.finalize import (StateError, check_model_unchanged, finalize_state, param_checksum,
-                             validate_state)
+from .prepare import prepare_state, reset_peak
+from .quant.finalize import StateError, validate_state
 from .quant.simulated import apply_state
 from .quant.state import QuantState
 from .records import git_describe, new_record, versions, write_jsonl
@@ -98,18 +98,12 @@ def task_spec(task: TaskSpec, suite: Suite):
                 **(task.options or {}))
 
 
-def _reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def reset_counters(handle, device: str) -> None:
     """Before an evaluation: zero the activation quantizers' call counters and the GPU's peak
     memory (the record reports the quantizers that fired and the peak during it)."""
     for m in handle.fake_linears().values():
         m.act_calls = 0
-    _reset_peak(device)
+    reset_peak(device)
 
 
 class GroupWorker:
@@ -159,7 +153,6 @@ class GroupWorker:
     def state(self, lm, cell: Cell, timings: dict) -> tuple[QuantState, bool]:
         """The group's finalized state: from the cache, or quantized now (and cached)."""
         path = self.cache_dir / cell.state_key
-        v = cell.variant
         if (path / "state.json").exists():
             try:  # a cached state is trusted only as far as a fresh one: checksum, checks, proof
                 state = QuantState.load(path)
@@ -170,25 +163,8 @@ class GroupWorker:
         t0 = time.perf_counter()
         calib = self.calibration(lm, cell.calibration) if cell.calibration is not None else None
         timings["calibrate_s"] = time.perf_counter() - t0
-        method = v.cls(**v.options)
-        _reset_peak(self.device)
-        before = param_checksum(lm.model)
-        torch.manual_seed(self.suite.seed)
-        t0 = time.perf_counter()
-        state = method.quantize(lm, cell.qcfg, calib)
-        timings["quantize_s"] = time.perf_counter() - t0
-        check_model_unchanged(before, param_checksum(lm.model), v.method)
-        t0 = time.perf_counter()
-        batches = list(calib.inputs()) if calib is not None else None
-        finalize_state(lm.model, state, cell.qcfg, batches, cell.act_ranges,
-                       quantizes=v.cls.quantizes, device=lm.device)
-        timings["finalize_s"] = time.perf_counter() - t0
-        state.meta["quantize_s"] = timings["quantize_s"]
-        if self.device.startswith("cuda"):
-            state.meta["peak_gib_quantize"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-        state.meta.setdefault("options", v.options)
-        if calib is not None:
-            state.meta.setdefault("calibration", {**calib.source, "digest": calib.digest()})
+        state = prepare_state(lm, cell.variant, cell.qcfg, calib, cell.act_ranges, seed=self.suite.seed,
+                              timings=timings)
         cache_state(state, path)
         return state, False
 

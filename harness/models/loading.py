@@ -153,9 +153,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(sorted(DTYPES))}") from None
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """fp16 on GPUs as in the papers; fp32 on CPU, where fp16 matmuls are slow or unsupported."""
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
+def auto_dtype(device: str) -> str:
+    """The one ``auto`` dtype rule of the project (accuracy suites, ``load_model``, ``qvlm-bench perf``):
+    fp16 on GPUs, as the papers; fp64 on the CPU, where float64 makes every computation reproducible
+    across x86 SIMD paths and thread counts (docs/design.md) and fp16 matmuls are slow or missing."""
+    return "fp16" if str(device).startswith("cuda") else "fp64"
 
 
 @dataclass
@@ -250,7 +252,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     from .family import adapter_for, adapter_for_config
 
     path = resolve_model_path(name_or_path)
-    torch_dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
+    torch_dtype = resolve_dtype(auto_dtype(device) if dtype in (None, "auto") else dtype)
     try:
         config = load_config(path)
         family = adapter_for_config(config)  # an unknown family fails here, before any weight is read

@@ -40,7 +40,12 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
                    help="architecture name (llava-1.5-7b, llava-1.5-13b: random weights, no download), "
                         "a local folder or a Hub id; repeat for several")
     p.add_argument("--methods", type=_csv, default=["rtn"],
-                   help="comma-separated registered methods (default rtn); fp16 is always measured first")
+                   help="comma-separated registered methods (default rtn; `all`: every registered method); "
+                        "the float reference is always measured first. Each row's state is made as the "
+                        "accuracy suites make it (harness.prepare.prepare_state) with the method's defaults")
+    p.add_argument("--methods-from", default=None, metavar="SUITE",
+                   help="take the methods, with their options, labels and clip lever, from a suite YAML "
+                        "(a file or a bundled suite name); with --methods, only those names")
     p.add_argument("--schemes", type=_csv, default=_csv(DEFAULT_SCHEMES),
                    help=f"comma-separated schemes (default {DEFAULT_SCHEMES})")
     p.add_argument("--batch", type=_ints, default=[1, 8, 32], help="batch sizes (default 1,8,32)")
@@ -66,9 +71,9 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32", "fp64"],
                    help="auto: fp16, plus a bf16 pass (with a bf16 baseline) for variants whose best "
-                        "kernel needs bf16; fp32 on the CPU")
+                        "kernel needs bf16; fp64 on the CPU (models.loading.auto_dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/perf", help="folder for records.jsonl and leaderboard.md")
     p.add_argument("--suite", default="perf")
@@ -78,6 +83,27 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
                    help="only re-render leaderboard.md from records.jsonl")
     p.set_defaults(func=run_from_args)
     return p
+
+
+def perf_methods(names: list[str], suite: str | None = None) -> list:
+    """The method entries a perf run measures: names (``all``: every registered method but the
+    reference), or a suite's ``methods`` entries (options, labels, clip), filtered by ``names``
+    unless they are the default."""
+    from .. import registry
+
+    if suite is not None:
+        from ..config import load_suite
+
+        from ..cells import resolve_variants
+
+        variants = resolve_variants(load_suite(suite))  # the suite's labels (options, clip, calibration)
+        if names and names != ["rtn"]:
+            variants = [v for v in variants if v.method in names]
+        return variants
+    if names == ["all"]:
+        ref = registry.reference_method()
+        return [m for m in registry.available_methods() if m != ref]
+    return names
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -96,9 +122,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         return 2
     from .runner import run_perf
 
+    try:
+        methods = perf_methods(args.methods, args.methods_from)
+    except (KeyError, ValueError) as exc:
+        print(f"qvlm-bench perf: {exc}", file=sys.stderr)
+        return 2
     failed = 0
     for model in args.model:
-        recs = run_perf(model, methods=args.methods, schemes=args.schemes, batches=args.batch,
+        recs = run_perf(model, methods=methods, schemes=args.schemes, batches=args.batch,
                         out=out, suite=args.suite, new_tokens=args.new_tokens,
                         text_tokens=args.text_tokens, warmup=args.warmup, reps=args.reps,
                         gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,

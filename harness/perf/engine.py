@@ -15,11 +15,21 @@ transformers so that it is the same, compile-friendly code for every variant, fp
   a CUDA graph and replayed, so per-token decode time is GPU time, not Python launch time.
 
 Everything degrades to eager PyTorch (CPU tests, or ``compile=False, graphs=False``).
+
+A quantization state reaches the engine whole (``state_blocks`` + ``LlavaEngine(float_params=…)``):
+codes, scales and zero points, static and dynamic activation quantizers, each linear's online
+``input_transform`` (applied in front of its quantizer: ``online``), and the state's
+``float_params`` — norm weights (folded smoothing scales), embeddings and LM head (rotations),
+float linear weights and biases, and a tuned vision tower or projector (run from a copy that holds
+the state's values; the float model is never edited). Whatever a state holds that the engine
+cannot apply — a quantized vision, projector or LM-head linear, a parameter the engine does not
+read, an unknown transform — raises ``EngineStateError`` instead of being silently dropped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -28,6 +38,11 @@ from torch.nn import functional as F
 from ..models.layers import language_layers
 from . import fused
 from . import real as real_mod
+from .online import UnsupportedTransform
+
+
+class EngineStateError(ValueError):
+    """State content the real-kernel engine cannot apply (it would time a different model)."""
 
 # ---------------------------------------------------------------------------- glue (compiled)
 
@@ -85,12 +100,31 @@ class LlavaEngine:
     """Generate with a LLaVA model whose decoder linears are replaced by ``blocks``' modules."""
 
     def __init__(self, model: nn.Module, blocks: list[Block], *, compile: bool = False,
-                 graphs: bool = False):
+                 graphs: bool = False, float_params: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.blocks = blocks
         lang_path, _ = language_layers(model)
         self.lang = model.get_submodule(lang_path.rsplit(".", 1)[0])
         self.lm_head = model.get_output_embeddings()
+        # the float tensors the engine computes with outside the decoder linears: the model's, or
+        # the state's where it has them (``float_params``; checked: ``engine_float_params``)
+        fp = check_float_params(model, float_params or {})
+        own = lambda path, t: t if path not in fp else fp[path].to(device=t.device, dtype=t.dtype)  # noqa: E731
+        paths = model_paths(model)
+        embed, head = self.lang.embed_tokens.weight, self.lm_head.weight
+        if embed is head:  # tied: one parameter, whichever name the state used
+            for a, b in ((paths["embed"], paths["head"]), (paths["head"], paths["embed"])):
+                if a in fp and b not in fp:
+                    fp = {**fp, b: fp[a]}
+        self.embed_w = own(paths["embed"], embed)
+        self.head_w = own(paths["head"], head)
+        hb = getattr(self.lm_head, "bias", None)
+        self.head_b = None if hb is None else own(paths["head_bias"], hb)
+        self.norm_w = own(paths["norm"], self.lang.norm.weight)
+        self.blocks = [replace(b, ln1=own(f"{lang_path}.{i}.input_layernorm.weight", b.ln1),
+                               ln2=own(f"{lang_path}.{i}.post_attention_layernorm.weight", b.ln2))
+                       for i, b in enumerate(blocks)]
+        self.vision = _vision_model(model, fp, paths)
         cfg = model.config.text_config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -147,7 +181,7 @@ class LlavaEngine:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.prefill_pos = torch.arange(T, device=dev)
         self.kv_range = torch.arange(self.max_len, device=dev)
-        vocab = self.lm_head.weight.shape[0]
+        vocab = self.head_w.shape[0]
         self.logits = torch.zeros(B, vocab, device=dev, dtype=torch.float32)
         self.feats = None
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
@@ -162,7 +196,7 @@ class LlavaEngine:
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.model.config
-        out = self.model.model.get_image_features(
+        out = self.vision.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         if hasattr(out, "pooler_output"):
@@ -207,8 +241,10 @@ class LlavaEngine:
                 self.v_cache[i][:, :, :T].copy_(v)
                 att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
             mode = self._mode(blk.o, phase)
-            if mode.kind == "float":
+            if mode.kind == "float":  # the layer applies its online transform, if any, itself
                 o = blk.o(att.transpose(1, 2).reshape(rows, H * D))
+            elif _online(blk.o):  # transform, then the fused quantizer on its output
+                o = blk.o(fused.rows_q(blk.o.transform(att.transpose(1, 2).reshape(rows, H * D)), blk.o.act, mode))
             else:
                 o = blk.o(fused.rows_q(att.transpose(1, 2), blk.o.act, mode))
             res, h = self._norm_into(res, o, blk.ln2, blk.gate_up, phase)
@@ -216,10 +252,12 @@ class LlavaEngine:
             mode = self._mode(blk.down, phase)
             if mode.kind == "float":
                 delta = blk.down(g["silu_mul"](gu))
+            elif _online(blk.down):
+                delta = blk.down(fused.rows_q(blk.down.transform(g["silu_mul"](gu)), blk.down.act, mode))
             else:
                 delta = blk.down(fused.silu_mul_q(gu, blk.down.act, mode))
         res = res + delta
-        return g["rms_norm"](res, self.lang.norm.weight, self.eps)
+        return g["rms_norm"](res, self.norm_w, self.eps)
 
     def _mode(self, layer, phase: str) -> fused.InputMode:
         if not self.fused or not hasattr(layer, "input_mode"):
@@ -234,6 +272,9 @@ class LlavaEngine:
             if delta is None:
                 return res, g["rms_norm"](res, w, self.eps)
             return g["add_rms_norm"](res, delta, w, self.eps)
+        if _online(layer):  # the transform sits between the norm and the quantizer
+            res, h = (res, g["rms_norm"](res, w, self.eps)) if delta is None else g["add_rms_norm"](res, delta, w, self.eps)
+            return res, fused.rows_q(layer.transform(h), layer.act, mode)
         return fused.add_rms_norm_q(res, delta, w, self.eps, layer.act, mode)
 
     def _vision(self) -> None:
@@ -244,20 +285,20 @@ class LlavaEngine:
 
     def _prefill(self) -> None:
         B, T = self.input_ids.shape
-        emb = self.lang.embed_tokens(self.input_ids)
+        emb = F.embedding(self.input_ids, self.embed_w)
         emb = emb.index_copy(1, self.img_pos, self.feats)
         out = self._layers(emb.reshape(B * T, -1), B, T, self.prefill_pos, decode=False)
         last = out.view(B, T, -1)[:, -1]
-        logits = self.lm_head(last)
+        logits = F.linear(last, self.head_w, self.head_b)
         self.logits.copy_(logits.float())
         self.tok.copy_(logits.argmax(-1, keepdim=True))
         self.pos.fill_(T)
 
     def _decode(self) -> None:
         B = self.tok.shape[0]
-        emb = self.lang.embed_tokens(self.tok).reshape(B, -1)
+        emb = F.embedding(self.tok, self.embed_w).reshape(B, -1)
         out = self._layers(emb, B, 1, self.pos, decode=True)
-        logits = self.lm_head(out)
+        logits = F.linear(out, self.head_w, self.head_b)
         self.logits.copy_(logits.float())
         self.tok.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
@@ -333,6 +374,31 @@ class LlavaEngine:
                 out[f"layers.{i}.{k}"] = getattr(b, k)
         return out
 
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        """The float tensors outside the decoder linears the engine computes with (memory figures)."""
+        out = {"embed_tokens": self.embed_w, "lm_head": self.head_w, "norm": self.norm_w}
+        if self.head_b is not None:
+            out["lm_head.bias"] = self.head_b
+        for i, b in enumerate(self.blocks):
+            out[f"layers.{i}.ln1"], out[f"layers.{i}.ln2"] = b.ln1, b.ln2
+        return out
+
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.vision.vision_tower, self.vision.multi_modal_projector]
+
+    def tensors_in_use(self) -> set[int]:
+        """``data_ptr`` of every tensor the engine reads (linears, float tensors, vision modules)."""
+        ptrs = {t.data_ptr() for t in self.float_tensors().values()} | {self.inv_freq.data_ptr()}
+        for m in list(self.linears().values()) + self.vision_modules():
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t is not None:
+                    ptrs.add(t.data_ptr())
+        return ptrs
+
+
+def _online(layer) -> bool:
+    return getattr(layer, "input_transform", None) is not None
+
 
 # ---------------------------------------------------------------------------- building blocks
 
@@ -385,3 +451,124 @@ def build_blocks(model: nn.Module, make_linear, *, fuse: bool = True) -> list[Bl
         blocks.append(Block(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
                             **mods))
     return blocks
+
+
+# ---------------------------------------------------------------------------- a state, whole
+
+DECODER_LINEARS = tuple(n for names in SIBLINGS.values() for n in names)
+NORM_PARAMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def model_paths(model: nn.Module) -> dict[str, str]:
+    """Parameter paths of what the engine reads outside the decoder linears."""
+    lang_path, _ = language_layers(model)
+    root = lang_path.rsplit(".", 1)[0]
+    names = {id(m): n for n, m in model.named_modules()}
+    head = names[id(model.get_output_embeddings())]
+    inner = model.model
+    return {"layers": lang_path, "embed": f"{root}.embed_tokens.weight", "norm": f"{root}.norm.weight",
+            "head": f"{head}.weight", "head_bias": f"{head}.bias",
+            "vision": names[id(inner.vision_tower)], "projector": names[id(inner.multi_modal_projector)]}
+
+
+def _decoder_entry(path: str, lang_path: str) -> tuple[int, str] | None:
+    """``(layer index, rest)`` of a path inside the decoder layers, else None."""
+    if not path.startswith(lang_path + "."):
+        return None
+    idx, _, rest = path[len(lang_path) + 1:].partition(".")
+    return (int(idx), rest) if idx.isdigit() else None
+
+
+def check_float_params(model: nn.Module, float_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``float_params`` if the engine reads every one of them, else ``EngineStateError``: the
+    embeddings, LM head, final norm, the decoder's RMSNorm weights, decoder linear weights and biases
+    (``state_blocks`` applies those), and anything in the vision tower or projector."""
+    paths = model_paths(model)
+    top = {paths["embed"], paths["norm"], paths["head"], paths["head_bias"]}
+    bad = []
+    for path in float_params:
+        if path in top or path.startswith((paths["vision"] + ".", paths["projector"] + ".")):
+            continue
+        entry = _decoder_entry(path, paths["layers"])
+        if entry is not None and (entry[1] in NORM_PARAMS or entry[1].rsplit(".", 1)[0] in DECODER_LINEARS
+                                  and entry[1].rsplit(".", 1)[1] in ("weight", "bias")):
+            continue
+        bad.append(path)
+    if bad:
+        raise EngineStateError(f"the state's float_params hold {len(bad)} tensor(s) the real-kernel engine does "
+                               f"not read, e.g. {bad[:3]}: timing it would measure another model")
+    return float_params
+
+
+def check_state(model: nn.Module, state) -> None:
+    """``EngineStateError`` for anything in ``state`` the engine cannot apply (module doc)."""
+    if state is None:
+        return
+    paths = model_paths(model)
+    bad = []
+    for path, lq in state.linears.items():
+        entry = _decoder_entry(path, paths["layers"])
+        if entry is None or entry[1] not in DECODER_LINEARS:
+            bad.append(f"{path}: a state entry outside the decoder's linears (the engine runs the vision tower, "
+                       f"projector and LM head in float from float_params only)")
+            continue
+        if lq.codes is not None and f"{path}.weight" in state.float_params:
+            bad.append(f"{path}: a float weight in float_params and codes: one of them would be ignored")
+        if lq.codes is None and lq.weight is not None and f"{path}.weight" in state.float_params:
+            bad.append(f"{path}: two float weights (the entry's and float_params')")
+    if bad:
+        raise EngineStateError(f"state of {state.method!r}: " + "; ".join(bad[:3])
+                               + (f"; and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    check_float_params(model, state.float_params)
+
+
+def state_blocks(model: nn.Module, state, *, device, dtype, fuse: bool = True) -> list[Block]:
+    """The decoder's deployed layers for ``state`` (None: the float model): codes, scales, zero
+    points, activation quantizers and online transforms of its entries, and its float weights and
+    biases for the decoder linears. Checks the whole state first (``check_state``); pass
+    ``state.float_params`` to ``LlavaEngine`` for the rest."""
+    from .real import RealLinear
+    from ..quant.state import LinearQuant
+
+    check_state(model, state)
+    fp = {} if state is None else state.float_params
+
+    def make(path, lin):
+        lq = None if state is None else state.linears.get(path)
+        if lq is None:
+            if lin is None:
+                raise ValueError(f"{path}: neither in the state nor in the model")
+            lq = LinearQuant(bits=16)
+        try:
+            return RealLinear.from_quant(lq, lin, device=device, dtype=dtype, name=path,
+                                         weight=fp.get(f"{path}.weight"), bias=fp.get(f"{path}.bias"))
+        except UnsupportedTransform as exc:
+            raise EngineStateError(f"{path}: {exc}") from None
+    return build_blocks(model, make, fuse=fuse)
+
+
+def _load_into(module: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``module`` holding ``values`` (paths relative to it)."""
+    new = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, value in values.items():
+            p = new.get_parameter(name)
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+    return new
+
+
+def _vision_model(model: nn.Module, fp: dict, paths: dict):
+    """The vision tower and projector the engine runs: the model's own, or copies that hold the
+    state's values (the float model stays as it is for other variants)."""
+    inner = model.model
+    over = {}
+    for key, attr in (("vision", "vision_tower"), ("projector", "multi_modal_projector")):
+        pre = paths[key] + "."
+        vals = {k[len(pre):]: v for k, v in fp.items() if k.startswith(pre)}
+        if vals:
+            over[attr] = _load_into(getattr(inner, attr), vals)
+    if not over:
+        return inner
+    shell = copy.copy(inner)  # the same modules but the overridden ones
+    object.__setattr__(shell, "_modules", {**inner._modules, **over})
+    return shell

@@ -132,10 +132,18 @@ def simulated_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values:
                 except AttributeError:
                     continue
 
-                def hook(_m, args, out, _p=path):
+                seen: dict = {}
+
+                def pre(_m, args, _p=path, _seen=seen):
+                    # the layer's input before its online transform (a first pre-hook of its own,
+                    # registered after this one with prepend): what the engine's layer is given
+                    if _p not in io and _p not in _seen:
+                        _seen[_p] = args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu")
+
+                def hook(_m, args, out, _p=path, _seen=seen):
                     if _p not in io:  # kept in host memory: it must not count in the engines' peak
-                        io[_p] = (args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu"),
-                                  out.detach().reshape(-1, out.shape[-1]).to("cpu"))
+                        io[_p] = (_seen.pop(_p), out.detach().reshape(-1, out.shape[-1]).to("cpu"))
+                hooks.append(mod.register_forward_pre_hook(pre, prepend=True))
                 hooks.append(mod.register_forward_hook(hook))
     ids = input_ids[:1]
     pix = pixel_values[:1]
@@ -227,8 +235,9 @@ def _layer_error(mod, x: torch.Tensor, want: torch.Tensor, tol: float, key: str,
     total = rel_err(mod(x), want)
     if total <= tol or getattr(mod, "act", None) is None:
         return total
-    q = quantizer_ties(x, mod.act)
-    kernel = rel_err(mod(x), mod.run("simulated", x))
+    xt = mod.transform(x) if hasattr(mod, "transform") else x  # what the quantizer sees
+    q = quantizer_ties(xt, mod.act)
+    kernel = rel_err(mod(x), mod.run("simulated", xt))
     state = rel_err(mod.simulated(x), want)
     ties[key] = {"total": total, "kernel": kernel, "state": state, "quantizer": q}
     return max(kernel, state) if q["non_tie"] == 0 else total
@@ -420,8 +429,14 @@ def check_producers(engine, ref: SimReference, tol: float = GATE_TOL) -> dict:
                 if mode.kind == "float":
                     continue
                 h = make(x, None, fused.FLOAT_INPUT)
-                p = make(x, layer.act, mode)
-                c = fused.check_codes(h, p, layer.act)
+                if getattr(layer, "input_transform", None) is not None:
+                    # as the engine: the float producer, the transform, then the row quantizer
+                    ht = layer.transform(h)
+                    p = fused.rows_q(ht, layer.act, mode)
+                    c = fused.check_codes(ht, p, layer.act)
+                else:
+                    p = make(x, layer.act, mode)
+                    c = fused.check_codes(h, p, layer.act)
                 c["float_err"] = rel_err(h, want if step == "prefill" else want[-B:])
                 c["mode"] = mode.kind + ("-fp8" if mode.fp8 else "")
                 out["checks"][f"layers.{i}.{key}.{step}"] = c

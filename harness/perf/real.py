@@ -41,6 +41,7 @@ from . import fused
 from . import gemlite_kernels as glk
 from . import triton_kernels as tk
 from .fused import FLOAT_INPUT, InputMode, Prepared
+from .online import make_transform
 from .packing import from_int8_storage, pack_int4, storage_format, to_int8_storage, unpack_int4
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -247,9 +248,13 @@ class RealLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, weight: torch.Tensor | None = None,
                  wdata: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                  zero: torch.Tensor | None = None, bits: int = 16, act: ActQuant | None = None,
-                 bias: torch.Tensor | None = None, name: str = ""):
+                 bias: torch.Tensor | None = None, name: str = "", input_transform: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # the state's online transform in front of the activation quantizer (``online``): applied
+        # to plain-tensor inputs by ``forward``/``simulated``; a ``Prepared`` input already had it
+        self.input_transform = input_transform
+        self._transform = make_transform(input_transform, in_features)
         self.bits = bits
         self.act = act
         self.name = name
@@ -276,20 +281,26 @@ class RealLinear(nn.Module):
 
     @classmethod
     def from_quant(cls, lq: LinearQuant, linear: nn.Linear | None, *, device, dtype,
-                   name: str = "") -> "RealLinear":
-        """The deployed form of one state entry (``linear``: the float layer, for shape and bias)."""
-        bias = None
-        if linear is not None and linear.bias is not None:
-            bias = linear.bias.detach().to(device=device, dtype=dtype)
+                   name: str = "", weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> "RealLinear":
+        """The deployed form of one state entry (``linear``: the float layer, for shape and bias;
+        ``weight``/``bias``: the state's float values for them, where it has any)."""
+        if bias is None and linear is not None and linear.bias is not None:
+            bias = linear.bias.detach()
+        if bias is not None:
+            bias = bias.to(device=device, dtype=dtype)
         if lq.codes is None:
             if lq.weight is not None:
                 w = lq.weight
+            elif weight is not None:
+                w = weight
             elif linear is not None:
                 w = linear.weight.detach()
             else:
                 raise ValueError(f"{name}: float layer without a weight")
             w = w.to(device=device, dtype=dtype).contiguous()
-            return cls(w.shape[1], w.shape[0], weight=w, bits=16, act=lq.act, bias=bias, name=name)
+            return cls(w.shape[1], w.shape[0], weight=w, bits=16, act=lq.act, bias=bias, name=name,
+                       input_transform=lq.input_transform)
         codes = lq.codes.to(device)
         out_f, in_f = codes.shape
         if storage_format(lq.bits) == "int4":
@@ -297,7 +308,7 @@ class RealLinear(nn.Module):
         else:
             wdata, zero = to_int8_storage(codes, lq.zero.to(device), lq.bits)
         new = cls(in_f, out_f, wdata=wdata, scale=lq.scale.to(device), zero=zero, bits=lq.bits,
-                  act=lq.act, bias=bias, name=name)
+                  act=lq.act, bias=bias, name=name, input_transform=lq.input_transform)
         new._dtype = dtype
         return new
 
@@ -313,7 +324,8 @@ class RealLinear(nn.Module):
         same_act = all((p.act is None) == (first.act is None) and
                        (p.act is None or p.act.to_meta() == first.act.to_meta()) and
                        (p.act is None or p.act.granularity == "per_token") for p in parts)
-        if not same_act or any(p.in_features != first.in_features or p.fmt != first.fmt for p in parts):
+        if not same_act or any(p.in_features != first.in_features or p.fmt != first.fmt
+                               or p.input_transform != first.input_transform for p in parts):
             return False
         if first.fmt != "float":
             if any(p.bits != first.bits or p.scale.shape[1] != first.scale.shape[1] for p in parts):
@@ -330,10 +342,10 @@ class RealLinear(nn.Module):
         bias = None if first.bias is None else torch.cat([p.bias for p in parts])
         if first.fmt == "float":
             return cls(first.in_features, out_f, weight=torch.cat([p.weight for p in parts]),
-                       act=first.act, bias=bias, name=name)
+                       act=first.act, bias=bias, name=name, input_transform=first.input_transform)
         new = cls(first.in_features, out_f, wdata=torch.cat([p.wdata for p in parts]),
                   scale=torch.cat([p.scale for p in parts]), zero=torch.cat([p.zero for p in parts]),
-                  bits=first.bits, act=first.act, bias=bias, name=name)
+                  bits=first.bits, act=first.act, bias=bias, name=name, input_transform=first.input_transform)
         new._dtype = first._dtype
         return new
 
@@ -370,8 +382,14 @@ class RealLinear(nn.Module):
         s = self.scale.repeat_interleave(rep, dim=1)
         return ((q - z) * s).to(dtype)
 
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The state's online input transform (identity without one): what the quantizer sees."""
+        return x if self._transform is None else self._transform(x)
+
     def simulated(self, x: torch.Tensor) -> torch.Tensor:
-        """What the simulated ``FakeQuantLinear`` computes for the same state entry."""
+        """What the simulated ``FakeQuantLinear`` computes for the same state entry (its online
+        transform, a first forward pre-hook there, included)."""
+        x = self.transform(x)
         if self.act is not None:
             x = quantize_activation(x, self.act)
         return F.linear(x, self.dequantized(x.dtype), self.bias)
@@ -545,7 +563,8 @@ class RealLinear(nn.Module):
 
     def run(self, kernel: str, x, prequantized: bool = False) -> torch.Tensor:
         """Compute the layer on ``x`` (``[M, K]`` tensor or ``Prepared``) with the named kernel.
-        ``prequantized``: the tensor ``x`` is already fake-quantized."""
+        ``prequantized``: the tensor ``x`` is already fake-quantized. ``x`` is the quantizer's
+        input: the online transform, if any, is already applied (``forward`` applies it)."""
         if prequantized and not isinstance(x, Prepared):
             x = Prepared("fake", x)
         k = KERNELS.get(kernel)
@@ -628,7 +647,7 @@ class RealLinear(nn.Module):
             kernel = self.choice.get(phase) or self.candidates(phase, x.x.device)[0]
             return self.run(kernel, x)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = self.transform(x.reshape(-1, shape[-1]))
         phase = "decode" if x2.shape[0] <= DECODE_MAX_ROWS else "prefill"
         kernel = self.choice.get(phase) or self.candidates(phase, x.device)[0]
         return self.run(kernel, x2).reshape(*shape[:-1], self.out_features)
@@ -656,7 +675,8 @@ class RealLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f"a{self.act.bits}" if self.act is not None else "a16"
-        return f"in={self.in_features}, out={self.out_features}, {self.fmt} w{self.bits}{act}, {self.choice}"
+        online = f", online {self.input_transform}" if self.input_transform else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt} w{self.bits}{act}{online}, {self.choice}"
 
 
 # ---------------------------------------------------------------------------- kernel selection

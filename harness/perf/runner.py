@@ -1,10 +1,14 @@
 """``run_perf``: model x methods x schemes x batch sizes -> gated latency/memory records + table.
 
 One variant at a time (one quantization state on the device at once): the float baseline first,
-then each (method, scheme):
+then each (method, scheme), the methods resolved as accuracy suites resolve them
+(``cells.resolve_methods``: the same ``Variant``, options, labels):
 
-1. quantize (float model on the device), run the simulated model on the gate sample (its
-   greedy reference), build the deployed layers (``RealLinear``) and let the state go;
+1. make the state on the accuracy path (``prepare.prepare_state``: options, ``Method.quantize``, the
+   unchanged-model check, ``finalize_state`` with the activation-range rule; random calibration
+   data where the row uses data), run the simulated model of that state on the gate sample (its
+   greedy reference), build the deployed layers (``engine.state_blocks``: codes, quantizers,
+   online transforms, float weights) and keep the state's ``float_params`` for the engine;
 2. for each batch size: choose layouts and kernels for the workload (``select_kernels``), compile
    and capture the engine, gate it (``gate.check``: layerwise at this model's shapes, end to end,
    the fused quantizers against the simulated quantizer, and once per variant end to end on the
@@ -19,8 +23,6 @@ float baseline, so every ratio is against the baseline of the same dtype and cal
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import shlex
 import sys
 import time
@@ -31,13 +33,17 @@ from pathlib import Path
 
 import torch
 
-from ..models.layers import language_layers, select_linears
+from ..cells import Variant, act_range_rule, digest, resolve_methods, state_identity, uses_calibration
+from ..config import MethodSpec, method_spec
+from ..models.layers import language_layers
+from ..models.loading import auto_dtype
+from ..prepare import prepare_state
 from ..quant.config import parse_scheme
 from ..quant.simulated import apply_state
 from ..records import git_describe
 from . import gate as gate_mod
 from .arch import load_for_perf
-from .engine import LlavaEngine, build_blocks
+from .engine import LlavaEngine, state_blocks
 from .measure import copy_bandwidth, device_info, peak_memory, time_generate
 from .real import TINYGEMM, RealLinear, select_kernels, set_compile
 from .records import write_perf_record, write_perf_table
@@ -55,6 +61,24 @@ def float_variant() -> tuple[str, str]:
     from ..registry import reference_method
 
     return reference_method(), "w16a16"
+
+
+def perf_variants(methods) -> list[Variant]:
+    """``methods`` (names, ``MethodSpec``s, suite ``methods`` entries, or ``cells.Variant``s resolved
+    with their suite) as ``cells.Variant``s, the float reference first (once); the same resolution,
+    options and labels as accuracy suites."""
+    methods = list(methods)
+    ref_name, _ = float_variant()
+    if methods and all(isinstance(m, Variant) for m in methods):  # resolved already (with a suite)
+        variants = methods
+        if not any(v.reference for v in variants):
+            variants = resolve_methods([MethodSpec(ref_name)]) + variants
+        return sorted(variants, key=lambda v: not v.reference)
+    specs = [method_spec(m) for m in methods]
+    if ref_name not in [s.name for s in specs]:
+        specs = [MethodSpec(ref_name)] + specs
+    variants = resolve_methods(specs)
+    return sorted(variants, key=lambda v: not v.reference)
 
 
 # ---------------------------------------------------------------------------- workload
@@ -101,18 +125,6 @@ def make_workload(config, *, text_tokens: int = 70, new_tokens: int = 128, seed:
 
 # ---------------------------------------------------------------------------- methods & states
 
-def method_class(name: str):
-    """The registered method class (``harness.registry``), with the list of known ones on error."""
-    from .. import registry
-
-    try:
-        return registry.get_method(name)
-    except (KeyError, ImportError) as exc:
-        known = ", ".join(registry.available_methods()) or "(none)"
-        raise KeyError(f"unknown or unimportable method {name!r} ({type(exc).__name__}: {exc}); "
-                       f"registered: {known}") from exc
-
-
 def random_calibration(lm, workload: Workload, n: int = 4):
     """Random calibration batches for methods that need data (systems benchmarking only)."""
     from ..calibration import CalibrationSet
@@ -140,6 +152,21 @@ def random_calibration(lm, workload: Workload, n: int = 4):
                                                    "note": "random tokens and images: systems benchmark"})
 
 
+def perf_state(lm, variant: Variant, qcfg, workload: Workload, *, seed: int = 0):
+    """``(state, state_key)``: the state a perf row times, made by the accuracy worker's path
+    (``prepare.prepare_state``: the variant's options, the unchanged-model check, ``finalize_state``
+    with the suites' activation-range rule), on random calibration data where the row uses data
+    (``cells.uses_calibration``), and its ``cells.state_identity`` digest."""
+    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.clip, qcfg) else None
+    rule = act_range_rule(None, variant, qcfg)
+    state = prepare_state(lm, variant, qcfg, calib, rule, seed=seed)
+    dtype = DTYPE_NAMES.get(lm.dtype, str(lm.dtype))
+    device_kind = "cuda" if str(lm.device).startswith("cuda") else str(lm.device)
+    ident = state_identity(lm.name, f"{lm.path}; seed {seed}", dtype, device_kind, variant, qcfg,
+                           None if calib is None else {**calib.source, "digest": calib.digest()}, rule, seed)
+    return state, digest(ident)
+
+
 # ---------------------------------------------------------------------------- helpers
 
 def _bytes_of(module: torch.nn.Module) -> int:
@@ -155,34 +182,27 @@ def _bytes_of(module: torch.nn.Module) -> int:
 def weight_bytes(engine: LlavaEngine) -> dict:
     lang_lin = sum(m.weight_bytes() if isinstance(m, RealLinear) else _bytes_of(m)
                    for m in engine.linears().values())
-    other = engine.lang.embed_tokens.weight
-    norms = sum(b.ln1.numel() * b.ln1.element_size() + b.ln2.numel() * b.ln2.element_size()
-                for b in engine.blocks)
-    lm_head = engine.lm_head.weight
-    lang = lang_lin + norms + other.numel() * other.element_size() + lm_head.numel() * lm_head.element_size() \
-        + engine.lang.norm.weight.numel() * engine.lang.norm.weight.element_size()
-    vision = _bytes_of(engine.model.model.vision_tower) + _bytes_of(engine.model.model.multi_modal_projector)
-    return {"weight_bytes_language": int(lang), "weight_bytes_language_linears": int(lang_lin),
+    seen, other = set(), 0
+    for t in engine.float_tensors().values():  # embeddings, LM head (tied: once), norms
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            other += t.numel() * t.element_size()
+    vision = sum(_bytes_of(m) for m in engine.vision_modules())
+    return {"weight_bytes_language": int(lang_lin + other), "weight_bytes_language_linears": int(lang_lin),
             "weight_bytes_vision": int(vision)}
 
 
-def _engine_ptrs(engine: LlavaEngine) -> set[int]:
-    ptrs = set()
-    for m in engine.linears().values():
-        for t in list(m.parameters()) + list(m.buffers()):
-            ptrs.add(t.data_ptr())
-    return ptrs
-
-
-def idle_float_bytes(float_linears: dict, engine: LlavaEngine) -> int:
-    """Bytes of the float model's decoder weights on the device that ``engine`` does not use: held
-    only to quantize later variants, so left out of the engine's memory figures."""
-    used = _engine_ptrs(engine)
-    total = 0
-    for lin in float_linears.values():
-        w = lin.weight
-        if w.device.type != "cpu" and w.data_ptr() not in used:
-            total += w.numel() * w.element_size()
+def idle_float_bytes(model, engine: LlavaEngine) -> int:
+    """Bytes of the float model's tensors on the device that ``engine`` does not use (decoder
+    weights the engine holds quantized, and whatever the state replaced: norms, embeddings, a vision
+    tower): held only to quantize later variants, so left out of the engine's memory figures."""
+    used = engine.tensors_in_use()
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" or t.data_ptr() in used or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
     return total
 
 
@@ -244,8 +264,11 @@ def wants_bf16(selection: list) -> bool:
 
 
 @dataclass
-class Variant:
-    method: str
+class Case:
+    """One (variant, scheme, dtype) of a perf run, and what the run found for it. ``variant`` is
+    the accuracy suites' ``cells.Variant`` (method class, resolved options, row label)."""
+
+    variant: Variant
     scheme: str
     dtype: torch.dtype
     qcfg: object = None
@@ -255,10 +278,17 @@ class Variant:
     proof: dict = field(default_factory=dict)
     trained: dict | None = None  # the trained-model gate, once per variant
     selection: list = field(default_factory=list)
+    float_params: dict = field(default_factory=dict)  # the state's, for the engine
+    state_key: str | None = None  # cells.state_identity's digest
+    state_meta: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.variant.method
 
     @property
     def is_reference(self) -> bool:
-        return (self.method, self.scheme) == float_variant()
+        return self.variant.reference
 
     @property
     def act_quant(self) -> bool:
@@ -266,7 +296,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.scheme} ({DTYPE_NAMES.get(self.dtype, self.dtype)})"
+        return f"{self.variant.label} {self.scheme} ({DTYPE_NAMES.get(self.dtype, self.dtype)})"
 
 
 class Budget:
@@ -308,7 +338,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     """Benchmark ``model`` (architecture name, folder or Hub id); returns the records written.
 
     ``dtype``: fp16 / bf16 / fp32, or ``auto`` (fp16 on CUDA, plus a bf16 pass with its own
-    baseline for variants whose best kernel needs bf16; fp32 on the CPU). ``objective``:
+    baseline for variants whose best kernel needs bf16; fp64 on the CPU: ``models.loading.auto_dtype``). ``objective``:
     ``generate`` chooses each layer's layout by the time of the whole workload (prefill once,
     ``new_tokens - 1`` decode steps), ``decode`` by decode time alone, ``prefill`` by prefill alone.
     """
@@ -324,7 +354,7 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     run_id = uuid.uuid4().hex[:12]
     cuda = str(device).startswith("cuda")
     auto = dtype == "auto"
-    first_dtype = ("fp16" if cuda else "fp32") if auto else dtype
+    first_dtype = auto_dtype(device) if auto else dtype  # the project's one rule: fp16 on GPU, fp64 on CPU
     torch.manual_seed(seed)
     info = device_info(device)
     bw = copy_bandwidth(device)
@@ -337,7 +367,6 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     log(f"[perf] model ready in {time.time() - t0:.1f}s")
     wl = make_workload(lm.model.config, text_tokens=text_tokens, new_tokens=new_tokens, seed=seed)
     lang_path, _ = language_layers(lm.model)
-    float_linears = {n: m for n, m in select_linears(lm.model, ["language"]).items() if n.startswith(lang_path)}
     plan_runs = {"decode": max(1, new_tokens - 1) if objective != "prefill" else 0,
                  "prefill": 0 if objective == "decode" else 1}
 
@@ -350,26 +379,28 @@ def run_perf(model: str, methods=("rtn",), schemes=("w4a16", "w8a8", "w4a4", "w6
     ctx = _Ctx(lm=lm, wl=wl, out=out, common=common, batches=list(batches), new_tokens=new_tokens,
                warmup=warmup, reps=reps, gate=gate, gate_tokens=gate_tokens, compile=compile,
                graphs=graphs, device=device, kernels=kernels, overrides=overrides, plan_runs=plan_runs,
-               float_linears=float_linears, lang_path=lang_path, log=log,
+               lang_path=lang_path, log=log, seed=seed,
                trained_gate="on" if trained_gate == "on" or (trained_gate == "auto" and cuda) else "off")
-    pairs = [float_variant()] + [(m, s) for m in methods for s in schemes]
+    variants = perf_variants(methods)
+    reference = variants[0]
+    pairs = [(reference, float_variant()[1])] + [(v, s) for v in variants[1:] for s in schemes]
     budget = Budget(time_budget_s, len(pairs) + (1 if auto and cuda else 0))
     records: list[dict] = []
     wanted = []
-    for i, (m, s) in enumerate(pairs):
-        v = Variant(m, s, lm.dtype)
+    for i, (var, s) in enumerate(pairs):
+        v = Case(var, s, lm.dtype)
         records += ctx.run_variant(v, budget, share=i)
         if i == 0:
             budget.reference_done()
         if auto and cuda and not v.is_reference and wants_bf16(v.selection):
-            wanted.append((m, s))
+            wanted.append((var, s))
     if wanted:
-        log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {wanted}")
+        log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {[(v.label, s) for v, s in wanted]}")
         lm.model.to(torch.bfloat16)
         lm.dtype = torch.bfloat16
         _sync(device)
-        for m, s in [float_variant()] + wanted:  # the bf16 baseline first, with every batch size
-            v = Variant(m, s, torch.bfloat16)
+        for var, s in [pairs[0]] + wanted:  # the bf16 baseline first, with every batch size
+            v = Case(var, s, torch.bfloat16)
             records += ctx.run_variant(v, budget, share=0 if v.is_reference else budget.shares - 1)
     skipped = [(r["method"], r["scheme"], r["dtype"], r["batch_size"]) for r in records
                if str(r.get("error") or "").startswith("not run")]
@@ -399,35 +430,40 @@ class _Ctx:
     kernels: list | None
     overrides: dict
     plan_runs: dict
-    float_linears: dict
     lang_path: str
     log: object
     trained_gate: str = "auto"
+    seed: int = 0
     _trained_lm: object = None
     float_e2e: dict = field(default_factory=dict)  # dtype -> the float engine's end-to-end error
     float_trained: dict = field(default_factory=dict)  # dtype -> the float engine's trained-model exact record
 
     # -- one variant ---------------------------------------------------------------------------
 
-    def _record(self, v: Variant, B: int, **fields) -> dict:
+    def _record(self, v: Case, B: int, **fields) -> dict:
         qd = v.qcfg.to_dict() if v.qcfg is not None else None
-        variant = v.method
+        variant = v.variant.label  # the accuracy suites' row label: the leaderboard joins on it
         if self.overrides and not v.is_reference:  # rows of another configuration must not replace these
             variant += " (" + ", ".join(f"{k}={val}" for k, val in sorted(self.overrides.items())) + ")"
+        dtype = DTYPE_NAMES.get(v.dtype, str(v.dtype))
         rec = dict(self.common, method=v.method, variant=variant, reference=v.is_reference,
-                   scheme=v.scheme, dtype=DTYPE_NAMES.get(v.dtype, str(v.dtype)), batch_size=B,
+                   control=not v.is_reference and not v.variant.cls.quantizes,
+                   method_options=v.variant.options, clip=v.variant.clip,
+                   scheme=v.scheme, dtype=dtype, batch_size=B,
                    quant_config=qd, quantize_s=v.quantize_s, proof=v.proof, n=self.reps, latency=None,
                    memory=None, kernel=None, status="failed", error=v.error, gate=None,
-                   config_hash=hashlib.sha256(json.dumps(
-                       [self.common["model"], v.method, qd or v.scheme, B, DTYPE_NAMES.get(v.dtype),
-                        self.common["workload"], self.common["objective"]],
-                       sort_keys=True, default=str).encode()).hexdigest()[:16])
+                   state_key=v.state_key, act_ranges=v.state_meta.get("act_ranges"),
+                   calibration=v.state_meta.get("calibration"),
+                   config_hash=digest([v.state_key, self.common["model"], v.method, v.variant.options,
+                                       v.variant.clip, qd or v.scheme, B, dtype, self.common["workload"],
+                                       self.common["objective"]]))
         rec.update(fields)
         rec.pop("timestamp", None)
         return write_perf_record(self.out / "records.jsonl", **rec)
 
-    def _quantize(self, v: Variant, lm, wl: Workload, exact: bool = False):
-        """State + simulated reference of ``v`` on ``lm`` (None state for the float baseline).
+    def _quantize(self, v: Case, lm, wl: Workload, exact: bool = False):
+        """State of ``v`` on ``lm`` by the accuracy path (``prepare_state``) and its simulated
+        reference (None state for the float baseline).
 
         ``exact``: also the float64 copy of the simulated model's logits (``gate.exact_reference``;
         small models only: it copies the model)."""
@@ -445,14 +481,10 @@ class _Ctx:
         if v.is_reference:
             reference()
             return None
-        cls = method_class(v.method)
-        calib = random_calibration(lm, wl) if cls.calibrates(v.qcfg) else None
-        t0 = time.time()
-        state = cls().quantize(lm, v.qcfg, calib)
-        if str(self.device).startswith("cuda"):
-            torch.cuda.synchronize()
-        v.quantize_s = time.time() - t0
-        v.proof = state.proof()
+        state, v.state_key = perf_state(lm, v.variant, v.qcfg, wl, seed=self.seed)
+        v.quantize_s = state.meta.get("quantize_s")
+        v.proof = dict(state.meta.get("proof") or state.proof())
+        v.state_meta = {k: state.meta.get(k) for k in ("act_ranges", "calibration")}
         handle = apply_state(lm.model, state, device=self.device)
         try:
             reference()
@@ -462,18 +494,9 @@ class _Ctx:
         return state
 
     def _blocks(self, model, state, dtype):
-        def make(path, lin):
-            lq = None if state is None else state.linears.get(path)
-            if lq is None:
-                if lin is None:
-                    raise ValueError(f"{path}: neither in the state nor in the model")
-                w = lin.weight.detach().to(device=self.device, dtype=dtype)
-                b = None if lin.bias is None else lin.bias.detach().to(device=self.device, dtype=dtype)
-                return RealLinear(w.shape[1], w.shape[0], weight=w, bias=b, name=path)
-            return RealLinear.from_quant(lq, lin, device=self.device, dtype=dtype, name=path)
-        return build_blocks(model, make)
+        return state_blocks(model, state, device=self.device, dtype=dtype)
 
-    def run_variant(self, v: Variant, budget: Budget, share: int) -> list[dict]:
+    def run_variant(self, v: Case, budget: Budget, share: int) -> list[dict]:
         log, lm = self.log, self.lm
         recs = []
         if not budget.allow(share, True):
@@ -483,7 +506,8 @@ class _Ctx:
         try:
             state = self._quantize(v, lm, self.wl)
             blocks = self._blocks(lm.model, state, lm.dtype)
-            del state  # the deployed layers hold what the engine needs
+            v.float_params = {} if state is None else state.float_params
+            del state  # the deployed layers and float_params hold what the engine needs
             _sync(self.device)
             log(f"[perf] {v.label}: state in {v.quantize_s or 0:.1f}s, "
                 f"{v.proof.get('quantized_linears', 0)} linears, simulated reference done")
@@ -501,13 +525,14 @@ class _Ctx:
         _sync(self.device)
         return recs
 
-    def _run_batch(self, v: Variant, blocks, B: int) -> dict:
+    def _run_batch(self, v: Case, blocks, B: int) -> dict:
         log, lm, wl = self.log, self.lm, self.wl
         fields: dict = {}
         engine = None
         try:
             t_eval = time.time()
-            engine = LlavaEngine(lm.model, blocks, compile=self.compile, graphs=self.graphs)
+            engine = LlavaEngine(lm.model, blocks, compile=self.compile, graphs=self.graphs,
+                                 float_params=v.float_params)
             ids, pix = wl.batch(B)
             engine.setup(ids, pix, self.new_tokens)
             lin = _parts(engine)
@@ -567,7 +592,7 @@ class _Ctx:
                               error="no real kernel for this scheme here: not timed (simulated)")
             else:
                 lat = time_generate(engine, warmup=self.warmup, reps=self.reps)
-                mem = peak_memory(engine, exclude_bytes=idle_float_bytes(self.float_linears, engine))
+                mem = peak_memory(engine, exclude_bytes=idle_float_bytes(lm.model, engine))
                 mem.update(weight_bytes(engine))
                 mem["kv_cache_bytes"] = int(sum(k.numel() * k.element_size() * 2 for k in engine.k_cache))
                 fields.update(latency=lat, memory=mem, status="ok", error=None)
@@ -589,7 +614,7 @@ class _Ctx:
 
     # -- the trained-model gate ----------------------------------------------------------------
 
-    def _trained(self, v: Variant, big: LlavaEngine) -> dict:
+    def _trained(self, v: Case, big: LlavaEngine) -> dict:
         """End to end on the bundled trained model, with the kernels ``big`` chose (by layer role and
         phase) wherever they take its shapes: on random weights, one-step code flips at rounding
         ties are amplified through 32-40 layers and hide kernel bugs; a trained model is not."""
@@ -603,12 +628,14 @@ class _Ctx:
             if self._trained_lm is None or self._trained_lm.dtype != self.lm.dtype:
                 self._trained_lm = load_model(TRAINED_GATE_MODEL, dtype=self.lm.dtype, device=self.device)
             tlm = self._trained_lm
-            tv = Variant(v.method, v.scheme, tlm.dtype)
+            tv = Case(v.variant, v.scheme, tlm.dtype)
             wl = make_workload(tlm.model.config, text_tokens=24, new_tokens=self.gate_tokens + 1, seed=1)
-            state = self._quantize(tv, tlm, wl, exact=True)
+            state = self._quantize(tv, tlm, wl, exact=True)  # the same method and options, this model
             blocks = self._blocks(tlm.model, state, tlm.dtype)
+            fp = {} if state is None else state.float_params
             del state
-            engine = LlavaEngine(tlm.model, blocks, compile=False, graphs=False)  # the kernels are the subject
+            engine = LlavaEngine(tlm.model, blocks, compile=False, graphs=False,  # the kernels are the subject
+                                 float_params=fp)
             ids, pix = wl.batch(1)
             engine.setup(ids, pix, wl.new_tokens)
             roles = {}
