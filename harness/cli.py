@@ -14,7 +14,7 @@ def _csv(value: str) -> list[str]:
 def cmd_run(args) -> int:
     from .config import SuiteError, load_suite
     from .executors import make_executor
-    from .leaderboard import write_leaderboard
+    from .tables import write_leaderboard
     from .runner import failure_lines, run_suite
 
     overrides = {}
@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .leaderboard import write_leaderboard
+    from .tables import write_leaderboard
     from .records import read_records
 
     stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots,

@@ -15,9 +15,7 @@ it can be regenerated at any time.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .records import read_records, temp_name
 from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
                     combine_runs)
 
@@ -217,11 +214,71 @@ def _task_clusters(task: str, ids: list, cells: list[tuple[str, dict | None]],
     return cluster_index([label[d] for d in ids]), unit
 
 
+SETTINGS = ("limit", "dtype", "calibration (but the seed)")
+
+
+def _cells(run: Run) -> dict[tuple, dict[str, str]]:
+    """Per cell (model, variant, scheme, task) of a run's latest successful accuracy records, the
+    settings that must match for two runs to be seeds of one suite (the seed may differ)."""
+    df = latest_ok(run.records)
+    recs = df[df["metric"] == "accuracy"].to_dict("records") if not df.empty else []
+
+    def text(v) -> str:
+        if v is None or (isinstance(v, float) and v != v):  # absent, or a NaN from a column others have
+            return "null"
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+
+    out = {}
+    for r in recs:
+        cal = r.get("calibration")
+        cal = {k: v for k, v in cal.items() if k not in ("seed", "digest")} if isinstance(cal, dict) else None
+        out[(r["model"], r["variant"], r["scheme"], r["task"])] = {
+            "limit": text(r.get("limit")), "dtype": text(r.get("dtype")), SETTINGS[2]: text(cal)}
+    return out
+
+
+def check_comparable(runs: Sequence[Run]) -> list[str]:
+    """Refuse (``ValueError`` saying exactly what differs) to tabulate records that are not one
+    suite: one folder whose latest records were made with different ``limit`` s (rows over
+    different question sets), or several folders where one cell has another limit, dtype or
+    calibration (only the seed may differ between seeds of a run). Tasks or models present in
+    some runs only are allowed (an unfinished run) and returned as notes for the table."""
+    cells = [_cells(run) for run in runs]
+    for run, cs in zip(runs, cells):
+        limits = sorted({c["limit"] for c in cs.values()})
+        if len(limits) > 1:
+            raise ValueError(f"{run.folder}: its records were made with different `limit`s ({', '.join(limits)}; "
+                             "null: all questions), so rows would compare different question sets; re-run "
+                             "the suite with one limit into a fresh --output")
+    if len(runs) < 2:
+        return []
+    diffs = []
+    for key in SETTINGS:
+        for k in range(1, len(runs)):
+            cell = next((c for c in cells[0] if c in cells[k] and cells[0][c][key] != cells[k][c][key]), None)
+            if cell is not None:
+                diffs.append(f"{key}: {runs[0].label} {cells[0][cell][key]}; {runs[k].label} {cells[k][cell][key]} "
+                             f"(e.g. cell {' / '.join(map(str, cell))})")
+    if diffs:
+        raise ValueError("these results folders are not runs of one suite (only the seed may differ), so "
+                         "they cannot be combined: " + " | ".join(diffs)
+                         + ". Tabulate each alone, or re-run one with the other's settings")
+    notes = []
+    for what, pos in (("tasks", 3), ("models", 0)):
+        have = [{c[pos] for c in cs} for cs in cells]
+        every = set.union(*have)
+        missing = [f"{run.label} lacks {', '.join(sorted(every - h))}" for run, h in zip(runs, have) if every - h]
+        if missing:
+            notes.append(f"not every run has the same {what} ({'; '.join(missing)}): their cells are "
+                         "averaged over the runs that have them")
+    return notes
+
+
 def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                 level: float = DEFAULT_LEVEL, perf_records: list[dict] | None = None) -> Board:
     """The numeric leaderboard with intervals over one run or several runs of the same suite."""
-    from .aggregate import check_comparable
-
     notes: list[str] = check_comparable(runs)
     frames = []
     for k, run in enumerate(runs):
@@ -586,7 +643,7 @@ def notes_text(board: Board) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _booktabs(df: pd.DataFrame) -> str:
+def booktabs(df: pd.DataFrame) -> str:
     from tabulate import tabulate
 
     def esc(v: str) -> str:
@@ -598,64 +655,3 @@ def _booktabs(df: pd.DataFrame) -> str:
     return tabulate(body.values.tolist(), headers=headers, tablefmt="latex_booktabs",
                     disable_numparse=True).replace("\\textbackslash{}", "\\").replace("\\{", "{") \
         .replace("\\}", "}").replace("\\$", "$").replace("\\_", "_").replace("\\textasciicircum{}", "^") + "\n"
-
-
-def write_board(board: Board, output: Path, plots: bool = True, contrasts: Sequence[str] = ()) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html}, contrasts.{md,csv} (the default levers plus
-    ``contrasts``, "A:B") and (``plots``) the plots into ``output``; returns the paths."""
-    from .contrasts import contrast_pairs
-
-    pairs = contrast_pairs(board, contrasts)  # a bad --contrast fails before anything is written
-    output.mkdir(parents=True, exist_ok=True)
-    # every file is written in a staging folder, then renamed into place: a kill while tabulating
-    # leaves the previous tables whole (never a 0-byte leaderboard.csv beside a missing page)
-    staging = temp_name(output / "leaderboard")
-    staging.mkdir()
-    try:
-        written = _write_board_files(board, staging, plots, pairs)
-        final = {}
-        for key, p in written.items():
-            os.replace(p, output / p.name)
-            final[key] = output / p.name
-        if not pairs:  # nothing to contrast: an older pair of files is stale
-            for name in ("contrasts.md", "contrasts.csv"):
-                (output / name).unlink(missing_ok=True)
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_board_files(board: Board, output: Path, plots: bool, pairs) -> dict[str, Path]:
-    from .contrasts import write_contrasts
-    from .page import write_page
-    from .plots import write_plots
-
-    paths = {ext: output / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
-    board.table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
-    md = formatted(board, "md")
-    paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True)
-                           + "\n\n" + notes_text(board))
-    paths["tex"].write_text(_booktabs(formatted(board, "tex")))
-    figures = write_plots(board, output) if plots else {}
-    write_page(board, paths["html"], figures)
-    paths.update({f"plot {name}": p for name, p in figures.items()})
-    paths.update(write_contrasts(board, output, pairs))
-    return paths
-
-
-def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = 0, level: float = DEFAULT_LEVEL,
-                      perf_records: list[dict] | None = None, plots: bool = True,
-                      contrasts: Sequence[str] = ()) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} and plots next to records.jsonl; returns the paths.
-
-    ``with_stderr`` is accepted for the CLI's ``--stderr`` and ignored: every number carries its
-    interval now.
-    """
-    results_dir = Path(results_dir)
-    records = read_records(results_dir / "records.jsonl")
-    if not records:
-        raise FileNotFoundError(f"no records in {results_dir / 'records.jsonl'}; run a suite first")
-    board = build_board([Run(results_dir.name, results_dir, records)], n_resamples=n_resamples, seed=seed,
-                        level=level, perf_records=perf_records)
-    return write_board(board, results_dir, plots=plots, contrasts=contrasts)

@@ -8,7 +8,8 @@ from board_data import scores, write_run
 from harness.aggregate import aggregate
 from harness.cli import main
 from harness.contrasts import contrast_table, default_contrasts, parse_contrast
-from harness.leaderboard import Run, build_board, write_leaderboard
+from harness.leaderboard import Run, build_board
+from harness.tables import write_leaderboard
 from harness.records import read_records
 
 N = 400

@@ -30,9 +30,11 @@ def _imports(package: str) -> dict[str, set[str]]:
                 if node.level:
                     base = parts if is_pkg else parts[:-1]
                     base = base[:len(base) - node.level + 1]
-                    deps.add(".".join(base + ([node.module] if node.module else [])))
+                    module = ".".join(base + ([node.module] if node.module else []))
                 else:
-                    deps.add(node.module)
+                    module = node.module
+                deps.add(module)
+                deps.update(f"{module}.{a.name}" for a in node.names)  # `from pkg import module`
         out[here] = deps
     return out
 
@@ -56,3 +58,69 @@ def test_the_scan_sees_relative_and_lazy_imports():
     deps = _imports("harness.quant")
     assert "harness.models.layers" in deps["harness.quant.build"]  # from ..models.layers import ...
     assert "safetensors.torch" in deps["harness.quant.state"]  # imported inside a method
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module → project modules it imports, over every source package (``from pkg import mod``
+    resolved to the module where ``mod`` is one)."""
+    graph: dict[str, set[str]] = {}
+    for package in ("harness", "baselines", "methods", "tasks"):
+        graph.update(_imports(package))
+    modules = set(graph)
+    out = {}
+    for mod, deps in graph.items():
+        resolved = set()
+        for dep in deps:
+            # `from a.b import c` is recorded as a.b and a.b.c: the longest that is a module counts
+            while dep and dep not in modules:
+                dep = dep.rpartition(".")[0]
+            if dep and dep != mod and not mod.startswith(dep + ".") and dep not in (
+                    "harness", "baselines", "methods", "tasks"):
+                resolved.add(dep)
+        out[mod] = resolved
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return comps
+
+
+# Cycles not yet broken (remove an entry once its cycle is gone). Each edits code whose digest keys
+# every cell (scoring code; the model code a state depends on), so it waits for the next
+# regeneration of results/: family.py's name-based fallbacks belong in family.py, and
+# stratified_indices in a module of its own below sources.py and subset.py.
+KNOWN_CYCLES = [["harness.models.family", "harness.models.layers"], ["tasks.sources", "tasks.subset"]]
+
+
+def test_no_import_cycles_in_the_tree():
+    """Zero import cycles over harness/, baselines/, methods/ and tasks/ (lazy imports count)."""
+    cycles = _cycles(_module_graph())
+    assert [c for c in cycles if c not in KNOWN_CYCLES] == []
+    assert [c for c in KNOWN_CYCLES if c not in cycles] == [], "a known cycle is gone: drop it from KNOWN_CYCLES"

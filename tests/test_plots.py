@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from board_data import record, scores, write_run
 
-from harness.leaderboard import write_leaderboard
+from harness.tables import write_leaderboard
 from harness.plots import pareto_front
 
 
