@@ -4,7 +4,8 @@ Smoothing (SmoothQuant, AWQ) and rotation (QuaRot) methods move quantization dif
 with transforms that are exact in real arithmetic: a per-channel scale folded from a norm into
 the linears that read it, an orthogonal matrix folded into every linear that reads or writes the
 residual stream. ``FloatEdit`` builds such a transform as new values for model parameters
-(computed in float64, stored in the parameter's dtype) plus *online* transforms — an operation in
+(computed in float64 — float32 for a half-precision model on a GPU — and stored in the
+parameter's dtype) plus *online* transforms — an operation in
 front of a linear's input quantizer that cannot be folded offline (QuaRot's Hadamard before
 ``down_proj``). An edit can then be
 
@@ -275,8 +276,13 @@ class FloatEdit:
         self.online: dict[str, str] = {}  # linear path -> input transform spec
 
     def get(self, path: str) -> torch.Tensor:
+        """The working copy: float64 on the CPU and for float64 models; float32 for a half-precision
+        model on a GPU (its weights round 1e4× coarser than float32's, and float64 copies of a 7B
+        model's weights would not fit beside it on an 80 GB card)."""
         if path not in self.params:
-            self.params[path] = self.model.get_parameter(path).detach().to(torch.float64).clone()
+            p = self.model.get_parameter(path).detach()
+            wide = p.dtype == torch.float64 or p.device.type == "cpu"
+            self.params[path] = p.to(torch.float64 if wide else torch.float32).clone()
         return self.params[path]
 
     def has(self, path: str) -> bool:
@@ -295,10 +301,10 @@ class FloatEdit:
         """Fold ``s`` (one value per input channel of the group's linears): ``prev`` divided by
         it (a norm's weight and bias, or a linear's output rows and bias), the linears'
         columns multiplied by it. Exact: the linears' outputs do not change."""
-        s = s.detach().to(torch.float64).cpu()
         dot = f"{prefix}." if prefix else ""
         prev = f"{dot}{group.prev}"
         w = self.get(f"{prev}.weight")
+        s = s.detach().to(w)  # the working copy's device and dtype
         self.params[f"{prev}.weight"] = w / (s.view(-1, 1) if w.dim() == 2 else s)
         bias = self._bias(prev)
         if bias is not None:
@@ -314,18 +320,20 @@ class FloatEdit:
         if self._bias(norm) is not None:
             raise ValueError(f"{norm} has a bias: only bias-free (RMS) norms fuse into their readers")
         for lin in readers:
-            self.params[f"{lin}.weight"] = self.get(f"{lin}.weight") * g.view(1, -1)
+            w = self.get(f"{lin}.weight")
+            self.params[f"{lin}.weight"] = w * g.to(w).view(1, -1)
         self.params[f"{norm}.weight"] = torch.ones_like(g)
 
     # -- rotations: Q = diag(signs) · H, orthogonal
     def rotate_reader(self, linear: str, signs: torch.Tensor) -> None:
         """``W ← W Q`` for a linear that reads the rotated stream ``x Q``."""
         w = self.get(f"{linear}.weight")
-        self.params[f"{linear}.weight"] = apply_hadamard(w * signs.view(1, -1))
+        self.params[f"{linear}.weight"] = apply_hadamard(w * signs.to(w).view(1, -1))
 
     def rotate_writer(self, linear: str, signs: torch.Tensor) -> None:
         """``W ← Qᵀ W``, ``b ← Qᵀ b`` for a linear whose output joins the rotated stream."""
         w = self.get(f"{linear}.weight")
+        signs = signs.to(w)
         self.params[f"{linear}.weight"] = apply_hadamard(w.T * signs.view(1, -1)).T.contiguous()
         bias = self._bias(linear)
         if bias is not None:
@@ -334,7 +342,7 @@ class FloatEdit:
     def rotate_embedding(self, path: str, signs: torch.Tensor) -> None:
         """``E ← E Q``: token embeddings enter the rotated stream."""
         e = self.get(f"{path}.weight")
-        self.params[f"{path}.weight"] = apply_hadamard(e * signs.view(1, -1))
+        self.params[f"{path}.weight"] = apply_hadamard(e * signs.to(e).view(1, -1))
 
     def online_hadamard(self, linear: str) -> None:
         """``W ← W H`` and ``x ← x H`` online in front of the linear's quantizer (``H Hᵀ = I``)."""
