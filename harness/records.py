@@ -173,23 +173,10 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write a whole JSONL file atomically (per-sample logs). The temporary file has a name of its
-    own, so two processes writing the same file (two drivers on one results folder) cannot
-    interleave: the last complete write wins."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        with tmp.open("x") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # never mask the write's own error
-            tmp.unlink(missing_ok=True)
-        raise
+    """Write a whole JSONL file atomically (per-sample logs), through ``write_atomic``: its
+    temporary file has a name of its own, so two processes writing the same file (two drivers on
+    one results folder) cannot interleave: the last complete write wins."""
+    write_atomic(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
 
 
 @functools.lru_cache(maxsize=1)
