@@ -15,8 +15,7 @@ from harness.perf import gate as gate_mod
 from harness.perf import runner as runner_mod
 from harness.perf.engine import EngineStateError, LlavaEngine, state_blocks
 from harness.perf.online import OnlineHadamard
-from harness.perf.real import RealLinear, select_kernels
-from harness.prepare import prepare_state
+from harness.perf.real import select_kernels
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state

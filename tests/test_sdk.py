@@ -16,7 +16,7 @@ from harness.models.family import UnknownFamilyError, adapter_for, scale_groups_
 from harness.quant.capture import channel_stats, image_token_mask, shared_input_sets
 from harness.quant.transforms import (
     FloatEdit, apply_hadamard, edited, hadamard_factors, hadamard_matrix, random_signs)
-from harness.registry import Method, check_option_types, get_method, method_source_files
+from harness.registry import check_option_types, get_method, method_source_files
 
 from conftest import linear_inputs
 
