@@ -24,23 +24,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .records import is_reference
 from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
                     combine_runs)
 
 ROW = ["model", "variant", "scheme"]
-REFERENCE_FALLBACK = "fp16"  # records written before the ``reference`` key: the fp16 method
 PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
 AVG, DREF, VSBEST = "Avg", "Δ ref", "vs best"
 
 
 def variant_of(rec: dict) -> str:
     return rec.get("variant") or rec.get("method")
-
-
-def is_reference(rec: dict) -> bool:
-    if rec.get("reference") is not None:
-        return bool(rec["reference"])
-    return rec.get("method") == REFERENCE_FALLBACK
 
 
 def scheme_bits(rec_or_scheme) -> tuple[int, int]:

@@ -153,6 +153,17 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+REFERENCE_FALLBACK = "fp16"  # records written before the ``reference`` key: the fp16 method
+
+
+def is_reference(rec: dict) -> bool:
+    """Whether a record (accuracy or perf) is its model's float reference row: the ``reference``
+    key the engine writes (the registry's flag), or for older records the fp16 method."""
+    if rec.get("reference") is not None:
+        return bool(rec["reference"])
+    return rec.get("method") == REFERENCE_FALLBACK
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write a whole file through a temporary name and ``os.replace``: a reader (or a crash) sees
     the old file or the new one, never a truncated one."""

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from ..records import append_record, new_record
+from ..records import append_record, is_reference, new_record
 
 
 def finite(o):
@@ -32,12 +32,6 @@ def write_perf_record(path: str | Path, **fields) -> dict:
     rec = new_record(**finite(fields))
     append_record(path, rec)
     return rec
-
-
-def is_reference(r: dict) -> bool:
-    """The float baseline of a run (engine contract: ``reference``; older records: method fp16)."""
-    ref = r.get("reference")
-    return bool(ref) if ref is not None else r.get("method") == "fp16"
 
 
 def run_dtype(r: dict) -> str:
