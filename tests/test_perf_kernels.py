@@ -326,6 +326,38 @@ def test_gemlite_layout_dequantizes_to_the_simulated_weight(nbits, group, word_b
     torch.testing.assert_close(w.t().double(), lq.dequantized().double(), rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("nbits,group,k,word_bits,dtype", [
+    (4, 128, 384, 32, torch.float16), (4, 32, 352, 32, torch.bfloat16), (8, 32, 352, 32, torch.float16),
+    (4, 64, 320, 8, torch.float16)])
+def test_triton_dequant_of_gemlite_words_equals_the_torch_reference(interp, nbits, group, k, word_bits, dtype):
+    """The GPU path of ``gemlite-dequant+cublas`` (``dequant_words``, one Triton pass; the compiled
+    torch reference failed on the GPU) gives the torch reference's fp16 weight bit for bit, for 4- and
+    8-bit codes in 32-bit words and 4-bit codes in bytes, with K and N not multiples of its tile.
+    bf16: Triton's interpreter truncates float32 to bf16 (the GPU rounds to nearest even), so there
+    the check is against the exact product truncated to bf16, and within one bf16 step of torch's."""
+    from harness.perf import gemlite_kernels as glk
+
+    lq, _ = _layer(nbits, None, group, False, seed=7, n=40, k=k)
+    codes = lq.codes.to(torch.uint8)
+    scales = lq.scale.to(dtype).t().contiguous()
+    zeros = lq.zero.to(dtype).t().contiguous()
+    wq = _gemlite_pack(codes, nbits, word_bits)
+    per = word_bits // nbits
+    want = glk.dequant_kn(wq, scales, zeros, nbits, per, dtype)
+    got = interp.dequant_words(wq, scales, zeros, nbits, per, dtype)
+    assert got.shape == (k, 40) and got.dtype == dtype
+    if dtype == torch.float16:
+        assert torch.equal(got, want)
+        return
+    rep = k // (k // group)
+    exact = ((codes.double() - lq.zero.to(dtype).double().repeat_interleave(rep, 1))
+             * lq.scale.to(dtype).double().repeat_interleave(rep, 1)).t().float()  # exact in float32
+    truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    assert torch.equal(got, truncated)
+    step = want.float().abs().clamp_min(1e-30) * 2.0 ** -7
+    assert bool(((got.float() - want.float()).abs() <= step).all())
+
+
 @pytest.mark.parametrize("bits,group", [(8, None), (6, 128), (4, 64), (4, None)])
 def test_splitk_gemv_sums_its_k_slices(interp, bits, group):
     """``gemv-splitk`` (a narrow layer with a long K: more programs than output tiles) under the

@@ -180,6 +180,23 @@ def matmul(layer, x: torch.Tensor) -> torch.Tensor:
     return layer.forward(x.contiguous())
 
 
+def matmul_fp8(layer, x: torch.Tensor, scale_x: torch.Tensor) -> torch.Tensor:
+    """A ``build_fp8`` layer on activation codes the engine already made: ``x [M, K]`` e4m3 holding
+    integer values, ``scale_x`` per row. gemlite's own forward would quantize ``x`` again (per token,
+    to the full e4m3 range), so its GEMM is called the way that forward calls it, with our scales:
+    ``y = (scale_x[m] * scale_w[n]) * sum_k x[m, k] * (q[n, k] - z[n])`` (``channel_scale_mode`` 3)."""
+    _module()
+    from gemlite.core import GEMLITE_TRITON_MAPPING
+
+    meta = layer.get_meta_args()
+    w_q, scales, zeros, meta_scale = layer.get_tensor_args()
+    type_id = meta[5] * 100 + meta[1]  # gemlite's autotune key: input dtype and weight bits
+    sx = scale_x.reshape(-1, 1).to(torch.float32).contiguous()
+    # forward_functional passes bool(meta[1]) as data_contiguous; the same here
+    return GEMLITE_TRITON_MAPPING["GEMM"].forward(x.contiguous(), w_q, scales, zeros, sx, *meta[1:-1],
+                                                  bool(meta[1]), type_id, meta_scale=meta_scale)
+
+
 def dequant_kn(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, nbits: int, per_word: int,
                dtype: torch.dtype) -> torch.Tensor:
     """The weight a ``build`` layer computes with, as ``[K, N]`` in ``dtype``, from its own tensors.

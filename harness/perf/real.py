@@ -596,7 +596,8 @@ class RealLinear(nn.Module):
         if kernel == "gemlite":
             return glk.matmul(self._layout("gemlite"), xq)
         if kernel == "gemlite-dequant+cublas":
-            w = _maybe_compiled(glk.dequant_kn)(*glk.dequant_args(self._layout("gemlite")), xq.dtype)
+            args = glk.dequant_args(self._layout("gemlite"))
+            w = (tk.dequant_words if tk.available(xq.device) else glk.dequant_kn)(*args, xq.dtype)
             return xq @ w
         if kernel.endswith("-gemv2"):
             return tk.wq_gemv2(xq, self._ours(), self.scale, self.zero, 4 if self.fmt == "int4" else 8,

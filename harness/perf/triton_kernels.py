@@ -385,6 +385,27 @@ if HAS_TRITON:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+    # ------------------------------------------------------------------ words -> weight (gemlite layout)
+
+    @triton.jit
+    def _dequant_words_kernel(wq_ptr, s_ptr, z_ptr, y_ptr, K, N, GROUP_K, stride_wr, stride_sg,
+                              NBITS: tl.constexpr, PER: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+        # y[k, n] = dtype((code(k, n) - z[g, n]) * s[g, n]), code k of column n at bits (k % PER) * NBITS
+        # of word [k // PER, n]; the product of a small integer and a 16-bit float is exact in
+        # float32, so the one rounding to the output dtype equals the 16-bit arithmetic of the reference
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+        words = tl.load(wq_ptr + (offs_k // PER)[:, None] * stride_wr + offs_n[None, :], mask=ok, other=0)
+        q = (words.to(tl.int32) >> ((offs_k % PER) * NBITS)[:, None]) & ((1 << NBITS) - 1)
+        g = (offs_k // GROUP_K)[:, None] * stride_sg + offs_n[None, :]
+        s = tl.load(s_ptr + g, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g, mask=ok, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - z) * s
+        tl.store(y_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(y_ptr.dtype.element_ty), mask=ok)
+
+
 SPLIT_ALIGN = 512  # K slices are multiples of every BLOCK_K the GEMV tries (and of K's own tiles)
 SPLIT_PROGRAMS_PER_SM = 2  # how many GEMV programs per SM split-K aims for
 
@@ -466,4 +487,27 @@ def scaled_gemm(a: torch.Tensor, w: torch.Tensor, zw: torch.Tensor, sa: torch.Te
     rs = rowsum if rowsum is not None else sa  # unused unless corr
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _scaled_gemm_kernel[grid](a, w, zw, sa, sw, rs, y, M, N, K, _mb(M), WFMT=wfmt, FP8=fp8, CORR=corr)
+    return y
+
+
+def dequant_words(wq: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, nbits: int, per_word: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """gemlite's packed weight as ``[K, N]`` in ``dtype``: the arithmetic of
+    ``gemlite_kernels.dequant_kn`` (the reference, in torch) in one pass over the words.
+
+    ``wq [K / per_word, N]`` int32 words (int8 where a word holds 2 codes), ``scales`` / ``zeros``
+    ``[G, N]``. Replaces the inductor-compiled reference on the GPU, whose compile failed there
+    (``RuntimeError when making fake tensor call`` on gemlite's tensors)."""
+    words, n = wq.shape
+    k = words * per_word
+    g = scales.shape[0]
+    if k % g or zeros.shape != scales.shape or wq.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError(f"dequant_words: {k} codes in {g} groups, zeros {tuple(zeros.shape)}, scales "
+                         f"{tuple(scales.shape)} (both [G, N], row-major), words strides {wq.stride()}")
+    zeros = zeros.contiguous()
+    y = torch.empty((k, n), device=wq.device, dtype=dtype)
+    bk, bn = 64, 64
+    _dequant_words_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        wq, scales, zeros, y, k, n, k // g, wq.stride(0), scales.stride(0),
+        NBITS=nbits, PER=per_word, BLOCK_K=bk, BLOCK_N=bn)
     return y
