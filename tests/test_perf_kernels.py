@@ -141,7 +141,7 @@ class _Member:
 def _rec(phase, runs, **times):
     rec = real.KernelRecord(phase=phase, rows=1, shape=(8, 8), chosen="", runs=runs)
     for name, ms in times.items():
-        name = name.replace("_", "-")
+        name = name if name in KERNELS else name.replace("_", "-")
         rec.candidates[name] = {"ms": ms, "layout": KERNELS[name].layout}
     return rec
 
@@ -166,6 +166,44 @@ def test_layout_choice_minimises_the_workload_time():
     real._choose_layout(members, r, [("decode", 1, 0.0), ("prefill", 647, 1.0)], "sig")  # prefill only
     assert r["prefill"].layout_costs == pytest.approx({"tinygemm": 100.0, "ours": 4.0})
     assert members[0].choice == {"decode": "triton-int4-dot", "prefill": "triton-int4-dot"}
+
+
+def test_w4_layers_keep_a_4_bit_layout_unless_wide_layouts_are_allowed():
+    """The memory rule: FP8 copies of 4-bit weights (``fp8w``, 8 bits a weight) are timed but not
+    chosen by default, even when fastest; with ``wide_layouts`` they are. W8 codes take either."""
+    assert real.admissible_layouts(4) == ("ours", "gemlite", "tinygemm")
+    assert real.admissible_layouts(6) == ("ours", "gemlite", "tinygemm", "fp8w")
+    assert real.admissible_layouts(4, wide=True) == real.LAYOUT_PREFERENCE
+    assert [real.layout_bits(lay, 4) for lay in ("ours", "gemlite", "tinygemm", "fp8w", "float")] == [4, 4, 4, 8, 16]
+    assert [real.layout_bits(lay, 8) for lay in ("ours", "gemlite", "fp8w")] == [8, 8, 8]
+
+    def recs():
+        return {"decode": _rec("decode", 63.0, **{"torch-scaled_mm-fp8w": 1.0, "triton_int4_dot": 1.2}),
+                "prefill": _rec("prefill", 1.0, **{"torch-scaled_mm-fp8w": 10.0, "triton_fp8_gemm": 20.0})}
+    plan = [("decode", 1, 63.0), ("prefill", 647, 1.0)]
+    members = [_Member()]
+    r = recs()
+    real._choose_layout(members, r, plan, "sig", real.admissible_layouts(4))
+    assert r["decode"].layout == "ours" and members[0].choice == {"decode": "triton-int4-dot",
+                                                                  "prefill": "triton-fp8-gemm"}
+    assert r["decode"].layout_costs == pytest.approx({"ours": 63 * 1.2 + 20})
+    assert r["decode"].wider_layouts == pytest.approx({"fp8w": 63 * 1.0 + 10})
+    r = recs()
+    real._choose_layout(members, r, plan, "sig", real.admissible_layouts(4, wide=True))
+    assert r["decode"].layout == "fp8w" and r["decode"].wider_layouts is None
+    r = {"decode": _rec("decode", 1.0, **{"torch-scaled_mm-fp8w": 1.0})}
+    with pytest.raises(RuntimeError, match="no layout among"):
+        real._choose_layout(members, r, [("decode", 1, 1.0)], "sig", real.admissible_layouts(4))
+
+
+def test_layout_choice_prefers_the_own_packing_within_the_margin():
+    """Timing noise cannot flip the layout: the preferred layout (the state's own packing first)
+    wins while within ``LAYOUT_MARGIN`` (5 %) of the fastest; beyond it the fastest wins."""
+    members = [_Member()]
+    for gemlite_ms, want in ((0.97, "ours"), (0.953, "ours"), (0.95, "gemlite"), (0.80, "gemlite")):
+        r = {"decode": _rec("decode", 1.0, triton_int4_dot=1.0, gemlite=gemlite_ms)}
+        real._choose_layout(members, r, [("decode", 1, 1.0)], "sig", real.admissible_layouts(4))
+        assert r["decode"].layout == want, gemlite_ms
 
 
 def test_objectives_weigh_the_phases():

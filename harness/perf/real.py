@@ -80,6 +80,36 @@ KERNELS = {
 OPT_IN_KERNELS = ("triton-int4-gemv", "triton-int4-gemv2", "triton-int4-gemv-splitk", "triton-int8-gemv2",
                   "torch-int_mm-int8", "gemlite")
 
+# The layout rule (issue 31). A layout's bits per weight: ``ours`` and gemlite keep the codes' storage
+# (4 bits for <= 4-bit codes, 8 for 5..8), tinygemm 4, ``fp8w`` an e4m3 copy (8), float 16. By default
+# a layer may only take a layout no wider than its codes' storage, so a W4 model keeps the W4 memory
+# (FP8 copies of 4-bit weights cost 2x the bytes: W4A4's peak went from 0.38x to 0.62x fp16 with
+# them); ``wide_layouts=True`` lifts that, and the perf record says so. Among admissible layouts the
+# most preferred one (``LAYOUT_PREFERENCE``) within ``LAYOUT_MARGIN`` of the fastest is chosen, so
+# timing noise between runs cannot flip the layout (and with it the memory) of a row.
+LAYOUT_PREFERENCE = ("ours", "gemlite", "tinygemm", "fp8w", "float")
+LAYOUT_MARGIN = 0.05
+
+
+def layout_bits(layout: str, bits: int) -> int:
+    """Bits a weight of ``bits``-bit codes occupies in ``layout``."""
+    if layout == "float":
+        return 16
+    if layout in ("fp8w",):
+        return 8
+    if layout == "tinygemm":
+        return 4
+    return 4 if bits <= 4 else 8 if bits <= 8 else 16
+
+
+def admissible_layouts(bits: int, wide: bool = False) -> tuple[str, ...]:
+    """The layouts a layer of ``bits``-bit codes may take: none wider than its storage unless ``wide``."""
+    if wide or bits >= 16:
+        return LAYOUT_PREFERENCE
+    own = layout_bits("ours", bits)
+    return tuple(lay for lay in LAYOUT_PREFERENCE if layout_bits(lay, bits) <= own)
+
+
 _COMPILE = {"on": False}
 
 
@@ -237,6 +267,7 @@ class KernelRecord:
     quantizer: dict | None = None  # activation quantizer vs the simulated model's (quantizer_ties)
     layout: str | None = None  # the layout the group keeps (one per layer)
     layout_costs: dict | None = None  # workload time per feasible layout (ms per generate, per layer)
+    wider_layouts: dict | None = None  # the same for layouts wider than the codes' storage, not chosen
     runs: float | None = None  # how often this phase runs per generate (the objective's weight)
 
 
@@ -761,7 +792,7 @@ def _inputs_for(first: RealLinear, x: torch.Tensor, quantizer: dict | None) -> d
 def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int | None = None, *,
                    dtype: torch.dtype, plan: list[tuple[str, int, float]] | None = None,
                    only: list[str] | None = None, reps: int = 5, seed: int = 0,
-                   log=None) -> list[KernelRecord]:
+                   wide_layouts: bool = False, log=None) -> list[KernelRecord]:
     """Pick, for each group of same-shaped layers, a layout and the fastest correct kernel per phase.
 
     ``plan``: ``(phase, rows, runs per generate)`` triples (default: ``phase`` x ``rows`` once).
@@ -772,7 +803,9 @@ def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int
     layers of the group, so that weights come from memory as in a real forward pass, not from the
     cache. The group then keeps the layout whose best kernels minimise
     ``sum(runs x time)`` over the plan. ``only`` restricts the candidates (names or prefixes) for
-    experiments; naming an opt-in kernel (``OPT_IN_KERNELS``) adds it instead.
+    experiments; naming an opt-in kernel (``OPT_IN_KERNELS``) adds it instead. Layouts wider than
+    the codes' storage are tried (their times recorded) but chosen only with ``wide_layouts``; the
+    choice is the most preferred layout within ``LAYOUT_MARGIN`` of the fastest (``_choose_layout``).
     """
     plan = plan or [(phase, rows, 1.0)]
     opt_in = [o for o in (only or ()) if o in OPT_IN_KERNELS]
@@ -818,7 +851,7 @@ def select_kernels(layers: list[RealLinear], phase: str | None = None, rows: int
         if first.fmt != "float" and str(device).startswith("cuda"):
             for ph, n_rows, _w in plan:
                 recs[ph].candidates.update(_reference_timings(first, ph, n_rows, dtype, reps))
-        _choose_layout(members, recs, plan, sig)
+        _choose_layout(members, recs, plan, sig, admissible_layouts(first.bits, wide_layouts))
         for m in cycle:
             for lay in list(m.layouts):  # free what the choice does not use before the next group
                 if lay not in m.layouts_in_use() and not (lay == "gemlite" and "gemlite-fp8" in m.layouts_in_use()):
@@ -876,8 +909,10 @@ def _try_candidate(name: str, first: RealLinear, cycle, inputs: dict, ref, reps:
     return info
 
 
-def _choose_layout(members, recs: dict[str, KernelRecord], plan, sig) -> None:
-    """The layout minimising ``sum(runs x best time)`` over the plan; its best kernel per phase."""
+def _choose_layout(members, recs: dict[str, KernelRecord], plan, sig,
+                   allowed: tuple[str, ...] = LAYOUT_PREFERENCE, margin: float = LAYOUT_MARGIN) -> None:
+    """Among the ``allowed`` layouts with a working kernel in every phase, the most preferred one whose
+    ``sum(runs x best time)`` over the plan is within ``margin`` of the lowest; its best kernel per phase."""
     best_in: dict[str, dict[str, tuple[float, str]]] = {}  # layout -> phase -> (ms, kernel)
     for ph, rec in recs.items():
         for name, info in rec.candidates.items():
@@ -891,13 +926,19 @@ def _choose_layout(members, recs: dict[str, KernelRecord], plan, sig) -> None:
     for lay, per in best_in.items():
         if all(ph in per for ph, _r, _w in plan):
             costs[lay] = sum(w * per[ph][0] for ph, _r, w in plan)
-    if not costs:
-        raise RuntimeError(f"no layout has a working kernel in every phase for {sig}: "
+    usable = {lay: c for lay, c in costs.items() if lay in allowed}
+    if not usable:
+        raise RuntimeError(f"no layout among {allowed} has a working kernel in every phase for {sig} "
+                           f"(working: {sorted(costs)}): "
                            f"{ {ph: r.candidates for ph, r in recs.items()} }")
-    layout = min(costs, key=costs.get)
+    fastest = min(usable.values())
+    rank = {lay: i for i, lay in enumerate(LAYOUT_PREFERENCE)}
+    layout = min((lay for lay, c in usable.items() if c <= fastest * (1 + margin)),
+                 key=lambda lay: (rank.get(lay, len(rank)), usable[lay]))
     for ph, rec in recs.items():
         rec.layout = layout
-        rec.layout_costs = costs
+        rec.layout_costs = usable
+        rec.wider_layouts = {lay: c for lay, c in costs.items() if lay not in usable} or None
         rec.chosen = best_in[layout][ph][1]
         for m in members:
             m.choice[ph] = rec.chosen
