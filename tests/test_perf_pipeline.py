@@ -12,10 +12,10 @@ from harness import cells as cells_mod
 from harness.config import parse_suite
 from harness.tables import write_leaderboard
 from harness.perf import gate as gate_mod
-from harness.perf import runner as runner_mod
+from harness.perf import benchmark as runner_mod
 from harness.perf.engine import EngineStateError, LlavaEngine, state_blocks
-from harness.perf.online import OnlineHadamard
-from harness.perf.real import select_kernels
+from harness.kernels.online import OnlineHadamard
+from harness.kernels.select import select_kernels
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state

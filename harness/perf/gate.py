@@ -54,11 +54,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..kernels import fused
+from ..kernels import real as real_mod
+from ..kernels.real import quantizer_ties, rel_err
 from ..models.layers import language_layers
 from ..quant.simulated import FakeQuantLinear
-from . import fused
-from . import real as real_mod
-from .real import quantizer_ties, rel_err
 
 GATE_TOL = 1e-2
 FLOAT_MARGIN = 2.0  # a quantized variant may be this many times as far off as the float engine

@@ -35,6 +35,8 @@ import torch
 
 from ..cells import Variant, act_range_rule, digest, resolve_methods, state_identity, uses_calibration
 from ..config import MethodSpec, method_spec
+from ..kernels.real import TINYGEMM, RealLinear, set_compile
+from ..kernels.select import select_kernels
 from ..models.layers import language_layers
 from ..models.loading import auto_dtype
 from ..prepare import prepare_state
@@ -45,8 +47,7 @@ from . import gate as gate_mod
 from .arch import load_for_perf
 from .engine import LlavaEngine, state_blocks
 from .measure import copy_bandwidth, device_info, peak_memory, time_generate
-from .real import TINYGEMM, RealLinear, select_kernels, set_compile
-from .records import write_perf_record, write_perf_table
+from .table import write_perf_record, write_perf_table
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 TRAINED_GATE_MODEL = "qvlm-tiny-llava"
@@ -650,7 +651,7 @@ class _Ctx:
                     for p in (m.parts if hasattr(m, "parts") else [m]):
                         if not isinstance(p, RealLinear):
                             continue
-                        p._dtype = tlm.dtype
+                        p.act_dtype = tlm.dtype
                         for ph in ("decode", "prefill"):
                             want = roles[key].get(ph)
                             if want and want in p.candidates(ph, self.device, opt_in=self.kernels or (),

@@ -1,7 +1,7 @@
 """``qvlm-bench perf``: GPU latency and memory on real low-bit kernels, gated against the simulated model.
 
 Registered in ``harness/cli.py``; on machines without the evaluation dependencies (the GPU image)
-the same command runs as ``python -m harness.perf.cli ...``.
+the same command runs as ``python -m harness.perf.command ...``.
 Nothing on this path imports lm-eval or datasets.
 """
 
@@ -109,10 +109,10 @@ def perf_methods(names: list[str], suite: str | None = None) -> list:
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from .records import write_perf_table
+    from .table import write_perf_table
 
     out = Path(args.out)
-    command = "python -m harness.perf.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m harness.perf.command " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.leaderboard_only:
         print(write_perf_table(out / "records.jsonl", out / "leaderboard.md"))
         return 0
@@ -120,7 +120,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         print("qvlm-bench perf: --model is required (an architecture name such as llava-1.5-7b, "
               "a local folder or a Hub id), unless --leaderboard-only", file=sys.stderr)
         return 2
-    from .runner import run_perf
+    from .benchmark import run_perf
 
     try:
         methods = perf_methods(args.methods, args.methods_from)
