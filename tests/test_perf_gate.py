@@ -7,7 +7,7 @@ from harness.perf import gate as gate_mod
 from harness.perf.engine import LlavaEngine, build_blocks
 from harness.kernels.real import RealLinear
 from harness.kernels.select import select_kernels
-from harness.perf.benchmark import make_workload
+from harness.perf.states import make_workload
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state

@@ -24,7 +24,7 @@ fused quantizers (``check_producers``)
     within ``tol`` of the simulated model's.
 
 The runner adds an end-to-end check on the bundled *trained* model with the same kernels
-(``runner._Ctx._trained``, policy ``exact``): random weights amplify one-step code flips through
+(``benchmark.TrainedGate``, policy ``exact``): random weights amplify one-step code flips through
 32-40 layers, a trained model much less. Its reference is the same simulated model in float64
 (``exact_reference``), and the allowed error is twice the noise of correct implementations in the
 run dtype, measured in the same call (the eager simulated model's and the float engine's distance
