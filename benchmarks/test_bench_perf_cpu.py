@@ -9,8 +9,8 @@ Kept out of the default test run (tests/ is the default path and pyproject adds
 import pytest
 import torch
 
-from harness.perf.packing import pack_int4, to_int8_storage, unpack_int4
-from harness.perf.real import RealLinear
+from harness.kernels.packing import pack_int4, to_int8_storage, unpack_int4
+from harness.kernels.real import RealLinear
 from harness.quant.quantizer import dequantize_weight, rtn_weight
 from harness.quant.state import LinearQuant
 

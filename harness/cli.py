@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])
     ls.set_defaults(func=cmd_list)
 
-    from .perf.cli import add_perf_parser  # in-tree: a broken perf module must not vanish silently
+    from .perf.command import add_perf_parser  # in-tree: a broken perf module must not vanish silently
 
     add_perf_parser(sub)
     return p

@@ -1,7 +1,7 @@
 """``prepare_state``: one path from a method to a finalized quantization state.
 
 Both consumers of a state make it here — the accuracy worker (``harness.worker``, which caches it)
-and ``qvlm-bench perf`` (``harness.perf.runner``, which times it) — so the state a latency row
+and ``qvlm-bench perf`` (``harness.perf.benchmark``, which times it) — so the state a latency row
 measures is the state an accuracy row scores:
 
 1. the method with the row's resolved options (``cells.Variant``);

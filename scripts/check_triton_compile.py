@@ -17,8 +17,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from harness.perf import fused  # noqa: E402
-from harness.perf import triton_kernels as tk  # noqa: E402
+from harness.kernels import fused  # noqa: E402
+from harness.kernels import triton_matmul as tk  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 ok = fail = 0

@@ -37,10 +37,10 @@ def _rand(rows, k, seed, dtype, device, scale=1.0):
 
 
 def _time_us(fn, reps=10):
-    """Mean µs per call: CUDA events after a warm-up (harness.perf.real's timer); on the CPU one call."""
+    """Mean µs per call: CUDA events after a warm-up (harness.kernels.real's timer); on the CPU one call."""
     import torch
 
-    from harness.perf.real import _time_ms
+    from harness.kernels.select import _time_ms
 
     if not torch.cuda.is_available():
         t = time.perf_counter()
@@ -56,11 +56,11 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
     kernels are then not candidates): a smoke test of this script without a GPU."""
     import torch
 
-    from harness.perf import fused, real
-    from harness.perf import gemlite_kernels as glk
-    from harness.perf.fused import InputMode, Prepared
+    from harness.kernels import fused, real
+    from harness.kernels import gemlite_adapter as glk
+    from harness.kernels.fused import InputMode, Prepared
+    from harness.kernels.real import KERNELS, RealLinear, rel_err
     from harness.perf.measure import device_info
-    from harness.perf.real import KERNELS, RealLinear, rel_err
     from harness.quant.quantizer import rtn_weight
     from harness.quant.simulated import quantize_activation
     from harness.quant.state import ActQuant, LinearQuant
@@ -69,7 +69,7 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
     dev = "cuda"
     hidden, inter, shapes, prefill_rows, heads = 4096, 11008, SHAPES_7B, 647, 32
     if dry_cpu:
-        from harness.perf import triton_kernels as tk
+        from harness.kernels import triton_matmul as tk
 
         if not tk.INTERPRET:
             raise SystemExit("--dry-cpu needs TRITON_INTERPRET=1 in the environment")
@@ -204,7 +204,7 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
 
 
 def summary(records: Path) -> int:
-    from harness.perf.records import leaderboard_frame, load_records, write_perf_table
+    from harness.perf.table import leaderboard_frame, load_records, write_perf_table
 
     recs = load_records(records)
     if not recs:

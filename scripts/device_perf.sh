@@ -67,19 +67,19 @@ for ph in ${PHASES//,/ }; do
     7b|13b)   if [ "$ph" = 7b ]; then S=${PERF_7B_S:-185}; else S=${PERF_13B_S:-195}; fi
               M="llava-1.5-$ph"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
               # shellcheck disable=SC2086  # PERF_EXTRA holds several arguments
-              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+              phase "perf-$ph" "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
     # the same model, batch 1, layouts chosen for prefill alone (what each scheme can do there)
     7b-prefill|13b-prefill)
               S=${PERF_PREFILL_S:-150}; M="llava-1.5-${ph%-prefill}"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
               # shellcheck disable=SC2086
-              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+              phase "perf-$ph" "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --objective prefill --batch 1 ;;
     # W4A16 symmetric, groups of 128: tinygemm's zero point is exact for every layer (bf16 pass)
     7b-sym|13b-sym)
               S=${PERF_SYM_S:-150}; M="llava-1.5-${ph%-sym}"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
               # shellcheck disable=SC2086
-              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+              phase "perf-$ph" "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --schemes w4a16 --batch 1 \
                 --override w_sym=true --override w_group_size=128 ;;
     # W4A16 symmetric g128 with layouts chosen for decode alone: tinygemm's layout can win there
@@ -88,12 +88,12 @@ for ph in ${PHASES//,/ }; do
     7b-decode|13b-decode)
               S=${PERF_DECODE_S:-180}; M="llava-1.5-${ph%-decode}"; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
               # shellcheck disable=SC2086
-              phase "perf-$ph" "$S" python3 -m harness.perf.cli --model "$M" "${PERF_ARGS[@]}" \
+              phase "perf-$ph" "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} --schemes w4a16 --batch 1 --objective decode \
                 --override w_sym=true --override w_group_size=128 ;;
     # the bundled trained model itself on the GPU: every gate record in full, in its own folder
     tiny)     S=${PERF_TINY_S:-120}
-              phase perf-tiny "$S" python3 -m harness.perf.cli --model qvlm-tiny-llava "${PERF_ARGS[@]}" \
+              phase perf-tiny "$S" python3 -m harness.perf.command --model qvlm-tiny-llava "${PERF_ARGS[@]}" \
                 --batch 1 --trained-gate on --out "$OUT/perf-tiny" ;;
     *)        echo "unknown phase $ph (selftest, tiny, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
                    "7b-decode, 13b-decode)" ;;

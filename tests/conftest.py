@@ -18,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels (harness/perf) are checked on CPU-only machines through Triton's interpreter; it
 # must be chosen before they are defined. Only tests that ask for it run them
-# (harness.perf.triton_kernels.interpret_on_cpu); elsewhere the CPU paths stay in torch.
+# (harness.kernels.triton_matmul.interpret_on_cpu); elsewhere the CPU paths stay in torch.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # tiny models: one thread is faster than two and immune to a busy second core

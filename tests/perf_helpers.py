@@ -12,7 +12,7 @@ def triton_interpreter():
     """Run harness.perf's Triton kernels on CPU tensors for one test (skip where impossible)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (it is in the test extra: pip install -e '.[test]')")
-    from harness.perf import triton_kernels as tk
+    from harness.kernels import triton_matmul as tk
 
     if not tk.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 was not set before harness.perf was imported (tests/conftest.py "

@@ -1,5 +1,6 @@
-"""Import layering: tasks/ knows nothing of the harness, and harness.models nothing of
-harness.quant, so neither pair can import each other in a cycle again.
+"""Import layering: tasks/ knows nothing of the harness, harness.models nothing of harness.quant,
+and harness.kernels nothing of the perf benchmark, the runner or the CLI, so none of these pairs
+can import each other in a cycle again.
 
 Read from the source with ``ast`` (function-level imports included: a lazy import is still a
 dependency), not by importing, so a cycle that happens to import fine today is still caught.
@@ -46,8 +47,12 @@ def _reaching(package: str, forbidden: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("package,forbidden", [
     ("tasks", ("harness", "baselines", "methods")),
-    ("harness.models", ("harness.quant", "harness.runner", "harness.registry", "harness.perf")),
-    ("harness.quant", ("harness.perf", "harness.runner", "harness.cells", "harness.worker")),
+    ("harness.models", ("harness.quant", "harness.runner", "harness.registry", "harness.perf",
+                        "harness.kernels")),
+    ("harness.quant", ("harness.perf", "harness.kernels", "harness.runner", "harness.cells",
+                       "harness.worker")),
+    # the kernels (what a state becomes on a GPU) sit below the perf benchmark and the harness's top
+    ("harness.kernels", ("harness.perf", "harness.runner", "harness.cli", "harness.report", "harness.worker")),
 ])
 def test_lower_layer_does_not_import_upper(package, forbidden):
     assert _reaching(package, forbidden) == []

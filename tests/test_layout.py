@@ -4,8 +4,8 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("harness", "harness/quant", "harness/models", "harness/perf", "harness/executors",
-            "baselines", "methods", "tasks")
+PACKAGES = ("harness", "harness/quant", "harness/models", "harness/perf", "harness/kernels",
+            "harness/executors", "baselines", "methods", "tasks")
 TOKEN = re.compile(r"(?<![\w/.-])([\w.-]+(?:\.py|\.yaml|/))(?![\w.-])")
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from harness.perf.cli import main
+from harness.perf.command import main
 
 CONTRACT_KEYS = {"suite", "model", "method", "scheme", "quant_config", "task", "metric", "value", "stderr",
                "n", "n_empty", "n_unparsed", "latency", "memory", "kernel", "quantize_s", "eval_s",

@@ -1,11 +1,11 @@
-"""Fused activation quantizers (harness/perf/fused.py) under Triton's CPU interpreter, against
+"""Fused activation quantizers (harness/kernels/fused.py) under Triton's CPU interpreter, against
 float64 arithmetic and the simulated model's quantizer."""
 
 import pytest
 import torch
 
-from harness.perf import fused
-from harness.perf.fused import InputMode
+from harness.kernels import fused
+from harness.kernels.fused import InputMode
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant
 from perf_helpers import interp, rand_acts  # noqa: F401  (fixture)
@@ -99,7 +99,7 @@ def test_scale_floor_and_rounding_half_to_even(interp):
 def test_cpu_fallback_is_the_torch_reference():
     act = ActQuant(bits=8)
     x = rand_acts(3, 64, 9)
-    from harness.perf import triton_kernels as tk
+    from harness.kernels import triton_matmul as tk
 
     prev = tk.interpret_on_cpu(False)
     try:

@@ -5,8 +5,9 @@ import torch
 
 from harness.perf import gate as gate_mod
 from harness.perf.engine import LlavaEngine, build_blocks
-from harness.perf.real import RealLinear, select_kernels
-from harness.perf.runner import make_workload
+from harness.kernels.real import RealLinear
+from harness.kernels.select import select_kernels
+from harness.perf.states import make_workload
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state
@@ -138,7 +139,7 @@ def _tie_input():
 
 
 def test_quantizer_ties_tells_a_tie_from_a_real_difference():
-    from harness.perf.real import quantizer_ties
+    from harness.kernels.real import quantizer_ties
     from harness.quant.simulated import quantize_activation
     from harness.quant.state import ActQuant
 
@@ -155,7 +156,7 @@ def test_quantizer_ties_tells_a_tie_from_a_real_difference():
 def test_layer_error_separates_rounding_ties_from_kernel_errors(monkeypatch):
     """A quantizer that breaks ties the other way moves a code by a whole step (a large error on a
     16-wide layer); the gate attributes it to the tie and checks kernel and state separately."""
-    from harness.perf import real
+    from harness.kernels import real
     from harness.quant.quantizer import rtn_weight
     from harness.quant.state import ActQuant, LinearQuant
 
@@ -219,8 +220,8 @@ def test_rounding_tie_split_runs_on_the_engines_fused_layers(tiny_lm):
 def test_fused_producers_feed_the_integer_kernels(tiny_lm, scheme, monkeypatch):
     """W4A4 with the engine's fused quantizers and the Triton kernels (CPU interpreter): the engine
     computes what the simulated model computes, and the producers pass their own check."""
-    from harness.perf import real
-    from harness.perf import triton_kernels as tk
+    from harness.kernels import real
+    from harness.kernels import triton_matmul as tk
     from perf_helpers import triton_interpreter
 
     triton_interpreter()
@@ -252,7 +253,7 @@ def test_fused_producers_feed_the_integer_kernels(tiny_lm, scheme, monkeypatch):
 def test_trained_model_gate_runs_with_the_chosen_kernels(tiny_llava_path, tmp_path):
     import json
 
-    from harness.perf.runner import run_perf
+    from harness.perf.benchmark import run_perf
 
     recs = run_perf(str(tiny_llava_path), schemes=["w4a16", "w8a8"], batches=[1], out=tmp_path,
                     new_tokens=3, text_tokens=8, warmup=1, reps=1, gate_tokens=2, device="cpu",
@@ -318,7 +319,7 @@ def test_exact_reference_is_the_float64_model_teacher_forced(tiny_lm):
     float64 greedy run would compute at that prefix; ``sim_err`` is the eager model's own distance."""
     import copy
 
-    from harness.perf.real import rel_err
+    from harness.kernels.real import rel_err
 
     wl = make_workload(tiny_lm.model.config, text_tokens=10, new_tokens=4)
     ids, pix = wl.batch(1)

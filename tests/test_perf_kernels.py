@@ -5,9 +5,10 @@ the layouts' exactness, and the layout choice."""
 import pytest
 import torch
 
-from harness.perf import fused, real
-from harness.perf.fused import InputMode, Prepared
-from harness.perf.real import KERNELS, RealLinear, rel_err, select_kernels
+from harness.kernels import fused, real, select
+from harness.kernels.fused import InputMode, Prepared
+from harness.kernels.real import KERNELS, RealLinear, rel_err
+from harness.kernels.select import select_kernels
 from harness.quant.quantizer import rtn_weight
 from harness.quant.simulated import build_fake_linear, quantize_activation
 from harness.quant.state import ActQuant, LinearQuant
@@ -70,7 +71,7 @@ def test_integer_paths_are_offered_where_exact():
 def test_triton_kernels_under_interpreter(interp, bits, abits, group, sym):
     lq, lin = _layer(bits, abits, group, sym)
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
-    rl._dtype = torch.float16
+    rl.act_dtype = torch.float16
     seen = set()
     for phase, rows in (("decode", 1), ("decode", 5), ("prefill", 70)):
         x = rand_acts(rows, 128, rows)
@@ -139,7 +140,7 @@ class _Member:
 
 
 def _rec(phase, runs, **times):
-    rec = real.KernelRecord(phase=phase, rows=1, shape=(8, 8), chosen="", runs=runs)
+    rec = select.KernelRecord(phase=phase, rows=1, shape=(8, 8), chosen="", runs=runs)
     for name, ms in times.items():
         name = name if name in KERNELS else name.replace("_", "-")
         rec.candidates[name] = {"ms": ms, "layout": KERNELS[name].layout}
@@ -154,16 +155,16 @@ def test_layout_choice_minimises_the_workload_time():
     plan = [("decode", 1, 127.0), ("prefill", 647, 1.0)]
     members = [_Member(), _Member()]
     r = recs(127.0)
-    real._choose_layout(members, r, plan, "sig")
+    select._choose_layout(members, r, plan, "sig")
     assert r["decode"].layout == "ours" and members[1].choice == {"decode": "triton-int4-dot",
                                                                   "prefill": "triton-int4-dot"}
     assert r["decode"].layout_costs == pytest.approx({"tinygemm": 227.0, "ours": 194.5})
     plan = [("decode", 1, 127.0), ("prefill", 647, 0.0)]  # objective: decode only
     r = recs(127.0)
-    real._choose_layout(members, r, plan, "sig")
+    select._choose_layout(members, r, plan, "sig")
     assert members[0].choice == {"decode": "torch-int4pack", "prefill": "torch-int4pack"}
     r = recs(0.0)
-    real._choose_layout(members, r, [("decode", 1, 0.0), ("prefill", 647, 1.0)], "sig")  # prefill only
+    select._choose_layout(members, r, [("decode", 1, 0.0), ("prefill", 647, 1.0)], "sig")  # prefill only
     assert r["prefill"].layout_costs == pytest.approx({"tinygemm": 100.0, "ours": 4.0})
     assert members[0].choice == {"decode": "triton-int4-dot", "prefill": "triton-int4-dot"}
 
@@ -183,17 +184,17 @@ def test_w4_layers_keep_a_4_bit_layout_unless_wide_layouts_are_allowed():
     plan = [("decode", 1, 63.0), ("prefill", 647, 1.0)]
     members = [_Member()]
     r = recs()
-    real._choose_layout(members, r, plan, "sig", real.admissible_layouts(4))
+    select._choose_layout(members, r, plan, "sig", real.admissible_layouts(4))
     assert r["decode"].layout == "ours" and members[0].choice == {"decode": "triton-int4-dot",
                                                                   "prefill": "triton-fp8-gemm"}
     assert r["decode"].layout_costs == pytest.approx({"ours": 63 * 1.2 + 20})
     assert r["decode"].wider_layouts == pytest.approx({"fp8w": 63 * 1.0 + 10})
     r = recs()
-    real._choose_layout(members, r, plan, "sig", real.admissible_layouts(4, wide=True))
+    select._choose_layout(members, r, plan, "sig", real.admissible_layouts(4, wide=True))
     assert r["decode"].layout == "fp8w" and r["decode"].wider_layouts is None
     r = {"decode": _rec("decode", 1.0, **{"torch-scaled_mm-fp8w": 1.0})}
     with pytest.raises(RuntimeError, match="no layout among"):
-        real._choose_layout(members, r, [("decode", 1, 1.0)], "sig", real.admissible_layouts(4))
+        select._choose_layout(members, r, [("decode", 1, 1.0)], "sig", real.admissible_layouts(4))
 
 
 def test_layout_choice_prefers_the_own_packing_within_the_margin():
@@ -202,12 +203,12 @@ def test_layout_choice_prefers_the_own_packing_within_the_margin():
     members = [_Member()]
     for gemlite_ms, want in ((0.97, "ours"), (0.953, "ours"), (0.95, "gemlite"), (0.80, "gemlite")):
         r = {"decode": _rec("decode", 1.0, triton_int4_dot=1.0, gemlite=gemlite_ms)}
-        real._choose_layout(members, r, [("decode", 1, 1.0)], "sig", real.admissible_layouts(4))
+        select._choose_layout(members, r, [("decode", 1, 1.0)], "sig", real.admissible_layouts(4))
         assert r["decode"].layout == want, gemlite_ms
 
 
 def test_objectives_weigh_the_phases():
-    from harness.perf import runner
+    from harness.perf import benchmark as runner
 
     assert runner.OBJECTIVES == ("generate", "decode", "prefill")
     with pytest.raises(ValueError, match="objective must be one of generate, decode, prefill"):
@@ -230,7 +231,7 @@ def test_finalize_keeps_one_layout_and_the_codes_on_the_host():
 
 @pytest.mark.parametrize("group,expect", [(None, 256), (64, 64), (32, 32), (512, 256)])
 def test_tinygemm_operands_encode_the_same_weights(group, expect):
-    from harness.perf.packing import unpack_int4
+    from harness.kernels.packing import unpack_int4
 
     lq, lin = _layer(4, None, group, False, k=1024)
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
@@ -248,7 +249,7 @@ def test_tinygemm_operands_encode_the_same_weights(group, expect):
 
 
 def test_tinygemm_zero_point_exactness_decides_per_state():
-    from harness.perf.packing import unpack_int4
+    from harness.kernels.packing import unpack_int4
 
     lq, lin = _layer(4, None, 128, True, k=1024)  # symmetric: z = 8, tinygemm's zero is 0
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float32)
@@ -300,7 +301,7 @@ def test_tinygemm_kernel_matches_float64_and_keeps_one_layout():
 
 
 def test_gemlite_borrows_the_nearest_tuned_shape():
-    from harness.perf.gemlite_kernels import borrow_configs
+    from harness.kernels.gemlite_adapter import borrow_configs
 
     cfg = {"BLOCK_SIZE_N": 128}
     cache = {"GEMM": {"(768, 4096, 4096, 128, 8, 104)": {"BLOCK_SIZE_N": 64},
@@ -346,7 +347,7 @@ def test_gemlite_layout_dequantizes_to_the_simulated_weight(nbits, group, word_b
     """``gemlite-dequant+cublas`` (prefill of gemlite's layout): unpacking gemlite's words gives back the
     codes, and ``(q - zeros) * scales`` in fp16 is the simulated weight up to the scale's fp16
     rounding -- exactly ``fp16((q - z) * fp16(s))``, checked in float64."""
-    from harness.perf import gemlite_kernels as glk
+    from harness.kernels import gemlite_adapter as glk
 
     lq, _ = _layer(nbits, None, group, False, seed=5, n=48, k=256)
     codes = lq.codes.to(torch.uint8)
@@ -373,7 +374,7 @@ def test_triton_dequant_of_gemlite_words_equals_the_torch_reference(interp, nbit
     8-bit codes in 32-bit words and 4-bit codes in bytes, with K and N not multiples of its tile.
     bf16: Triton's interpreter truncates float32 to bf16 (the GPU rounds to nearest even), so there
     the check is against the exact product truncated to bf16, and within one bf16 step of torch's."""
-    from harness.perf import gemlite_kernels as glk
+    from harness.kernels import gemlite_adapter as glk
 
     lq, _ = _layer(nbits, None, group, False, seed=7, n=40, k=k)
     codes = lq.codes.to(torch.uint8)
@@ -401,14 +402,14 @@ def test_splitk_gemv_sums_its_k_slices(interp, bits, group):
     """``gemv-splitk`` (a narrow layer with a long K: more programs than output tiles) under the
     interpreter: its float32 partials over K slices add up to the float64 product of the simulated
     weights, like the one-slice GEMV."""
-    from harness.perf import triton_kernels as tk
+    from harness.kernels import triton_matmul as tk
 
     n, k = 64, 2048
     assert tk.splitk_factor(n, 1, k, "cpu") == 4 and tk.splitk_factor(n, 1, 512, "cpu") == 1
     assert tk.splitk_factor(4096, 1, 11008, "cpu") == 1  # enough programs on 4 SMs already
     lq, lin = _layer(bits, None, group, False, seed=9, n=n, k=k)
     rl = RealLinear.from_quant(lq, lin, device="cpu", dtype=torch.float16)
-    rl._dtype = torch.float16
+    rl.act_dtype = torch.float16
     for rows in (1, 3):
         x = rand_acts(rows, k, rows + 20)
         want = _ref64(lq, x)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from harness.perf.packing import (from_int8_storage, pack_int4, packed_bytes, storage_format,
+from harness.kernels.packing import (from_int8_storage, pack_int4, packed_bytes, storage_format,
                                   to_int8_storage, unpack_int4)
-from harness.perf.real import RealLinear, unpack_to
+from harness.kernels.real import RealLinear, unpack_to
 from harness.quant.quantizer import rtn_weight
 from harness.quant.state import LinearQuant
 

@@ -12,10 +12,11 @@ from harness import cells as cells_mod
 from harness.config import parse_suite
 from harness.tables import write_leaderboard
 from harness.perf import gate as gate_mod
-from harness.perf import runner as runner_mod
+from harness.perf import states as runner_mod
+from harness.perf.benchmark import run_perf
 from harness.perf.engine import EngineStateError, LlavaEngine, state_blocks
-from harness.perf.online import OnlineHadamard
-from harness.perf.real import select_kernels
+from harness.kernels.online import OnlineHadamard
+from harness.kernels.select import select_kernels
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state
@@ -174,10 +175,10 @@ def test_engine_refuses_state_content_it_cannot_apply(bundled64):
 # ---- perf rows -----------------------------------------------------------------------------------
 
 def test_perf_rows_carry_the_variant_label_options_and_state_key(tiny_llava_path, tmp_path):
-    recs = runner_mod.run_perf(str(tiny_llava_path), methods=["rtn", {"name": "rtn", "clip": True}],
-                               schemes=["w4a16"], batches=[1], out=tmp_path, new_tokens=3, text_tokens=8,
-                               warmup=1, reps=1, gate_tokens=2, device="cpu", dtype="fp32",
-                               trained_gate="off", compile=False, graphs=False, log=lambda *a: None)
+    recs = run_perf(str(tiny_llava_path), methods=["rtn", {"name": "rtn", "clip": True}],
+                    schemes=["w4a16"], batches=[1], out=tmp_path, new_tokens=3, text_tokens=8,
+                    warmup=1, reps=1, gate_tokens=2, device="cpu", dtype="fp32",
+                    trained_gate="off", compile=False, graphs=False, log=lambda *a: None)
     assert [(r["variant"], r["scheme"], r["reference"]) for r in recs] == [
         ("fp16", "w16a16", True), ("rtn", "w4a16", False), ("rtn+clip", "w4a16", False)]
     rtn, clip = recs[1:]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from harness.perf.arch import arch_config, architectures
-from harness.perf.cli import add_perf_parser, main
+from harness.perf.command import add_perf_parser, main
 from harness.perf.measure import quantiles
-from harness.perf.records import leaderboard_frame, load_records, write_perf_table
+from harness.perf.table import leaderboard_frame, load_records, write_perf_table
 from harness.records import append_record
 
 
@@ -53,8 +53,8 @@ def test_leaderboard_ratios_against_fp16_of_the_same_run(tmp_path):
     path = tmp_path / "records.jsonl"
     for r in recs:
         append_record(path, r)
-    text = write_perf_table(path, tmp_path / "leaderboard.md", command="python -m harness.perf.cli x")
-    assert "## m, batch 1" in text and "H100" in text and "python -m harness.perf.cli x" in text
+    text = write_perf_table(path, tmp_path / "leaderboard.md", command="python -m harness.perf.command x")
+    assert "## m, batch 1" in text and "H100" in text and "python -m harness.perf.command x" in text
 
 
 def test_quantiles():
@@ -95,7 +95,7 @@ def test_no_eval_dependencies_on_the_perf_path():
     import subprocess
     import sys
 
-    code = ("import sys, harness.perf.cli, harness.perf.runner, harness.perf.engine, harness.perf.gate;"
+    code = ("import sys, harness.perf.command, harness.perf.benchmark, harness.perf.engine, harness.perf.gate;"
             "bad=[m for m in sys.modules if m.split('.')[0] in ('lm_eval','datasets')]; print(bad); "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
@@ -120,7 +120,7 @@ def test_table_keeps_the_newest_measurement_per_variant_with_its_own_runs_fp16()
 
 
 def test_time_budget_gives_the_baseline_every_batch_and_the_rest_fair_shares(monkeypatch):
-    from harness.perf import runner
+    from harness.perf import benchmark as runner
 
     now = [1000.0]
     monkeypatch.setattr(runner.time, "time", lambda: now[0])
@@ -160,7 +160,7 @@ def test_table_keeps_each_cards_rows_in_its_own_section(tmp_path):
 def test_rows_of_other_configurations_and_objectives_do_not_replace_each_other(tiny_llava_path, tmp_path):
     """A run with quantization overrides is its own variant, and layouts chosen for another
     objective are their own row: neither hides the default run's measurement."""
-    from harness.perf.runner import run_perf
+    from harness.perf.benchmark import run_perf
 
     common = dict(schemes=["w4a16"], batches=[1], out=tmp_path, new_tokens=3, text_tokens=8, warmup=1,
                   reps=1, gate_tokens=2, device="cpu", dtype="fp32", trained_gate="off", compile=False,

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..kernels import fused
+from ..kernels import real as real_mod
+from ..kernels.online import UnsupportedTransform
 from ..models.layers import language_layers
-from . import fused
-from . import real as real_mod
-from .online import UnsupportedTransform
 
 
 class EngineStateError(ValueError):
@@ -84,7 +84,9 @@ GLUE = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope,
 
 
 @dataclass
-class Block:
+class EngineLayer:
+    """One decoder layer as the engine runs it: its two norm weights and four (fused) linears."""
+
     ln1: torch.Tensor
     ln2: torch.Tensor
     qkv: nn.Module
@@ -99,7 +101,7 @@ class Block:
 class LlavaEngine:
     """Generate with a LLaVA model whose decoder linears are replaced by ``blocks``' modules."""
 
-    def __init__(self, model: nn.Module, blocks: list[Block], *, compile: bool = False,
+    def __init__(self, model: nn.Module, blocks: list[EngineLayer], *, compile: bool = False,
                  graphs: bool = False, float_params: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.blocks = blocks
@@ -316,7 +318,7 @@ class LlavaEngine:
                 return
             torch.cuda.synchronize()
             pool = torch.cuda.graph_pool_handle()
-            from .real import sync_error
+            from ..kernels.real import sync_error
 
             for name, fn in (("vision", self._vision), ("prefill", self._prefill), ("decode", self._decode)):
                 bad = sync_error(fn)  # a synchronizing op would break the capture (and the context)
@@ -420,12 +422,12 @@ class _Concat(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def build_blocks(model: nn.Module, make_linear, *, fuse: bool = True) -> list[Block]:
+def build_blocks(model: nn.Module, make_linear, *, fuse: bool = True) -> list[EngineLayer]:
     """``make_linear(path, nn.Linear-or-None) -> RealLinear`` for every decoder linear.
 
     q/k/v and gate/up are concatenated into one layer each when their formats agree.
     """
-    from .real import RealLinear
+    from ..kernels.real import RealLinear
 
     lang_path, layers = language_layers(model)
     blocks = []
@@ -448,7 +450,8 @@ def build_blocks(model: nn.Module, make_linear, *, fuse: bool = True) -> list[Bl
                 del parts
             else:
                 mods[key] = _Concat(parts)
-        blocks.append(Block(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+        blocks.append(EngineLayer(ln1=layer.input_layernorm.weight,
+                                  ln2=layer.post_attention_layernorm.weight,
                             **mods))
     return blocks
 
@@ -522,12 +525,12 @@ def check_state(model: nn.Module, state) -> None:
     check_float_params(model, state.float_params)
 
 
-def state_blocks(model: nn.Module, state, *, device, dtype, fuse: bool = True) -> list[Block]:
+def state_blocks(model: nn.Module, state, *, device, dtype, fuse: bool = True) -> list[EngineLayer]:
     """The decoder's deployed layers for ``state`` (None: the float model): codes, scales, zero
     points, activation quantizers and online transforms of its entries, and its float weights and
     biases for the decoder linears. Checks the whole state first (``check_state``); pass
     ``state.float_params`` to ``LlavaEngine`` for the rest."""
-    from .real import RealLinear
+    from ..kernels.real import RealLinear
     from ..quant.state import LinearQuant
 
     check_state(model, state)

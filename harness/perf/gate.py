@@ -24,7 +24,7 @@ fused quantizers (``check_producers``)
     within ``tol`` of the simulated model's.
 
 The runner adds an end-to-end check on the bundled *trained* model with the same kernels
-(``runner._Ctx._trained``, policy ``exact``): random weights amplify one-step code flips through
+(``benchmark.TrainedGate``, policy ``exact``): random weights amplify one-step code flips through
 32-40 layers, a trained model much less. Its reference is the same simulated model in float64
 (``exact_reference``), and the allowed error is twice the noise of correct implementations in the
 run dtype, measured in the same call (the eager simulated model's and the float engine's distance
@@ -54,11 +54,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..kernels import fused
+from ..kernels import real as real_mod
+from ..kernels.real import quantizer_ties, rel_err
 from ..models.layers import language_layers
 from ..quant.simulated import FakeQuantLinear
-from . import fused
-from . import real as real_mod
-from .real import quantizer_ties, rel_err
 
 GATE_TOL = 1e-2
 FLOAT_MARGIN = 2.0  # a quantized variant may be this many times as far off as the float engine

@@ -1,4 +1,5 @@
-"""Timing and memory of one engine: CUDA events around each phase, repeated, summarised robustly.
+"""Timing and memory of one engine: CUDA events around each phase, repeated, summarised robustly;
+the bytes of its weights and the kernels it runs.
 
 One repetition is one full generate of the fixed workload: vision encoder + projector, language
 prefill (together: time to first token), then ``new_tokens - 1`` decode steps, each bracketed by
@@ -13,6 +14,8 @@ import subprocess
 import time
 
 import torch
+
+from ..kernels.real import RealLinear
 
 
 def quantiles(xs: list[float]) -> dict:
@@ -157,3 +160,67 @@ def device_info(device) -> dict:
     else:
         info.update({"card": platform.processor() or "cpu", "driver": None})
     return info
+
+
+# ---------------------------------------------------------------------------- the engine's weights and kernels
+
+def _bytes_of(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is None or t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes(engine) -> dict:
+    """Bytes of the engine's weights: language linears (every deployed layout), other language
+    tensors (embeddings, LM head, norms), the vision tower and projector."""
+    lang_lin = sum(m.weight_bytes() if isinstance(m, RealLinear) else _bytes_of(m)
+                   for m in engine.linears().values())
+    seen, other = set(), 0
+    for t in engine.float_tensors().values():  # embeddings, LM head (tied: once), norms
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            other += t.numel() * t.element_size()
+    vision = sum(_bytes_of(m) for m in engine.vision_modules())
+    return {"weight_bytes_language": int(lang_lin + other), "weight_bytes_language_linears": int(lang_lin),
+            "weight_bytes_vision": int(vision)}
+
+
+def idle_float_bytes(model, engine) -> int:
+    """Bytes of the float model's tensors on the device that ``engine`` does not use (decoder
+    weights the engine holds quantized, and whatever the state replaced: norms, embeddings, a vision
+    tower): held only to quantize later variants, so left out of the engine's memory figures."""
+    used = engine.tensors_in_use()
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" or t.data_ptr() in used or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def kernel_summary(engine) -> dict:
+    """Per phase, the kernels the engine's linears run (each name once, in order)."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        names = []
+        for m in engine.linears().values():
+            parts = m.parts if hasattr(m, "parts") else [m]
+            for p in parts:
+                lab = p.kernel_label(phase)
+                if lab not in names:
+                    names.append(lab)
+        out[phase] = names
+    return out
+
+
+def engine_parts(engine) -> list:
+    """The engine's linear layers, the parts of fused ones (q/k/v, gate/up) one by one."""
+    out = []
+    for m in engine.linears().values():
+        out.extend(m.parts if hasattr(m, "parts") else [m])
+    return out

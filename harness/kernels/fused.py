@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from ..quant.quantizer import qparams
 from ..quant.state import ActQuant
-from . import triton_kernels as tk
+from . import triton_matmul as tk
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 MODES = ("float", "fake", "codes")

@@ -1,7 +1,7 @@
 """``qvlm-bench perf``: GPU latency and memory on real low-bit kernels, gated against the simulated model.
 
 Registered in ``harness/cli.py``; on machines without the evaluation dependencies (the GPU image)
-the same command runs as ``python -m harness.perf.cli ...``.
+the same command runs as ``python -m harness.perf.command ...``.
 Nothing on this path imports lm-eval or datasets.
 """
 
@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .benchmark import PerfConfig
 
 DEFAULT_SCHEMES = "w4a16,w8a8,w4a4,w6a6"
 
@@ -106,13 +110,25 @@ def perf_methods(names: list[str], suite: str | None = None) -> list:
     return names
 
 
+def perf_config(args: argparse.Namespace, methods: list) -> PerfConfig:
+    """The ``PerfConfig`` of a ``qvlm-bench perf`` command line (checked: ``PerfConfig.check``)."""
+    from .benchmark import PerfConfig
+
+    return PerfConfig(methods=methods, schemes=args.schemes, batches=args.batch, out=args.out, suite=args.suite,
+                      new_tokens=args.new_tokens, text_tokens=args.text_tokens, warmup=args.warmup,
+                      reps=args.reps, gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
+                      graphs=not args.no_graphs, device=args.device, dtype=args.dtype, seed=args.seed,
+                      overrides=dict(args.override), time_budget_s=args.time_budget, kernels=args.kernels,
+                      objective=args.objective, trained_gate=args.trained_gate, leaderboard=False)
+
+
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from .records import write_perf_table
+    from .table import write_perf_table
 
     out = Path(args.out)
-    command = "python -m harness.perf.cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m harness.perf.command " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.leaderboard_only:
         print(write_perf_table(out / "records.jsonl", out / "leaderboard.md"))
         return 0
@@ -120,23 +136,16 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         print("qvlm-bench perf: --model is required (an architecture name such as llava-1.5-7b, "
               "a local folder or a Hub id), unless --leaderboard-only", file=sys.stderr)
         return 2
-    from .runner import run_perf
+    from .benchmark import run_perf
 
     try:
-        methods = perf_methods(args.methods, args.methods_from)
+        config = perf_config(args, perf_methods(args.methods, args.methods_from))
     except (KeyError, ValueError) as exc:
         print(f"qvlm-bench perf: {exc}", file=sys.stderr)
         return 2
     failed = 0
     for model in args.model:
-        recs = run_perf(model, methods=methods, schemes=args.schemes, batches=args.batch,
-                        out=out, suite=args.suite, new_tokens=args.new_tokens,
-                        text_tokens=args.text_tokens, warmup=args.warmup, reps=args.reps,
-                        gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
-                        graphs=not args.no_graphs, device=args.device, dtype=args.dtype,
-                        seed=args.seed, overrides=dict(args.override),
-                        time_budget_s=args.time_budget, kernels=args.kernels, objective=args.objective,
-                        trained_gate=args.trained_gate, leaderboard=False)
+        recs = run_perf(model, config)
         failed += sum(r["status"] != "ok" for r in recs)
     text = write_perf_table(out / "records.jsonl", out / "leaderboard.md", command=command)
     print(text)

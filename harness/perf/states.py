@@ -1,0 +1,215 @@
+"""What a perf row times: the variants, the workload, and each variant's state on the accuracy path.
+
+``perf_variants`` resolves methods as accuracy suites do (``cells.resolve_methods``: the same
+``Variant``, options, labels), the float reference first. ``perf_state`` makes a state as the
+accuracy worker makes it (``prepare.prepare_state``) and names it by ``cells.state_identity``'s
+digest. ``StatePreparer`` turns one ``Case`` into that state, its simulated reference (the gate's
+greedy reference) and the engine's deployed layers (``engine.state_blocks``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cells import Variant, act_range_rule, digest, resolve_methods, state_identity, uses_calibration
+from ..config import MethodSpec, method_spec
+from ..prepare import prepare_state
+from ..quant.config import parse_scheme
+from ..quant.simulated import apply_state
+from . import gate as gate_mod
+from .engine import state_blocks
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def float_variant() -> tuple[str, str]:
+    """The baseline row: the method that declares itself the reference, unquantized."""
+    from ..registry import reference_method
+
+    return reference_method(), "w16a16"
+
+
+def perf_variants(methods) -> list[Variant]:
+    """``methods`` (names, ``MethodSpec``s, suite ``methods`` entries, or ``cells.Variant``s resolved
+    with their suite) as ``cells.Variant``s, the float reference first (once); the same resolution,
+    options and labels as accuracy suites."""
+    methods = list(methods)
+    ref_name, _ = float_variant()
+    if methods and all(isinstance(m, Variant) for m in methods):  # resolved already (with a suite)
+        variants = methods
+        if not any(v.reference for v in variants):
+            variants = resolve_methods([MethodSpec(ref_name)]) + variants
+        return sorted(variants, key=lambda v: not v.reference)
+    specs = [method_spec(m) for m in methods]
+    if ref_name not in [s.name for s in specs]:
+        specs = [MethodSpec(ref_name)] + specs
+    variants = resolve_methods(specs)
+    return sorted(variants, key=lambda v: not v.reference)
+
+
+# ---------------------------------------------------------------------------- workload
+
+@dataclass
+class Workload:
+    input_ids: torch.Tensor  # [1, L]
+    pixel_values: torch.Tensor  # [1, 3, S, S]
+    image_tokens: int
+    text_tokens: int
+    new_tokens: int
+
+    def batch(self, B: int):
+        return self.input_ids.repeat(B, 1), self.pixel_values.repeat(B, 1, 1, 1)
+
+    def describe(self) -> dict:
+        return {"image_tokens": self.image_tokens, "text_tokens": self.text_tokens,
+                "prompt_tokens": int(self.input_ids.shape[1]), "new_tokens": self.new_tokens,
+                "image_size": int(self.pixel_values.shape[-1]), "eos": "ignored (forced length)",
+                "inputs": "random token ids + one random normalised image (systems benchmark)"}
+
+
+def make_workload(config, *, text_tokens: int = 70, new_tokens: int = 128, seed: int = 0) -> Workload:
+    """One image (576 tokens at 336 px / patch 14) inside ~``text_tokens`` random text tokens."""
+    vc = config.vision_config
+    n_img = (vc.image_size // vc.patch_size) ** 2
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        n_img += 1
+    image_token = getattr(config, "image_token_id", None)
+    if image_token is None:
+        image_token = config.image_token_index
+    vocab = config.text_config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    hi = min(vocab, 32000)
+    text = torch.randint(3, hi, (text_tokens,), generator=gen)
+    text[text == image_token] = 3
+    bos = getattr(config.text_config, "bos_token_id", 1) or 1
+    head = 5  # "<s> USER :" before the image, the question and " ASSISTANT:" after it
+    ids = torch.cat([torch.tensor([bos]), text[: head - 1], torch.full((n_img,), image_token),
+                     text[head - 1:]])
+    pix = torch.randn(1, 3, vc.image_size, vc.image_size, generator=gen)
+    return Workload(ids[None], pix, n_img, text_tokens + 1, new_tokens)
+
+
+# ---------------------------------------------------------------------------- methods & states
+
+def random_calibration(lm, workload: Workload, n: int = 4):
+    """Random calibration batches for methods that need data (systems benchmarking only)."""
+    from ..calibration import CalibrationSet
+
+    cfg = lm.model.config
+    image_token = getattr(cfg, "image_token_id", None)
+    image_token = cfg.image_token_index if image_token is None else image_token
+    vocab = min(cfg.text_config.vocab_size, 32000)
+    ids, pix = workload.batch(1)
+    gen = torch.Generator().manual_seed(1234)
+    batches = []
+    for _ in range(n):
+        b_ids = ids.clone()
+        txt = b_ids != image_token
+        txt[:, 0] = False  # keep BOS
+        b_ids[txt] = torch.randint(3, vocab, (int(txt.sum()),), generator=gen)
+        b_ids[txt & (b_ids == image_token)] = 3
+        labels = torch.full_like(b_ids, -100)
+        labels[:, -8:] = b_ids[:, -8:]
+        batches.append({"input_ids": b_ids.to(lm.device),
+                        "attention_mask": torch.ones_like(b_ids).to(lm.device),
+                        "pixel_values": torch.randn(pix.shape, generator=gen).to(lm.device, lm.dtype),
+                        "labels": labels.to(lm.device)})
+    return CalibrationSet(batches=batches, source={"kind": "random", "n": n,
+                                                   "note": "random tokens and images: systems benchmark"})
+
+
+def perf_state(lm, variant: Variant, qcfg, workload: Workload, *, seed: int = 0):
+    """``(state, state_key)``: the state a perf row times, made by the accuracy worker's path
+    (``prepare.prepare_state``: the variant's options, the unchanged-model check, ``finalize_state``
+    with the suites' activation-range rule), on random calibration data where the row uses data
+    (``cells.uses_calibration``), and its ``cells.state_identity`` digest."""
+    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.clip, qcfg) else None
+    rule = act_range_rule(None, variant, qcfg)
+    state = prepare_state(lm, variant, qcfg, calib, rule, seed=seed)
+    dtype = DTYPE_NAMES.get(lm.dtype, str(lm.dtype))
+    device_kind = "cuda" if str(lm.device).startswith("cuda") else str(lm.device)
+    ident = state_identity(lm.name, f"{lm.path}; seed {seed}", dtype, device_kind, variant, qcfg,
+                           None if calib is None else {**calib.source, "digest": calib.digest()}, rule, seed)
+    return state, digest(ident)
+
+
+@dataclass
+class Case:
+    """One (variant, scheme, dtype) of a perf run, and what the run found for it. ``variant`` is
+    the accuracy suites' ``cells.Variant`` (method class, resolved options, row label)."""
+
+    variant: Variant
+    scheme: str
+    dtype: torch.dtype
+    qcfg: object = None
+    ref: gate_mod.SimReference | None = None
+    quantize_s: float | None = None
+    error: str | None = None
+    proof: dict = field(default_factory=dict)
+    trained: dict | None = None  # the trained-model gate, once per variant
+    selection: list = field(default_factory=list)
+    float_params: dict = field(default_factory=dict)  # the state's, for the engine
+    state_key: str | None = None  # cells.state_identity's digest
+    state_meta: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.variant.method
+
+    @property
+    def is_reference(self) -> bool:
+        return self.variant.reference
+
+    @property
+    def act_quant(self) -> bool:
+        return self.qcfg is not None and self.qcfg.quantizes_acts
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.label} {self.scheme} ({DTYPE_NAMES.get(self.dtype, self.dtype)})"
+
+
+class StatePreparer:
+    """Makes a ``Case``'s state on a model by the accuracy path, with its simulated reference, and
+    the engine's deployed layers for it (the state-preparation side of a perf run)."""
+
+    def __init__(self, *, device, gate_tokens: int, overrides: dict, seed: int = 0):
+        self.device, self.gate_tokens, self.overrides, self.seed = device, gate_tokens, overrides, seed
+
+    def prepare(self, v: Case, lm, wl: Workload, exact: bool = False):
+        """State of ``v`` on ``lm`` by the accuracy path (``prepare_state``) and its simulated
+        reference (None state for the float baseline).
+
+        ``exact``: also the float64 copy of the simulated model's logits (``gate.exact_reference``;
+        small models only: it copies the model)."""
+        ids1, pix1 = wl.batch(1)
+        ids1, pix1 = ids1.to(self.device), pix1.to(self.device, lm.dtype)
+        v.qcfg = parse_scheme(v.scheme, **({} if v.is_reference else self.overrides))
+
+        def reference():
+            v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, self.gate_tokens)
+            if exact:
+                m64 = copy.deepcopy(lm.model).to(torch.float64)
+                v.ref.exact = gate_mod.exact_reference(m64, ids1, pix1, v.ref)
+                del m64
+
+        if v.is_reference:
+            reference()
+            return None
+        state, v.state_key = perf_state(lm, v.variant, v.qcfg, wl, seed=self.seed)
+        v.quantize_s = state.meta.get("quantize_s")
+        v.proof = dict(state.meta.get("proof") or state.proof())
+        v.state_meta = {k: state.meta.get(k) for k in ("act_ranges", "calibration")}
+        handle = apply_state(lm.model, state, device=self.device)
+        try:
+            reference()
+            v.proof["act_quantizers_fired"] = gate_mod.fake_linears_fired(lm.model)
+        finally:
+            handle.restore()
+        return state
+
+    def blocks(self, model, state, dtype):
+        return state_blocks(model, state, device=self.device, dtype=dtype)
