@@ -5,7 +5,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "harness/quant", "harness/models", "harness/perf", "harness/executors",
-            "baselines", "methods", "tasks")
+            "harness/report", "baselines", "methods", "tasks")
 TOKEN = re.compile(r"(?<![\w/.-])([\w.-]+(?:\.py|\.yaml|/))(?![\w.-])")
 
 

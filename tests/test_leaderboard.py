@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from board_data import record, scores, write_run
 
-from harness.leaderboard import Run, build_board, unresolved_failures
-from harness.tables import write_leaderboard
+from harness.report.board import Run, build_board, unresolved_failures
+from harness.report.write import write_leaderboard
 from harness.records import read_records
 
 

@@ -99,7 +99,7 @@ def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
 
 def contrasts_markdown(board, table: pd.DataFrame) -> str:
     """The contrasts as a markdown table (bold: the interval excludes 0) and a caption."""
-    from .leaderboard import cell_text, resampling_text
+    from .board import cell_text, resampling_text
 
     cols = [*board.tasks, "Avg"]
     lines = ["| Model | Scheme | Contrast | " + " | ".join(cols) + " |",

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .contrasts import contrast_pairs, write_contrasts
-from .leaderboard import Board, Run, booktabs, build_board, formatted, notes_text
+from .board import Board, Run, booktabs, build_board, formatted, notes_text
 from .page import write_page
 from .plots import write_plots
-from .records import read_records, temp_name
+from ..records import read_records, temp_name
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 

@@ -4,7 +4,7 @@ Rows are (model, variant, scheme) — the record's ``variant`` (fallback: ``meth
 task, the average over tasks, ``Δ ref`` against the same model's reference row (the records with
 ``reference: true``; fallback: method ``fp16``) and ``vs best`` against the best other variant of
 the same model and scheme. Every number carries a 95 % interval from a paired, stratified bootstrap
-over the questions in the records' per-question sample files (harness.stats), resampling the
+over the questions in the records' per-question sample files (harness.report.stats), resampling the
 clusters a task declares (VQAv2's images) whole; with several runs
 (calibration seeds) the seed-to-seed spread is added. A best value is bold only when it is
 significantly above every other variant's; variants not significantly below the best are marked
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .records import is_reference
+from ..records import is_reference
 from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
                     combine_runs)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .leaderboard import (AVG, DREF, PERF_COLUMNS, VSBEST, Board, calibration_text, caption, number_text,
+from .board import (AVG, DREF, PERF_COLUMNS, VSBEST, Board, calibration_text, caption, number_text,
                           unresolved_failures, variant_of)
 
 CSS = """

@@ -5,7 +5,7 @@ its evaluation standard error (the default suite's W4A4 rows moved by up to 4 po
 seeds), so a method comparison for a paper should average over seeds. Each run folder keeps its own
 records and leaderboard; this reads them and writes the same tables, page and plots for the set:
 per cell the mean over runs with an interval that adds the seed-to-seed spread to the question
-resampling noise (harness.stats.combine_runs), paired across rows by question and by run.
+resampling noise (harness.report.stats.combine_runs), paired across rows by question and by run.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .leaderboard import Board, Run, build_board
-from .records import read_records
+from .board import Board, Run, build_board
+from ..records import read_records
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from .tables import write_board
+from .write import write_board
 
 
 def read_runs(results_dirs: Sequence[str | Path]) -> list[Run]:
