@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.report.board import Run, build_board  # noqa: E402
 from harness.records import read_records  # noqa: E402
+from harness.report.board import Run, build_board  # noqa: E402
 from harness.report.stats import PairedBootstrap, TaskScores, combine_runs, percentile_interval  # noqa: E402
 
 

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 from board_data import scores, write_run
 
-from harness.report.aggregate import aggregate
 from harness.cli import main
-from harness.report.contrasts import contrast_table, default_contrasts, parse_contrast
-from harness.report.board import Run, build_board
-from harness.report.write import write_leaderboard
 from harness.records import read_records
+from harness.report.aggregate import aggregate
+from harness.report.board import Run, build_board
+from harness.report.contrasts import contrast_table, default_contrasts, parse_contrast
+from harness.report.write import write_leaderboard
 
 N = 400
 TASKS = ("a", "b")

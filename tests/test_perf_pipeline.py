@@ -10,7 +10,6 @@ from board_data import record, scores, write_run
 
 from harness import cells as cells_mod
 from harness.config import parse_suite
-from harness.report.write import write_leaderboard
 from harness.perf import gate as gate_mod
 from harness.perf import runner as runner_mod
 from harness.perf.engine import EngineStateError, LlavaEngine, state_blocks
@@ -21,6 +20,7 @@ from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state
 from harness.quant.state import LinearQuant
 from harness.quant.transforms import FloatEdit, apply_hadamard, edited
+from harness.report.write import write_leaderboard
 from harness.worker import GroupWorker
 from perf_helpers import interp  # noqa: F401 - fixture
 

@@ -257,14 +257,14 @@ def test_a_garbage_samples_line_names_the_file_and_the_table_is_still_written(tm
 
 def test_a_failed_retabulation_after_a_run_exits_nonzero(tiny_llava_path, toy_include, tmp_path, capsys,
                                                          monkeypatch):
-    from harness.report import write as tables
+    from harness.report import write
 
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite_dict(tiny_llava_path, toy_include, tmp_path / "out", methods=["fp16"])))
 
     def broken(*a, **k):
         raise ValueError("model m has two reference rows")
-    monkeypatch.setattr(tables, "build_board", broken)
+    monkeypatch.setattr(write, "build_board", broken)
     assert main(["run", str(path), "-q"]) == 1
     err = capsys.readouterr().err
     assert "the leaderboard in" in err and "from an earlier tabulation" in err and "two reference rows" in err

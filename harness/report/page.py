@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .board import (AVG, DREF, PERF_COLUMNS, VSBEST, Board, calibration_text, caption, number_text,
-                          unresolved_failures, variant_of)
+from .board import AVG, DREF, PERF_COLUMNS, VSBEST, Board
+from .describe import calibration_text, caption, number_text
+from .rows import unresolved_failures, variant_of
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
