@@ -42,7 +42,7 @@ def _seed_notes(runs: list[Run]) -> list[str]:
     seen: dict[tuple, str] = {}
     notes = []
     for run in runs:
-        seeds = tuple(sorted({r.get("seed") for r in run.records if r.get("status") == "ok"}, key=str))
+        seeds = tuple(run.seeds)
         if seeds in seen:
             notes.append(f"runs {seen[seeds]} and {run.label} have the same seed(s) {list(seeds)}: their "
                          "spread is not calibration noise, and the intervals will be too narrow")

@@ -40,6 +40,11 @@ class Run:
     folder: Path
     records: list[dict]
 
+    @property
+    def seeds(self) -> list:
+        """The seeds of the run's successful records (one, unless the folder mixes runs)."""
+        return sorted({r.get("seed") for r in self.records if r.get("status") == "ok"}, key=str)
+
 
 @dataclass
 class Board:
@@ -348,3 +353,30 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame 
     return out
 
 
+
+@dataclass
+class WhatRan:
+    """What produced a board, read from its successful accuracy records (one reading; the text and
+    the page each word it their own way)."""
+
+    records: list[dict]  # the successful accuracy records
+    devices: list[str]
+    dtypes: list[str]  # per record: the resolved dtype, or (records before it existed) the kernel
+    commits: set[tuple[str | None, bool]]  # (commit or None where not recorded, dirty tree)
+    versions: dict[str, set[str]]  # package -> the versions the records name
+    timestamps: list[str]  # sorted
+
+
+def what_ran(board: Board) -> WhatRan:
+    ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
+    versions: dict[str, set[str]] = {}
+    for r in ok:
+        for k, v in (r.get("versions") or {}).items():
+            versions.setdefault(k, set()).add(str(v))
+    return WhatRan(
+        records=ok,
+        devices=sorted({str(r.get("device")) for r in ok}),
+        dtypes=sorted({str(r.get("dtype") or r.get("kernel")) for r in ok}),
+        commits={((r.get("git") or {}).get("commit") or None, bool((r.get("git") or {}).get("dirty"))) for r in ok},
+        versions=versions,
+        timestamps=sorted(str(r["timestamp"]) for r in ok if r.get("timestamp")))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .board import AVG, DREF, Board
+from .board import AVG, DREF, Board, what_ran
 from .describe import calibration_text, caption, cell_text, number_text
 from .rows import unresolved_failures, variant_of
 
@@ -60,15 +60,12 @@ def formatted(board: Board, style: str) -> pd.DataFrame:
 
 
 
-def _what_ran(board: Board) -> list[str]:
-    ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
-    devices = sorted({str(r.get("device")) for r in ok})
-    kernels = sorted({str(r.get("dtype") or r.get("kernel")) for r in ok})
-    cal = calibration_text(ok)
-    commits = sorted({((r.get("git") or {}).get("commit") or "?")[:12] + (" (dirty)" if (r.get("git") or {}).get("dirty") else "")
-                      for r in ok})
-    lines = [f"{len(ok)} accuracy records; device: {', '.join(devices)}; dtypes/kernels: {', '.join(kernels)}; "
-             f"commit: {', '.join(commits)}."]
+def _ran_lines(board: Board) -> list[str]:
+    ran = what_ran(board)
+    commits = sorted({(c or "?")[:12] + (" (dirty)" if dirty else "") for c, dirty in ran.commits})
+    lines = [f"{len(ran.records)} accuracy records; device: {', '.join(ran.devices)}; dtypes/kernels: "
+             f"{', '.join(ran.dtypes)}; commit: {', '.join(commits)}."]
+    cal = calibration_text(ran.records)
     if cal:
         lines.append(f"Calibration: {cal}.")
     return lines
@@ -76,11 +73,9 @@ def _what_ran(board: Board) -> list[str]:
 
 def notes_text(board: Board) -> str:
     failed = unresolved_failures(board.records)
-    lines = caption(board) + _what_ran(board)
+    lines = caption(board) + _ran_lines(board)
     if len(board.runs) > 1:
-        lines.append("Runs: " + "; ".join(
-            f"{run.label} (seed {sorted({r.get('seed') for r in run.records if r.get('status') == 'ok'}, key=str)})"
-            for run in board.runs) + ".")
+        lines.append("Runs: " + "; ".join(f"{run.label} (seed {run.seeds})" for run in board.runs) + ".")
     if failed:
         lines.append(f"{len(failed)} failed record(s): " + "; ".join(
             f"{variant_of(r)}/{r.get('scheme')}/{r.get('task')}: {str(r.get('error'))[:80]}" for r in failed[:5]))
