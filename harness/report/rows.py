@@ -1,18 +1,19 @@
 """Which records make which leaderboard row.
 
-A row is (model, variant, scheme): the record's ``variant`` (fallback: ``method``) at a scheme.
-Here: the row of a record, the latest successful record per cell, the failures no later success replaced, and the
+A row is (model, variant, scheme): the record's ``variant`` (fallback: ``method``) at a scheme,
+its bits read by the one scheme parser (``harness.quant.config.parse_scheme``). Here: the row of a
+record, the latest successful record per cell, the failures no later success replaced, and the
 identity that joins a latency record to its accuracy row.
 """
 
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pandas as pd
 
+from ..quant.config import SchemeError, parse_scheme
 from ..records import is_reference
 
 ROW = ["model", "variant", "scheme"]
@@ -29,8 +30,11 @@ def scheme_bits(rec_or_scheme) -> tuple[int, int]:
         if qc.get("w_bits") and qc.get("a_bits"):
             return int(qc["w_bits"]), int(qc["a_bits"])
         rec_or_scheme = rec_or_scheme.get("scheme") or ""
-    m = re.fullmatch(r"w(\d+)a(\d+)", str(rec_or_scheme).lower())
-    return (int(m[1]), int(m[2])) if m else (0, 0)
+    try:  # the one scheme parser (harness.quant.config), not a second regex
+        cfg = parse_scheme(rec_or_scheme)
+    except SchemeError:
+        return 0, 0
+    return cfg.w_bits, cfg.a_bits
 
 
 def latest_ok(records: list[dict]) -> pd.DataFrame:
