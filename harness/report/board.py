@@ -90,7 +90,6 @@ def _sort_key(row: tuple, bits: dict, refs: set) -> tuple:
     return row[0], -w, -a, row[2], row not in refs, row[1]
 
 
-
 SETTINGS = ("limit", "dtype", "calibration (but the seed)")
 
 
@@ -321,7 +320,6 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
                  level=level, seed=seed, bootstrap=boot, clusters=clusters_of)
 
 
-
 def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame | None = None) -> pd.DataFrame:
     """The batch-1 perf columns of each accuracy row from the perf record of the same identity
     (``row_identity``): each method's latency is its own row's, never another method's."""
@@ -351,7 +349,6 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame 
     for c, vals in cols.items():
         out[c] = pd.Series(vals, index=table.index, dtype=float if c != "kernel" else object)
     return out
-
 
 
 @dataclass

@@ -33,7 +33,6 @@ def cell_text(table: pd.DataFrame, idx: tuple, col: str, intervals: bool = True,
     return text
 
 
-
 def resampling_text(board: Board) -> str:
     """What the bootstrap resampled per task: 'synth_scienceqa: questions; synth_vqav2: images
     (150 questions in 60 images)'."""
@@ -75,7 +74,6 @@ def caption(board: Board) -> list[str]:
                      "highest mean, or a mean whose gap to it is not significant (no bold in that column "
                      "then). The reference row and controls (variants that quantize nothing) are not ranked.")
     return lines
-
 
 
 def calibration_text(records: list[dict]) -> str:

@@ -59,7 +59,6 @@ def formatted(board: Board, style: str) -> pd.DataFrame:
     return out.reset_index().rename(columns={"model": "Model", "variant": "Variant", "scheme": "Scheme"})
 
 
-
 def _ran_lines(board: Board) -> list[str]:
     ran = what_ran(board)
     commits = sorted({(c or "?")[:12] + (" (dirty)" if dirty else "") for c, dirty in ran.commits})
