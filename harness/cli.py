@@ -14,7 +14,7 @@ def _csv(value: str) -> list[str]:
 def cmd_run(args) -> int:
     from .config import SuiteError, load_suite
     from .executors import make_executor
-    from .tables import write_leaderboard
+    from .report import write_leaderboard
     from .runner import failure_lines, run_suite
 
     overrides = {}
@@ -74,14 +74,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .tables import write_leaderboard
+    from .report import write_leaderboard
     from .records import read_records
 
     stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots,
                  contrasts=args.contrast)
     try:
         if len(args.results) > 1 or args.output:
-            from .aggregate import write_aggregate
+            from .report import write_aggregate
 
             if not args.output:
                 raise ValueError("several results folders are combined into one table: name its folder "

@@ -1,4 +1,4 @@
-"""Speed and coverage of the leaderboard's intervals (harness.stats); numbers go to
+"""Speed and coverage of the leaderboard's intervals (harness.report.stats); numbers go to
 docs/benchmarks/intervals.md.
 
     PYTHONPATH=. python scripts/bench_intervals.py [--results results/default] [--seeds results/calibration-seeds]
@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.leaderboard import Run, build_board  # noqa: E402
 from harness.records import read_records  # noqa: E402
-from harness.stats import PairedBootstrap, TaskScores, combine_runs, percentile_interval  # noqa: E402
+from harness.report.board import Run, build_board  # noqa: E402
+from harness.report.stats import PairedBootstrap, TaskScores, combine_runs, percentile_interval  # noqa: E402
 
 
 def best_of(fn, repeat=3):

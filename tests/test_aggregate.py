@@ -1,4 +1,4 @@
-"""One leaderboard over runs with different calibration seeds (harness.aggregate, `table A B`)."""
+"""One leaderboard over runs with different calibration seeds (harness.report.aggregate, `table A B`)."""
 
 import statistics
 
@@ -7,9 +7,10 @@ import pytest
 from board_data import scores, write_run
 from scipy import stats as sps
 
-from harness.aggregate import aggregate, read_runs, write_aggregate
 from harness.cli import main
-from harness.leaderboard import Run, build_board
+from harness.report.aggregate import aggregate, read_runs
+from harness.report.board import Run, build_board
+from harness.report.write import write_aggregate
 
 N = 100
 BASE = {"a": scores(N, 80, seed=1), "b": scores(N, 60, seed=2)}

@@ -113,8 +113,8 @@ def test_contrasts_pair_the_modality_lever_by_record_fields(tmp_path):
     """image-text − text and +clip − plain are paired from the records' fields; two rows that
     differ in two levers (or in a method option) are not a default contrast."""
     from board_data import scores, write_run
-    from harness.contrasts import default_contrasts
-    from harness.leaderboard import Run, build_board
+    from harness.report.contrasts import default_contrasts
+    from harness.report.board import Run, build_board
     from harness.records import read_records
 
     text = {"calibration": {"task": "t", "modality": "text"}}

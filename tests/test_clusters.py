@@ -1,6 +1,6 @@
 """The cluster unit each task declares (its YAML metadata), how the harness logs each question's
 cluster in the samples, and the record's ``cluster_unit``: what the leaderboard's bootstrap
-resamples (harness.stats)."""
+resamples (harness.report.stats)."""
 
 from __future__ import annotations
 

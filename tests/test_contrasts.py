@@ -1,16 +1,16 @@
-"""Contrasts: A − B between two variants with the leaderboard's paired intervals (harness.contrasts)."""
+"""Contrasts: A − B between two variants with the leaderboard's paired intervals (harness.report.contrasts)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 from board_data import scores, write_run
 
-from harness.aggregate import aggregate
 from harness.cli import main
-from harness.contrasts import contrast_table, default_contrasts, parse_contrast
-from harness.leaderboard import Run, build_board
-from harness.tables import write_leaderboard
 from harness.records import read_records
+from harness.report.aggregate import aggregate
+from harness.report.board import Run, build_board
+from harness.report.contrasts import contrast_table, default_contrasts, parse_contrast
+from harness.report.write import write_leaderboard
 
 N = 400
 TASKS = ("a", "b")
@@ -138,7 +138,7 @@ def _image_cells(images: dict[str, list[int]]) -> dict:
 
 
 def test_contrasts_pair_by_question_within_image(tmp_path):
-    from harness.stats import cluster_index, percentile_interval, resample_counts, task_rng
+    from harness.report.stats import cluster_index, percentile_interval, resample_counts, task_rng
 
     images = {t: _images(N, seed=k) for k, t in enumerate(TASKS)}
     cells = _image_cells(images)

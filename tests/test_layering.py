@@ -1,6 +1,7 @@
 """Import layering: tasks/ knows nothing of the harness, harness.models nothing of harness.quant,
-and harness.kernels nothing of the perf benchmark, the runner or the CLI, so none of these pairs
-can import each other in a cycle again.
+and harness.kernels nothing of the perf benchmark, the runner or the CLI, and harness.report (the
+board below its writers) nothing of the runner, perf or the CLI, so none of these pairs can import
+each other in a cycle again.
 
 Read from the source with ``ast`` (function-level imports included: a lazy import is still a
 dependency), not by importing, so a cycle that happens to import fine today is still caught.
@@ -53,6 +54,8 @@ def _reaching(package: str, forbidden: tuple[str, ...]) -> list[str]:
                        "harness.worker")),
     # the kernels (what a state becomes on a GPU) sit below the perf benchmark and the harness's top
     ("harness.kernels", ("harness.perf", "harness.runner", "harness.cli", "harness.report", "harness.worker")),
+    # the report sits above models and quant (it reads records and scheme names) and below the CLI
+    ("harness.report", ("harness.runner", "harness.worker", "harness.executors", "harness.perf", "harness.cli")),
 ])
 def test_lower_layer_does_not_import_upper(package, forbidden):
     assert _reaching(package, forbidden) == []
@@ -129,3 +132,33 @@ def test_no_import_cycles_in_the_tree():
     cycles = _cycles(_module_graph())
     assert [c for c in cycles if c not in KNOWN_CYCLES] == []
     assert [c for c in KNOWN_CYCLES if c not in cycles] == [], "a known cycle is gone: drop it from KNOWN_CYCLES"
+
+
+def _report_modules(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {m: deps for m, deps in graph.items() if m == "harness.report" or m.startswith("harness.report.")}
+
+
+def test_the_report_has_no_import_cycle_and_the_board_is_below_its_writers():
+    graph = _report_modules(_module_graph())
+    assert "harness.report.board" in graph["harness.report.write"]  # the scan sees the package
+    assert _cycles(graph) == []
+    writers = {f"harness.report.{m}" for m in ("text", "page", "plots", "contrasts", "write")}
+    below = {"harness.report.board", "harness.report.rows", "harness.report.samples", "harness.report.stats",
+             "harness.report.aggregate"}
+    assert [f"{m} imports {d}" for m in below for d in sorted(graph[m] & writers)] == []
+
+
+def test_the_report_imports_project_code_at_the_top_of_its_modules():
+    """No project import inside a function in harness/report (a lazy import hides a cycle from a
+    reader; third-party ones, such as matplotlib, may load on demand)."""
+    lazy = []
+    for f in sorted((REPO / "harness" / "report").rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if getattr(node, "level", 0) or any(n.split(".")[0] in ("harness", "baselines", "methods", "tasks")
+                                                     for n in names):
+                    lazy.append(f"{f.relative_to(REPO)}:{node.lineno}")
+    assert lazy == []

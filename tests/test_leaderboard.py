@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from board_data import record, scores, write_run
 
-from harness.leaderboard import Run, build_board, unresolved_failures
-from harness.tables import write_leaderboard
 from harness.records import read_records
+from harness.report.board import Run, build_board
+from harness.report.rows import unresolved_failures
+from harness.report.write import write_leaderboard
 
 
 def _base(n=200, seed=0):

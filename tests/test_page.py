@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 import numpy as np
 from board_data import scores, write_run
 
-from harness.tables import write_leaderboard
+from harness.report.write import write_leaderboard
 
 
 class _Tags(HTMLParser):

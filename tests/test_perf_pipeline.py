@@ -10,7 +10,6 @@ from board_data import record, scores, write_run
 
 from harness import cells as cells_mod
 from harness.config import parse_suite
-from harness.tables import write_leaderboard
 from harness.perf import gate as gate_mod
 from harness.perf import states as runner_mod
 from harness.perf.benchmark import run_perf
@@ -22,6 +21,7 @@ from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state
 from harness.quant.state import LinearQuant
 from harness.quant.transforms import FloatEdit, apply_hadamard, edited
+from harness.report.write import write_leaderboard
 from harness.worker import GroupWorker
 from perf_helpers import interp  # noqa: F401 - fixture
 
@@ -205,7 +205,7 @@ def test_leaderboard_joins_each_methods_own_perf_row(tmp_path):
         p["variant"] = p["method"]
     ref_key = ("fp16", "fp64 (reference)", "w16a16", "t")
     folder = write_run(tmp_path / "run", cells, extra_records=perf, keys={ref_key: {"reference": True}})
-    from harness.leaderboard import Run, build_board
+    from harness.report.board import Run, build_board
     from harness.records import read_records
 
     board = build_board([Run("run", folder, read_records(folder / "records.jsonl"))], n_resamples=200)

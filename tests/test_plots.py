@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from board_data import record, scores, write_run
 
-from harness.tables import write_leaderboard
-from harness.plots import pareto_front
+from harness.report.plots import pareto_front
+from harness.report.write import write_leaderboard
 
 
 def test_pareto_front_keeps_exactly_the_undominated_points():

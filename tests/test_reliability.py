@@ -257,14 +257,14 @@ def test_a_garbage_samples_line_names_the_file_and_the_table_is_still_written(tm
 
 def test_a_failed_retabulation_after_a_run_exits_nonzero(tiny_llava_path, toy_include, tmp_path, capsys,
                                                          monkeypatch):
-    from harness import tables
+    from harness.report import write
 
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite_dict(tiny_llava_path, toy_include, tmp_path / "out", methods=["fp16"])))
 
     def broken(*a, **k):
         raise ValueError("model m has two reference rows")
-    monkeypatch.setattr(tables, "build_board", broken)
+    monkeypatch.setattr(write, "build_board", broken)
     assert main(["run", str(path), "-q"]) == 1
     err = capsys.readouterr().err
     assert "the leaderboard in" in err and "from an earlier tabulation" in err and "two reference rows" in err
@@ -307,7 +307,7 @@ def test_a_failing_cleanup_never_masks_the_write_error(tmp_path, monkeypatch):
 def test_a_kill_while_tabulating_leaves_the_previous_tables_whole(tmp_path, monkeypatch):
     import pandas as pd
 
-    from harness.tables import write_leaderboard
+    from harness.report.write import write_leaderboard
 
     folder = write_run(tmp_path / "r", {("fp16", "w16a16", "t"): scores(40, 30),
                                         ("rtn", "w4a4", "t"): scores(40, 20, seed=1)})

@@ -1,12 +1,13 @@
-"""harness.stats: bootstrap intervals checked against independent references (Wilson, normal theory,
-scipy.stats.bootstrap, the t-interval) and against answers known by construction of the data."""
+"""harness.report.stats: bootstrap intervals checked against independent references (Wilson,
+normal theory, scipy.stats.bootstrap, the t-interval) and against answers known by construction of
+the data."""
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from harness import stats
-from harness.stats import PairedBootstrap, TaskScores, combine_runs
+from harness.report import stats
+from harness.report.stats import PairedBootstrap, TaskScores, combine_runs
 
 
 def _boot(rows_by_task: dict[str, np.ndarray], n_resamples=2000, seed=0) -> PairedBootstrap:

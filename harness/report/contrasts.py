@@ -16,9 +16,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .board import AVG, Board
+from .describe import cell_text, resampling_text
 from .stats import combine_runs
 
-def variants_of(board) -> list[str]:
+
+def variants_of(board: Board) -> list[str]:
     return sorted({row[1] for row in board.rows})
 
 
@@ -50,7 +53,7 @@ def _row_fields(rec: dict) -> dict:
             "modality": (rec.get("calibration") or {}).get("modality", "image-text")}
 
 
-def default_contrasts(board) -> list[tuple[str, str]]:
+def default_contrasts(board: Board) -> list[tuple[str, str]]:
     """Each lever present in the table against its control, paired by the rows' record fields
     (never by parsing labels): ``X+clip − X``, ``X − X (text calib)`` (image-text − text)."""
     fields: dict[str, dict] = {}
@@ -67,7 +70,7 @@ def default_contrasts(board) -> list[tuple[str, str]]:
     return pairs
 
 
-def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+def contrast_table(board: Board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
     """Index (model, scheme, contrast "A − B"); per task and Avg: value, lo, hi in points, and
     ``<col> sig`` (the interval excludes 0). Pairs absent from a (model, scheme) are skipped."""
     boot, rows = board.bootstrap, board.rows
@@ -80,7 +83,7 @@ def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
             ia, ib = index.get((model, a, scheme)), index.get((model, b, scheme))
             if ia is not None and ib is not None:
                 found.append((model, scheme, a, b, ia, ib))
-    cols = [*board.tasks, "Avg"]
+    cols = [*board.tasks, AVG]
     out = pd.DataFrame(index=pd.MultiIndex.from_tuples([(m, s, f"{a} − {b}") for m, s, a, b, *_ in found],
                                                        names=["model", "scheme", "contrast"]))
     if not found:
@@ -90,18 +93,16 @@ def contrast_table(board, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
         w[k, ia], w[k, ib] = 1.0, -1.0
     T = len(board.tasks)
     for col in cols:
-        weights = {t: w / T for t in board.tasks} if col == "Avg" else {col: w}
+        weights = {t: w / T for t in board.tasks} if col == AVG else {col: w}
         iv = combine_runs(*boot.statistic(weights), level=board.level, bounds=(-1.0, 1.0))
         out[col], out[f"{col} lo"], out[f"{col} hi"] = 100 * iv.value, 100 * iv.lo, 100 * iv.hi
         out[f"{col} sig"] = iv.excludes_zero()
     return out
 
 
-def contrasts_markdown(board, table: pd.DataFrame) -> str:
+def contrasts_markdown(board: Board, table: pd.DataFrame) -> str:
     """The contrasts as a markdown table (bold: the interval excludes 0) and a caption."""
-    from .leaderboard import cell_text, resampling_text
-
-    cols = [*board.tasks, "Avg"]
+    cols = [*board.tasks, AVG]
     lines = ["| Model | Scheme | Contrast | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
     for idx, r in table.iterrows():
@@ -119,13 +120,13 @@ def contrasts_markdown(board, table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def contrast_pairs(board, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
+def contrast_pairs(board: Board, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
     """The default levers plus ``extra`` ("A:B", checked against the table's variants)."""
     known = variants_of(board)
     return list(dict.fromkeys(default_contrasts(board) + [parse_contrast(t, known) for t in extra]))
 
 
-def write_contrasts(board, output: Path, pairs: Sequence[tuple[str, str]]) -> dict[str, Path]:
+def write_contrasts(board: Board, output: Path, pairs: Sequence[tuple[str, str]]) -> dict[str, Path]:
     """contrasts.{md,csv} in ``output``; an older pair of files is removed when there is nothing
     to contrast."""
     stale = [output / "contrasts.md", output / "contrasts.csv"]

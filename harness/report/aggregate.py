@@ -3,9 +3,10 @@
 With a few dozen calibration samples, which samples are drawn moves a quantized cell by more than
 its evaluation standard error (the default suite's W4A4 rows moved by up to 4 points between two
 seeds), so a method comparison for a paper should average over seeds. Each run folder keeps its own
-records and leaderboard; this reads them and writes the same tables, page and plots for the set:
-per cell the mean over runs with an interval that adds the seed-to-seed spread to the question
-resampling noise (harness.stats.combine_runs), paired across rows by question and by run.
+records and leaderboard; this reads them into one board for the set (``write.write_aggregate``
+writes its tables, page and plots): per cell the mean over runs with an interval that adds the
+seed-to-seed spread to the question resampling noise (harness.report.stats.combine_runs), paired
+across rows by question and by run.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .leaderboard import Board, Run, build_board
-from .records import read_records
+from ..records import read_records
+from .board import Board, Run, build_board
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
-from .tables import write_board
 
 
 def read_runs(results_dirs: Sequence[str | Path]) -> list[Run]:
@@ -42,7 +42,7 @@ def _seed_notes(runs: list[Run]) -> list[str]:
     seen: dict[tuple, str] = {}
     notes = []
     for run in runs:
-        seeds = tuple(sorted({r.get("seed") for r in run.records if r.get("status") == "ok"}, key=str))
+        seeds = tuple(run.seeds)
         if seeds in seen:
             notes.append(f"runs {seen[seeds]} and {run.label} have the same seed(s) {list(seeds)}: their "
                          "spread is not calibration noise, and the intervals will be too narrow")
@@ -58,10 +58,3 @@ def aggregate(results_dirs: Sequence[str | Path], n_resamples: int = DEFAULT_RES
     board.notes[:0] = _seed_notes(runs)
     return board
 
-
-def write_aggregate(results_dirs: Sequence[str | Path], output: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = 0, level: float = DEFAULT_LEVEL, plots: bool = True,
-                    contrasts: Sequence[str] = ()) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html}, contrasts and the plots over several run folders into ``output``."""
-    return write_board(aggregate(results_dirs, n_resamples, seed, level), Path(output), plots=plots,
-                       contrasts=contrasts)

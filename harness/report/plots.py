@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .leaderboard import AVG, Board
+from .board import AVG, Board
 
 SVG_SALT = "qvlm-bench"
 _RC = {"svg.hashsalt": SVG_SALT, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,

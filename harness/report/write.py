@@ -1,8 +1,10 @@
-"""Write a board's files: leaderboard.{md,csv,tex,html}, contrasts.{md,csv} and the plots.
+"""Write a board's files: leaderboard.{md,csv,tex,html}, contrasts.{md,csv} and the plots, all or
+nothing (staged in a temporary folder, then renamed into place).
 
-The writers sit above the board (``harness.leaderboard``: data model, statistics, Markdown/LaTeX
-formatting) and beside each other (``contrasts``, ``page``, ``plots``); this module calls them all,
-so nothing below it imports a writer and the reporting code has no import cycle.
+The top of ``harness.report``: the one module that calls every writer (``text``, ``page``,
+``plots``, ``contrasts``), which all sit above the board (``board``: the data model and its
+intervals) and beside each other, so the reporting code has no import cycle. The entry points
+read results folders: ``write_leaderboard`` (one run) and ``write_aggregate`` (several seeds).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from ..records import read_records, temp_name
+from .aggregate import aggregate
+from .board import Board, Run, build_board
 from .contrasts import contrast_pairs, write_contrasts
-from .leaderboard import Board, Run, booktabs, build_board, formatted, notes_text
 from .page import write_page
 from .plots import write_plots
-from .records import read_records, temp_name
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES
+from .text import latex_table, markdown_table, write_csv
 
 
 def write_board(board: Board, output: Path, plots: bool = True, contrasts: Sequence[str] = ()) -> dict[str, Path]:
@@ -45,11 +49,9 @@ def write_board(board: Board, output: Path, plots: bool = True, contrasts: Seque
 
 def _write_board_files(board: Board, output: Path, plots: bool, pairs) -> dict[str, Path]:
     paths = {ext: output / f"leaderboard.{ext}" for ext in ("md", "csv", "tex", "html")}
-    board.table.reset_index().to_csv(paths["csv"], index=False, float_format="%.4f")
-    md = formatted(board, "md")
-    paths["md"].write_text(md.to_markdown(index=False, tablefmt="github", disable_numparse=True)
-                           + "\n\n" + notes_text(board))
-    paths["tex"].write_text(booktabs(formatted(board, "tex")))
+    write_csv(board, paths["csv"])
+    paths["md"].write_text(markdown_table(board))
+    paths["tex"].write_text(latex_table(board))
     figures = write_plots(board, output) if plots else {}
     write_page(board, paths["html"], figures)
     paths.update({f"plot {name}": p for name, p in figures.items()})
@@ -73,3 +75,11 @@ def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resa
     board = build_board([Run(results_dir.name, results_dir, records)], n_resamples=n_resamples, seed=seed,
                         level=level, perf_records=perf_records)
     return write_board(board, results_dir, plots=plots, contrasts=contrasts)
+
+
+def write_aggregate(results_dirs: Sequence[str | Path], output: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0, level: float = DEFAULT_LEVEL, plots: bool = True,
+                    contrasts: Sequence[str] = ()) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html}, contrasts and the plots over several run folders into ``output``."""
+    return write_board(aggregate(results_dirs, n_resamples, seed, level), Path(output), plots=plots,
+                       contrasts=contrasts)

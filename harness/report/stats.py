@@ -86,7 +86,7 @@ class TaskScores:
             if c.shape != (n,) or not np.issubdtype(c.dtype, np.integer):
                 raise ValueError(f"clusters must be one integer index per question ({n}), got {c.shape} {c.dtype}")
             if n and (c.min() < 0 or np.bincount(c).min() == 0):
-                raise ValueError("clusters must index 0..C-1 with every cluster used (harness.stats.cluster_index)")
+                raise ValueError("clusters must index 0..C-1 with every cluster used (harness.report.stats.cluster_index)")
             self.clusters = c
 
     @property

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .leaderboard import (AVG, DREF, PERF_COLUMNS, VSBEST, Board, calibration_text, caption, number_text,
-                          unresolved_failures, variant_of)
+from .board import AVG, DREF, PERF_COLUMNS, VSBEST, Board, what_ran
+from .describe import calibration_text, caption, number_text
+from .rows import unresolved_failures, variant_of
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -55,8 +56,8 @@ def _e(v) -> str:
     return html.escape(str(v))
 
 
-def _what_ran(board: Board) -> list[tuple[str, str]]:
-    ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
+def _ran_items(board: Board) -> list[tuple[str, str]]:
+    ran = what_ran(board)
     t = board.table
     models = list(dict.fromkeys(i[0] for i in t.index))
     items = [("Models", ", ".join(models))]
@@ -70,28 +71,21 @@ def _what_ran(board: Board) -> list[tuple[str, str]]:
         n = t[f"{task} n"].dropna()
         ns.append(f"{task} ({int(n.max())} questions)" if len(n) else task)
     items.append(("Tasks", ", ".join(ns)))
-    cal = calibration_text(ok)
+    cal = calibration_text(ran.records)
     if cal:
         items.append(("Calibration", cal))
-    items.append(("Device", ", ".join(sorted({str(r.get("device")) for r in ok}))))
-    items.append(("dtype / kernel", ", ".join(sorted({str(r.get("dtype") or r.get("kernel")) for r in ok}))))
-    vers = {}
-    for r in ok:
-        for k, v in (r.get("versions") or {}).items():
-            vers.setdefault(k, set()).add(str(v))
-    if vers:
-        items.append(("Software", ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in vers.items())))
-    commits = sorted({((r.get("git") or {}).get("commit") or "not recorded")[:12]
-                      + (" (dirty tree)" if (r.get("git") or {}).get("dirty") else "") for r in ok})
+    items.append(("Device", ", ".join(ran.devices)))
+    items.append(("dtype / kernel", ", ".join(ran.dtypes)))
+    if ran.versions:
+        items.append(("Software", ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in ran.versions.items())))
+    commits = sorted({(c or "not recorded")[:12] + (" (dirty tree)" if dirty else "") for c, dirty in ran.commits})
     items.append(("Commit", ", ".join(commits)))
-    stamps = sorted(str(r["timestamp"]) for r in ok if r.get("timestamp"))
+    stamps = ran.timestamps
     if stamps:
         items.append(("Ran", stamps[0][:16].replace("T", " ") + (f" to {stamps[-1][:16].replace('T', ' ')}"
                                                                   if stamps[-1][:16] != stamps[0][:16] else "")))
     if len(board.runs) > 1:
-        items.append(("Runs", "; ".join(
-            f"{run.label} (seed {', '.join(map(str, sorted({r.get('seed') for r in run.records if r.get('status') == 'ok'}, key=str)))})"
-            for run in board.runs)))
+        items.append(("Runs", "; ".join(f"{run.label} (seed {', '.join(map(str, run.seeds))})" for run in board.runs)))
     items.append(("Intervals", f"{100 * board.level:g} %, {board.n_resamples} bootstrap resamples, seed {board.seed}"))
     return items
 
@@ -144,8 +138,7 @@ def table_html(board: Board) -> str:
 
 
 def page_html(board: Board, plots: dict[str, Path]) -> str:
-    ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
-    suites = sorted({str(r.get("suite")) for r in ok if r.get("suite")})
+    suites = sorted({str(r.get("suite")) for r in what_ran(board).records if r.get("suite")})
     title = f"qvlm-bench leaderboard: {', '.join(suites) or 'results'}" + (
         f" (mean of {len(board.runs)} runs)" if len(board.runs) > 1 else "")
     models = list(dict.fromkeys(i[0] for i in board.table.index))
@@ -157,7 +150,7 @@ def page_html(board: Board, plots: dict[str, Path]) -> str:
              f"<title>{_e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
              f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(sub)}</p>',
              "<h2>What ran</h2>", '<dl class="ran">']
-    parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _what_ran(board)]
+    parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _ran_items(board)]
     parts += ["</dl>", "<h2>Results</h2>",
               '<p class="legend"><span class="lead">bold</span>significant lead'
               '<span class="tie">italic</span>tied for best (no significant lead)'

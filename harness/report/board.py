@@ -1,10 +1,11 @@
-"""Leaderboard tables from ``records.jsonl``: Markdown, CSV, LaTeX (booktabs), an HTML page, plots.
+"""The board: the numeric leaderboard with its intervals, built from ``records.jsonl`` — the data
+model every writer (text, page, plots, contrasts) reads and none of them changes.
 
 Rows are (model, variant, scheme) — the record's ``variant`` (fallback: ``method``); one column per
 task, the average over tasks, ``Δ ref`` against the same model's reference row (the records with
 ``reference: true``; fallback: method ``fp16``) and ``vs best`` against the best other variant of
 the same model and scheme. Every number carries a 95 % interval from a paired, stratified bootstrap
-over the questions in the records' per-question sample files (harness.stats), resampling the
+over the questions in the records' per-question sample files (harness.report.stats), resampling the
 clusters a task declares (VQAv2's images) whole; with several runs
 (calibration seeds) the seed-to-seed spread is added. A best value is bold only when it is
 significantly above every other variant's; variants not significantly below the best are marked
@@ -15,7 +16,6 @@ it can be regenerated at any time.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,65 +24,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .records import is_reference
-from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
-                    combine_runs)
+from .rows import ROW, latest_ok, record_field, row_identity, scheme_bits
+from .samples import FALLBACK, load_scores, task_clusters
+from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, combine_runs
 
-ROW = ["model", "variant", "scheme"]
 PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
 AVG, DREF, VSBEST = "Avg", "Δ ref", "vs best"
-
-
-def variant_of(rec: dict) -> str:
-    return rec.get("variant") or rec.get("method")
-
-
-def scheme_bits(rec_or_scheme) -> tuple[int, int]:
-    """(weight bits, activation bits) of a record (its quant_config) or of a scheme name like w4a8."""
-    if isinstance(rec_or_scheme, dict):
-        qc = rec_or_scheme.get("quant_config") or {}
-        if qc.get("w_bits") and qc.get("a_bits"):
-            return int(qc["w_bits"]), int(qc["a_bits"])
-        rec_or_scheme = rec_or_scheme.get("scheme") or ""
-    m = re.fullmatch(r"w(\d+)a(\d+)", str(rec_or_scheme).lower())
-    return (int(m[1]), int(m[2])) if m else (0, 0)
-
-
-def latest_ok(records: list[dict]) -> pd.DataFrame:
-    """One row per (model, variant, scheme, task): the most recent successful record."""
-    # latency/memory columns show the batch-1 workload with the default layouts; other batch sizes
-    # and layouts chosen for one phase (``--objective decode|prefill``) stay in the perf tables
-    rows = [r for r in records if r.get("status") == "ok"
-            and not (r.get("metric") == "perf" and (r.get("batch_size") not in (None, 1)
-                                                    or r.get("objective") not in (None, "generate")))]
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows)
-    df["variant"] = [variant_of(r) for r in rows]
-    df["_ref"] = [is_reference(r) for r in rows]
-    df["_control"] = [bool(r.get("control")) for r in rows]
-    df["_order"] = range(len(df))
-    df["task"] = df["task"].fillna("")
-    if "metric" not in df:
-        df["metric"] = None
-    # the whole last record (groupby().last() would mix fields of different records around NaNs)
-    return df.drop_duplicates(subset=ROW + ["task", "metric"], keep="last").sort_values("_order")
-
-
-def _field(rec: dict, key: str):
-    """A record field from a DataFrame row: None where the record did not have it."""
-    v = rec.get(key)
-    return None if isinstance(v, float) and np.isnan(v) else v
-
-
-def unresolved_failures(records: list[dict]) -> list[dict]:
-    """Failed records whose cell has not succeeded since (a retried cell shows its result only)."""
-    last: dict[tuple, dict] = {}
-    for r in records:
-        if r.get("status") in ("ok", "failed"):
-            last[(r.get("model"), variant_of(r), r.get("scheme"), r.get("task") or "",
-                  r.get("batch_size") if r.get("metric") == "perf" else None)] = r
-    return [r for r in last.values() if r.get("status") == "failed"]
 
 
 @dataclass
@@ -92,6 +39,11 @@ class Run:
     label: str
     folder: Path
     records: list[dict]
+
+    @property
+    def seeds(self) -> list:
+        """The seeds of the run's successful records (one, unless the folder mixes runs)."""
+        return sorted({r.get("seed") for r in self.records if r.get("status") == "ok"}, key=str)
 
 
 @dataclass
@@ -136,76 +88,6 @@ class Board:
 def _sort_key(row: tuple, bits: dict, refs: set) -> tuple:
     w, a = bits.get(row, (0, 0))
     return row[0], -w, -a, row[2], row not in refs, row[1]
-
-
-FALLBACK = "interval from the record's stderr (normal, unpaired)"
-
-
-def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> tuple[dict, dict | None] | None:
-    """(doc_id -> score, doc_id -> cluster or None where the rows carry no cluster) of a record's
-    samples file, or None (noted in ``problems``) when unusable."""
-    rel = _field(rec, "samples_file")
-    where = f"{rec.get('model')}/{variant_of(rec)}/{rec.get('scheme')}/{rec.get('task')}"
-    if not rel:
-        problems.setdefault("no samples_file in the record", []).append(where)
-        return None
-    path = folder / rel
-    if not path.is_file():
-        problems.setdefault("samples file missing", []).append(f"{where} ({path})")
-        return None
-    scores, clusters = {}, {}
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                scores[row["doc_id"]] = float(row["score"])
-            except (ValueError, KeyError, TypeError) as exc:  # named, not a bare "Expecting value"
-                problems.setdefault("samples file unreadable (delete it and the cell's record line to "
-                                    "recompute it)", []).append(f"{where} ({path} line {lineno}: {exc})")
-                return None
-            if row.get("cluster") is not None:
-                clusters[row["doc_id"]] = row["cluster"]
-    if not scores:
-        problems.setdefault("samples file empty", []).append(f"{where} ({path})")
-        return None
-    mean = 100 * sum(scores.values()) / len(scores)
-    value = _field(rec, "value")
-    if value is not None and abs(mean - value) > 1e-6 * max(1.0, abs(value)):
-        problems.setdefault("samples file disagrees with its record (a file from another run?)", []).append(
-            f"{where} ({path}: mean {mean:.4f}, record {value:.4f})")
-        return None
-    return scores, (clusters if len(clusters) == len(scores) else None)
-
-
-def _task_clusters(task: str, ids: list, cells: list[tuple[str, dict | None]],
-                   notes: list[str]) -> tuple[np.ndarray | None, str]:
-    """The clusters of a task's questions ``ids`` from its cells' (declared unit, doc_id -> cluster).
-
-    The unit is the one the records declare (``cluster_unit``; records without it: questions);
-    the cluster of a question is a property of the data, so every row uses the ids any cell
-    logged. Questions resampled one by one (with a note) where cells disagree or ids are missing.
-    """
-    declared = sorted({unit for unit, _ in cells if unit != QUESTION})
-    if not declared:
-        return None, QUESTION
-    if len(declared) > 1:
-        notes.append(f"{task}: the records declare different cluster units {declared}; its intervals "
-                     "resample questions")
-        return None, QUESTION
-    unit = declared[0]
-    label: dict = {}
-    for u, found in cells:
-        for doc, c in (found or {}).items() if u == unit else ():
-            if label.setdefault(doc, c) != c:
-                notes.append(f"{task}: question {doc} is in {unit} {label[doc]!r} in one record and {c!r} in "
-                             "another (records from different data?); its intervals resample questions")
-                return None, QUESTION
-    missing = sum(1 for d in ids if d not in label)
-    if missing:
-        notes.append(f"{task}: {missing} question(s) have no {unit} id in any samples file (written before "
-                     f"clusters were logged?); its intervals resample questions")
-        return None, QUESTION
-    return cluster_index([label[d] for d in ids]), unit
 
 
 SETTINGS = ("limit", "dtype", "calibration (but the seed)")
@@ -304,12 +186,12 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
     for _, r in acc.iterrows():
         k, i = int(r["_run"]), ri[tuple(r[c] for c in ROW)]
         rec = r.to_dict()
-        found = _load_scores(runs[k].folder, rec, problems)
+        found = load_scores(runs[k].folder, rec, problems)
         if found is not None:
             loaded[rec["task"]][(k, i)], cluster_ids[rec["task"]][(k, i)] = found
-            units[rec["task"]][(k, i)] = _field(rec, "cluster_unit") or QUESTION
+            units[rec["task"]][(k, i)] = record_field(rec, "cluster_unit") or QUESTION
         else:
-            loaded[rec["task"]][(k, i)] = (float(rec["value"]) / 100, float(_field(rec, "stderr") or 0.0) / 100)
+            loaded[rec["task"]][(k, i)] = (float(rec["value"]) / 100, float(record_field(rec, "stderr") or 0.0) / 100)
     for reason, where in problems.items():
         notes.append(f"{reason}, {FALLBACK}: {len(where)} cell(s): " + "; ".join(where[:5])
                      + ("; …" if len(where) > 5 else ""))
@@ -324,7 +206,7 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
                 arr[k, i, [col[d] for d in v]] = list(v.values())
             else:
                 fallback[(k, i)] = v
-        clusters, unit = _task_clusters(t, ids, [(units[t][c], cluster_ids[t][c]) for c in cluster_ids[t]], notes)
+        clusters, unit = task_clusters(t, ids, [(units[t][c], cluster_ids[t][c]) for c in cluster_ids[t]], notes)
         task_scores[t] = TaskScores(arr, fallback, clusters=clusters, unit=unit)
         n_questions[t] = {(k, i): (len(v) if isinstance(v, dict) else None) for (k, i), v in loaded[t].items()}
         # per row: the clusters among the questions it was scored on
@@ -428,35 +310,14 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
     for model, row in references.items():
         recs = acc[(acc["model"] == model) & (acc["variant"] == row[1]) & (acc["scheme"] == row[2])]
         # per record: the resolved dtype, or (records before it existed) the kernel
-        dt = sorted({str(_field(r, "dtype") or _field(r, "kernel")) for r in recs.to_dict("records")
-                     if _field(r, "dtype") or _field(r, "kernel")})
+        dt = sorted({str(record_field(r, "dtype") or record_field(r, "kernel")) for r in recs.to_dict("records")
+                     if record_field(r, "dtype") or record_field(r, "kernel")})
         # the engine's label may already say it ("fp64 (reference)")
         ran = ", ".join(d for d in dt if d not in row[1])
         ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
                  level=level, seed=seed, bootstrap=boot, clusters=clusters_of)
-
-
-REFERENCE_ROW = "<reference>"
-
-
-def _quant_identity(rec: dict) -> str | None:
-    """The quantization settings of a record (its ``quant_config``), or None where it has none."""
-    qc = rec.get("quant_config")
-    if not isinstance(qc, dict) or not qc:
-        return None
-    return json.dumps({k: v for k, v in qc.items() if k != "scheme"}, sort_keys=True, default=str)
-
-
-def row_identity(rec: dict) -> tuple:
-    """What a latency row and an accuracy row must share to be joined: the model, the row label
-    (``cells.Variant.label``, which names the method's non-default options and the clip lever; the
-    float reference matches the reference whatever dtype it ran in), the scheme, and the
-    quantization settings behind the scheme (group size, symmetry, static or dynamic ranges)."""
-    ref = is_reference(rec)
-    return (rec.get("model"), REFERENCE_ROW if ref else variant_of(rec), rec.get("scheme"),
-            None if ref else _quant_identity(rec))
 
 
 def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -473,7 +334,7 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame 
     cols: dict[str, list] = {"decode ms/tok": [], "peak GiB": [], "kernel": []}
     for row in table.index:
         rec = acc_recs.get(tuple(row), {"model": row[0], "variant": row[1], "scheme": row[2]})
-        rec = {k: _field(rec, k) for k in rec}
+        rec = {k: record_field(rec, k) for k in rec}
         key = row_identity(rec)
         hit = perf.get(key)
         if hit is None and key[3] is not None:  # perf records from before quant_config: by label only
@@ -490,162 +351,29 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame 
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# text formats
+@dataclass
+class WhatRan:
+    """What produced a board, read from its successful accuracy records (one reading; the text and
+    the page each word it their own way)."""
+
+    records: list[dict]  # the successful accuracy records
+    devices: list[str]
+    dtypes: list[str]  # per record: the resolved dtype, or (records before it existed) the kernel
+    commits: set[tuple[str | None, bool]]  # (commit or None where not recorded, dirty tree)
+    versions: dict[str, set[str]]  # package -> the versions the records name
+    timestamps: list[str]  # sorted
 
 
-def number_text(v: float, signed: bool) -> str:
-    v = round(float(v), 1) + 0.0  # no "-0.0"
-    return f"{v:+.1f}" if signed else f"{v:.1f}"
-
-
-def cell_text(table: pd.DataFrame, idx: tuple, col: str, intervals: bool = True,
-              signed: bool | None = None) -> str:
-    """'80.0 [73.3, 86.0]' (signed for Δ columns, or as ``signed`` says), '–' when absent."""
-    v = table.at[idx, col] if col in table else np.nan
-    if pd.isna(v):
-        return "–"
-    if signed is None:
-        signed = col in (DREF, VSBEST) or col.endswith(" vs best")
-    text = number_text(v, signed)
-    lo, hi = table.at[idx, f"{col} lo"], table.at[idx, f"{col} hi"]
-    if intervals and pd.notna(lo):
-        text += f" [{number_text(lo, signed)}, {number_text(hi, signed)}]"
-    return text
-
-
-def formatted(board: Board, style: str) -> pd.DataFrame:
-    """Display strings: style "md" (**lead**, *tie*), "tex" or "html" (class names added by the page)."""
-    table = board.table
-    wrap = {"md": {"lead": ("**", "**"), "tie": ("*", "*")},
-            "tex": {"lead": ("\\textbf{", "}"), "tie": ("\\textit{", "}")},
-            "html": {"lead": ("<b>", "</b>"), "tie": ("<i>", "</i>")}}[style]
-    out = pd.DataFrame(index=table.index)
-    for col in board.stat_columns:
-        cells = []
-        for idx in table.index:
-            if col == DREF and idx == board.references.get(idx[0]):
-                cells.append("ref")
-                continue
-            text = cell_text(table, idx, col)
-            mark = table.at[idx, f"{col} mark"] if f"{col} mark" in table else ""
-            if mark:
-                text = f"{wrap[mark][0]}{text}{wrap[mark][1]}"
-            cells.append(text)
-        out[col] = cells
-    if "decode ms/tok" in table:
-        out["decode ms/tok"] = table["decode ms/tok"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
-        out["peak GiB"] = table["peak GiB"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
-        out["kernel"] = table["kernel"].fillna("–")
-    if f"{AVG} min" in table:
-        out[f"{AVG} range"] = [f"{number_text(lo, False)}–{number_text(hi, False)}" if pd.notna(lo) else "–"
-                               for lo, hi in zip(table[f"{AVG} min"], table[f"{AVG} max"])]
-    if (table["runs"] < len(board.runs)).any():
-        out["runs"] = table["runs"].astype(int).astype(str)
-    return out.reset_index().rename(columns={"model": "Model", "variant": "Variant", "scheme": "Scheme"})
-
-
-def resampling_text(board: Board) -> str:
-    """What the bootstrap resampled per task: 'synth_scienceqa: questions; synth_vqav2: images
-    (150 questions in 60 images)'."""
-    parts = []
-    for t in board.tasks:
-        unit, c, n = board.clusters.get(t, (QUESTION, None, None))
-        parts.append(f"{t}: questions" if unit == QUESTION else f"{t}: {unit}s ({n} questions in {c} {unit}s)")
-    return "; ".join(parts)
-
-
-def caption(board: Board) -> list[str]:
-    """What the columns, intervals and marks mean (one sentence per item)."""
-    pct = f"{100 * board.level:g} %"
-    multi = len(board.runs) > 1
-    units = resampling_text(board)
-    lines = [
-        "Accuracy in percent from the simulated (fake-quant) model; rows are (model, variant, scheme)."
-        + (f" Each number is the mean over {len(board.runs)} runs (calibration seeds)." if multi else ""),
-        (f"[lo, hi]: {pct} interval — mean over runs ± t · se, where se² adds the seed-to-seed variance "
-         "(divided by the number of runs) and the variance from resampling each task's clusters with "
-         f"their questions together (paired bootstrap, {board.n_resamples} resamples); "
-         "Welch–Satterthwaite degrees of freedom."
-         if multi else
-         f"[lo, hi]: {pct} percentile interval from a bootstrap over each task's clusters, their "
-         f"questions kept together ({board.n_resamples} resamples, the same resamples for every row, so "
-         "differences are paired by question; tasks resampled separately for Avg)."),
-        f"Cluster unit resampled — {units}.",
-        "Avg: mean of the task columns.",
-    ]
-    if board.references:
-        refs = "; ".join(f"{m}: {d}" for m, d in board.reference_desc.items()) if len(board.references) > 1 \
-            else next(iter(board.reference_desc.values()))
-        lines.append(f"Δ ref: Avg minus the same model's reference row — {refs}; paired interval.")
-    if VSBEST in board.table:
-        lines.append("vs best: Avg minus the best other variant of the same model and scheme (for the best "
-                     "row: its lead over the runner-up), paired interval.")
-        lines.append(f"Bold: the highest mean of its model and scheme, and the paired {pct} interval of its "
-                     "gap to every other variant excludes 0 (a significant lead). Italic: tied for best — the "
-                     "highest mean, or a mean whose gap to it is not significant (no bold in that column "
-                     "then). The reference row and controls (variants that quantize nothing) are not ranked.")
-    return lines
-
-
-def _what_ran(board: Board) -> list[str]:
+def what_ran(board: Board) -> WhatRan:
     ok = [r for r in board.records if r.get("status") == "ok" and r.get("metric") == "accuracy"]
-    devices = sorted({str(r.get("device")) for r in ok})
-    kernels = sorted({str(r.get("dtype") or r.get("kernel")) for r in ok})
-    cal = calibration_text(ok)
-    commits = sorted({((r.get("git") or {}).get("commit") or "?")[:12] + (" (dirty)" if (r.get("git") or {}).get("dirty") else "")
-                      for r in ok})
-    lines = [f"{len(ok)} accuracy records; device: {', '.join(devices)}; dtypes/kernels: {', '.join(kernels)}; "
-             f"commit: {', '.join(commits)}."]
-    if cal:
-        lines.append(f"Calibration: {cal}.")
-    return lines
-
-
-def calibration_text(records: list[dict]) -> str:
-    """'32 train questions of synth_scienceqa (synth-v4), seeds 0, 1' — one entry per spec but the seed."""
-    specs: dict[str, set] = {}
-    for r in records:
-        c = {k: v for k, v in (r.get("calibration") or {}).items() if k not in ("batch_size", "digest")}
-        if c:
-            seed = c.pop("seed", None)
-            specs.setdefault(json.dumps(c, sort_keys=True), set()).add(seed)
-    out = []
-    for spec, seeds in specs.items():
-        c = json.loads(spec)
-        text = f"{c.get('n', '?')} {c.get('split', '?')} questions of {c.get('task', '?')}"
-        if c.get("data_version"):
-            text += f" ({c['data_version']})"
-        seeds = sorted((s for s in seeds if s is not None), key=str)
-        if seeds:
-            text += (", seed " if len(seeds) == 1 else ", seeds ") + ", ".join(map(str, seeds))
-        out.append(text)
-    return "; ".join(sorted(out))
-
-
-def notes_text(board: Board) -> str:
-    failed = unresolved_failures(board.records)
-    lines = caption(board) + _what_ran(board)
-    if len(board.runs) > 1:
-        lines.append("Runs: " + "; ".join(
-            f"{run.label} (seed {sorted({r.get('seed') for r in run.records if r.get('status') == 'ok'}, key=str)})"
-            for run in board.runs) + ".")
-    if failed:
-        lines.append(f"{len(failed)} failed record(s): " + "; ".join(
-            f"{variant_of(r)}/{r.get('scheme')}/{r.get('task')}: {str(r.get('error'))[:80]}" for r in failed[:5]))
-    lines += board.notes
-    return "\n".join(lines) + "\n"
-
-
-def booktabs(df: pd.DataFrame) -> str:
-    from tabulate import tabulate
-
-    def esc(v: str) -> str:
-        return (str(v).replace("±", "$\\pm$").replace("–", "--").replace("_", "\\_")
-                .replace("Δ", "$\\Delta$"))
-
-    body = df.map(esc)
-    headers = [esc(c) for c in df.columns]
-    return tabulate(body.values.tolist(), headers=headers, tablefmt="latex_booktabs",
-                    disable_numparse=True).replace("\\textbackslash{}", "\\").replace("\\{", "{") \
-        .replace("\\}", "}").replace("\\$", "$").replace("\\_", "_").replace("\\textasciicircum{}", "^") + "\n"
+    versions: dict[str, set[str]] = {}
+    for r in ok:
+        for k, v in (r.get("versions") or {}).items():
+            versions.setdefault(k, set()).add(str(v))
+    return WhatRan(
+        records=ok,
+        devices=sorted({str(r.get("device")) for r in ok}),
+        dtypes=sorted({str(r.get("dtype") or r.get("kernel")) for r in ok}),
+        commits={((r.get("git") or {}).get("commit") or None, bool((r.get("git") or {}).get("dirty"))) for r in ok},
+        versions=versions,
+        timestamps=sorted(str(r["timestamp"]) for r in ok if r.get("timestamp")))
