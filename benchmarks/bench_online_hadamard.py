@@ -8,8 +8,8 @@ Prints, per width, the microseconds per token row of ``x @ H`` (``x`` of shape `
 fastest of repeated calls, so that a shared machine's load drops out):
 
 * ``before``: the factorization of the rule that knew only prime fields (11008 = 5504 · 2), applied
-  as the perf engine did (``harness.perf.online.OnlineHadamard``: Walsh–Hadamard transform, then a
-  dense product by the non-power-of-two factor) and as ``apply_hadamard`` did (that factor by FFT
+  as the perf engine did (its ``OnlineHadamard``: Walsh–Hadamard transform, then a dense product
+  by the non-power-of-two factor) and as ``apply_hadamard`` did (that factor by FFT
   from order 64 on);
 * ``after``: ``hadamard_factors`` today (11008 = 344 · 32, Paley I over GF(7³)), through the perf
   engine's ``OnlineHadamard`` and through ``apply_hadamard``;
@@ -27,8 +27,12 @@ import time
 
 import torch
 
-from harness.perf.online import OnlineHadamard
 from harness.quant import transforms as T
+
+try:  # the engine's online transforms, in harness/kernels/ once the perf split lands (issue 28)
+    from harness.kernels.online import OnlineHadamard
+except ImportError:
+    from harness.perf.online import OnlineHadamard
 
 WIDTHS = (4096, 11008, 14336, 18944, 29568)
 ORDERS = (108, 148, 244, 344, 500, 924, 1332)
