@@ -19,7 +19,8 @@ in float64 (``harness.quant.transforms.FloatEdit``), on the language model only:
 3. Online Hadamards in front of the two writers: ``W ← W H`` offline and ``x ← x H`` at run
    time, before the activation quantizer (``LinearQuant.input_transform = "hadamard"``). For
    ``down_proj`` that is the paper's full online Hadamard over the intermediate size (11008 =
-   43 · 256 in LLaVA-1.5-7B, 768 = 12 · 64 here: Sylvester × Paley, ``transforms.hadamard_factors``).
+   344 · 32 in LLaVA-1.5-7B, Paley I over GF(7³) where the paper tabulates a 172 · 64; 768 =
+   12 · 64 here: Sylvester × Paley, ``transforms.hadamard_factors``).
    For ``o_proj`` the paper applies a per-head Hadamard to v's output rows offline plus a
    Hadamard across heads online; their product is one Hadamard over the full hidden size, which
    is what ``o_proj``'s activation quantizer sees. The per-head half exists so the *V cache* is

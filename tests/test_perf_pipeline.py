@@ -140,7 +140,7 @@ def test_engine_applies_an_online_hadamard(bundled64):
     assert wrong["e2e_rel_logit_err"] > 1e-3
 
 
-@pytest.mark.parametrize("n", [256, 768])  # a power of two; 12 · 64 (a Paley factor)
+@pytest.mark.parametrize("n", [256, 768, 11008, 18944])  # 1 · 256; 12 · 64, 344 · 32, 148 · 128
 def test_online_hadamard_is_apply_hadamard(n):
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     assert torch.equal(OnlineHadamard(n)(x), apply_hadamard(x))

@@ -4,6 +4,8 @@ tails, the states run through the engine, and quarot+gptq quantizes the rotated 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -74,26 +76,143 @@ def _max_rel_diff(ref, got, batches) -> float:
 
 # ---- the Hadamard matrices QuaRot needs --------------------------------------------------------
 
-@pytest.mark.parametrize("n", [64, 1024, 768, 136, 152, 248, 896])
-def test_hadamard_transform_is_the_kronecker_construction(n):
-    """``apply_hadamard`` (block-GEMM Sylvester transform, Paley factors by FFT from order
-    ``FFT_MIN_ORDER``) multiplies by ``(H_m ⊗ H_p) / √n`` built densely: 768 = 12 · 64 (dense
-    Paley I), 136 = 68 · 2 (Paley I by FFT), 152 = 76 · 2 (Paley II by FFT), 248 = 124 · 2
-    (Paley II), 896 = 28 · 32 (dense Paley II); 1024: Sylvester blocks 64 · 16."""
+# width -> (the dense factor's order m, the Sylvester factor p, Paley's (kind, q)); kind 0: none
+WIDTHS = {
+    768: (12, 64, (1, 11)),  # CLIP ViT-B hidden, the bundled model's MLP
+    1024: (1, 1024, None),  # CLIP ViT-L hidden
+    1280: (20, 64, (1, 19)),  # CLIP ViT-H hidden
+    1536: (12, 128, (1, 11)),  # Qwen2-1.5B hidden
+    2816: (44, 64, (1, 43)),
+    3072: (12, 256, (1, 11)),  # CLIP ViT-B MLP
+    3328: (52, 64, (2, 25)),  # GF(5²)
+    3584: (28, 128, (2, 13)),  # Qwen2(.5)-7B hidden (Paley II over GF(13), not Paley I over GF(27))
+    4096: (1, 4096, None),  # LLaVA-1.5-7B hidden, CLIP ViT-L MLP
+    4864: (76, 64, (2, 37)),  # Qwen2-0.5B MLP
+    5120: (20, 256, (1, 19)),  # LLaVA-1.5-13B hidden
+    5504: (344, 16, (1, 343)),  # GF(7³)
+    5632: (44, 128, (1, 43)),
+    6400: (100, 64, (2, 49)),  # GF(7²)
+    8960: (140, 64, (1, 139)),  # Qwen2-1.5B MLP
+    11008: (344, 32, (1, 343)),  # LLaVA-1.5-7B MLP: GF(7³); 5504 · 2 over prime fields alone
+    13824: (108, 128, (1, 107)),  # LLaVA-1.5-13B MLP
+    14336: (28, 512, (2, 13)),
+    18944: (148, 128, (2, 73)),  # Qwen2(.5)-7B MLP
+    27648: (108, 256, (1, 107)),  # Qwen2.5-32B MLP
+    29568: (924, 32, (2, 461)),  # Qwen2(.5)-72B MLP
+}
+
+
+@pytest.mark.parametrize("n", sorted(WIDTHS))
+def test_factorization_is_the_smallest_dense_factor(n):
+    """``n = m · p`` with ``m`` the smallest order ``n / 2^j`` that is 1, 2 or a Paley order over
+    a prime power (the dense part costs ``m`` multiply-adds per element: 344 at 11008)."""
+    m, p, kind = WIDTHS[n]
+    assert T.hadamard_factors(n) == (m, p) and T._paley_kind(m) == kind
+    for j in range(1, (m & -m).bit_length()):  # no smaller m / 2^j is built here
+        assert T._paley_kind(m >> j) is None and m >> j not in (1, 2)
+
+
+def test_no_hadamard_names_the_width_and_what_is_built():
+    """SigLIP's MLP width 4304 = 269 · 16: no 269 · 2^j is a Paley order."""
+    with pytest.raises(ValueError) as err:
+        hadamard_factors(4304)
+    msg = str(err.value)
+    assert msg.startswith("no Hadamard matrix of order 4304 = 269·16")
+    assert "269, 538, 1076, 2152, 4304" in msg  # what it would need
+    assert "1, 12, 20, 28, 36, 44, 52, 60, 68, 76, 84, 100, …" in msg  # what is built (× 2^k)
+    assert "4224 = 132·32, 4352 = 68·64" in msg  # the nearest widths with a factor ≤ 256
+    assert not T.has_hadamard(4304) and T.has_hadamard(4352)
+
+
+def _gf_mul(a: int, b: int, p: int, k: int) -> int:
+    """Independent GF(p^k) product: digits as polynomial coefficients, reduced by the module's
+    irreducible polynomial (which ``test_finite_fields`` checks is one)."""
+    f = list(T._irreducible(p, k)) + [1]
+    da = [(a // p ** i) % p for i in range(k)]
+    db = [(b // p ** i) % p for i in range(k)]
+    prod = [sum(da[i] * db[d - i] for i in range(k) if 0 <= d - i < k) for d in range(2 * k - 1)]
+    for d in range(2 * k - 2, k - 1, -1):  # x^k = −(c_0 + … + c_{k−1} x^{k−1})
+        c, prod[d] = prod[d], 0
+        for i in range(k):
+            prod[d - k + i] -= c * f[i]
+    return sum((prod[i] % p) * p ** i for i in range(k))
+
+
+@pytest.mark.parametrize("q", [9, 25, 27, 49, 81, 121, 125, 169, 243, 343, 11, 13])
+def test_finite_fields(q):
+    """GF(q) for prime powers: the polynomial has no factor of degree ≤ k/2 (checked by trying
+    every root or quadratic), the quadratic character ``a^((q−1)/2)`` is 1 exactly on the
+    nonzero squares, and the Jacobsthal matrix satisfies ``Q Qᵀ = q I − J``, ``Q 1 = 0`` and
+    ``Qᵀ = χ(−1) Q`` — what Paley's constructions need."""
+    p, k = T._prime_power(q)
+    assert p ** k == q and T._is_prime(p)
+    f = list(T._irreducible(p, k)) + [1]
+    if k > 1:
+        assert all(sum(c * r ** i for i, c in enumerate(f)) % p for r in range(p))  # no root
+        if k >= 4:  # nor a monic quadratic factor x² + b x + c
+            for b in range(p):
+                for c in range(p):
+                    assert any(T._poly_rem(f, [c, b, 1], p))
+    chi = T._quadratic_character(q)
+    if q <= 125:  # the field has no zero divisors (a brute-force check of its product)
+        assert all(_gf_mul(a, b, p, k) for a in range(1, q) for b in range(1, q))
+    squares = {_gf_mul(a, a, p, k) for a in range(1, q)}
+    assert len(squares) == (q - 1) // 2
+    assert chi[0] == 0 and all(chi[a] == (1 if a in squares else -1) for a in range(1, q))
+    jac = T._jacobsthal(q)
+    assert torch.equal(jac @ jac.T, q * torch.eye(q, dtype=torch.int64) - 1)
+    assert not jac.sum(1).any()
+    assert torch.equal(jac.T, jac if q % 4 == 1 else -jac)
+
+
+def _paley_orders(limit: int) -> list[int]:
+    return [m for m in range(3, limit + 1) if T._paley_kind(m) is not None]
+
+
+@pytest.mark.parametrize("m", sorted({WIDTHS[n][0] for n in WIDTHS} | set(_paley_orders(400))
+                                     | {1332}))
+def test_every_factor_is_a_hadamard_matrix(m):
+    """Every order used by a width above and every Paley order up to 400 (prime and prime-power
+    fields, both kinds) and 1332 (GF(11³)): entries ±1 and ``H Hᵀ = m I`` in integer arithmetic."""
+    h = T._hadamard_int(m)
+    assert h.dtype == torch.int64 and bool((h.abs() == 1).all())
+    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.int64))
+    assert torch.equal(T._dense_factor(m), h.double())
+
+
+def _kron_product(x: torch.Tensor, m: int, p: int) -> torch.Tensor:
+    """``x @ (H_m ⊗ H_p) / √(m p)`` with the Kronecker matrix written out, ``p`` of its rows at a
+    time (11008² float64 would be a 1 GB matrix): block ``i`` of ``x`` times ``H_m[i] ⊗ H_p``."""
+    h_m, h_p = T._hadamard_int(m), T._sylvester(p).long()
+    out = torch.zeros_like(x)
+    for i in range(m):
+        rows = torch.kron(h_m[i:i + 1], h_p).double()  # [p, m·p], integers
+        out += x[:, i * p:(i + 1) * p] @ rows
+    return out / math.sqrt(m * p)
+
+
+FFT_WIDTHS = {2080: (1, 1039), 2088: (2, 521), 2120: (2, 529), 2664: (1, 1331)}  # m = n / 2
+
+
+@pytest.mark.parametrize("n", [11008, 18944, 768, 3584, 3328, 6400, 8960, 1024, *FFT_WIDTHS])
+def test_fast_transform_is_the_dense_product(n):
+    """``apply_hadamard`` (Sylvester by block GEMMs, the other factor densely below
+    ``FFT_MIN_ORDER``, by FFT over GF(q)'s additive group from it: both Paley kinds, over prime
+    fields and GF(23²), GF(11³)) equals the product with the explicit matrix, float64."""
     m, p = hadamard_factors(n)
-    dense_m = T._paley(m) if m > 2 else T._dense_factor(m)
-    k = torch.kron(dense_m, T._sylvester(p))
-    assert torch.equal(k @ k.T, n * torch.eye(n, dtype=torch.float64))  # a Hadamard matrix
-    ref = k / n ** 0.5
-    x = torch.randn(5, n, dtype=torch.float64)
-    assert float((apply_hadamard(x) - x @ ref).abs().max()) < 1e-12 * float(x.abs().max()) * n ** 0.5
-    assert float((hadamard_matrix(n) - ref).abs().max()) < 1e-13
+    assert (m >= T.FFT_MIN_ORDER) == (n in FFT_WIDTHS)
+    assert n not in FFT_WIDTHS or (m, T._paley_kind(m)) == (n // 2, FFT_WIDTHS[n])
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    ref = _kron_product(x, m, p)
+    torch.testing.assert_close(apply_hadamard(x), ref, rtol=1e-12, atol=1e-12)
+    if 2 < m < T.FFT_MIN_ORDER:  # the FFT path on the same factor agrees too
+        torch.testing.assert_close(T._apply_factored(x, m, p, fft=True), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_hadamard_11008_is_orthogonal_with_entries_pm_one():
-    """LLaVA-1.5-7B's intermediate size: 5504 · 2, Paley I (5503 prime, ≡ 3 mod 4) by FFT."""
+    """LLaVA-1.5-7B's intermediate size: 344 · 32, Paley I over GF(7³) (343 ≡ 3 mod 4)."""
     n = 11008
-    assert hadamard_factors(n) == (5504, 2) and T._paley_kind(5504) == (1, 5503)
+    assert hadamard_factors(n) == (344, 32) and T._paley_kind(344) == (1, 343)
     rows = apply_hadamard(torch.eye(n, dtype=torch.float64)[::700])  # rows of H
     assert float((rows.abs() * n ** 0.5 - 1).abs().max()) < 1e-10
     x = torch.randn(8, n, dtype=torch.float64)
@@ -148,14 +267,14 @@ class _ConsumingEdit(FloatEdit):
 
 @pytest.mark.slow  # ~25 s of CPU, 3.5 GB peak: the 7B shapes in float64
 def test_rotated_7b_shaped_layer_equals_original_float64(exact_rms_norm):
-    """LLaVA-1.5-7B's decoder shape (hidden 4096, 32 heads, intermediate 11008 = 5504 · 2: the
-    Paley factor, applied by FFT), float64, one layer, 6 tokens with outlier channels: the
+    """LLaVA-1.5-7B's decoder shape (hidden 4096, 32 heads, intermediate 11008 = 344 · 32: Paley I
+    over GF(7³)), float64, one layer, 6 tokens with outlier channels: the
     rotated layer on ``x Q`` gives the original output times ``Q``; undone with ``Qᵀ`` it
     matches to round-off. Measured: max |Δ| / max |y| = 1.1e-15 (max |y| ≈ 89)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    assert hadamard_factors(4096) == (1, 4096) and hadamard_factors(11008) == (5504, 2)
+    assert hadamard_factors(4096) == (1, 4096) and hadamard_factors(11008) == (344, 32)
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                       num_key_value_heads=32, max_position_embeddings=64)
     cfg._attn_implementation = "sdpa"

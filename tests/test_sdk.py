@@ -50,7 +50,7 @@ def test_apply_hadamard_is_the_kronecker_product():
 
 
 def test_sizes_of_the_models_people_quantize():
-    assert hadamard_factors(11008) == (5504, 2)  # LLaVA-1.5-7B's MLP (5503 is a prime ≡ 3 mod 4)
+    assert hadamard_factors(11008) == (344, 32)  # LLaVA-1.5-7B's MLP (Paley I, q = 343 = 7³)
     assert hadamard_factors(18944) == (148, 128)  # Qwen2.5-7B's MLP (Paley II, q = 73)
     assert hadamard_factors(3584) == (28, 128)  # Qwen2.5-7B's hidden size (Paley II, q = 13)
     with pytest.raises(ValueError, match="no Hadamard matrix of order 6"):

@@ -17,13 +17,15 @@ front of a linear's input quantizer that cannot be folded offline (QuaRot's Hada
 Online transforms are registered as a linear's *first* forward pre-hook, so every statistic
 taken through ``harness.quant.capture`` sees the quantizer's real input.
 
-Hadamard matrices: Sylvester's for powers of two, times one Paley matrix (``q + 1`` for a prime
-``q ≡ 3 mod 4``, ``2(q + 1)`` for a prime ``q ≡ 1 mod 4``) for other sizes, e.g. 768 = 12 · 64,
-3584 = 28 · 128, 18944 = 148 · 128, 11008 = 5504 · 2 (QuaRot uses a tabulated 172 · 64 there; the
-transform is as exact). Paley factors of order ``FFT_MIN_ORDER`` or more are applied by FFT
-(their Jacobsthal core is circulant): a dense 5504² product costs more per token than the
-7B ``down_proj`` it precedes, and ~40 s for the 4096 × 11008 weight on one CPU core (building
-and checking the 5504² factor included; by FFT: ~5 s).
+Hadamard matrices: Sylvester's for powers of two, times one Paley matrix over the finite field
+GF(q), ``q`` a prime power (Paley I: order ``q + 1`` for ``q ≡ 3 mod 4``; Paley II: ``2(q + 1)`` for
+``q ≡ 1 mod 4``), the smallest such factor a width allows: 768 = 12 · 64, 3584 = 28 · 128,
+18944 = 148 · 128 (GF(73)), 11008 = 344 · 32 (GF(7³); over prime fields alone it was 5504 · 2,
+and the paper's tabulated 172 · 64 is no Paley order). The online transform then costs ``m``
+multiply-adds per element for the dense ``m × m`` factor (344 at 11008: 3.8 M per token row, a
+twelfth of the 7B ``down_proj``, instead of 61 M) plus ``log2 p`` additions. Factors of order
+``FFT_MIN_ORDER`` or more (widths with no smaller one) are applied by FFT: their Jacobsthal core
+is a convolution over GF(q)'s additive group.
 """
 
 from __future__ import annotations
@@ -41,82 +43,215 @@ from ..models.family import ScaleGroup
 ONLINE_TRANSFORMS = ("hadamard",)
 
 
-# ---- Hadamard matrices ---------------------------------------------------------------------------
+# ---- finite fields and Paley matrices -----------------------------------------------------------
 
 def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
 
 
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """``(p, k)`` with ``q = p^k``, ``p`` prime, ``k ≥ 1``; None where ``q`` is no prime power."""
+    if q < 2:
+        return None
+    p = next((d for d in range(2, math.isqrt(q) + 1) if q % d == 0), q)  # the smallest prime factor
+    k = 0
+    while q % p == 0:
+        q //= p
+        k += 1
+    return (p, k) if q == 1 else None
+
+
+def _poly_rem(a: list[int], f: list[int], p: int) -> list[int]:
+    """``a mod f`` over GF(p), polynomials as coefficient lists (lowest degree first), ``f``
+    monic; the remainder padded to ``deg f`` coefficients."""
+    a, d = list(a), len(f) - 1
+    for top in range(len(a) - 1, d - 1, -1):
+        c = a[top] % p
+        if c:
+            for i in range(d + 1):
+                a[top - d + i] = (a[top - d + i] - c * f[i]) % p
+    return [c % p for c in a[:d]] + [0] * max(0, d - len(a))
+
+
+def _monic(code: int, d: int, p: int) -> list[int]:
+    """The monic polynomial of degree ``d`` over GF(p) whose lower coefficients are the base-``p``
+    digits of ``code`` (lowest degree first)."""
+    return [(code // p ** i) % p for i in range(d)] + [1]
+
+
+@lru_cache(maxsize=None)
+def _irreducible(p: int, k: int) -> tuple[int, ...]:
+    """The lower coefficients ``(c_0, …, c_{k−1})`` of a monic irreducible polynomial
+    ``x^k + c_{k−1}x^{k−1} + … + c_0`` over GF(p), found by search: the first in the order of
+    ``Σ c_i p^i`` that no monic polynomial of degree 1 … k/2 divides (``x`` for ``k = 1``, so
+    that GF(p) is the integers mod p)."""
+    if k == 1:
+        return (0,)
+    for code in range(1, p ** k):
+        f = _monic(code, k, p)
+        if f[0] and all(any(_poly_rem(f, _monic(g, d, p), p))
+                        for d in range(1, k // 2 + 1) for g in range(p ** d)):
+            return tuple(f[:k])
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")  # there is one
+
+
+@lru_cache(maxsize=None)
+def _quadratic_character(q: int) -> tuple[int, ...]:
+    """``χ(a)`` for the elements ``a = 0 … q−1`` of GF(q), ``q = p^k`` an odd prime power: 0 at 0,
+    else ``a^((q−1)/2)``, which is ±1 (1 on the nonzero squares). Element ``a`` is the polynomial
+    ``Σ a_i x^i`` (``a_i`` its base-``p`` digits) modulo ``_irreducible(p, k)``: addition is
+    digit-wise mod p, and GF(p) (``k = 1``) the integers mod p."""
+    p, k = _prime_power(q)
+    e = (q - 1) // 2
+    if k == 1:
+        return (0,) + tuple(1 if pow(a, e, p) == 1 else -1 for a in range(1, q))
+    f = list(_irreducible(p, k)) + [1]
+
+    def mul(a, b):
+        prod = [0] * (2 * k - 1)
+        for i, ai in enumerate(a):
+            if ai:
+                for j, bj in enumerate(b):
+                    prod[i + j] += ai * bj
+        return _poly_rem(prod, f, p)
+
+    one, minus_one = [1] + [0] * (k - 1), [p - 1] + [0] * (k - 1)
+    chi = [0]
+    for a in range(1, q):
+        base, r, n = [(a // p ** i) % p for i in range(k)], one, e
+        while n:  # square and multiply
+            if n & 1:
+                r = mul(r, base)
+            base, n = mul(base, base), n >> 1
+        if r not in (one, minus_one):
+            raise AssertionError(f"a^((q-1)/2) = {r} in GF({q}): not a field")
+        chi.append(1 if r == one else -1)
+    return tuple(chi)
+
+
 def _jacobsthal(q: int) -> torch.Tensor:
-    """``Q[i, j] = χ(j − i)`` with χ the quadratic character mod the prime ``q``."""
-    squares = {(x * x) % q for x in range(1, q)}
-    chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)], dtype=torch.float64)
-    idx = (torch.arange(q).view(1, -1) - torch.arange(q).view(-1, 1)) % q
+    """``Q[i, j] = χ(a_j − a_i)`` over GF(q) (int64), ``a_i`` the ``i``-th element
+    (``_quadratic_character``); circulant for a prime ``q``."""
+    p, k = _prime_power(q)
+    chi = torch.tensor(_quadratic_character(q), dtype=torch.int64)
+    a = torch.arange(q)
+    idx = torch.zeros(q, q, dtype=torch.int64)
+    for i in range(k):  # a_j − a_i digit by digit
+        d = (a // p ** i) % p
+        idx += ((d.view(1, -1) - d.view(-1, 1)) % p) * p ** i
     return chi[idx]
 
 
-def _paley(m: int) -> torch.Tensor | None:
-    """A Hadamard matrix of order ``m`` by Paley's constructions, or None where they give none."""
-    q = m - 1
-    if q % 4 == 3 and _is_prime(q):  # Paley I: I + [[0, 1ᵀ], [−1, Q]]
-        s = torch.zeros(m, m, dtype=torch.float64)
-        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
-        return torch.eye(m, dtype=torch.float64) + s
-    if m % 2 == 0:
-        q = m // 2 - 1
-        if q % 4 == 1 and _is_prime(q):  # Paley II: [[0, 1ᵀ], [1, Q]] with 2×2 blocks
-            c = torch.zeros(m // 2, m // 2, dtype=torch.float64)
-            c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
-            zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-            one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-            return torch.kron(c, one) + torch.kron((c == 0).double(), zero)
-    return None
-
-
 def _paley_kind(m: int) -> tuple[int, int] | None:
-    """``(1, q)`` or ``(2, q)``: which of Paley's constructions gives order ``m`` (from the prime
-    ``q``), or None (what ``_paley`` builds, without building it)."""
-    if (m - 1) % 4 == 3 and _is_prime(m - 1):
-        return 1, m - 1
-    if m % 2 == 0 and (m // 2 - 1) % 4 == 1 and _is_prime(m // 2 - 1):
-        return 2, m // 2 - 1
+    """``(1, q)`` (Paley I: ``m = q + 1``, ``q ≡ 3 mod 4``) or ``(2, q)`` (Paley II:
+    ``m = 2(q + 1)``, ``q ≡ 1 mod 4``) for the prime power ``q`` that gives order ``m``, or None
+    (what ``_paley`` builds, without building it). Where both apply, a prime ``q`` first (the
+    matrices this code built before it knew prime powers: 28 stays Paley II over GF(13), not
+    Paley I over GF(27)), then Paley I."""
+    found = []
+    if (m - 1) % 4 == 3 and _prime_power(m - 1):
+        found.append((1, m - 1))
+    if m % 2 == 0 and (m // 2 - 1) % 4 == 1 and _prime_power(m // 2 - 1):
+        found.append((2, m // 2 - 1))
+    found.sort(key=lambda kq: not _is_prime(kq[1]))  # stable: Paley I before II within a class
+    return found[0] if found else None
+
+
+def _paley(m: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order ``m`` (int64, entries ±1) by Paley's constructions over GF(q)
+    (``_paley_kind``), or None where they give none."""
+    kind_q = _paley_kind(m)
+    if kind_q is None:
+        return None
+    kind, q = kind_q
+    if kind == 1:  # I + [[0, 1ᵀ], [−1, Q]], Q antisymmetric (χ(−1) = −1)
+        s = torch.zeros(m, m, dtype=torch.int64)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+        return torch.eye(m, dtype=torch.int64) + s
+    # Paley II: C = [[0, 1ᵀ], [1, Q]] (Q symmetric); each 0 of C becomes [[1, −1], [−1, −1]],
+    # each ±1 becomes ±[[1, 1], [1, −1]]
+    c = torch.zeros(m // 2, m // 2, dtype=torch.int64)
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+    zero = torch.tensor([[1, -1], [-1, -1]], dtype=torch.int64)
+    one = torch.tensor([[1, 1], [1, -1]], dtype=torch.int64)
+    return torch.kron(c, one) + torch.kron((c == 0).long(), zero)
+
+
+# ---- Hadamard matrices ---------------------------------------------------------------------------
+
+def _builds(m: int) -> bool:
+    """Whether ``_hadamard_int`` builds an order ``m`` (1, 2 or a Paley order)."""
+    return m in (1, 2) or _paley_kind(m) is not None
+
+
+def _factors(n: int) -> tuple[int, int] | None:
+    """``hadamard_factors(n)``, or None where there are none."""
+    odd, k = n, 0
+    while odd % 2 == 0:
+        odd, k = odd // 2, k + 1
+    for j in range(k + 1):  # m = odd · 2^j, smallest first
+        if _builds(odd << j):
+            return odd << j, n // (odd << j)
     return None
 
 
 @lru_cache(maxsize=None)
 def hadamard_factors(n: int) -> tuple[int, int]:
     """``(m, p)`` with ``n = m · p``, ``p`` a power of two and a Hadamard matrix of order ``m``
-    known here (1, 2 or Paley), ``m`` as small as possible; ValueError where there is none."""
+    built here (1, 2 or Paley over GF(q), ``q`` a prime power), ``m`` as small as possible:
+    the dense (or FFT) part of ``apply_hadamard`` costs ``m`` multiply-adds per element, the
+    Sylvester part ``log2 p`` additions (11008 = 344 · 32, GF(7³)). ValueError where there is
+    none, naming the orders it needs and those built here, and the nearest widths with one."""
     if n < 1:
         raise ValueError(f"no Hadamard matrix of order {n}")
-    for m in sorted(d for d in range(1, n + 1) if n % d == 0):
-        p = n // m
-        if p & (p - 1):
-            continue
-        if m in (1, 2) or _paley_kind(m) is not None:
-            return m, p
-    raise ValueError(f"no Hadamard matrix of order {n} from Sylvester × Paley constructions; "
-                     "an online Hadamard needs one (use a size m·2^k with m−1 or m/2−1 prime)")
+    found = _factors(n)
+    if found is not None:
+        return found
+    odd = n // (n & -n)
+    needs = ", ".join(str(odd << j) for j in range((n // odd).bit_length()))
+    orders = ", ".join(str(m) for m in range(1, 101)  # those no smaller order · 2^i gives
+                       if _builds(m)
+                       and not any(_builds(m >> i) for i in range(1, (m & -m).bit_length())))
+
+    def cheap(w):  # a width with a factor of order ≤ NEAR_ORDER (1 is, and every power of two)
+        f = _factors(w)
+        return f is not None and f[0] <= NEAR_ORDER
+    near = [next(w for w in range(n - 1, 0, -1) if cheap(w)),
+            next(w for w in range(n + 1, 2 * n) if cheap(w))]
+    raise ValueError(
+        f"no Hadamard matrix of order {n} = {odd}·{n // odd} from Sylvester × Paley constructions "
+        f"(an online Hadamard needs one): it needs one of order {needs}; built here are 2^k times "
+        f"{orders}, … (1, 2, q + 1 for a prime power q ≡ 3 mod 4, 2(q + 1) for a prime power "
+        f"q ≡ 1 mod 4); nearest widths with one of order ≤ {NEAR_ORDER} times 2^k: "
+        + ", ".join(f"{w} = {_factors(w)[0]}·{_factors(w)[1]}" for w in near))
+
+
+NEAR_ORDER = 256  # hadamard_factors' error names the nearest widths with a factor at most this big
 
 
 @lru_cache(maxsize=None)
-def _dense_factor(m: int) -> torch.Tensor:
+def _hadamard_int(m: int) -> torch.Tensor:
+    """The Hadamard matrix of order ``m`` (1, 2 or ``_paley(m)``, int64), checked: ``H Hᵀ = m I``
+    (in float64 for speed, exact here: every entry and partial sum is an integer below 2^53)."""
     if m == 1:
-        return torch.ones(1, 1, dtype=torch.float64)
-    if m == 2:
-        return torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    h = _paley(m)
-    if h is None or not torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)):
+        h = torch.ones(1, 1, dtype=torch.int64)
+    elif m == 2:
+        h = torch.tensor([[1, 1], [1, -1]], dtype=torch.int64)
+    else:
+        h = _paley(m)
+    if h is None or not torch.equal((h.double() @ h.double().T).long(),
+                                    m * torch.eye(m, dtype=torch.int64)):
         raise ValueError(f"no Hadamard matrix of order {m}")
     return h
 
 
+@lru_cache(maxsize=None)
+def _dense_factor(m: int) -> torch.Tensor:
+    return _hadamard_int(m).double()
+
+
 def has_hadamard(n: int) -> bool:
-    try:
-        hadamard_factors(n)
-        return True
-    except ValueError:
-        return False
+    return n >= 1 and _factors(n) is not None
 
 
 SYLVESTER_BLOCK = 64  # order of the dense Sylvester blocks _fwht multiplies by
@@ -153,30 +288,39 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(shape)
 
 
-FFT_MIN_ORDER = 64  # Paley factors of this order or more are applied by FFT, not densely
+# Paley factors of this order or more are applied by FFT, smaller ones densely: on one CPU core
+# (float32, benchmarks/bench_online_hadamard.py) the dense product is 2-10× faster up to order
+# 500, as fast at 924 and 3× slower at 1332; on a GPU a dense GEMM of these sizes is cheaper still.
+FFT_MIN_ORDER = 1024
 
 
 @lru_cache(maxsize=None)
 def _chi_spectrum(q: int) -> torch.Tensor:
-    """``rfft`` of the quadratic character mod ``q`` (the Jacobsthal matrix's first row)."""
-    squares = {(x * x) % q for x in range(1, q)}
-    chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)], dtype=torch.float64)
-    return torch.fft.rfft(chi)
+    """``rfftn`` of the quadratic character of GF(q) (the Jacobsthal matrix's first row) on the
+    grid ``(p,) * k`` of the additive group ``(Z_p)^k`` (``q = p^k``; one axis per base-p digit)."""
+    p, k = _prime_power(q)
+    chi = torch.tensor(_quadratic_character(q), dtype=torch.float64).reshape((p,) * k)
+    return torch.fft.rfftn(chi)
 
 
 def _paley_apply(z: torch.Tensor, m: int) -> torch.Tensor:
-    """``z @ _paley(m)`` along the last dim in O(m log m): the Jacobsthal core ``Q[i, j] =
-    χ(j − i)`` is circulant, so ``w @ Q`` is the circular convolution ``w ⊛ χ``, done by FFT
-    (float64 for float64 inputs, else float32; exact up to the FFT's round-off)."""
+    """``z @ _paley(m)`` along the last dim in O(m log m): ``Q[i, j] = χ(a_j − a_i)`` depends on
+    a difference in the additive group ``(Z_p)^k`` of GF(p^k), so ``w @ Q`` is the convolution
+    ``w ⊛ χ`` over that group, done by a k-dimensional FFT (circular, one axis per base-p digit;
+    one axis for a prime q). Float64 for float64 inputs, else float32; exact up to the FFT's
+    round-off."""
     kind, q = _paley_kind(m)
+    p, k = _prime_power(q)
+    grid, dims = (p,) * k, tuple(range(-k, 0))
     dtype = z.dtype
     z = z.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    spec = _chi_spectrum(q).to(device=z.device,
-                               dtype=torch.complex128 if z.dtype == torch.float64 else torch.complex64)
+    cdtype = torch.complex128 if z.dtype == torch.float64 else torch.complex64
+    spec = _chi_spectrum(q).to(device=z.device, dtype=cdtype)
 
     def core(v):  # [first, rest] @ [[0, 1ᵀ], [±1, Q]] without the sign of the first column
-        rest = torch.fft.irfft(torch.fft.rfft(v[..., 1:], dim=-1) * spec, n=q, dim=-1)
-        return v[..., 1:].sum(-1, keepdim=True), v[..., :1] + rest
+        w = v[..., 1:].reshape(*v.shape[:-1], *grid)
+        rest = torch.fft.irfftn(torch.fft.rfftn(w, dim=dims) * spec, s=grid, dim=dims)
+        return v[..., 1:].sum(-1, keepdim=True), v[..., :1] + rest.reshape(*v.shape[:-1], q)
 
     if kind == 1:  # H = I + [[0, 1ᵀ], [−1, Q]]
         first, rest = core(z)
@@ -191,19 +335,29 @@ def _paley_apply(z: torch.Tensor, m: int) -> torch.Tensor:
     return out.to(dtype)
 
 
-def apply_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """``x @ H`` along the last dim, ``H = (H_m ⊗ H_p) / √n`` orthogonal (``hadamard_factors``):
-    a fast transform over the power-of-two factor, and over the other a small dense product
-    or, from order ``FFT_MIN_ORDER`` on (11008 = 5504 · 2), Paley's circulant core by FFT."""
+def _apply_factored(x: torch.Tensor, m: int, p: int, fft: bool | None = None) -> torch.Tensor:
+    """``x @ (H_m ⊗ H_p) / √(m p)`` along the last dim (width ``m · p``): Sylvester's ``H_p`` by
+    ``_fwht``, ``H_m`` by a dense product or (``fft``; default: from order ``FFT_MIN_ORDER`` on)
+    Paley's core by FFT. ``apply_hadamard`` with ``hadamard_factors``' ``(m, p)``; other
+    factorizations only for comparisons (benchmarks/bench_online_hadamard.py)."""
     n = x.shape[-1]
-    m, p = hadamard_factors(n)
+    if n != m * p:
+        raise ValueError(f"width {n} is not {m}·{p}")
     y = _fwht(x.reshape(*x.shape[:-1], m, p))
-    if m >= FFT_MIN_ORDER:
+    if fft if fft is not None else m >= FFT_MIN_ORDER:
         y = _paley_apply(y.transpose(-1, -2), m).transpose(-1, -2)
     elif m > 1:
         hm = _dense_factor(m).to(device=x.device, dtype=x.dtype)
         y = torch.einsum("ik,...ij->...kj", hm, y)
     return (y / math.sqrt(n)).reshape(x.shape)
+
+
+def apply_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` along the last dim, ``H = (H_m ⊗ H_p) / √n`` orthogonal (``hadamard_factors``):
+    a fast transform over the power-of-two factor, and over the other a small dense product
+    (11008 = 344 · 32) or, from order ``FFT_MIN_ORDER`` on, Paley's core by FFT."""
+    m, p = hadamard_factors(x.shape[-1])
+    return _apply_factored(x, m, p)
 
 
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
