@@ -1,0 +1,118 @@
+"""Per-question sample logs (harness/samples.py): the prompts stored once per task, gzip, exact
+round trips, deterministic bytes, old plain files still read, damaged files named with the fix."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.records import write_jsonl
+from harness.samples import SamplesError, encode_samples, read_samples, samples_path, write_samples
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows(n: int = 6, prompt: str = "Q{}?\nAnswer briefly.", shift: int = 0) -> list[dict]:
+    """Rows as harness.evaluate.sample_rows logs them (doc_id, prompt first)."""
+    return [{"doc_id": i, "prompt": prompt.format(i), "generation": ["yes", "no", "ü"][(i + shift) % 3],
+             "question_id": 1000 * i, "parsed": None if i == 2 else "x", "score": float((i + shift) % 2),
+             "cluster": i // 2} for i in range(n)]
+
+
+def dumps(rs: list[dict]) -> str:
+    return json.dumps(rs)  # key order and values: the rows exactly
+
+
+def test_round_trip_gives_the_rows_back_exactly(tmp_path):
+    want = rows()
+    path = write_samples(samples_path(tmp_path, "0123456789abcdef", "t"), want, "t")
+    assert path == tmp_path / "samples" / "0123456789abcdef-t.jsonl.gz"
+    assert dumps(read_samples(path)) == dumps(want)
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    head = json.loads(lines[0])
+    assert head["samples_format"] == 1 and head["prompts"].startswith("prompts-t-")
+    assert all("prompt" not in json.loads(x) for x in lines[1:])  # stored once, in the prompts file
+    assert len(lines) == 1 + len(want)
+
+
+def test_the_same_rows_give_the_same_bytes(tmp_path):
+    a = write_samples(tmp_path / "a" / "k-t.jsonl.gz", rows(), "t")
+    b = write_samples(tmp_path / "b" / "k-t.jsonl.gz", [dict(r) for r in rows()], "t")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes()[4:8] == b"\0\0\0\0"  # gzip mtime 0
+    (pa,), (pb,) = (sorted(p.parent.glob("prompts-*")) for p in (a, b))
+    assert pa.name == pb.name and pa.read_bytes() == pb.read_bytes()
+    assert encode_samples(rows(), "t") == encode_samples(rows(), "t")
+
+
+def test_cells_that_saw_the_same_prompts_share_one_prompts_file(tmp_path):
+    sdir = tmp_path / "samples"
+    write_samples(sdir / "a-t.jsonl.gz", rows(shift=0), "t")
+    write_samples(sdir / "b-t.jsonl.gz", rows(shift=1), "t")  # other answers, the same prompts
+    write_samples(sdir / "c-t.jsonl.gz", rows(prompt="USER: Q{}? ASSISTANT:"), "t")  # another format
+    write_samples(sdir / "d-u.jsonl.gz", rows(), "u")  # another task
+    prompts = sorted(p.name for p in sdir.glob("prompts-*"))
+    assert len(prompts) == 3 and sum(p.startswith("prompts-t-") for p in prompts) == 2
+    assert dumps(read_samples(sdir / "b-t.jsonl.gz")) == dumps(rows(shift=1))
+    assert dumps(read_samples(sdir / "c-t.jsonl.gz")) == dumps(rows(prompt="USER: Q{}? ASSISTANT:"))
+    # rows in another order (a merge of shards) point to the same file: keyed by doc_id
+    write_samples(sdir / "e-t.jsonl.gz", rows()[::-1], "t")
+    assert len(list(sdir.glob("prompts-*"))) == 3
+    assert dumps(read_samples(sdir / "e-t.jsonl.gz")) == dumps(rows()[::-1])
+
+
+@pytest.mark.parametrize("case", ["no prompt", "prompt not second", "two prompts for one doc", "float doc_id",
+                                  "empty"])
+def test_rows_that_cannot_be_split_exactly_are_stored_whole(tmp_path, case):
+    want = {"no prompt": [{"doc_id": 0, "score": 1.0}],
+            "prompt not second": [{"doc_id": 0, "generation": "a", "prompt": "p"}],
+            "two prompts for one doc": [{"doc_id": 0, "prompt": "p"}, {"doc_id": 0, "prompt": "q"}],
+            "float doc_id": [{"doc_id": 0.5, "prompt": "p"}],
+            "empty": []}[case]
+    path = write_samples(tmp_path / "k-t.jsonl.gz", want, "t")
+    assert json.loads(gzip.decompress(path.read_bytes()).splitlines()[0])["prompts"] is None
+    assert not list(tmp_path.glob("prompts-*"))
+    assert dumps(read_samples(path)) == dumps(want)
+
+
+def test_plain_files_of_older_runs_are_still_read(tmp_path):
+    old = tmp_path / "k-t.jsonl"
+    write_jsonl(old, rows())  # how runs before format 1 wrote them
+    assert dumps(read_samples(old)) == dumps(rows())
+    old.write_text(old.read_text() + "\n\n")  # blank lines are no rows
+    assert dumps(read_samples(old)) == dumps(rows())
+    old.write_text(old.read_text() + "not json\n")
+    with pytest.raises(SamplesError, match=rf"{old} line 9: not JSON"):
+        read_samples(old)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "empty", "not gzip"])
+def test_a_damaged_gzip_is_a_clear_error_naming_the_file_and_the_fix(tmp_path, damage):
+    path = write_samples(tmp_path / "k-t.jsonl.gz", rows(40), "t")
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "not gzip": b"{\"doc_id\": 0}\n",
+                      "flipped": data[:20] + bytes([data[20] ^ 0xFF]) + data[21:]}[damage])
+    with pytest.raises(SamplesError) as err:
+        read_samples(path)
+    msg = str(err.value)
+    assert str(path) in msg and "git checkout" in msg and "records.jsonl" in msg and "recomputes" in msg
+    if damage != "empty":
+        assert "gzip" in msg
+
+
+def test_a_missing_or_mismatched_prompts_file_is_a_clear_error(tmp_path):
+    path = write_samples(tmp_path / "k-t.jsonl.gz", rows(), "t")
+    (prompts,) = tmp_path.glob("prompts-*")
+    good = prompts.read_bytes()
+    text = gzip.decompress(good).decode().replace("Q3?", "Q3!")
+    prompts.write_bytes(gzip.compress(text.encode(), mtime=0))
+    with pytest.raises(SamplesError, match=rf"{prompts}: its prompts do not match the digest"):
+        read_samples(path)
+    prompts.unlink()
+    with pytest.raises(SamplesError, match=rf"{path}: the prompts file it points to, {prompts}, is missing"):
+        read_samples(path)
+    prompts.write_bytes(good)
+    assert dumps(read_samples(path)) == dumps(rows())
