@@ -3,6 +3,7 @@ round trips, deterministic bytes, old plain files still read, damaged files name
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 from pathlib import Path
@@ -116,3 +117,13 @@ def test_a_missing_or_mismatched_prompts_file_is_a_clear_error(tmp_path):
         read_samples(path)
     prompts.write_bytes(good)
     assert dumps(read_samples(path)) == dumps(rows())
+
+
+def test_no_module_imports_private_names_of_evaluate():
+    """sharding (and everything else) uses evaluate's public API: lm_class, sample_rows, ..."""
+    found = []
+    for f in sorted((REPO / "harness").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("evaluate"):
+                found += [f"{f.relative_to(REPO)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
