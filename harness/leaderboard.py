@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .records import is_reference
+from .samples import SamplesError, read_samples
 from .stats import (DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, cluster_index,
                     combine_runs)
 
@@ -154,17 +155,20 @@ def _load_scores(folder: Path, rec: dict, problems: dict[str, list[str]]) -> tup
         problems.setdefault("samples file missing", []).append(f"{where} ({path})")
         return None
     scores, clusters = {}, {}
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                scores[row["doc_id"]] = float(row["score"])
-            except (ValueError, KeyError, TypeError) as exc:  # named, not a bare "Expecting value"
-                problems.setdefault("samples file unreadable (delete it and the cell's record line to "
-                                    "recompute it)", []).append(f"{where} ({path} line {lineno}: {exc})")
-                return None
-            if row.get("cluster") is not None:
-                clusters[row["doc_id"]] = row["cluster"]
+    unreadable = "samples file unreadable (delete it and the cell's record line to recompute it)"
+    try:
+        rows = read_samples(path)
+    except SamplesError as exc:  # names the file (and line) and the fix
+        problems.setdefault(unreadable, []).append(f"{where} ({exc})")
+        return None
+    for i, row in enumerate(rows, 1):
+        try:
+            scores[row["doc_id"]] = float(row["score"])
+        except (ValueError, KeyError, TypeError) as exc:  # named, not a bare "Expecting value"
+            problems.setdefault(unreadable, []).append(f"{where} ({path} row {i}: {exc})")
+            return None
+        if row.get("cluster") is not None:
+            clusters[row["doc_id"]] = row["cluster"]
     if not scores:
         problems.setdefault("samples file empty", []).append(f"{where} ({path})")
         return None

@@ -55,6 +55,9 @@ def test_records_and_samples_of_a_run_say_the_cluster(tmp_path):
     recs = {r["task"]: r for r in read_records(tmp_path / "records.jsonl")}
     assert {t: r["cluster_unit"] for t, r in recs.items()} == {
         "synth_scienceqa": "question", "synth_vizwiz": "image", "synth_vqav2": "image"}
+    assert all(r["samples_file"].endswith(".jsonl.gz") for r in recs.values())  # harness/samples.py
     rows = read_samples(tmp_path / recs["synth_vqav2"]["samples_file"])
+    assert all(r["prompt"] for r in rows)  # read back from the task's prompts file
+    assert len(list((tmp_path / "samples").glob("prompts-synth_vqav2-*.jsonl.gz"))) == 1
     assert [r["cluster"] for r in rows] == [30_000_000 + i for i in range(4)]  # image_id = 3·10⁷ + row
     assert [r["question_id"] for r in rows] == [1000 * r["cluster"] for r in rows]

@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+from board_data import scores, write_run
 
-from harness.records import write_jsonl
+from harness.cli import main
+from harness.records import read_records, write_jsonl
 from harness.samples import SamplesError, encode_samples, read_samples, samples_path, write_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +119,26 @@ def test_a_missing_or_mismatched_prompts_file_is_a_clear_error(tmp_path):
         read_samples(path)
     prompts.write_bytes(good)
     assert dumps(read_samples(path)) == dumps(rows())
+
+
+def test_the_leaderboard_reads_both_formats_and_names_a_damaged_file(tmp_path, capsys):
+    folder = write_run(tmp_path / "r", {("fp16", "w16a16", "t"): scores(40, 30),
+                                        ("rtn", "w4a4", "t"): scores(40, 20, seed=1),
+                                        ("awq", "w4a4", "t"): scores(40, 25, seed=2)})
+    recs = read_records(folder / "records.jsonl")
+    # one cell in format 1 (with prompts), the others plain
+    new = folder / (recs[1]["samples_file"] + ".gz")
+    write_samples(new, [{"doc_id": r["doc_id"], "prompt": f"q{r['doc_id']}", **r}
+                        for r in read_samples(folder / recs[1]["samples_file"])], "t")
+    (folder / recs[1]["samples_file"]).unlink()
+    recs[1]["samples_file"] += ".gz"
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["table", str(folder), "--no-plots", "--resamples", "100"]) == 0
+    assert "samples file" not in capsys.readouterr().out
+    new.write_bytes(new.read_bytes()[:-9])  # cut short
+    assert main(["table", str(folder), "--no-plots", "--resamples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "samples file unreadable" in out and f"{new}: not a complete gzip file" in out
 
 
 def test_no_module_imports_private_names_of_evaluate():
