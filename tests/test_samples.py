@@ -1,11 +1,13 @@
 """Per-question sample logs (harness/samples.py): the prompts stored once per task, gzip, exact
-round trips, deterministic bytes, old plain files still read, damaged files named with the fix."""
+round trips, deterministic bytes, old plain files still read, damaged files named with the fix;
+``qvlm-bench compact-samples``."""
 
 from __future__ import annotations
 
 import ast
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ from board_data import scores, write_run
 
 from harness.cli import main
 from harness.records import read_records, write_jsonl
-from harness.samples import SamplesError, encode_samples, read_samples, samples_path, write_samples
+from harness.resultsdir import results_lock
+from harness.samples import (SamplesError, compact_samples, encode_samples, read_samples, samples_path,
+                             write_samples)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,6 +143,101 @@ def test_the_leaderboard_reads_both_formats_and_names_a_damaged_file(tmp_path, c
     assert main(["table", str(folder), "--no-plots", "--resamples", "100"]) == 0
     out = capsys.readouterr().out
     assert "samples file unreadable" in out and f"{new}: not a complete gzip file" in out
+
+
+# ---- qvlm-bench compact-samples ------------------------------------------------------------------
+
+
+def _old_folder(path: Path) -> Path:
+    """A results folder as runs before format 1 left it: plain samples with a prompt per line,
+    two tasks, and a torn last line in records.jsonl."""
+    cells = {("fp16", "w16a16", "t"): scores(30, 25), ("rtn", "w4a4", "t"): scores(30, 20, seed=1),
+             ("rtn", "w4a4", "u"): scores(30, 10, seed=2), ("fp16", "w16a16", "u"): scores(30, 18, seed=3)}
+    folder = write_run(path, cells, clusters={"t": [i // 2 for i in range(30)]})
+    for rec in read_records(folder / "records.jsonl"):
+        f = folder / rec["samples_file"]
+        write_jsonl(f, [{"doc_id": r["doc_id"], "prompt": f"{rec['task']} question {r['doc_id']}?",
+                         "generation": "g", **{k: v for k, v in r.items() if k != "doc_id"}}
+                        for r in read_samples(f)])
+    with open(folder / "records.jsonl", "a") as f:
+        f.write('{"suite": "synthetic", "model": "m", "meth')  # a torn write: kept as it is
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _tables(folder: Path) -> dict[str, bytes]:
+    assert main(["table", str(folder), "--no-plots", "--resamples", "200"]) == 0
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix in (".md", ".csv", ".tex", ".html")}
+
+
+def test_compact_samples_rewrites_repoints_and_keeps_the_tables(tmp_path, capsys):
+    folder = _old_folder(tmp_path / "r")
+    before_recs = read_records(folder / "records.jsonl")
+    old_rows = {r["samples_file"]: read_samples(folder / r["samples_file"]) for r in before_recs}
+    reference = shutil.copytree(folder, tmp_path / "reference")
+    want_tables = _tables(reference)
+
+    assert main(["compact-samples", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "4 samples file(s) rewritten" in out and "2 new prompts file(s)" in out and "4 record(s)" in out
+    sdir = folder / "samples"
+    assert not list(sdir.glob("*.jsonl"))
+    assert len(list(sdir.glob("prompts-*.jsonl.gz"))) == 2
+    recs = read_records(folder / "records.jsonl")
+    assert len(recs) == len(before_recs)
+    for old, new in zip(before_recs, recs):
+        assert new["samples_file"] == old["samples_file"] + ".gz"
+        assert {k: v for k, v in new.items() if k != "samples_file"} == \
+            {k: v for k, v in old.items() if k != "samples_file"}
+        assert dumps(read_samples(folder / new["samples_file"])) == dumps(old_rows[old["samples_file"]])
+    assert (folder / "records.jsonl").read_bytes().endswith(b'"meth')  # the torn line kept, byte for byte
+    assert _tables(folder) == want_tables
+
+    # idempotent: a second run changes nothing
+    first = _snapshot(folder)
+    assert main(["compact-samples", str(folder)]) == 0
+    assert "already compact" in capsys.readouterr().out
+    assert _snapshot(folder) == first
+
+
+def test_compact_samples_after_a_kill_and_with_a_damaged_file(tmp_path, capsys):
+    folder = _old_folder(tmp_path / "r")
+    recs = read_records(folder / "records.jsonl")
+    # killed after writing one new file, before repointing the records: the rerun completes it
+    first = folder / recs[0]["samples_file"]
+    write_samples(first.with_name(first.name + ".gz"), read_samples(first), "t")
+    bad = folder / recs[1]["samples_file"]
+    bad.write_text(bad.read_text() + "not json\n")
+    assert main(["compact-samples", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert "3 samples file(s) rewritten" in captured.out
+    assert f"kept as it is: {bad} line 31: not JSON" in captured.err
+    assert bad.exists() and not bad.with_name(bad.name + ".gz").exists()
+    after = {r["samples_file"] for r in read_records(folder / "records.jsonl")}
+    assert recs[1]["samples_file"] in after and recs[0]["samples_file"] + ".gz" in after
+
+
+def test_compact_samples_waits_for_no_run(tmp_path, capsys):
+    folder = _old_folder(tmp_path / "r")
+    before = _snapshot(folder)
+    with results_lock(folder):
+        assert main(["compact-samples", str(folder)]) == 2
+    assert "in use by another qvlm-bench run" in capsys.readouterr().err
+    assert _snapshot(folder) == before
+    assert main(["compact-samples", str(tmp_path / "nothing")]) == 2
+    assert "not a results folder" in capsys.readouterr().err
+
+
+def test_compact_samples_counts(tmp_path):
+    folder = _old_folder(tmp_path / "r")
+    c = compact_samples(folder)
+    assert (c["files"], c["prompt_files"], c["records"], c["skipped"]) == (4, 2, 4, [])
+    assert 0 < c["bytes_after"] < c["bytes_before"]
 
 
 def test_no_module_imports_private_names_of_evaluate():
