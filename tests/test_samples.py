@@ -1,6 +1,6 @@
 """Per-question sample logs (harness/samples.py): the prompts stored once per task, gzip, exact
 round trips, deterministic bytes, old plain files still read, damaged files named with the fix;
-``qvlm-bench compact-samples``."""
+``qvlm-bench compact-samples``; the committed results/ compact and (the goal) at most 8 MB."""
 
 from __future__ import annotations
 
@@ -248,3 +248,37 @@ def test_no_module_imports_private_names_of_evaluate():
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("evaluate"):
                 found += [f"{f.relative_to(REPO)}: {a.name}" for a in node.names if a.name.startswith("_")]
     assert found == []
+
+
+# ---- the committed results -----------------------------------------------------------------------
+
+RESULTS = REPO / "results"
+RESULTS_LIMIT = 8_000_000  # bytes: results/ travels with the tree to the GPU machine (64 MiB in all)
+
+
+def _results_sizes() -> dict[str, int]:
+    """Bytes per top-level folder of results/, every file counted."""
+    if not RESULTS.is_dir():
+        pytest.skip("results/ is not in this checkout")
+    sizes: dict[str, int] = {}
+    for p in RESULTS.rglob("*"):
+        if p.is_file():
+            top = p.relative_to(RESULTS).parts[0]
+            sizes[top] = sizes.get(top, 0) + p.stat().st_size
+    return sizes
+
+
+def test_committed_samples_are_compact():
+    _results_sizes()
+    plain = sorted(str(p.relative_to(REPO)) for p in RESULTS.rglob("samples/*.jsonl"))
+    assert not plain, f"plain samples files: run `qvlm-bench compact-samples` on their folders: {plain[:5]}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 28: 11.0 MB after compacting the samples (1.3 MB of it); "
+                   "the rest is records, tables, plots and pages (the seed folders' tables and plots: "
+                   "3.5 MB). Strict: remove this mark once results/ fits")
+def test_committed_results_stay_small():
+    sizes = _results_sizes()
+    total = sum(sizes.values())
+    assert total <= RESULTS_LIMIT, (f"results/ holds {total / 1e6:.2f} MB, over {RESULTS_LIMIT / 1e6:g} MB: "
+                                    + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(sizes.items())))
