@@ -33,14 +33,11 @@ import gzip
 import hashlib
 import io
 import json
-import logging
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .records import _json_default, read_records, write_atomic
-
-log = logging.getLogger("qvlm_bench")
+from .records import json_default, read_records, write_atomic
 
 FORMAT = 1
 SUFFIX = ".jsonl.gz"
@@ -61,7 +58,7 @@ def samples_path(folder: str | Path, key: str, task: str) -> Path:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default)
+    return json.dumps(obj, default=json_default)
 
 
 def _gzip(text: str) -> bytes:
@@ -103,10 +100,6 @@ def prompts_digest(prompts: dict) -> str:
 
 def prompts_name(task: str, digest: str) -> str:
     return f"{PROMPTS_PREFIX}{task}-{digest}{SUFFIX}"
-
-
-def is_prompts_file(path: str | Path) -> bool:
-    return Path(path).name.startswith(PROMPTS_PREFIX)
 
 
 def encode_samples(rows: Iterable[dict], task: str) -> tuple[bytes, tuple[str, bytes] | None]:
