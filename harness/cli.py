@@ -102,6 +102,30 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_compact_samples(args) -> int:
+    from .resultsdir import ResultsDirError
+    from .samples import SamplesError, compact_samples
+
+    status = 0
+    for folder in args.results:
+        try:
+            c = compact_samples(folder)
+        except (OSError, SamplesError, ResultsDirError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if c["files"]:
+            print(f"{folder}: {c['files']} samples file(s) rewritten, {c['bytes_before'] / 2**20:.2f} MB -> "
+                  f"{c['bytes_after'] / 2**20:.2f} MB (with {c['prompt_files']} new prompts file(s)); "
+                  f"{c['records']} record(s) repointed")
+        else:
+            print(f"{folder}: no plain samples files (already compact)")
+        for msg in c["skipped"]:
+            print(f"error: kept as it is: {msg}", file=sys.stderr)
+            status = 1
+    return status
+
+
 def cmd_list(args) -> int:
     from .models.loading import bundled_models
     from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
@@ -189,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also tabulate variant A minus variant B with its paired interval, per model and "
                         "scheme (repeatable; X+clip:X is always included) -> contrasts.md")
     t.set_defaults(func=cmd_table)
+
+    c = sub.add_parser("compact-samples", help="rewrite a results folder's plain per-question logs compactly",
+                       description="Rewrite every plain samples/*.jsonl file of each results folder as "
+                                   "samples/*.jsonl.gz with the prompts stored once per task "
+                                   "(harness/samples.py), repoint the records' samples_file, and delete an "
+                                   "old file only after the new one reads back to the same rows. Holds the "
+                                   "folder's lock; running it again changes nothing.")
+    c.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl and samples/")
+    c.set_defaults(func=cmd_compact_samples)
 
     ls = sub.add_parser("list", help="list methods, tasks, schemes and bundled models")
     ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])

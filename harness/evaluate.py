@@ -60,8 +60,11 @@ def generate_answers(lm, prompts: Sequence[str], images: Sequence[Any], *, max_n
     return answers
 
 
-def _lm_class():
-    """Defined lazily: importing lm-eval is slow and the GPU image lacks it."""
+def lm_class():
+    """The ``lm_eval.api.model.LM`` class that evaluates a ``LoadedModel`` in memory:
+    ``lm_class()(lm, batch_size=8, show_progress=True)`` is the model ``lm_eval.evaluator.evaluate``
+    takes (generation tasks only). Defined lazily: importing lm-eval is slow and the GPU image
+    lacks it."""
     from lm_eval.api.model import LM
 
     class InMemoryVLM(LM):
@@ -153,6 +156,8 @@ def load_tasks(task_specs: Sequence[str | dict], include_paths: Sequence[str | P
 
 
 def _sample_logger(task_obj):
+    """The task's ``metadata.sample_logger`` (``module:function``, called as ``fn(doc,
+    generation)`` for the row's task fields), or None."""
     import importlib
 
     meta = getattr(task_obj.config, "metadata", None) or {}
@@ -176,6 +181,17 @@ def cluster_spec(task_obj) -> tuple[str, str | None]:
                          "than 'question' needs the doc column naming each question's cluster, and "
                          "'question' takes none")
     return unit, col
+
+
+def sample_rows(task_obj, samples: Sequence[dict]) -> list[dict]:
+    """The per-question rows of a task's lm-eval samples (``evaluator.evaluate(...,
+    log_samples=True)["samples"][task]``), as the samples files hold them (``harness.samples``):
+    ``{"doc_id", "prompt", "generation"}``, then the task's ``sample_logger`` fields
+    (``question_id``, ``parsed``, ``score``; without a logger, ``score`` is lm-eval's
+    ``accuracy``), then ``cluster`` where the task declares a ``cluster_field``. Raises
+    ``ValueError`` when a doc lacks its declared cluster column."""
+    logger = _sample_logger(task_obj) if task_obj is not None else None
+    return [_sample_row(task_obj, logger, s) for s in samples]
 
 
 def _sample_row(task_obj, logger, s: dict) -> dict:
@@ -213,7 +229,7 @@ def evaluate_tasks(lm, task_specs: Sequence[str | dict], *, limit: int | None = 
     """Evaluate ``lm`` on lm-eval tasks; accuracies in percent with per-sample logs."""
     from lm_eval import evaluator
 
-    model = _lm_class()(lm, batch_size=batch_size, show_progress=show_progress)
+    model = lm_class()(lm, batch_size=batch_size, show_progress=show_progress)
     task_dict = load_tasks(task_specs, include_paths)
     # lm-eval re-encodes every logged image to PNG to hash it (LMEVAL_HASHMM) for multimodal
     # models; our per-sample rows keep no images, and the encoding cost ~0.6 s per 32 ScienceQA
@@ -237,8 +253,7 @@ def evaluate_tasks(lm, task_specs: Sequence[str | dict], *, limit: int | None = 
             continue
         se = metrics.get("accuracy_stderr,none")
         se = float(se) * 100 if isinstance(se, (int, float)) and not math.isnan(se) else None
-        logger = _sample_logger(task_obj) if task_obj is not None else None
-        rows = [_sample_row(task_obj, logger, s) for s in samples]
+        rows = sample_rows(task_obj, samples)
         results.append(TaskResult(
             task=name, metric="accuracy", value=float(acc) * 100, stderr=se, n=n,
             n_empty=round(float(metrics.get("empty,none", 0.0)) * n),

@@ -51,7 +51,7 @@ def append_record(path: str | Path, record: dict) -> None:
     and raised as ``RecordWriteError`` naming the file, so the file only ever gains whole lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, default=_json_default, sort_keys=False) + "\n").encode()
+    line = (json.dumps(record, default=json_default, sort_keys=False) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         end = os.fstat(fd).st_size
@@ -77,7 +77,9 @@ def append_record(path: str | Path, record: dict) -> None:
         os.close(fd)
 
 
-def _json_default(obj):
+def json_default(obj):
+    """``json.dumps``'s ``default`` for records and samples: arrays and tensors as lists, paths and
+    other objects as strings, sets and tuples as lists."""
     if hasattr(obj, "tolist"):
         return obj.tolist()
     if isinstance(obj, Path):
@@ -184,10 +186,11 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Write a whole JSONL file atomically (per-sample logs), through ``write_atomic``: its
+    """Write a whole JSONL file atomically (records.jsonl without its unreadable lines; per-sample
+    logs have a format of their own, harness/samples.py), through ``write_atomic``: its
     temporary file has a name of its own, so two processes writing the same file (two drivers on
     one results folder) cannot interleave: the last complete write wins."""
-    write_atomic(path, "".join(json.dumps(row, default=_json_default) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row, default=json_default) + "\n" for row in rows))
 
 
 @functools.lru_cache(maxsize=1)

@@ -128,13 +128,13 @@ def evaluate_shard(worker, opened, cell: Cell, docs: range, *, show_progress: bo
     """
     from lm_eval import evaluator
 
-    from .evaluate import _lm_class, _sample_logger, _sample_row, cluster_spec, task_manager
+    from .evaluate import cluster_spec, lm_class, sample_rows, task_manager
     from .worker import reset_counters, task_spec
 
     suite = worker.suite
     reset_counters(opened.handle, worker.device)
     t0 = time.perf_counter()
-    model = _lm_class()(opened.lm, batch_size=suite.batch_size, show_progress=show_progress)
+    model = lm_class()(opened.lm, batch_size=suite.batch_size, show_progress=show_progress)
     # a task object of its own (not evaluate.load_tasks' shared one): restrict_docs modifies it
     task_dict = task_manager(suite.include_paths).load([task_spec(cell.task, suite)])
     ((name, task_obj),) = task_dict["tasks"].items()
@@ -153,12 +153,9 @@ def evaluate_shard(worker, opened, cell: Cell, docs: range, *, show_progress: bo
     if [s["doc_id"] for s in samples] != list(range(len(docs))):
         raise RuntimeError(f"lm-eval returned docs {[s['doc_id'] for s in samples][:5]}… for a shard "
                            f"of {len(docs)} questions; expected them in order")
-    logger = _sample_logger(task_obj)
-    rows, metrics = [], {}
-    for s, doc_id in zip(samples, docs):
-        row = _sample_row(task_obj, logger, s)
+    rows, metrics = sample_rows(task_obj, samples), {}
+    for row, s, doc_id in zip(rows, samples, docs):
         row["doc_id"] = doc_id
-        rows.append(row)
         for m in s["metrics"]:
             metrics.setdefault(m, []).append(s[m])
     part = score(name, metrics, aggregations, len(rows))

@@ -24,7 +24,8 @@ from .prepare import prepare_state, reset_peak
 from .quant.finalize import StateError, validate_state
 from .quant.simulated import apply_state
 from .quant.state import QuantState
-from .records import git_describe, new_record, versions, write_jsonl
+from .records import git_describe, new_record, versions
+from .samples import samples_path, write_samples
 
 log = logging.getLogger("qvlm_bench")
 
@@ -114,7 +115,6 @@ class GroupWorker:
         self.device = device
         self.out = suite.output_dir
         self.cache_dir = self.out / "cache" / "states"
-        self.samples_dir = self.out / "samples"
         self.show_progress = show_progress
         self._lm = None
         self._lm_key: tuple | None = None
@@ -231,8 +231,7 @@ class GroupWorker:
         records = []
         for res in results:
             t0 = time.perf_counter()
-            samples = self.samples_dir / f"{cell.key}-{res.task}.jsonl"
-            write_jsonl(samples, res.samples)
+            samples = write_samples(samples_path(self.out, cell.key, res.task), res.samples, res.task)
             timings["record_s"] = time.perf_counter() - t0
             records.append(self.ok_record(cell, state, cached, handle, res, timings,
                                           str(samples.relative_to(self.out))))

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.samples import read_samples  # noqa: E402
+
 VARIANTS = {
     "native-1t": ({}, 1),
     "native-2t": ({}, 2),
@@ -47,7 +50,7 @@ def load(folder: Path) -> dict[str, dict]:
     for line in (folder / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r.get("status") == "ok":
-            gens = [json.loads(s)["generation"] for s in (folder / r["samples_file"]).read_text().splitlines()]
+            gens = [s["generation"] for s in read_samples(folder / r["samples_file"])]
             label = f"{r.get('variant')} {r['scheme']} {r['task']}"
             # matched by row, not config_hash: the hash covers the code, which may be edited between runs
             recs[label] = {"label": label, "value": r["value"], "gens": gens}

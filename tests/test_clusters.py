@@ -4,15 +4,15 @@ resamples (harness.report.stats)."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 
 from harness.config import load_suite
-from harness.evaluate import _sample_row, cluster_spec, load_tasks
+from harness.evaluate import cluster_spec, load_tasks, sample_rows
 from harness.records import read_records
 from harness.runner import run_suite
+from harness.samples import read_samples
 
 SYNTH = ("synth_scienceqa", "synth_vizwiz", "synth_vqav2")
 
@@ -35,12 +35,12 @@ def test_tasks_declare_their_cluster_unit():
 def test_sample_rows_carry_the_cluster_and_a_missing_id_fails():
     task = SimpleNamespace(config=SimpleNamespace(task="t", metadata={"cluster_unit": "image",
                                                                       "cluster_field": "image_id"}))
-    row = _sample_row(task, None, {"doc_id": 3, "doc": {"image_id": 42}, "accuracy": 1.0})
+    (row,) = sample_rows(task, [{"doc_id": 3, "doc": {"image_id": 42}, "accuracy": 1.0}])
     assert (row["doc_id"], row["cluster"], row["score"]) == (3, 42, 1.0)
     with pytest.raises(ValueError, match="image_id"):
-        _sample_row(task, None, {"doc_id": 4, "doc": {}, "accuracy": 0.0})
+        sample_rows(task, [{"doc_id": 4, "doc": {}, "accuracy": 0.0}])
     plain = SimpleNamespace(config=SimpleNamespace(task="q", metadata={"version": 1.0}))
-    assert "cluster" not in _sample_row(plain, None, {"doc_id": 0, "doc": {}, "accuracy": 1.0})
+    assert "cluster" not in sample_rows(plain, [{"doc_id": 0, "doc": {}, "accuracy": 1.0}])[0]
     assert cluster_spec(plain) == ("question", None)
     for bad in ({"cluster_unit": "image"}, {"cluster_field": "image_id"}):
         with pytest.raises(ValueError, match="cluster_field"):
@@ -55,6 +55,9 @@ def test_records_and_samples_of_a_run_say_the_cluster(tmp_path):
     recs = {r["task"]: r for r in read_records(tmp_path / "records.jsonl")}
     assert {t: r["cluster_unit"] for t, r in recs.items()} == {
         "synth_scienceqa": "question", "synth_vizwiz": "image", "synth_vqav2": "image"}
-    rows = [json.loads(x) for x in (tmp_path / recs["synth_vqav2"]["samples_file"]).read_text().splitlines()]
+    assert all(r["samples_file"].endswith(".jsonl.gz") for r in recs.values())  # harness/samples.py
+    rows = read_samples(tmp_path / recs["synth_vqav2"]["samples_file"])
+    assert all(r["prompt"] for r in rows)  # read back from the task's prompts file
+    assert len(list((tmp_path / "samples").glob("prompts-synth_vqav2-*.jsonl.gz"))) == 1
     assert [r["cluster"] for r in rows] == [30_000_000 + i for i in range(4)]  # image_id = 3·10⁷ + row
     assert [r["question_id"] for r in rows] == [1000 * r["cluster"] for r in rows]

@@ -143,7 +143,7 @@ def test_the_report_has_no_import_cycle_and_the_board_is_below_its_writers():
     assert "harness.report.board" in graph["harness.report.write"]  # the scan sees the package
     assert _cycles(graph) == []
     writers = {f"harness.report.{m}" for m in ("text", "page", "plots", "contrasts", "write")}
-    below = {"harness.report.board", "harness.report.rows", "harness.report.samples", "harness.report.stats",
+    below = {"harness.report.board", "harness.report.rows", "harness.report.scores", "harness.report.stats",
              "harness.report.aggregate"}
     assert [f"{m} imports {d}" for m in below for d in sorted(graph[m] & writers)] == []
 

@@ -22,6 +22,7 @@ from harness.cli import main
 from harness.config import SuiteError, parse_suite
 from harness.records import append_record, read_records, write_jsonl
 from harness.runner import run_suite
+from harness.samples import read_samples
 from toy_task import write_toy_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_corrupted_cached_state_is_recomputed_with_a_warning(tiny_llava_path, to
     suite = parse_suite(suite_dict(tiny_llava_path, toy_include, out, methods=["rtn"], limit=12))
     run_suite(suite, show_progress=False)
     first = by_method(out / "records.jsonl")["rtn"]
-    generations = [json.loads(x)["generation"] for x in (out / first["samples_file"]).read_text().splitlines()]
+    generations = [r["generation"] for r in read_samples(out / first["samples_file"])]
     state_file = out / "cache" / "states" / first["state_key"] / "state.safetensors"
     # overwrite 30 % of the tensor bytes, the safetensors header intact (the repro)
     data = bytearray(state_file.read_bytes())
@@ -64,8 +65,7 @@ def test_corrupted_cached_state_is_recomputed_with_a_warning(tiny_llava_path, to
         assert run_suite(suite, show_progress=False).ok == 1
     again = by_method(out / "records.jsonl")["rtn"]
     assert again["state_cached"] is False  # recomputed, not loaded
-    assert [json.loads(x)["generation"] for x in (out / again["samples_file"]).read_text().splitlines()] \
-        == generations  # the same answers, question by question
+    assert [r["generation"] for r in read_samples(out / again["samples_file"])] == generations  # the same answers, question by question
     assert again["value"] == first["value"] and again["proof"] == first["proof"]
     assert "ignoring cached state" in caplog.text and "state.safetensors does not match its sha256" in caplog.text
 

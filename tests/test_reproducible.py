@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.samples import read_samples
+
 SUITE = {
     "name": "repro", "models": ["qvlm-tiny-llava"],
     # AWQ's grids shortened for time; its searches are the ones float32 made machine-dependent
@@ -42,7 +44,7 @@ def _run(tmp: Path, name: str, env: dict, threads: int) -> dict[str, tuple]:
     cells = {}
     for line in (out / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
-        gens = [json.loads(s)["generation"] for s in (out / r["samples_file"]).read_text().splitlines()]
+        gens = [s["generation"] for s in read_samples(out / r["samples_file"])]
         cells[r["variant"]] = (r["config_hash"], r["value"], gens)
     return cells
 

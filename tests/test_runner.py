@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from harness.config import SuiteError, load_suite, parse_suite
 from harness.records import read_records
 from harness.registry import Method, available_methods, discover, register_method
 from harness.runner import run_suite
+from harness.samples import read_samples
 from toy_task import write_toy_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_suite_runs_writes_records_and_leaderboard_then_resumes(tiny_llava_path,
     w4 = next(r for r in recs if r["scheme"] == "w4a4")
     assert w4["proof"]["quantized_linears"] == 14 and w4["proof"]["max_codes_per_row"] <= 16
     assert w4["proof"]["act_quantizers_fired"] == 14
-    sample = json.loads((tmp_path / w4["samples_file"]).read_text().splitlines()[0])
+    sample = read_samples(tmp_path / w4["samples_file"])[0]
     assert {"prompt", "generation"} <= set(sample)
     # second run: nothing new is computed or recorded
     again = run_suite(suite, show_progress=False)

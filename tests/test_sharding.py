@@ -11,6 +11,7 @@ import pytest
 
 from harness.cells import group_cells, plan_cells
 from harness.config import SuiteError, parse_suite
+from harness.samples import read_samples
 from harness.sharding import ShardResult, merge_shards, requested_shards, shard_count, shard_ranges
 
 
@@ -116,8 +117,8 @@ def test_sharded_cell_equals_the_unsharded_cell(tmp_path):
                 "cluster_unit"):
         assert merged[key] == whole[key], key
     assert whole["cluster_unit"] == "image" and all("cluster" in r for r in rows)
-    lines = (tmp_path / whole["samples_file"]).read_text().splitlines()
-    assert lines == [json.dumps(r) for r in rows]
-    scores = [json.loads(line)["score"] for line in lines]
+    written = read_samples(tmp_path / whole["samples_file"])
+    assert [json.dumps(r) for r in written] == [json.dumps(r) for r in rows]  # key order too
+    scores = [r["score"] for r in written]
     assert whole["value"] == pytest.approx(100 * np.mean(scores), rel=1e-13)
     assert 0 < whole["value"] < 100 and len(set(scores)) > 1  # a result with something to get wrong

@@ -40,8 +40,9 @@ from typing import Iterator
 
 from ..cells import EVAL_CODE, STATE_CODE, Cell, Group, code_digest
 from ..config import Suite
-from ..records import new_record, write_jsonl
+from ..records import new_record
 from ..registry import method_code_digest
+from ..samples import samples_path, write_samples
 from ..sharding import DEFAULT_SHARD_SIZE, ShardResult, merge_shards, requested_shards, shard_count, shard_ranges
 
 log = logging.getLogger("qvlm_bench")
@@ -548,8 +549,7 @@ class RayExecutor:
             entry.done = True
             rec, rows = merge_shards(entry.parts)
             out = Path(self.suite.output_dir)
-            path = out / "samples" / f"{part.key}-{part.task}.jsonl"
-            write_jsonl(path, rows)
+            path = write_samples(samples_path(out, part.key, part.task), rows, part.task)
             rec["samples_file"] = str(path.relative_to(out))
             yield [self._tag(slot, rec, result["pid"])]
 

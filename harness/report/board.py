@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .rows import ROW, latest_ok, record_field, row_identity, scheme_bits
-from .samples import FALLBACK, load_scores, task_clusters
+from .scores import FALLBACK, load_scores, task_clusters
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, combine_runs
 
 PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
