@@ -56,11 +56,11 @@ def test_a_crashed_child_costs_its_variant_only(tmp_path, monkeypatch, capsys):
 def test_children_share_the_run_id_and_the_baseline_pairing(tmp_path, monkeypatch):
     """What the parent hands a child and takes back: the run_id, the budget's clock, the baseline's
     gate figures; the failure records it writes pair with the baseline in the table."""
-    from harness.perf.benchmark import Budget, run_pairs
+    from harness.perf.benchmark import COMMON_KEYS, Budget, IsolatedRun, run_pairs
     from harness.perf.states import Case
 
     cfg = PerfConfig(schemes=["w4a16"], batches=[1, 8], out=tmp_path, device="cpu", dtype="fp32", isolate="on")
-    run = isolate.IsolatedRun("m", cfg, log=lambda *a: None)
+    run = IsolatedRun("m", cfg, log=lambda *a: None)
     assert run.cfg.isolate == "off" and run.cfg.leaderboard is False  # children run in process
     seen = []
 
@@ -70,7 +70,7 @@ def test_children_share_the_run_id_and_the_baseline_pairing(tmp_path, monkeypatc
         spec = pickle.load(open(argv[-1], "rb"))
         seen.append(spec)
         assert env["PYTHONPATH"].split(":")[0] == str(isolate.Path(isolate.__file__).resolve().parents[2])
-        common = {k: None for k in isolate.COMMON_KEYS}
+        common = {k: None for k in COMMON_KEYS}
         common.update(model="m", metric="perf", run_id=spec.run_id, card="H100", workload={}, objective="generate",
                       isolation={"child": spec.child, "load_s": 2.0})
         isolate.Path(spec.common_path).write_text(json.dumps(common))

@@ -90,6 +90,7 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--suite", default="perf")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per model; variants not started by then are skipped and listed")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant of an isolated run
     p.add_argument("--leaderboard-only", action="store_true",
                    help="only re-render leaderboard.md from records.jsonl")
     p.set_defaults(func=run_from_args)
@@ -137,6 +138,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
     out = Path(args.out)
     command = "python -m harness.perf.command " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.child:  # a child process of an isolated run (harness.perf.isolate): one variant, its records
+        from .benchmark import run_child
+
+        return run_child(args.child)
     if args.leaderboard_only:
         print(write_perf_table(out / "records.jsonl", out / "leaderboard.md"))
         return 0

@@ -4,11 +4,13 @@ A CUDA illegal memory access poisons the process's CUDA context: after it every 
 process fails, so in one process a fault of one variant failed every later cell of the run. With
 isolation the parent process never touches the device: it runs the float baseline, then each
 (method, scheme) with all its batch sizes, each in a child process
-(``python -m harness.perf.isolate SPEC``) that loads the model, opens its own ``PerfSession``
+(``python -m harness.perf.command perf --child SPEC``: ``benchmark.run_child``) that loads the
+model, opens its own ``PerfSession``
 with the parent's ``run_id`` (so ``table.py`` pairs every row with the baseline of the same run,
 batch and dtype) and appends its records to the same ``records.jsonl`` through the one records
 writer. The parent holds the results folder's lock for the whole run; the children, part of that
-run, take none.
+run, take none. The parent's side is ``benchmark.IsolatedRun``; this module holds the process
+machinery below it (the spec, running a child and reading its end, the injected faults).
 
 Why a subprocess of our own rather than ``multiprocessing`` (spawn): the child's stderr is a pipe
 the parent reads, so what a dying process writes at the C level (CUDA's messages, an abort) is
@@ -37,19 +39,14 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 import re
-import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 INJECT_ENV = "QVLM_PERF_INJECT_FAULT"
 CHILD_GRACE_S = 30.0  # a child may finish the batch it started before the budget's end
@@ -116,7 +113,7 @@ class ChildResult:
         return f"exit status {rc}"
 
 
-def _inject(spec: ChildSpec, point: str) -> None:
+def inject(spec: ChildSpec, point: str) -> None:
     for item in os.environ.get(INJECT_ENV, "").split(","):
         parts = [p.strip() for p in item.split(":")]
         if len(parts) < 2:
@@ -131,40 +128,6 @@ def _inject(spec: ChildSpec, point: str) -> None:
             if how == "exit139":
                 os._exit(139)
             os.abort()
-
-
-def child_main(spec_path: str) -> int:
-    """Run one variant of a parent's run in this (fresh) process; records go to the run's file."""
-    import json
-
-    from .benchmark import Budget, open_session
-    from .states import DTYPE_NAMES, Case
-
-    with open(spec_path, "rb") as f:
-        spec: ChildSpec = pickle.load(f)
-    names = {v: k for k, v in DTYPE_NAMES.items()}
-    isolation = {"mode": "child", "child": spec.child, "pid": os.getpid()}
-    session = open_session(spec.model, spec.cfg, run_id=spec.run_id, load_dtype=spec.load_dtype,
-                           command=spec.command, extra_common={"isolation": isolation})
-    isolation["load_s"] = round(session.load_s, 3)
-    if spec.common_path:
-        Path(spec.common_path).write_text(json.dumps(session.common, default=str))
-    dtype = names[spec.dtype]
-    session.to_dtype(dtype)
-    runner = session.runner
-    runner.float_e2e = {names[k]: v for k, v in spec.float_e2e.items()}
-    runner.trained.float_trained = {names[k]: v for k, v in spec.float_trained.items()}
-    _inject(spec, "start")
-    written = []
-
-    def after(rec):
-        written.append(rec)
-        if len(written) == 1:
-            _inject(spec, "after-first")
-
-    session.recorder.after_write = after
-    runner.run_variant(Case(spec.variant, spec.scheme, dtype), Budget.restore(spec.budget), spec.share)
-    return 0
 
 
 # ---------------------------------------------------------------------------- the parent's side
@@ -229,175 +192,6 @@ def failure_error(res: ChildResult, label: str, B: int) -> str:
     return err[:1200]
 
 
-COMMON_KEYS = ("suite", "model", "task", "metric", "value", "stderr", "n_empty", "n_unparsed", "device", "card",
-               "driver", "torch", "copy_bandwidth_gbs", "versions", "git", "seed", "run_id", "workload",
-               "model_path", "objective", "layouts", "command")
-
-
-class IsolatedRun:
-    """The parent of an isolated run: one child per variant, failures recorded, the baseline's
-    gate figures handed to the variants after it."""
-
-    def __init__(self, model: str, cfg, *, log=print):
-        from .benchmark import new_run_id
-
-        self.model, self.log = model, log
-        self.cfg = replace(cfg, isolate="off", leaderboard=False)  # what each child runs
-        self.parent_cfg = cfg
-        self.run_id = new_run_id()
-        self.path = Path(cfg.out) / "records.jsonl"
-        self.command = " ".join(shlex.quote(a) for a in sys.argv)
-        self.children = 0
-        self.load_s: float | None = None  # the last child's model load time
-        self.common: dict | None = None  # the records' common fields, from the first child that had them
-        self.float_e2e: dict = {}
-        self.float_trained: dict = {}
-
-    # -- records ---------------------------------------------------------------------------------
-
-    def _records_of(self, child: int) -> list[dict]:
-        from .table import load_records
-
-        if not self.path.exists():
-            return []
-        return [r for r in load_records(self.path) if r.get("run_id") == self.run_id
-                and (r.get("isolation") or {}).get("child") == child]
-
-    def _fallback_common(self) -> dict:
-        """Common fields when no child got as far as writing them (the first child died loading)."""
-        from ..records import git_describe
-        from .measure import device_info
-
-        info = device_info(self.cfg.device)  # initialises CUDA here: only when no child could say
-        return {"suite": self.cfg.suite, "model": self.model, "task": None, "metric": "perf", "value": None,
-                "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
-                "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
-                "copy_bandwidth_gbs": None, "versions": info, "git": git_describe(), "seed": self.cfg.seed,
-                "run_id": self.run_id, "workload": {}, "model_path": None, "objective": self.cfg.objective,
-                "layouts": self.cfg.layouts, "command": self.command}
-
-    def _write_failed(self, case, batches, common: dict, errors: dict, isolation: dict) -> list[dict]:
-        from ..quant.config import parse_scheme
-        from .benchmark import PerfRecorder
-
-        case.qcfg = parse_scheme(case.scheme, **({} if case.is_reference else self.cfg.overrides))
-        rec = PerfRecorder(self.path, dict(common, isolation=isolation), overrides=self.cfg.overrides,
-                           reps=self.cfg.reps)
-        return [rec.write(case, B, **errors[B]) for B in batches]
-
-    # -- one child -------------------------------------------------------------------------------
-
-    def run_variant(self, var, scheme: str, dtype: torch.dtype, load_dtype: str, share: int, budget,
-                    tmp: Path) -> list[dict]:
-        from .states import DTYPE_NAMES, Case
-
-        cfg, log = self.cfg, self.log
-        case = Case(var, scheme, dtype)
-        child = self.children
-        self.children += 1
-        remaining = budget.remaining()
-        if not budget.allow(share, True) or (remaining is not None and self.load_s is not None
-                                              and remaining < self.load_s):
-            why = f"not run: time budget of {budget.seconds:.0f}s spent"
-            if budget.allow(share, True):
-                why += f" (a fresh process needs ~{self.load_s:.0f}s to load the model; {remaining:.0f}s left)"
-            log(f"[perf] {case.label}: {why}")
-            common = self.common or self._fallback_common()
-            return self._write_failed(case, cfg.batches, common, {B: {"error": why} for B in cfg.batches},
-                                      {"mode": "parent", "child": None})
-        spec = ChildSpec(self.model, cfg, self.run_id, self.command, child, var, scheme,
-                         DTYPE_NAMES[dtype], load_dtype, share, budget.state(),
-                         float_e2e=dict(self.float_e2e), float_trained=dict(self.float_trained),
-                         common_path=str(tmp / f"common-{child}.json"))
-        spec_path = tmp / f"child-{child}.pkl"
-        with open(spec_path, "wb") as f:
-            pickle.dump(spec, f)
-        timeout = None if remaining is None else max(remaining, 0.0) + CHILD_GRACE_S
-        log(f"[perf] {case.label}: child process {child} (deadline "
-            f"{'none' if timeout is None else f'{timeout:.0f}s'})")
-        res = run_child_process([sys.executable, "-m", "harness.perf.isolate", str(spec_path)],
-                                timeout=timeout, log=log, env=child_env())
-        common_file = Path(spec.common_path)
-        child_common = None
-        if common_file.exists():
-            import json
-
-            child_common = json.loads(common_file.read_text())
-            self.common = self.common or {k: child_common.get(k) for k in COMMON_KEYS}
-        load_s = ((child_common or {}).get("isolation") or {}).get("load_s")
-        if load_s is not None:
-            self.load_s = load_s
-        recs = self._records_of(child)
-        done = {r.get("batch_size") for r in recs}
-        missing = [B for B in cfg.batches if B not in done]
-        log(f"[perf] {case.label}: child process {child} {'exited' if res.ok else res.reason()} after "
-            f"{res.wall_s:.0f}s (model load {'?' if load_s is None else f'{load_s:.1f}s'}); "
-            f"{len(recs)} of {len(cfg.batches)} batch sizes recorded")
-        if missing:
-            isolation = {"mode": "child", "child": child, "pid": res.pid, "load_s": load_s,
-                         "returncode": res.returncode, "timed_out": res.timed_out,
-                         "stderr_tail": res.stderr_tail}
-            if res.ok:
-                errors = {B: {"error": f"child process of {case.label} exited 0 without recording batch {B}"}
-                          for B in missing}
-            else:
-                errors = {B: {"error": failure_error(res, case.label, B)} for B in missing}
-            for B in missing:
-                log(f"[perf] B={B} {case.label}: FAILED: {errors[B]['error']}")
-            recs += self._write_failed(case, missing, self.common or self._fallback_common(), errors, isolation)
-        order = {B: i for i, B in enumerate(cfg.batches)}
-        recs.sort(key=lambda r: order.get(r.get("batch_size"), len(order)))
-        if case.is_reference:
-            self._keep_baseline(recs, DTYPE_NAMES[dtype])
-        return recs
-
-    def _keep_baseline(self, recs: list[dict], dtype: str) -> None:
-        """The float engine's gate figures the other variants' gates compare against (as in one
-        process: the last batch size's end-to-end error; the trained-model record of the first)."""
-        for r in recs:
-            g = r.get("gate") or {}
-            if g.get("e2e_rel_logit_err") is not None:
-                self.float_e2e[dtype] = g["e2e_rel_logit_err"]
-            exact = (g.get("trained") or {}).get("exact")
-            if exact is not None and dtype not in self.float_trained:
-                self.float_trained[dtype] = exact
-
-    # -- the run ---------------------------------------------------------------------------------
-
-    def run(self) -> list[dict]:
-        from ..models.loading import auto_dtype
-        from .benchmark import Budget, finish, run_pairs, wants_bf16
-        from .states import DTYPE_NAMES
-
-        cfg, log = self.parent_cfg, self.log
-        t_start = time.time()
-        cuda = str(cfg.device).startswith("cuda")
-        auto = cfg.dtype == "auto"
-        first = auto_dtype(cfg.device) if auto else cfg.dtype
-        names = {v: k for k, v in DTYPE_NAMES.items()}
-        pairs = run_pairs(cfg)
-        budget = Budget(cfg.time_budget_s, len(pairs) + (1 if auto and cuda else 0))
-        log(f"[perf] {self.model}: run {self.run_id}, {len(pairs)} variants, each in a child process "
-            f"(--isolate {cfg.isolate})")
-        records: list[dict] = []
-        wanted = []
-        with tempfile.TemporaryDirectory(prefix="qvlm-perf-isolate-") as tmp:
-            for i, (var, s) in enumerate(pairs):
-                recs = self.run_variant(var, s, names[first], first, i, budget, Path(tmp))
-                records += recs
-                if i == 0:
-                    budget.reference_done()
-                if auto and cuda and not var.reference and wants_bf16(selection_of(recs)):
-                    wanted.append((var, s))
-            if wanted:
-                log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {[(v.label, s) for v, s in wanted]}")
-                for var, s in [pairs[0]] + wanted:  # the bf16 baseline first, with every batch size
-                    share = 0 if var.reference else budget.shares - 1
-                    records += self.run_variant(var, s, torch.bfloat16, first, share, budget, Path(tmp))
-        finish(cfg, records, log=log, t_start=t_start)
-        return records
-
-
 def selection_of(recs: list[dict]) -> list:
     """The kernel selection of a variant's first batch size, back from its record."""
     from ..kernels.select import KernelRecord
@@ -408,12 +202,3 @@ def selection_of(recs: list[dict]) -> list:
             return [KernelRecord(**{**d, "shape": tuple(d["shape"])}) for d in sel]
         break  # the first batch size only, as in one process
     return []
-
-
-def run_isolated(model: str, cfg, *, log=print) -> list[dict]:
-    """``run_perf`` with every variant in a child process of its own (module doc)."""
-    return IsolatedRun(model, cfg, log=log).run()
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1]))
