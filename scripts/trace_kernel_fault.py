@@ -30,6 +30,8 @@ def main(argv: list[str]) -> int:
         return info
 
     real._try_candidate = traced
+    if not any(a == "--isolate" or a.startswith("--isolate=") for a in argv):
+        argv = [*argv, "--isolate", "off"]  # the tracing lives in this process, and so must the fault
     from harness.perf.command import main as perf_main
     return perf_main(argv) or 0
 

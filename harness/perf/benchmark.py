@@ -27,8 +27,13 @@ The parts: ``PerfConfig`` (the run's settings, checked in one place), ``states.S
 
 from __future__ import annotations
 
+import gc
+import json
+import os
+import pickle
 import shlex
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -44,12 +49,13 @@ from ..models.layers import language_layers
 from ..models.loading import auto_dtype
 from ..records import git_describe
 from . import gate as gate_mod
+from . import isolate
 from .arch import load_for_perf
 from .engine import LlavaEngine
-from .measure import (copy_bandwidth, device_info, engine_parts, idle_float_bytes, kernel_summary, peak_memory,
-                      time_generate, weight_bytes)
+from .measure import (allocated_before, allocated_bytes, copy_bandwidth, device_info, engine_parts,
+                      idle_float_bytes, kernel_summary, peak_memory, time_generate, weight_bytes)
 from .states import DTYPE_NAMES, Case, StatePreparer, Workload, float_variant, make_workload, perf_variants
-from .table import write_perf_record, write_perf_table
+from .table import load_records, write_perf_record, write_perf_table
 
 TRAINED_GATE_MODEL = "qvlm-tiny-llava"
 # what each layer's one weight layout is chosen for: the whole workload (prefill once, new_tokens - 1
@@ -59,6 +65,7 @@ OBJECTIVES = ("generate", "decode", "prefill")
 GATE_POLICIES = ("auto", "strict")
 TRAINED_GATE = ("auto", "on", "off")
 DTYPES = ("auto", "fp16", "bf16", "fp32", "fp64")
+ISOLATE = ("auto", "on", "off")
 
 
 # ---------------------------------------------------------------------------- the settings
@@ -73,7 +80,10 @@ class PerfConfig:
     ``objective``: ``generate`` chooses each layer's layout by the time of the whole workload
     (prefill once, ``new_tokens - 1`` decode steps), ``decode`` by decode time alone, ``prefill`` by
     prefill alone. ``trained_gate``: also gate every variant on the bundled trained model (``auto``:
-    on CUDA only). ``leaderboard``: re-render ``out/leaderboard.md`` at the end.
+    on CUDA only). ``leaderboard``: re-render ``out/leaderboard.md`` at the end. ``isolate``: run each
+    variant (with all its batch sizes) in a fresh child process, so that a CUDA fault costs that
+    variant only (``auto``: on CUDA devices; ``harness.perf.isolate``). ``wide_layouts``: let a layer
+    take a weight layout wider than its codes' storage (FP8 copies of W4 codes); the rows say so.
     """
 
     methods: list = field(default_factory=lambda: ["rtn"])
@@ -98,6 +108,8 @@ class PerfConfig:
     objective: str = "generate"
     trained_gate: str = "auto"
     leaderboard: bool = True
+    isolate: str = "auto"
+    wide_layouts: bool = False
 
     def __post_init__(self):
         self.methods, self.schemes, self.batches = list(self.methods), list(self.schemes), list(self.batches)
@@ -116,6 +128,7 @@ class PerfConfig:
         need(self.gate in GATE_POLICIES, f"--gate must be one of {', '.join(GATE_POLICIES)}, got {self.gate!r}")
         need(self.trained_gate in TRAINED_GATE, f"--trained-gate must be one of {', '.join(TRAINED_GATE)}, "
              f"got {self.trained_gate!r}")
+        need(self.isolate in ISOLATE, f"--isolate must be one of {', '.join(ISOLATE)}, got {self.isolate!r}")
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(bool(self.batches) and all(isinstance(b, int) and b >= 1 for b in self.batches),
              f"--batch needs one or more batch sizes of at least 1 (e.g. --batch 1,8), got {self.batches}")
@@ -139,6 +152,14 @@ class PerfConfig:
         return {"decode": max(1, self.new_tokens - 1) if self.objective != "prefill" else 0,
                 "prefill": 0 if self.objective == "decode" else 1}
 
+    @property
+    def layouts(self) -> str:
+        """``storage`` (no layout wider than the codes' storage: the default) or ``wide``."""
+        return "wide" if self.wide_layouts else "storage"
+
+    def isolate_on(self) -> bool:
+        return self.isolate == "on" or (self.isolate == "auto" and str(self.device).startswith("cuda"))
+
     def trained_gate_on(self) -> bool:
         return self.trained_gate == "on" or (self.trained_gate == "auto" and str(self.device).startswith("cuda"))
 
@@ -154,6 +175,28 @@ def _sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def release(device) -> None:
+    """Free what the dropped references held: a garbage collection first (an engine, its layers or
+    an exception's frames caught in a reference cycle live until one runs, and their device memory
+    would count in the next variant's figures), then the allocator's cache."""
+    gc.collect()
+    try:
+        _sync(device)
+    except Exception:  # noqa: BLE001 - a faulted context fails every call; the fault is recorded already
+        pass
+
+
+CUDA_FATAL = ("illegal memory access", "CUDA error", "device-side assert", "unspecified launch failure",
+              "misaligned address", "AcceleratorError")
+
+
+def cuda_fatal(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA fault that poisons the process's CUDA context: every later CUDA call
+    of the process fails, so nothing more can be measured in it."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(k in text for k in CUDA_FATAL)
 
 
 def wants_bf16(selection: list) -> bool:
@@ -191,6 +234,19 @@ class Budget:
         self.seconds, self.shares, self.t0 = seconds, max(2, shares), time.time()
         self.t_ref: float | None = None  # seconds spent when the baseline finished
 
+    def state(self) -> dict:
+        """What a child process needs to share this budget (the clock is the machine's)."""
+        return {"seconds": self.seconds, "shares": self.shares, "t0": self.t0, "t_ref": self.t_ref}
+
+    @classmethod
+    def restore(cls, state: dict) -> "Budget":
+        b = cls(state["seconds"], state["shares"])
+        b.t0, b.t_ref = state["t0"], state["t_ref"]
+        return b
+
+    def remaining(self) -> float | None:
+        return None if self.seconds is None else self.seconds - (time.time() - self.t0)
+
     def reference_done(self) -> None:
         if self.t_ref is None:
             self.t_ref = time.time() - self.t0
@@ -216,6 +272,7 @@ class PerfRecorder:
 
     def __init__(self, path: Path, common: dict, *, overrides: dict, reps: int):
         self.path, self.common, self.overrides, self.reps = path, common, overrides, reps
+        self.after_write = None  # called with each record once written (the isolated child's hook)
 
     def write(self, v: Case, B: int, **fields) -> dict:
         qd = v.qcfg.to_dict() if v.qcfg is not None else None
@@ -233,10 +290,16 @@ class PerfRecorder:
                    calibration=v.state_meta.get("calibration"),
                    config_hash=digest([v.state_key, self.common["model"], v.method, v.variant.options,
                                        v.variant.clip, qd or v.scheme, B, dtype, self.common["workload"],
-                                       self.common["objective"]]))
+                                       self.common["objective"]]
+                                      # rows with wide layouts are another configuration (the default's
+                                      # hash is the one it had before the layout rule)
+                                      + (["wide layouts"] if self.common.get("layouts") == "wide" else [])))
         rec.update(fields)
         rec.pop("timestamp", None)
-        return write_perf_record(self.path, **rec)
+        out = write_perf_record(self.path, **rec)
+        if self.after_write is not None:
+            self.after_write(out)
+        return out
 
 
 # ---------------------------------------------------------------------------- the trained-model gate
@@ -301,7 +364,8 @@ class TrainedGate:
                 for ph in ("decode", "prefill"):
                     layers = [p for p, q in lin if q == ph]
                     if layers:
-                        sel = select_kernels(layers, plan=[(ph, rows[ph], 1.0)], dtype=tlm.dtype, reps=2)
+                        sel = select_kernels(layers, plan=[(ph, rows[ph], 1.0)], dtype=tlm.dtype, reps=2,
+                                             wide_layouts=self.cfg.wide_layouts)
                         fallback += [f"{ph} {tuple(s.shape)} -> {s.chosen}" for s in sel]
             for p in engine_parts(engine):
                 if isinstance(p, RealLinear):
@@ -346,6 +410,7 @@ class VariantRunner:
                                     seed=cfg.seed)
         self.trained = TrainedGate(cfg, lm, self.states)
         self.float_e2e: dict = {}  # dtype -> the float engine's end-to-end error
+        self.fault: str | None = None  # a CUDA fault that poisoned this process's context: nothing more runs
 
     def _record(self, v: Case, B: int, **fields) -> dict:
         return self.recorder.write(v, B, **fields)
@@ -353,9 +418,12 @@ class VariantRunner:
     def run_variant(self, v: Case, budget: Budget, share: int) -> list[dict]:
         log, lm = self.log, self.lm
         recs = []
+        if self.fault:
+            return [self._record(v, B, error=self._fault_error()) for B in self.batches]
         if not budget.allow(share, True):
             return [self._record(v, B, error=f"not run: time budget of {budget.seconds:.0f}s spent")
                     for B in self.batches]
+        release(self.device)  # nothing of the previous variant may count in this one's memory
         blocks = None
         try:
             state = self.states.prepare(v, lm, self.wl)
@@ -369,15 +437,36 @@ class VariantRunner:
             v.error = _short_error(exc)
             log(f"[perf] {v.label}: FAILED before timing: {v.error}")
             traceback.print_exc()
+            if cuda_fatal(exc):
+                self.fault = f"{v.label}, before timing ({v.error[:200]})"
             return [self._record(v, B) for B in self.batches]
         for bi, B in enumerate(self.batches):
+            if self.fault:
+                recs.append(self._record(v, B, error=self._fault_error()))
+                continue
             if not budget.allow(share, bi == 0):
                 recs.append(self._record(v, B, error=f"not run: time budget of {budget.seconds:.0f}s spent"))
                 continue
             recs.append(self._run_batch(v, blocks, B))
         del blocks
-        _sync(self.device)
+        v.float_params, v.ref = {}, None  # the Case outlives the variant (its records, the bf16 choice)
+        release(self.device)
         return recs
+
+    def _fault_error(self) -> str:
+        return (f"not attempted: the CUDA context of this process was lost to a fault at {self.fault}; "
+                "run with --isolate on (the default on CUDA) to give each variant a fresh process")
+
+    def allocated_before(self, v: Case, blocks) -> int | None:
+        """Device bytes allocated before ``v``'s engine is built, less what is known to be there (the
+        float model, ``v``'s deployed layers and float parameters, the gate's references, the
+        trained-gate model): what earlier variants or batch sizes left behind; None off CUDA."""
+        if not str(self.device).startswith("cuda"):
+            return None
+        release(self.device)
+        tlm = self.trained._trained_lm
+        return allocated_before(allocated_bytes(self.device), self.lm.model, blocks, v.float_params, v.ref,
+                                None if tlm is None else tlm.model)
 
     def _run_batch(self, v: Case, blocks, B: int) -> dict:
         log, lm, wl = self.log, self.lm, self.wl
@@ -385,6 +474,11 @@ class VariantRunner:
         engine = None
         try:
             t_eval = time.time()
+            before = self.allocated_before(v, blocks)
+            if before is not None:
+                log(f"[perf] B={B} {v.label}: {before / 2**30:.2f} GiB allocated before the engine is built, "
+                    "beyond the float model, this variant's layers and the gate's references"
+                    + (" (left over from earlier work)" if before > 2**28 else ""))
             engine = LlavaEngine(lm.model, blocks, compile=self.cfg.compile, graphs=self.cfg.graphs,
                                  float_params=v.float_params)
             ids, pix = wl.batch(B)
@@ -396,7 +490,8 @@ class VariantRunner:
                     m.restore_ours()
             T = wl.input_ids.shape[1]
             plan = [("decode", B, float(self.plan_runs["decode"])), ("prefill", B * T, float(self.plan_runs["prefill"]))]
-            sel = select_kernels(lin, plan=plan, dtype=lm.dtype, only=self.cfg.kernels, log=log)
+            sel = select_kernels(lin, plan=plan, dtype=lm.dtype, only=self.cfg.kernels,
+                                 wide_layouts=self.cfg.wide_layouts, log=log)
             if B == self.batches[0]:
                 v.selection = sel
             for m in lin:
@@ -449,6 +544,7 @@ class VariantRunner:
                 mem = peak_memory(engine, exclude_bytes=idle_float_bytes(lm.model, engine))
                 mem.update(weight_bytes(engine))
                 mem["kv_cache_bytes"] = int(sum(k.numel() * k.element_size() * 2 for k in engine.k_cache))
+                mem["allocated_before_bytes"] = before
                 fields.update(latency=lat, memory=mem, status="ok", error=None)
                 peak = mem["peak_bytes"] / 2**30 if mem.get("peak_bytes") else float("nan")
                 log(f"[perf] B={B} {v.label}: ttft {lat['ttft_ms']:.2f} ms, prefill {lat['prefill_ms']:.2f} ms, "
@@ -459,54 +555,111 @@ class VariantRunner:
             fields["error"] = _short_error(exc)
             log(f"[perf] B={B} {v.label}: FAILED: {fields['error']}")
             traceback.print_exc()
+            if cuda_fatal(exc):
+                self.fault = f"B={B} {v.label} ({fields['error'][:200]})"
         finally:
             if engine is not None:
                 engine.release()
-            engine = None
-            _sync(self.device)
+            engine = lin = sel = None  # noqa: F841 - dropped before the collection below
+            if not self.fault:
+                release(self.device)
         return self._record(v, B, **fields)
 
 
 # ---------------------------------------------------------------------------- the run
 
-def run_perf(model: str, config: PerfConfig | None = None, *, log=print, **options) -> list[dict]:
-    """Benchmark ``model`` (architecture name, folder or Hub id) as ``config`` says (``PerfConfig``;
-    keyword ``options`` build one, or replace fields of ``config``); returns the records written."""
-    if config is not None and not isinstance(config, PerfConfig):
-        raise TypeError(f"run_perf(model, config): config must be a PerfConfig, got {type(config).__name__}; "
-                        "pass methods, schemes, ... as keywords or in a PerfConfig")
-    cfg = PerfConfig(**options) if config is None else replace(config, **options) if options else config
-    t_start = time.time()
-    out = cfg.out
-    run_id = uuid.uuid4().hex[:12]
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class PerfSession:
+    """One process's side of a run: the model on the device, the workload, the records' common
+    fields, the recorder and the variant runner (``open_session``). The whole run in one process
+    uses one; with isolation each child process opens its own, with the parent's ``run_id``."""
+
+    cfg: PerfConfig
+    lm: object
+    wl: Workload
+    common: dict
+    recorder: PerfRecorder
+    runner: VariantRunner
+    load_s: float
+
+    def to_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the float model (the bf16 pass: converted from the first dtype, as in one process)."""
+        if self.lm.dtype != dtype:
+            self.lm.model.to(dtype)
+            self.lm.dtype = dtype
+            _sync(self.cfg.device)
+
+
+def open_session(model: str, cfg: PerfConfig, *, run_id: str, load_dtype: str, log=print,
+                 command: str | None = None, extra_common: dict | None = None) -> PerfSession:
+    """Load ``model`` in ``load_dtype`` on ``cfg.device`` (its load time measured) and set up the
+    recording of rows under ``run_id``."""
     device, seed = cfg.device, cfg.seed
     cuda = str(device).startswith("cuda")
-    auto = cfg.dtype == "auto"
-    first_dtype = auto_dtype(device) if auto else cfg.dtype  # the project's one rule: fp16 on GPU, fp64 on CPU
     torch.manual_seed(seed)
     info = device_info(device)
     bw = copy_bandwidth(device)
     log(f"[perf] {model} on {info.get('card')} (driver {info.get('driver')}, torch {info['torch']}); "
         f"copy bandwidth {bw and round(bw)} GB/s; run {run_id}")
     set_compile(cfg.compile and cuda)
-
     t0 = time.time()
-    lm = load_for_perf(model, dtype=first_dtype, device=device, seed=seed)
-    log(f"[perf] model ready in {time.time() - t0:.1f}s")
+    lm = load_for_perf(model, dtype=load_dtype, device=device, seed=seed)
+    load_s = time.time() - t0
+    log(f"[perf] model ready in {load_s:.1f}s")
     wl = make_workload(lm.model.config, text_tokens=cfg.text_tokens, new_tokens=cfg.new_tokens, seed=seed)
     language_layers(lm.model)  # a model without a language decoder fails here, before any variant
-
     common = {"suite": cfg.suite, "model": model, "task": None, "metric": "perf", "value": None,
               "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
               "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
               "copy_bandwidth_gbs": bw, "versions": info, "git": git_describe(), "seed": seed,
               "run_id": run_id, "workload": wl.describe(), "model_path": lm.path, "objective": cfg.objective,
-              "command": " ".join(shlex.quote(a) for a in sys.argv)}
-    recorder = PerfRecorder(out / "records.jsonl", common, overrides=cfg.overrides, reps=cfg.reps)
+              "layouts": cfg.layouts,
+              "command": command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)}
+    common.update(extra_common or {})
+    recorder = PerfRecorder(cfg.out / "records.jsonl", common, overrides=cfg.overrides, reps=cfg.reps)
     runner = VariantRunner(cfg, lm, wl, recorder, log=log)
+    return PerfSession(cfg, lm, wl, common, recorder, runner, load_s)
+
+
+def run_pairs(cfg: PerfConfig) -> list[tuple]:
+    """The run's (variant, scheme) pairs in order: the float baseline first, then methods x schemes."""
     variants = perf_variants(cfg.methods)
-    reference = variants[0]
-    pairs = [(reference, float_variant()[1])] + [(v, s) for v in variants[1:] for s in cfg.schemes]
+    return [(variants[0], float_variant()[1])] + [(v, s) for v in variants[1:] for s in cfg.schemes]
+
+
+def run_perf(model: str, config: PerfConfig | None = None, *, log=print, **options) -> list[dict]:
+    """Benchmark ``model`` (architecture name, folder or Hub id) as ``config`` says (``PerfConfig``;
+    keyword ``options`` build one, or replace fields of ``config``); returns the records written.
+
+    The results folder is locked for the run (``resultsdir.results_lock``: one driver per folder).
+    With isolation (``PerfConfig.isolate``) every variant runs in a child process of its own
+    (``harness.perf.isolate``); else all run here."""
+    if config is not None and not isinstance(config, PerfConfig):
+        raise TypeError(f"run_perf(model, config): config must be a PerfConfig, got {type(config).__name__}; "
+                        "pass methods, schemes, ... as keywords or in a PerfConfig")
+    cfg = PerfConfig(**options) if config is None else replace(config, **options) if options else config
+    from ..resultsdir import check_writable, results_lock
+
+    check_writable(cfg.out)
+    with results_lock(cfg.out):
+        if cfg.isolate_on():
+            return run_isolated(model, cfg, log=log)
+        return _run_in_process(model, cfg, log=log)
+
+
+def _run_in_process(model: str, cfg: PerfConfig, *, log=print) -> list[dict]:
+    t_start = time.time()
+    device = cfg.device
+    cuda = str(device).startswith("cuda")
+    auto = cfg.dtype == "auto"
+    first_dtype = auto_dtype(device) if auto else cfg.dtype  # the project's one rule: fp16 on GPU, fp64 on CPU
+    session = open_session(model, cfg, run_id=new_run_id(), load_dtype=first_dtype, log=log)
+    lm, runner = session.lm, session.runner
+    pairs = run_pairs(cfg)
     budget = Budget(cfg.time_budget_s, len(pairs) + (1 if auto and cuda else 0))
     records: list[dict] = []
     wanted = []
@@ -519,18 +672,210 @@ def run_perf(model: str, config: PerfConfig | None = None, *, log=print, **optio
             wanted.append((var, s))
     if wanted:
         log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {[(v.label, s) for v, s in wanted]}")
-        lm.model.to(torch.bfloat16)
-        lm.dtype = torch.bfloat16
-        _sync(device)
+        session.to_dtype(torch.bfloat16)
         for var, s in [pairs[0]] + wanted:  # the bf16 baseline first, with every batch size
             v = Case(var, s, torch.bfloat16)
             records += runner.run_variant(v, budget, share=0 if v.is_reference else budget.shares - 1)
+    finish(cfg, records, log=log, t_start=t_start)
+    return records
+
+
+def finish(cfg: PerfConfig, records: list[dict], *, log=print, t_start: float) -> None:
+    """List what the time budget skipped, write the table (``leaderboard``), log the run's time."""
     skipped = [(r["method"], r["scheme"], r["dtype"], r["batch_size"]) for r in records
                if str(r.get("error") or "").startswith("not run")]
     if skipped:
         log(f"[perf] not run (time budget {cfg.time_budget_s}s): {skipped}")
     if cfg.leaderboard:
-        write_perf_table(out / "records.jsonl", out / "leaderboard.md")
+        write_perf_table(cfg.out / "records.jsonl", cfg.out / "leaderboard.md")
     log(f"[perf] done in {time.time() - t_start:.0f}s")
-    return records
+
+
+# ---------------------------------------------------------------------------- isolation (harness.perf.isolate)
+
+def run_child(spec_path: str) -> int:
+    """Run one variant of a parent's run in this (fresh) process; records go to the run's file."""
+    with open(spec_path, "rb") as f:
+        spec: isolate.ChildSpec = pickle.load(f)
+    names = {v: k for k, v in DTYPE_NAMES.items()}
+    isolation = {"mode": "child", "child": spec.child, "pid": os.getpid()}
+    session = open_session(spec.model, spec.cfg, run_id=spec.run_id, load_dtype=spec.load_dtype,
+                           command=spec.command, extra_common={"isolation": isolation})
+    isolation["load_s"] = round(session.load_s, 3)
+    if spec.common_path:
+        Path(spec.common_path).write_text(json.dumps(session.common, default=str))
+    dtype = names[spec.dtype]
+    session.to_dtype(dtype)
+    runner = session.runner
+    runner.float_e2e = {names[k]: v for k, v in spec.float_e2e.items()}
+    runner.trained.float_trained = {names[k]: v for k, v in spec.float_trained.items()}
+    isolate.inject(spec, "start")
+    written = []
+
+    def after(rec):
+        written.append(rec)
+        if len(written) == 1:
+            isolate.inject(spec, "after-first")
+
+    session.recorder.after_write = after
+    runner.run_variant(Case(spec.variant, spec.scheme, dtype), Budget.restore(spec.budget), spec.share)
+    return 0
+
+
+COMMON_KEYS = ("suite", "model", "task", "metric", "value", "stderr", "n_empty", "n_unparsed", "device", "card",
+               "driver", "torch", "copy_bandwidth_gbs", "versions", "git", "seed", "run_id", "workload",
+               "model_path", "objective", "layouts", "command")
+
+
+class IsolatedRun:
+    """The parent of an isolated run: one child per variant, failures recorded, the baseline's
+    gate figures handed to the variants after it."""
+
+    def __init__(self, model: str, cfg, *, log=print):
+        self.model, self.log = model, log
+        self.cfg = replace(cfg, isolate="off", leaderboard=False)  # what each child runs
+        self.parent_cfg = cfg
+        self.run_id = new_run_id()
+        self.path = Path(cfg.out) / "records.jsonl"
+        self.command = " ".join(shlex.quote(a) for a in sys.argv)
+        self.children = 0
+        self.load_s: float | None = None  # the last child's model load time
+        self.common: dict | None = None  # the records' common fields, from the first child that had them
+        self.float_e2e: dict = {}
+        self.float_trained: dict = {}
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def _records_of(self, child: int) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [r for r in load_records(self.path) if r.get("run_id") == self.run_id
+                and (r.get("isolation") or {}).get("child") == child]
+
+    def _fallback_common(self) -> dict:
+        """Common fields when no child got as far as writing them (the first child died loading)."""
+        info = device_info(self.cfg.device)  # initialises CUDA here: only when no child could say
+        return {"suite": self.cfg.suite, "model": self.model, "task": None, "metric": "perf", "value": None,
+                "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),
+                "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
+                "copy_bandwidth_gbs": None, "versions": info, "git": git_describe(), "seed": self.cfg.seed,
+                "run_id": self.run_id, "workload": {}, "model_path": None, "objective": self.cfg.objective,
+                "layouts": self.cfg.layouts, "command": self.command}
+
+    def _write_failed(self, case, batches, common: dict, errors: dict, isolation: dict) -> list[dict]:
+        from ..quant.config import parse_scheme
+
+        case.qcfg = parse_scheme(case.scheme, **({} if case.is_reference else self.cfg.overrides))
+        rec = PerfRecorder(self.path, dict(common, isolation=isolation), overrides=self.cfg.overrides,
+                           reps=self.cfg.reps)
+        return [rec.write(case, B, **errors[B]) for B in batches]
+
+    # -- one child -------------------------------------------------------------------------------
+
+    def run_variant(self, var, scheme: str, dtype: torch.dtype, load_dtype: str, share: int, budget,
+                    tmp: Path) -> list[dict]:
+        cfg, log = self.cfg, self.log
+        case = Case(var, scheme, dtype)
+        child = self.children
+        self.children += 1
+        remaining = budget.remaining()
+        if not budget.allow(share, True) or (remaining is not None and self.load_s is not None
+                                              and remaining < self.load_s):
+            why = f"not run: time budget of {budget.seconds:.0f}s spent"
+            if budget.allow(share, True):
+                why += f" (a fresh process needs ~{self.load_s:.0f}s to load the model; {remaining:.0f}s left)"
+            log(f"[perf] {case.label}: {why}")
+            common = self.common or self._fallback_common()
+            return self._write_failed(case, cfg.batches, common, {B: {"error": why} for B in cfg.batches},
+                                      {"mode": "parent", "child": None})
+        spec = isolate.ChildSpec(self.model, cfg, self.run_id, self.command, child, var, scheme,
+                         DTYPE_NAMES[dtype], load_dtype, share, budget.state(),
+                         float_e2e=dict(self.float_e2e), float_trained=dict(self.float_trained),
+                         common_path=str(tmp / f"common-{child}.json"))
+        spec_path = tmp / f"child-{child}.pkl"
+        with open(spec_path, "wb") as f:
+            pickle.dump(spec, f)
+        timeout = None if remaining is None else max(remaining, 0.0) + isolate.CHILD_GRACE_S
+        log(f"[perf] {case.label}: child process {child} (deadline "
+            f"{'none' if timeout is None else f'{timeout:.0f}s'})")
+        res = isolate.run_child_process([sys.executable, "-m", "harness.perf.command", "perf", "--child",
+                                         str(spec_path)], timeout=timeout, log=log, env=isolate.child_env())
+        common_file = Path(spec.common_path)
+        child_common = None
+        if common_file.exists():
+            child_common = json.loads(common_file.read_text())
+            self.common = self.common or {k: child_common.get(k) for k in COMMON_KEYS}
+        load_s = ((child_common or {}).get("isolation") or {}).get("load_s")
+        if load_s is not None:
+            self.load_s = load_s
+        recs = self._records_of(child)
+        done = {r.get("batch_size") for r in recs}
+        missing = [B for B in cfg.batches if B not in done]
+        log(f"[perf] {case.label}: child process {child} {'exited' if res.ok else res.reason()} after "
+            f"{res.wall_s:.0f}s (model load {'?' if load_s is None else f'{load_s:.1f}s'}); "
+            f"{len(recs)} of {len(cfg.batches)} batch sizes recorded")
+        if missing:
+            isolation = {"mode": "child", "child": child, "pid": res.pid, "load_s": load_s,
+                         "returncode": res.returncode, "timed_out": res.timed_out,
+                         "stderr_tail": res.stderr_tail}
+            if res.ok:
+                errors = {B: {"error": f"child process of {case.label} exited 0 without recording batch {B}"}
+                          for B in missing}
+            else:
+                errors = {B: {"error": isolate.failure_error(res, case.label, B)} for B in missing}
+            for B in missing:
+                log(f"[perf] B={B} {case.label}: FAILED: {errors[B]['error']}")
+            recs += self._write_failed(case, missing, self.common or self._fallback_common(), errors, isolation)
+        order = {B: i for i, B in enumerate(cfg.batches)}
+        recs.sort(key=lambda r: order.get(r.get("batch_size"), len(order)))
+        if case.is_reference:
+            self._keep_baseline(recs, DTYPE_NAMES[dtype])
+        return recs
+
+    def _keep_baseline(self, recs: list[dict], dtype: str) -> None:
+        """The float engine's gate figures the other variants' gates compare against (as in one
+        process: the last batch size's end-to-end error; the trained-model record of the first)."""
+        for r in recs:
+            g = r.get("gate") or {}
+            if g.get("e2e_rel_logit_err") is not None:
+                self.float_e2e[dtype] = g["e2e_rel_logit_err"]
+            exact = (g.get("trained") or {}).get("exact")
+            if exact is not None and dtype not in self.float_trained:
+                self.float_trained[dtype] = exact
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        cfg, log = self.parent_cfg, self.log
+        t_start = time.time()
+        cuda = str(cfg.device).startswith("cuda")
+        auto = cfg.dtype == "auto"
+        first = auto_dtype(cfg.device) if auto else cfg.dtype
+        names = {v: k for k, v in DTYPE_NAMES.items()}
+        pairs = run_pairs(cfg)
+        budget = Budget(cfg.time_budget_s, len(pairs) + (1 if auto and cuda else 0))
+        log(f"[perf] {self.model}: run {self.run_id}, {len(pairs)} variants, each in a child process "
+            f"(--isolate {cfg.isolate})")
+        records: list[dict] = []
+        wanted = []
+        with tempfile.TemporaryDirectory(prefix="qvlm-perf-isolate-") as tmp:
+            for i, (var, s) in enumerate(pairs):
+                recs = self.run_variant(var, s, names[first], first, i, budget, Path(tmp))
+                records += recs
+                if i == 0:
+                    budget.reference_done()
+                if auto and cuda and not var.reference and wants_bf16(isolate.selection_of(recs)):
+                    wanted.append((var, s))
+            if wanted:
+                log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {[(v.label, s) for v, s in wanted]}")
+                for var, s in [pairs[0]] + wanted:  # the bf16 baseline first, with every batch size
+                    share = 0 if var.reference else budget.shares - 1
+                    records += self.run_variant(var, s, torch.bfloat16, first, share, budget, Path(tmp))
+        finish(cfg, records, log=log, t_start=t_start)
+        return records
+
+
+def run_isolated(model: str, cfg, *, log=print) -> list[dict]:
+    """``run_perf`` with every variant in a child process of its own (``harness.perf.isolate``)."""
+    return IsolatedRun(model, cfg, log=log).run()
 

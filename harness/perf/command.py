@@ -72,6 +72,13 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trained-gate", choices=["auto", "on", "off"], default="auto",
                    help="also gate every variant end to end on the bundled trained model with the same "
                         "kernels (auto: on CUDA only)")
+    p.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                   help="run each variant (with all its batch sizes) in a fresh child process, so that a "
+                        "CUDA fault costs that variant only and memory starts clean (auto: on for CUDA "
+                        "devices, off on the CPU; docs/perf.md)")
+    p.add_argument("--wide-layouts", action="store_true",
+                   help="let a layer take a weight layout wider than its codes' storage (e.g. FP8 copies of "
+                        "W4 codes: more memory for speed); rows say so (layouts: wide)")
     p.add_argument("--no-compile", action="store_true", help="eager glue instead of inductor")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs")
     p.add_argument("--device", default="cuda")
@@ -83,6 +90,7 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--suite", default="perf")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per model; variants not started by then are skipped and listed")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one variant of an isolated run
     p.add_argument("--leaderboard-only", action="store_true",
                    help="only re-render leaderboard.md from records.jsonl")
     p.set_defaults(func=run_from_args)
@@ -119,7 +127,8 @@ def perf_config(args: argparse.Namespace, methods: list) -> PerfConfig:
                       reps=args.reps, gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
                       graphs=not args.no_graphs, device=args.device, dtype=args.dtype, seed=args.seed,
                       overrides=dict(args.override), time_budget_s=args.time_budget, kernels=args.kernels,
-                      objective=args.objective, trained_gate=args.trained_gate, leaderboard=False)
+                      objective=args.objective, trained_gate=args.trained_gate, leaderboard=False,
+                      isolate=args.isolate, wide_layouts=args.wide_layouts)
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -129,6 +138,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
     out = Path(args.out)
     command = "python -m harness.perf.command " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.child:  # a child process of an isolated run (harness.perf.isolate): one variant, its records
+        from .benchmark import run_child
+
+        return run_child(args.child)
     if args.leaderboard_only:
         print(write_perf_table(out / "records.jsonl", out / "leaderboard.md"))
         return 0
@@ -143,9 +156,15 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     except (KeyError, ValueError) as exc:
         print(f"qvlm-bench perf: {exc}", file=sys.stderr)
         return 2
+    from ..resultsdir import ResultsDirError
+
     failed = 0
     for model in args.model:
-        recs = run_perf(model, config)
+        try:
+            recs = run_perf(model, config)
+        except ResultsDirError as exc:
+            print(f"qvlm-bench perf: {exc}", file=sys.stderr)
+            return 2
         failed += sum(r["status"] != "ok" for r in recs)
     text = write_perf_table(out / "records.jsonl", out / "leaderboard.md", command=command)
     print(text)

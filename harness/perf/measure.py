@@ -108,6 +108,74 @@ def peak_memory(engine, exclude_bytes: int = 0) -> dict:
             "resident_bytes": int(resident) - int(exclude_bytes), "excluded_bytes": int(exclude_bytes)}
 
 
+def allocated_bytes(device) -> int | None:
+    """``torch.cuda.memory_allocated`` of ``device`` after a synchronize; None off CUDA."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    return int(torch.cuda.memory_allocated(device))
+
+
+def held_tensors(*objs) -> list[torch.Tensor]:
+    """Every tensor ``objs`` hold: modules (parameters, buffers, and tensors kept in plain
+    attributes: a ``RealLinear``'s layouts and codes), tensors, and dicts, lists, tuples and
+    dataclasses of them (a gate reference), a few levels deep."""
+    import dataclasses
+
+    out: list[torch.Tensor] = []
+
+    def walk(o, depth: int) -> None:
+        if o is None or depth > 5:
+            return
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, torch.nn.Module):
+            for m in o.modules():
+                out.extend(m.parameters(recurse=False))
+                out.extend(b for b in m.buffers(recurse=False) if b is not None)
+                for k, val in vars(m).items():
+                    if not k.startswith("_") and not isinstance(val, torch.nn.Module):
+                        walk(val, depth + 1)
+        elif isinstance(o, dict):
+            for val in o.values():
+                walk(val, depth + 1)
+        elif isinstance(o, (list, tuple, set)):
+            for val in o:
+                walk(val, depth + 1)
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            for f in dataclasses.fields(o):
+                walk(getattr(o, f.name, None), depth + 1)
+
+    for o in objs:
+        walk(o, 0)
+    return out
+
+
+def tensor_bytes(tensors, device_type: str = "cuda") -> int:
+    """Bytes of the distinct storages of ``tensors`` on devices of ``device_type`` (a view and its
+    base, or tied weights, count once), as the allocator counts them."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type != device_type or t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        if st.data_ptr() in seen:
+            continue
+        seen.add(st.data_ptr())
+        total += st.nbytes()
+    return total
+
+
+def allocated_before(allocated: int | None, *known, device_type: str = "cuda") -> int | None:
+    """``allocated`` (device bytes, ``allocated_bytes``) less the bytes of the tensors ``known`` holds
+    (``held_tensors``: the float model, the variant's layers, the gate's references): what nobody
+    accounts for, i.e. what earlier variants left behind (0 in a clean process, up to the
+    allocator's rounding). None when ``allocated`` is (off CUDA)."""
+    if allocated is None:
+        return None
+    return int(allocated) - tensor_bytes(held_tensors(*known), device_type)
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float | None:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     if not str(device).startswith("cuda"):

@@ -4,7 +4,9 @@ Records are written by the project's one writer (``harness.records.append_record
 compares a variant with the float baseline (``reference``) of the same ``run_id``, batch size and
 dtype: speed-ups are ``baseline time / variant time`` (> 1 is faster), memory is
 ``variant / baseline``. A variant that ran in bf16 is compared with the bf16 baseline of its own
-call. Rows whose kernel is ``simulated``, or that failed the gate, show no ratio.
+call. Rows whose kernel is ``simulated``, or that failed the gate, show no ratio. A row whose
+layers could take layouts wider than their codes' storage (``--wide-layouts``) says ``wide`` in
+its ``layouts for`` column.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def _ratio(base, val):
     return base / val
 
 
+def layouts_for(r: dict) -> str:
+    """What a row's weight layouts were chosen for (its objective), and ``wide`` where the row was
+    allowed layouts wider than its codes' storage (``--wide-layouts``: it breaks the memory rule)."""
+    objective = r.get("objective") or "generate"
+    return f"{objective}, wide" if r.get("layouts") == "wide" else objective
+
+
 def latest_per_variant(records: list[dict]) -> list[dict]:
     """The newest record per (card, model, batch, variant, scheme, dtype, objective); older runs stay in
     records.jsonl, and another card's rows are never replaced by this card's.
@@ -61,7 +70,7 @@ def latest_per_variant(records: list[dict]) -> list[dict]:
     newest: dict = {}
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         key = (r.get("card"), r["model"], r.get("batch_size"), r.get("variant") or r["method"], r["scheme"],
-               run_dtype(r), r.get("objective") or "generate")
+               run_dtype(r), layouts_for(r))
         skipped = str(r.get("error") or "").startswith("not run")
         if skipped and key in newest:
             continue
@@ -95,7 +104,7 @@ def leaderboard_frame(records: list[dict], latest_only: bool = True):
             "model": r["model"], "card": r.get("card"), "batch": r.get("batch_size"),
             "run": r.get("run_id"),
             "method": r.get("variant") or r["method"], "scheme": r["scheme"], "dtype": run_dtype(r),
-            "layouts for": r.get("objective") or "generate",
+            "layouts for": layouts_for(r),
             "status": r["status"] if timed or r["status"] == "failed" else "simulated",
             "gate": ("pass" if g.get("passed") else "FAIL") if g else "—",
             "gate layer err": g.get("layerwise_max_rel_err"),
