@@ -8,7 +8,8 @@
 # PHASES: comma-separated among selftest, 7b, 13b (default: these three, ~7.5 minutes), tiny (the
 # bundled trained model as the benchmarked model), 7b-prefill / 13b-prefill (batch 1, layouts chosen
 # for prefill), 7b-sym / 13b-sym (W4A16 symmetric g128), 7b-decode / 13b-decode (the same with
-# layouts chosen for decode: where tinygemm in bf16 can win). Each phase is
+# layouts chosen for decode: where tinygemm in bf16 can win), methods (every registered method at
+# batch 1), qwen2.5-vl-7b / llava-onevision-7b (the newer families' shapes). Each phase is
 # a separate process under its own time limit, so a phase that hangs or dies leaves the others'
 # results; every finished (model, variant, batch) cell is in $OUT/perf/records.jsonl at once.
 # Limits (seconds, env): SELFTEST_S (default 70), PERF_7B_S (185), PERF_13B_S (195); each perf
@@ -95,8 +96,22 @@ for ph in ${PHASES//,/ }; do
     tiny)     S=${PERF_TINY_S:-120}
               phase perf-tiny "$S" python3 -m harness.perf.command --model qvlm-tiny-llava "${PERF_ARGS[@]}" \
                 --batch 1 --trained-gate on --out "$OUT/perf-tiny" ;;
+    # every registered method (its own state: folded scales, rotations, tuned towers) at batch 1:
+    # METHODS_MODEL (default llava-1.5-7b), METHODS_SCHEMES (default w4a4,w8a8)
+    methods)  S=${PERF_METHODS_S:-300}; M=${METHODS_MODEL:-llava-1.5-7b}; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
+              # shellcheck disable=SC2086
+              phase perf-methods "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
+                --methods all --schemes "${METHODS_SCHEMES:-w4a4,w8a8}" --batch 1 \
+                --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
+    # the newer families' 7B shapes (random weights): fp16 and RTN at each scheme, batch 1
+    qwen2.5-vl-7b|llava-onevision-7b)
+              S=${PERF_FAMILY_S:-200}; M=$ph; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
+              # shellcheck disable=SC2086
+              phase "perf-$ph" "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
+                --schemes "${FAMILY_SCHEMES:-w4a16,w4a4,w8a8}" --batch 1 \
+                --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
     *)        echo "unknown phase $ph (selftest, tiny, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
-                   "7b-decode, 13b-decode)" ;;
+                   "7b-decode, 13b-decode, methods, qwen2.5-vl-7b, llava-onevision-7b)" ;;
   esac
 done
 echo "=== summary at $(( $(date +%s) - T0 ))s"
