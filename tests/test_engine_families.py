@@ -235,3 +235,42 @@ def test_perf_command_on_tiny_family_folders(tiny_family_paths, tmp_path, family
     assert recs[0]["latency"]["decode_ms_per_token"] > 0
     assert recs[0]["gate"]["e2e_rel_logit_err"] < 1e-5
     assert recs[0]["workload"]["image_inputs"]
+
+
+def test_qwen2_vl_float_engine_equals_the_hf_model(tmp_path):
+    """Qwen2-VL (the same adapter as Qwen2.5-VL: M-RoPE, q/k/v biases, GQA; a GELU ViT) — a tiny
+    random model built here (no tiny folder of its own)."""
+    import transformers as T
+
+    cfg = T.Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(model_type="qwen2_vl_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]}),
+        image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = T.Qwen2VLForConditionalGeneration(cfg).eval()
+    wl = make_workload(model.config, text_tokens=12, new_tokens=5, image_size=48)
+    assert wl.image_tokens == 9
+    ids, pix = wl.batch(2)
+    ref = gate_mod.simulated_reference(model, ids, pix, n_tokens=4)
+    eng = LlavaEngine(model, state_blocks(model, None, device="cpu", dtype=torch.float32))
+    eng.setup(ids, pix, wl.new_tokens)
+    assert eng.rope_tab is not None and eng.blocks[0].qkv.bias is not None
+    err = rel_err(eng.teacher_forced_logits(ref.tokens[:-1])[0].float(), ref.logits)
+    print(f"qwen2-vl: float engine vs transformers, max rel logit err {err:.2e}")
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("family", ["llava-next", "internvl3"])
+def test_families_without_a_perf_picture_say_so(tiny_family_paths, family):
+    from harness.models.loading import load_config
+    from harness.models.family import adapter_for_config
+
+    cfg = load_config(str(tiny_family_paths(family)))
+    with pytest.raises(NotImplementedError, match="synthetic picture"):
+        make_workload(cfg, text_tokens=4, new_tokens=1)
+    assert adapter_for_config(cfg).name == family

@@ -375,6 +375,10 @@ class LlavaNextAdapter(_LlavaLike):
     summary = "LlavaNextForConditionalGeneration (llava-v1.6): Llama/Mistral decoder, CLIP ViT, any-res tiles"
     MODEL_TYPES = ("llava_next",)
 
+    def synthetic_image(self, config, generator, image_size=None):
+        raise NotImplementedError(f"{self.name}: the perf engine has no synthetic picture for its any-res "
+                                  "tiles yet (ModelAdapter.synthetic_image; see LlavaOnevisionAdapter's)")
+
 
 @register_adapter
 class LlavaOnevisionAdapter(_LlavaLike):
@@ -530,6 +534,10 @@ class InternVLAdapter(_LlavaLike):
     summary = "InternVLForConditionalGeneration (InternVL3 -hf): Qwen2 decoder, InternViT, pixel-shuffle MLP projector"
     LAYER_GROUPS = (decoder_groups, internvl_vision_groups)
     MODEL_TYPES = ("internvl",)
+
+    def synthetic_image(self, config, generator, image_size=None):
+        raise NotImplementedError(f"{self.name}: the perf engine has no synthetic picture for its tiles and "
+                                  "pixel shuffle yet (ModelAdapter.synthetic_image)")
 
     def vision_layers(self, model):
         found = [(n, m) for n, m in model.named_modules()
