@@ -131,7 +131,7 @@ def test_engine_passes_the_gate(family_lms, family, scheme, interp):  # noqa: F8
     eng = _engine(lm, state, 2, wl)
     act = scheme.endswith(("a8", "a4"))
     g = gate_mod.check(eng, ref, act_quant=act, policy="strict")
-    print(f"{family} {scheme}: layerwise {g['layerwise_max_rel_err']:.2e}, e2e {g['e2e_rel_logit_err']:.2e}, "
+    print(f"\nGATE {family} {scheme}: layerwise {g['layerwise_max_rel_err']:.2e}, e2e {g['e2e_rel_logit_err']:.2e}, "
           f"kernels {sorted({m.kernel_label('decode') for m in eng.linears().values()})}")
     assert g["layerwise_max_rel_err"] < 1e-4, g["layerwise"]
     assert g["e2e_rel_logit_err"] < 1e-4 and g["e2e_tokens_match"], g
