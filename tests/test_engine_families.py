@@ -274,3 +274,39 @@ def test_families_without_a_perf_picture_say_so(tiny_family_paths, family):
     with pytest.raises(NotImplementedError, match="synthetic picture"):
         make_workload(cfg, text_tokens=4, new_tokens=1)
     assert adapter_for_config(cfg).name == family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scheme", ["w4a4", "w8a8"])
+def test_triton_kernels_and_fused_quantizers_on_the_qwen2_decoder(family_lms, family, scheme, monkeypatch,
+                                                                 interp):  # noqa: F811 - fixture
+    """The integer / FP8 Triton kernels (CPU interpreter) with the engine's fused activation
+    quantizers on q/k/v with biases and grouped-query attention: the engine computes what the
+    simulated model computes, and the producers pass their own check."""
+    from harness.kernels import real
+
+    monkeypatch.setattr(real, "DECODE_MAX_ROWS", 4)  # the prompt takes the prefill kernels
+    lm = family_lms(family)
+    wl = _workload(lm, family, new_tokens=2, text_tokens=4)
+    ids, pix = wl.batch(1)
+    state = rtn_state(lm.model, parse_scheme(scheme), "rtn")
+    handle = apply_state(lm.model, state)
+    try:
+        ref = gate_mod.simulated_reference(lm.model, ids, pix, n_tokens=1)
+    finally:
+        handle.restore()
+
+    def make(path, lin):
+        return RealLinear.from_quant(state.linears[path], lin, device="cpu", dtype=lm.dtype, name=path)
+    eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
+    eng.setup(ids, pix, wl.new_tokens)
+    assert eng.fused and eng.blocks[0].qkv.bias is not None
+    for m in eng.linears().values():
+        m.choice = {"decode": f"triton-{m.fmt}-dot", "prefill": f"triton-{m.int_compute()}-gemm"}
+    g = gate_mod.check(eng, ref, act_quant=True, policy="strict")
+    print(f"\nGATE triton {family} {scheme}: layerwise {g['layerwise_max_rel_err']:.2e}, "
+          f"e2e {g['e2e_rel_logit_err']:.2e}")
+    assert g["layerwise_max_rel_err"] < 1e-3 and g["e2e_rel_logit_err"] < 1e-3, g
+    assert g["e2e_tokens_match"]
+    p = gate_mod.check_producers(eng, ref)
+    assert p["passed"] and p["checks"], p
