@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from .layers import language_layers_by_name, vision_layers_by_name
@@ -150,6 +151,67 @@ class ModelAdapter:
 
         enc = processor(images=[image], text=[chat_prompt(processor, "x")], return_tensors="pt")
         return int((enc["input_ids"] == self.image_token_id(model)).sum())
+
+
+    # -- what the real-kernel perf engine (harness/perf/engine.py) asks of a family ----------------
+    # One synthetic picture per prompt, its vision features, the model's forward inputs and the
+    # rotary tables: what differs per family outside the decoder linears.
+
+    def text_config(self, config):
+        """The language model's config (hidden size, heads, kv heads, RMSNorm eps, rope)."""
+        return config.text_config
+
+    def vision_children(self, model: nn.Module) -> tuple[str, ...]:
+        """Names of the children of ``model.model`` the perf engine runs in float to turn pixels
+        into language-model embeddings (a state's float values for them are applied to copies)."""
+        return ("vision_tower", "multi_modal_projector")
+
+    def synthetic_image(self, config, generator, image_size: int | None = None) -> tuple[dict, int]:
+        """``(image inputs, image tokens)`` of one random normalised picture for a systems
+        benchmark: the tensors the model's forward takes besides ``input_ids`` (batch of one,
+        leading dimension per image) and how many image-token positions the prompt must hold.
+        LLaVA-1.5: one ``image_size`` square, one token per patch (plus CLS for ``full``)."""
+        vc = config.vision_config
+        side = vc.image_size
+        if image_size not in (None, side):
+            raise ValueError(f"{self.name}: the image is {side} px (fixed); got image_size={image_size}")
+        n = (side // vc.patch_size) ** 2
+        if getattr(config, "vision_feature_select_strategy", "default") == "full":
+            n += 1
+        pix = torch.randn(1, 3, side, side, generator=generator)
+        return {"pixel_values": pix}, n
+
+    def forward_inputs(self, model: nn.Module, input_ids: torch.Tensor, image_inputs: dict) -> dict:
+        """Keyword arguments of ``model(...)`` for a prompt (or a prompt and greedy tokens
+        appended after it) holding the picture(s) of ``image_inputs``."""
+        return {"input_ids": input_ids, **image_inputs}
+
+    def image_features(self, inner: nn.Module, image_inputs: dict) -> torch.Tensor:
+        """The language-model embeddings of the pictures, ``[batch, image tokens, hidden]``, as
+        the model merges them at the image-token positions (``inner``: ``model.model`` or a copy
+        holding a state's vision values)."""
+        cfg = inner.config
+        out = inner.get_image_features(**image_inputs, vision_feature_layer=cfg.vision_feature_layer,
+                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        return _stack_features(out)
+
+    def rope_tables(self, model: nn.Module, input_ids: torch.Tensor, image_inputs: dict,
+                    max_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-position rotary ``(cos, sin)`` ``[batch, max_len, head_dim]`` (float32) for a prompt
+        ``input_ids`` followed by ``max_len - T`` generated tokens, where positions are not simply
+        0, 1, 2, ... (multimodal RoPE); None for 1-D RoPE (the engine computes it from the
+        rotary module's ``inv_freq``)."""
+        return None
+
+
+def _stack_features(out) -> torch.Tensor:
+    """``get_image_features``' output (a tensor, a ``pooler_output`` or per-image pieces) as one
+    ``[batch, tokens, hidden]`` tensor."""
+    if hasattr(out, "pooler_output"):
+        out = out.pooler_output
+    if isinstance(out, (list, tuple)):
+        out = torch.stack(list(out))
+    return out
 
 
 _ADAPTERS: list[type[ModelAdapter]] = []
@@ -313,6 +375,10 @@ class LlavaNextAdapter(_LlavaLike):
     summary = "LlavaNextForConditionalGeneration (llava-v1.6): Llama/Mistral decoder, CLIP ViT, any-res tiles"
     MODEL_TYPES = ("llava_next",)
 
+    def synthetic_image(self, config, generator, image_size=None):
+        raise NotImplementedError(f"{self.name}: the perf engine has no synthetic picture for its any-res "
+                                  "tiles yet (ModelAdapter.synthetic_image; see LlavaOnevisionAdapter's)")
+
 
 @register_adapter
 class LlavaOnevisionAdapter(_LlavaLike):
@@ -322,6 +388,44 @@ class LlavaOnevisionAdapter(_LlavaLike):
     name = "llava-onevision"
     summary = "LlavaOnevisionForConditionalGeneration: Qwen2 decoder, SigLIP ViT, any-res tiles"
     MODEL_TYPES = ("llava_onevision",)
+
+    def synthetic_image(self, config, generator, image_size=None):
+        """One ``image_size`` square picture (default: the vision tower's resolution, 384 px for
+        SigLIP-so400m): the base view plus its any-resolution tiles (``image_grid_pinpoints``),
+        ``[1, tiles + 1, 3, S, S]``, and the tokens the processor expands it to (base features,
+        unpadded tile features, one ``image_newline`` per tile row; ``anyres_max_N`` pooling)."""
+        import math
+
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+        from transformers.image_processing_utils import select_best_resolution
+
+        vc = config.vision_config
+        S, side = vc.image_size, image_size or vc.image_size
+        pins = config.image_grid_pinpoints
+        n_patches = image_size_to_num_patches((side, side), pins, S)
+        per = S // vc.patch_size  # features per side of one view
+        bh, bw = select_best_resolution((side, side), pins)
+        # as LlavaOnevisionProcessor._get_number_of_features (square picture: no unpadding)
+        cur_h, cur_w = per * (bh // S), per * (bw // S)
+        if 1.0 > cur_w / cur_h:  # the picture's aspect (1) against the grid's: unpad the longer side
+            cur_h -= (cur_h - int(round(side * (cur_w / side), 7))) // 2 * 2
+        else:
+            cur_w -= (cur_w - int(round(side * (cur_h / side), 7))) // 2 * 2
+        unpadded, newline = cur_h * cur_w, cur_h
+        max_n = int(getattr(config, "vision_aspect_ratio", "anyres_max_9").strip("anyres_max_"))
+        ratio = math.sqrt(cur_h * cur_w / (max_n * per ** 2))
+        if ratio > 1.1:
+            unpadded, newline = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
+        n = per * per + unpadded + newline
+        pix = torch.randn(1, n_patches, 3, S, S, generator=generator)
+        return {"pixel_values": pix, "image_sizes": torch.tensor([[side, side]])}, n
+
+    def image_features(self, inner, image_inputs):
+        cfg = inner.config
+        out = inner.get_image_features(**image_inputs, vision_feature_layer=cfg.vision_feature_layer,
+                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                       vision_aspect_ratio=cfg.vision_aspect_ratio)
+        return _stack_features(out)
 
 
 @register_adapter
@@ -369,6 +473,55 @@ class Qwen2VLAdapter(_LlavaLike):
         # Qwen2.5-VL: window attention except in fullatt_block_indexes (Qwen2-VL has none)
         return part == "vision" and bool(full) and len(full) < depth
 
+    # the perf engine: M-RoPE positions, native-resolution patches
+
+    PERF_IMAGE_UNITS = 24  # merged tokens per side of the default picture: 576 image tokens, as LLaVA-1.5
+
+    def vision_children(self, model):
+        return ("visual",)  # the ViT and its patch merger (``visual.merger``, the projector)
+
+    def synthetic_image(self, config, generator, image_size=None):
+        """One square picture of ``image_size`` px (a multiple of patch x merge, 28 for Qwen;
+        default ``PERF_IMAGE_UNITS`` merged tokens per side: 672 px, 576 tokens), as the
+        processor hands it to the model: flattened patches ``[t*h*w, 3*temporal*patch*patch]``
+        (a still picture repeats over the temporal patch) and ``image_grid_thw`` ``[[1, h, w]]``."""
+        vc = config.vision_config
+        p, m, tp = vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size
+        unit = p * m
+        side = image_size or self.PERF_IMAGE_UNITS * unit
+        if side % unit:
+            raise ValueError(f"{self.name}: image_size {side} is not a multiple of patch x merge = {unit}")
+        g = side // p
+        in_ch = getattr(vc, "in_channels", None) or getattr(vc, "in_chans", 3)
+        pix = torch.randn(g * g, in_ch * tp * p * p, generator=generator)
+        return {"pixel_values": pix, "image_grid_thw": torch.tensor([[1, g, g]])}, g * g // (m * m)
+
+    def forward_inputs(self, model, input_ids, image_inputs):
+        # transformers 5 computes the 3-D positions only when told which tokens are image tokens
+        mm = (input_ids == self.image_token_id(model)).to(torch.int64)
+        return {"input_ids": input_ids, "mm_token_type_ids": mm, **image_inputs}
+
+    def image_features(self, inner, image_inputs):
+        out = inner.get_image_features(image_inputs["pixel_values"], image_inputs["image_grid_thw"])
+        return _stack_features(out)
+
+    def rope_tables(self, model, input_ids, image_inputs, max_len):
+        """M-RoPE: the model's own 3-D positions of the prompt (``get_rope_index``: temporal,
+        height, width for image tokens, text after the picture continuing from its largest
+        position), then generated tokens at ``t + rope_deltas`` in all three sections; its rotary
+        module turns them into cos/sin merged by ``mrope_section``."""
+        inner = model.model
+        kw = self.forward_inputs(model, input_ids, image_inputs)
+        pos, deltas = inner.get_rope_index(input_ids, mm_token_type_ids=kw["mm_token_type_ids"],
+                                           image_grid_thw=image_inputs.get("image_grid_thw"))
+        B, T = input_ids.shape
+        nxt = torch.arange(T, max_len, device=pos.device)[None, :] + deltas.to(pos.device)  # [B, new]
+        pos = torch.cat([pos, nxt[None].expand(3, B, -1)], dim=-1)
+        rot = inner.language_model.rotary_emb
+        probe = torch.empty(0, dtype=torch.float32, device=pos.device)
+        cos, sin = rot(probe, pos)
+        return cos.float(), sin.float()
+
 
 @register_adapter
 class InternVLAdapter(_LlavaLike):
@@ -381,6 +534,10 @@ class InternVLAdapter(_LlavaLike):
     summary = "InternVLForConditionalGeneration (InternVL3 -hf): Qwen2 decoder, InternViT, pixel-shuffle MLP projector"
     LAYER_GROUPS = (decoder_groups, internvl_vision_groups)
     MODEL_TYPES = ("internvl",)
+
+    def synthetic_image(self, config, generator, image_size=None):
+        raise NotImplementedError(f"{self.name}: the perf engine has no synthetic picture for its tiles and "
+                                  "pixel shuffle yet (ModelAdapter.synthetic_image)")
 
     def vision_layers(self, model):
         found = [(n, m) for n, m in model.named_modules()

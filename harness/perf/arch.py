@@ -1,7 +1,8 @@
 """Models for systems benchmarking: architecture names built with random weights, or real checkpoints.
 
-``llava-1.5-7b`` and ``llava-1.5-13b`` are the shapes of ``llava-hf/llava-1.5-{7b,13b}-hf``, shipped
-as config files in ``harness/perf/configs``. Kernels, latency and memory depend on shapes, not on
+``llava-1.5-7b`` and ``llava-1.5-13b`` are the shapes of ``llava-hf/llava-1.5-{7b,13b}-hf``,
+``qwen2.5-vl-7b`` of ``Qwen/Qwen2.5-VL-7B-Instruct`` and ``llava-onevision-7b`` of
+``llava-hf/llava-onevision-qwen2-7b-ov-hf``, shipped as config files in ``harness/perf/configs``. Kernels, latency and memory depend on shapes, not on
 weight values, so a random-weight model is a faithful systems stand-in (accuracy is meaningless on
 it and is never measured here). Anything else goes through ``harness.models.loading.load_model``.
 """
@@ -24,10 +25,11 @@ def architectures() -> dict[str, Path]:
 
 
 def arch_config(name: str, overrides: dict | None = None, **text_overrides):
-    """The ``LlavaConfig`` of a shipped architecture, shrunk for tests or smoke runs by
-    ``overrides`` (top-level keys; ``text_config``/``vision_config`` dicts merge into the shipped
-    ones) or by ``text_overrides`` (keys of the language model's config)."""
-    from transformers import LlavaConfig
+    """The transformers config (``LlavaConfig``, ``Qwen2_5_VLConfig``, ...: the file's
+    ``model_type``) of a shipped architecture, shrunk for tests or smoke runs by ``overrides``
+    (top-level keys; ``text_config``/``vision_config`` dicts merge into the shipped ones) or by
+    ``text_overrides`` (keys of the language model's config)."""
+    from transformers import AutoConfig
 
     archs = architectures()
     if name not in archs:
@@ -40,22 +42,24 @@ def arch_config(name: str, overrides: dict | None = None, **text_overrides):
         else:
             raw[key] = value
     raw["text_config"].update(text_overrides)
-    return LlavaConfig(**raw)
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
 def build_random_model(name: str, *, dtype: str | torch.dtype = "fp16", device: str = "cuda",
                        seed: int = 0, overrides: dict | None = None, **text_overrides) -> LoadedModel:
-    """A randomly initialised LLaVA of a shipped architecture, built directly on ``device``."""
-    from transformers import LlavaForConditionalGeneration
+    """A randomly initialised model of a shipped architecture (its config's ``architectures``
+    class), built directly on ``device``."""
+    import transformers
 
     config = arch_config(name, overrides, **text_overrides)
+    model_class = getattr(transformers, config.architectures[0])
     torch_dtype = resolve_dtype(dtype)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(prev)
     model = model.to(dtype=torch_dtype).eval()

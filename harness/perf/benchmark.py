@@ -93,6 +93,7 @@ class PerfConfig:
     suite: str = "perf"
     new_tokens: int = 128
     text_tokens: int = 70
+    image_size: int | None = None  # the picture's side where the family takes any size (None: its default)
     warmup: int = 5
     reps: int = 20
     gate: str = "auto"
@@ -143,6 +144,8 @@ class PerfConfig:
              f"--new-tokens {self.new_tokens} is below --gate-tokens {self.gate_tokens}: the gate feeds "
              f"{self.gate_tokens} tokens through the engine's KV cache, which holds the prompt and "
              f"new_tokens; raise --new-tokens or lower --gate-tokens")
+        need(self.image_size is None or self.image_size >= 1,
+             f"--image-size {self.image_size}: give the picture's side in pixels, or leave it out")
         need(self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget {self.time_budget_s}: give a positive number of seconds, or leave it out")
 
@@ -610,7 +613,8 @@ def open_session(model: str, cfg: PerfConfig, *, run_id: str, load_dtype: str, l
     lm = load_for_perf(model, dtype=load_dtype, device=device, seed=seed)
     load_s = time.time() - t0
     log(f"[perf] model ready in {load_s:.1f}s")
-    wl = make_workload(lm.model.config, text_tokens=cfg.text_tokens, new_tokens=cfg.new_tokens, seed=seed)
+    wl = make_workload(lm.model.config, text_tokens=cfg.text_tokens, new_tokens=cfg.new_tokens, seed=seed,
+                       image_size=cfg.image_size)
     language_layers(lm.model)  # a model without a language decoder fails here, before any variant
     common = {"suite": cfg.suite, "model": model, "task": None, "metric": "perf", "value": None,
               "stderr": None, "n_empty": None, "n_unparsed": None, "device": info.get("card"),

@@ -57,6 +57,10 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
                    help="quantization override KEY=VALUE, e.g. w_group_size=128 (repeatable)")
     p.add_argument("--new-tokens", type=int, default=128, help="forced new tokens (EOS ignored)")
     p.add_argument("--text-tokens", type=int, default=70, help="text tokens around the image")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the square picture in pixels where the family takes any size (Qwen2.5-VL: "
+                        "a multiple of 28, default 672 = 576 image tokens; LLaVA-OneVision: default 384 = "
+                        "1485 tokens with its any-res tiles); LLaVA-1.5's is fixed (336)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up generates (>= 5 for reported numbers)")
     p.add_argument("--reps", type=int, default=20, help="timed generates (>= 20 for reported numbers)")
     p.add_argument("--gate", choices=["auto", "strict"], default="auto",
@@ -123,7 +127,8 @@ def perf_config(args: argparse.Namespace, methods: list) -> PerfConfig:
     from .benchmark import PerfConfig
 
     return PerfConfig(methods=methods, schemes=args.schemes, batches=args.batch, out=args.out, suite=args.suite,
-                      new_tokens=args.new_tokens, text_tokens=args.text_tokens, warmup=args.warmup,
+                      new_tokens=args.new_tokens, text_tokens=args.text_tokens, image_size=args.image_size,
+                      warmup=args.warmup,
                       reps=args.reps, gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
                       graphs=not args.no_graphs, device=args.device, dtype=args.dtype, seed=args.seed,
                       overrides=dict(args.override), time_budget_s=args.time_budget, kernels=args.kernels,

@@ -1,8 +1,16 @@
-"""Static-KV-cache generation for LLaVA (CLIP + projector + Llama decoder) on real-kernel layers.
+"""Static-KV-cache generation for LLaVA-family models (a vision tower + projector + a Llama or
+Qwen2 decoder) on real-kernel layers.
 
 The engine reuses the loaded model's vision tower, projector, embeddings, norms, rotary
 frequencies and LM head, and runs the decoder's linear layers as ``RealLinear`` modules (q/k/v
-and gate/up fused side by side). Its forward is written out here rather than taken from
+and gate/up fused side by side; Qwen2's q/k/v biases ride along in the fused layer). What differs
+per family comes from its ``ModelAdapter`` (``harness.models.family``): the language model's config
+(heads, grouped-query kv heads, RMSNorm eps, rope theta through the rotary module), the float
+modules that turn a picture into embeddings (``vision_children``, ``image_features``: CLIP +
+projector, SigLIP + projector + any-res tiles, Qwen's ViT + patch merger), and the rotary positions:
+1-D RoPE computed from ``inv_freq``, or Qwen2-VL / Qwen2.5-VL's M-RoPE as per-position cos/sin
+tables for the whole static cache (``rope_tables``: the prompt's 3-D positions, then the text
+continuation), from which each decode step reads its row (so the step stays graph-capturable). Its forward is written out here rather than taken from
 transformers so that it is the same, compile-friendly code for every variant, fp16 included:
 
 * the KV cache is static (``[batch, kv_heads, prompt + new_tokens, head_dim]`` per layer);
@@ -38,7 +46,9 @@ from torch.nn import functional as F
 from ..kernels import fused
 from ..kernels import real as real_mod
 from ..kernels.online import UnsupportedTransform
+from ..models.family import adapter_for
 from ..models.layers import language_layers
+from .images import image_inputs, images_to
 
 
 class EngineStateError(ValueError):
@@ -104,8 +114,9 @@ class LlavaEngine:
     def __init__(self, model: nn.Module, blocks: list[EngineLayer], *, compile: bool = False,
                  graphs: bool = False, float_params: dict[str, torch.Tensor] | None = None):
         self.model = model
+        self.adapter = adapter_for(model)
         self.blocks = blocks
-        lang_path, _ = language_layers(model)
+        lang_path, lang_layers = language_layers(model)
         self.lang = model.get_submodule(lang_path.rsplit(".", 1)[0])
         self.lm_head = model.get_output_embeddings()
         # the float tensors the engine computes with outside the decoder linears: the model's, or
@@ -127,20 +138,24 @@ class LlavaEngine:
                                ln2=own(f"{lang_path}.{i}.post_attention_layernorm.weight", b.ln2))
                        for i, b in enumerate(blocks)]
         self.vision = _vision_model(model, fp, paths)
-        cfg = model.config.text_config
+        cfg = self.adapter.text_config(model.config)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        attn = lang_layers[0].self_attn  # the head size the model computes with (Qwen2.5-VL: hidden / heads)
+        self.head_dim = int(getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
+                            or cfg.hidden_size // self.n_heads)
         self.hidden = cfg.hidden_size
         self.eps = float(self.lang.norm.variance_epsilon)
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
-            raise NotImplementedError(f"the perf engine implements Llama decoders with SiLU, not {act!r}")
+            raise NotImplementedError(f"the perf engine implements Llama/Qwen2 decoders with SiLU, not {act!r}")
+        if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+            raise NotImplementedError("the perf engine implements full causal attention; this model's "
+                                      "config enables sliding-window attention")
         rot = self.lang.rotary_emb
         self.inv_freq = rot.inv_freq
         self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
-        self.image_token = model.config.image_token_id if hasattr(model.config, "image_token_id") \
-            else model.config.image_token_index
+        self.image_token = self.adapter.image_token_id(model)
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
         self.compiled = False
@@ -174,7 +189,12 @@ class LlavaEngine:
                         for _ in self.blocks]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self.input_ids = input_ids.to(dev).clone()
-        self.pixel_values = pixel_values.to(dev, dt).clone()
+        # the picture(s): LLaVA-1.5's pixel_values, or the family's dict of image inputs
+        self.images = {k: v.clone() for k, v in images_to(image_inputs(pixel_values), dev, dt).items()}
+        self.pixel_values = self.images["pixel_values"]
+        # multimodal RoPE: per-position cos/sin of the prompt and every later cache slot
+        tabs = self.adapter.rope_tables(self.model, self.input_ids, self.images, self.max_len)
+        self.rope_tab = None if tabs is None else tuple(t.to(dev, dt).contiguous() for t in tabs)
         img = (input_ids[0] == self.image_token).nonzero().flatten()
         if not bool((input_ids == self.image_token).sum(1).eq(len(img)).all()):
             raise ValueError("every row of the batch must hold the same number of image tokens")
@@ -189,34 +209,32 @@ class LlavaEngine:
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     def release(self) -> None:
-        for name in ("k_cache", "v_cache", "graphs", "feats", "logits", "input_ids", "pixel_values"):
+        for name in ("k_cache", "v_cache", "graphs", "feats", "logits", "input_ids", "pixel_values", "images",
+                     "rope_tab"):
             if hasattr(self, name):
                 delattr(self, name)
         self.batch = None
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        cfg = self.model.config
-        out = self.vision.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-        if hasattr(out, "pooler_output"):
-            out = out.pooler_output
-        if isinstance(out, (list, tuple)):
-            out = torch.stack(list(out))
-        return out.to(self.dtype)
+    def image_features(self, pixel_values) -> torch.Tensor:
+        """``[B, image tokens, hidden]``: the family's vision tower + projector in float."""
+        return self.adapter.image_features(self.vision, image_inputs(pixel_values)).to(self.dtype)
 
     def _layers(self, res: torch.Tensor, B: int, T: int, pos: torch.Tensor, decode: bool):
         """The decoder on ``res [B*T, hidden]`` (embeddings); returns the final-normed hidden."""
         g = self.glue
-        cos, sin = g["cos_sin"](pos, self.inv_freq, self.rope_scaling, self.dtype)
         rows = B * T
+        if self.rope_tab is not None:  # per-row positions (M-RoPE): the table's rows at these slots
+            cos, sin = (t.index_select(1, pos).reshape(rows, -1) for t in self.rope_tab)
+        else:
+            cos, sin = g["cos_sin"](pos, self.inv_freq, self.rope_scaling, self.dtype)
         if decode:
-            cos, sin = cos.expand(rows, -1), sin.expand(rows, -1)
+            if self.rope_tab is None:
+                cos, sin = cos.expand(rows, -1), sin.expand(rows, -1)
             # additive mask built once per step (a boolean one is converted inside every attention call)
             mask = torch.where(self.kv_range <= pos, 0.0, float("-inf")).to(self.dtype)[None, None, None, :]
-        else:
+        elif self.rope_tab is None:
             cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
         cos, sin = cos[:, None, :], sin[:, None, :]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
@@ -280,7 +298,7 @@ class LlavaEngine:
         return fused.add_rms_norm_q(res, delta, w, self.eps, layer.act, mode)
 
     def _vision(self) -> None:
-        feats = self.image_features(self.pixel_values)
+        feats = self.image_features(self.images)
         if self.feats is None:
             self.feats = torch.empty_like(feats)
         self.feats.copy_(feats)
@@ -386,11 +404,12 @@ class LlavaEngine:
         return out
 
     def vision_modules(self) -> list[nn.Module]:
-        return [self.vision.vision_tower, self.vision.multi_modal_projector]
+        return [getattr(self.vision, c) for c in self.adapter.vision_children(self.model)]
 
     def tensors_in_use(self) -> set[int]:
         """``data_ptr`` of every tensor the engine reads (linears, float tensors, vision modules)."""
         ptrs = {t.data_ptr() for t in self.float_tensors().values()} | {self.inv_freq.data_ptr()}
+        ptrs |= {t.data_ptr() for t in getattr(self, "rope_tab", None) or ()}
         for m in list(self.linears().values()) + self.vision_modules():
             for t in list(m.parameters()) + list(m.buffers()):
                 if t is not None:
@@ -469,9 +488,9 @@ def model_paths(model: nn.Module) -> dict[str, str]:
     names = {id(m): n for n, m in model.named_modules()}
     head = names[id(model.get_output_embeddings())]
     inner = model.model
+    vision = {c: names[id(getattr(inner, c))] for c in adapter_for(model).vision_children(model)}
     return {"layers": lang_path, "embed": f"{root}.embed_tokens.weight", "norm": f"{root}.norm.weight",
-            "head": f"{head}.weight", "head_bias": f"{head}.bias",
-            "vision": names[id(inner.vision_tower)], "projector": names[id(inner.multi_modal_projector)]}
+            "head": f"{head}.weight", "head_bias": f"{head}.bias", "vision_children": vision}
 
 
 def _decoder_entry(path: str, lang_path: str) -> tuple[int, str] | None:
@@ -490,7 +509,7 @@ def check_float_params(model: nn.Module, float_params: dict[str, torch.Tensor]) 
     top = {paths["embed"], paths["norm"], paths["head"], paths["head_bias"]}
     bad = []
     for path in float_params:
-        if path in top or path.startswith((paths["vision"] + ".", paths["projector"] + ".")):
+        if path in top or path.startswith(tuple(p + "." for p in paths["vision_children"].values())):
             continue
         entry = _decoder_entry(path, paths["layers"])
         if entry is not None and (entry[1] in NORM_PARAMS or entry[1].rsplit(".", 1)[0] in DECODER_LINEARS
@@ -561,12 +580,13 @@ def _load_into(module: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _vision_model(model: nn.Module, fp: dict, paths: dict):
-    """The vision tower and projector the engine runs: the model's own, or copies that hold the
-    state's values (the float model stays as it is for other variants)."""
+    """The vision tower and projector the engine runs (the family's ``vision_children`` of
+    ``model.model``): the model's own, or copies that hold the state's values (the float model
+    stays as it is for other variants)."""
     inner = model.model
     over = {}
-    for key, attr in (("vision", "vision_tower"), ("projector", "multi_modal_projector")):
-        pre = paths[key] + "."
+    for attr, path in paths["vision_children"].items():
+        pre = path + "."
         vals = {k[len(pre):]: v for k, v in fp.items() if k.startswith(pre)}
         if vals:
             over[attr] = _load_into(getattr(inner, attr), vals)

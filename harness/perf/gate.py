@@ -59,6 +59,7 @@ from ..kernels import real as real_mod
 from ..kernels.real import quantizer_ties, rel_err
 from ..models.layers import language_layers
 from ..quant.simulated import FakeQuantLinear
+from .images import first_image, image_inputs, images_to
 
 GATE_TOL = 1e-2
 FLOAT_MARGIN = 2.0  # a quantized variant may be this many times as far off as the float engine
@@ -103,11 +104,25 @@ class SimReference:
     exact: ExactReference | None = None
 
 
-def _last_logits(model, input_ids, pixel_values):
+def _forward_inputs(model, input_ids, pixel_values) -> dict:
+    """``model(...)``'s keyword arguments for the prompt (and tokens after it) with its picture
+    (a ``pixel_values`` tensor, or the family's dict of image inputs: ``images``)."""
+    from ..models.family import UnknownFamilyError, adapter_for
+
+    imgs = image_inputs(pixel_values)
     try:
-        out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False, logits_to_keep=1)
+        adapter = adapter_for(model)
+    except UnknownFamilyError:
+        return {"input_ids": input_ids, **imgs}
+    return adapter.forward_inputs(model, input_ids, imgs)
+
+
+def _last_logits(model, input_ids, pixel_values):
+    kw = _forward_inputs(model, input_ids, pixel_values)
+    try:
+        out = model(**kw, use_cache=False, logits_to_keep=1)
     except TypeError:
-        out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False)
+        out = model(**kw, use_cache=False)
     return out.logits[:, -1].float()
 
 
@@ -146,7 +161,7 @@ def simulated_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values:
                 hooks.append(mod.register_forward_pre_hook(pre, prepend=True))
                 hooks.append(mod.register_forward_hook(hook))
     ids = input_ids[:1]
-    pix = pixel_values[:1]
+    pix = first_image(pixel_values)
     logits, tokens = [], []
     try:
         for _ in range(n_tokens + 1):
@@ -176,11 +191,12 @@ def exact_reference(model: nn.Module, input_ids: torch.Tensor, pixel_values: tor
     n = len(ref.tokens)
     if n > 1:
         ids = torch.cat([ids, torch.tensor([ref.tokens[:-1]], device=ids.device, dtype=ids.dtype)], dim=1)
-    pix = pixel_values[:1].to(torch.float64)
+    pix = images_to(first_image(pixel_values), dtype=torch.float64)
+    kw = _forward_inputs(model, ids, pix)
     try:
-        out = model(input_ids=ids, pixel_values=pix, use_cache=False, logits_to_keep=n)
+        out = model(**kw, use_cache=False, logits_to_keep=n)
     except TypeError:
-        out = model(input_ids=ids, pixel_values=pix, use_cache=False)
+        out = model(**kw, use_cache=False)
     logits = out.logits[0, -n:].double()
     sim = ref.logits.to(logits.device).double()
     return ExactReference(logits=logits.cpu(), sim_err=rel_err(sim, logits),

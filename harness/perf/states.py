@@ -21,6 +21,7 @@ from ..quant.config import parse_scheme
 from ..quant.simulated import apply_state
 from . import gate as gate_mod
 from .engine import state_blocks
+from .images import image_inputs, images_to, repeat_images
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -55,41 +56,60 @@ def perf_variants(methods) -> list[Variant]:
 @dataclass
 class Workload:
     input_ids: torch.Tensor  # [1, L]
-    pixel_values: torch.Tensor  # [1, 3, S, S]
+    pixel_values: torch.Tensor  # one picture as the family's model takes it (LLaVA-1.5: [1, 3, S, S])
     image_tokens: int
     text_tokens: int
     new_tokens: int
+    image_extra: dict = field(default_factory=dict)  # image_sizes / image_grid_thw (other families)
+    image_size: int | None = None  # the picture's side in pixels
+
+    @property
+    def pixels(self):
+        """The picture: ``pixel_values`` (LLaVA-1.5), or a dict of image inputs (``images``)."""
+        return {"pixel_values": self.pixel_values, **self.image_extra} if self.image_extra else self.pixel_values
 
     def batch(self, B: int):
-        return self.input_ids.repeat(B, 1), self.pixel_values.repeat(B, 1, 1, 1)
+        """``(input_ids [B, L], pixels)`` for ``B`` copies of the prompt (``images.repeat_images``)."""
+        return self.input_ids.repeat(B, 1), repeat_images(self.pixels, B)
 
     def describe(self) -> dict:
-        return {"image_tokens": self.image_tokens, "text_tokens": self.text_tokens,
-                "prompt_tokens": int(self.input_ids.shape[1]), "new_tokens": self.new_tokens,
-                "image_size": int(self.pixel_values.shape[-1]), "eos": "ignored (forced length)",
-                "inputs": "random token ids + one random normalised image (systems benchmark)"}
+        side = self.image_size if self.image_size is not None else int(self.pixel_values.shape[-1])
+        out = {"image_tokens": self.image_tokens, "text_tokens": self.text_tokens,
+               "prompt_tokens": int(self.input_ids.shape[1]), "new_tokens": self.new_tokens,
+               "image_size": side, "eos": "ignored (forced length)",
+               "inputs": "random token ids + one random normalised image (systems benchmark)"}
+        if self.image_extra:
+            out["image_inputs"] = {k: list(v.shape) for k, v in self.pixels.items()}
+        return out
 
 
-def make_workload(config, *, text_tokens: int = 70, new_tokens: int = 128, seed: int = 0) -> Workload:
-    """One image (576 tokens at 336 px / patch 14) inside ~``text_tokens`` random text tokens."""
-    vc = config.vision_config
-    n_img = (vc.image_size // vc.patch_size) ** 2
-    if getattr(config, "vision_feature_select_strategy", "default") == "full":
-        n_img += 1
-    image_token = getattr(config, "image_token_id", None)
-    if image_token is None:
-        image_token = config.image_token_index
-    vocab = config.text_config.vocab_size
+def make_workload(config, *, text_tokens: int = 70, new_tokens: int = 128, seed: int = 0,
+                  image_size: int | None = None) -> Workload:
+    """One image inside ~``text_tokens`` random text tokens: the family's picture inputs and image
+    tokens (``ModelAdapter.synthetic_image``: 576 tokens at 336 px / patch 14 for LLaVA-1.5)."""
+    from types import SimpleNamespace
+
+    from ..models.family import adapter_for_config
+
+    adapter = adapter_for_config(config)
+    image_token = adapter.image_token_id(SimpleNamespace(config=config))
+    tc = adapter.text_config(config)
+    vocab = tc.vocab_size
     gen = torch.Generator().manual_seed(seed)
     hi = min(vocab, 32000)
     text = torch.randint(3, hi, (text_tokens,), generator=gen)
     text[text == image_token] = 3
-    bos = getattr(config.text_config, "bos_token_id", 1) or 1
+    bos = getattr(tc, "bos_token_id", 1) or 1
+    pixels, n_img = adapter.synthetic_image(config, gen, image_size)
     head = 5  # "<s> USER :" before the image, the question and " ASSISTANT:" after it
     ids = torch.cat([torch.tensor([bos]), text[: head - 1], torch.full((n_img,), image_token),
                      text[head - 1:]])
-    pix = torch.randn(1, 3, vc.image_size, vc.image_size, generator=gen)
-    return Workload(ids[None], pix, n_img, text_tokens + 1, new_tokens)
+    pix = pixels.pop("pixel_values")
+    side = image_size if image_size is not None else (int(pix.shape[-1]) if not pixels else None)
+    if side is None:  # Qwen's flattened patches: the side from the grid
+        grid = pixels.get("image_grid_thw")
+        side = int(grid[0, 1]) * config.vision_config.patch_size if grid is not None else None
+    return Workload(ids[None], pix, n_img, text_tokens + 1, new_tokens, image_extra=pixels, image_size=side)
 
 
 # ---------------------------------------------------------------------------- methods & states
@@ -98,10 +118,12 @@ def random_calibration(lm, workload: Workload, n: int = 4):
     """Random calibration batches for methods that need data (systems benchmarking only)."""
     from ..calibration import CalibrationSet
 
+    from ..models.family import adapter_for
+
+    adapter = adapter_for(lm.model)
     cfg = lm.model.config
-    image_token = getattr(cfg, "image_token_id", None)
-    image_token = cfg.image_token_index if image_token is None else image_token
-    vocab = min(cfg.text_config.vocab_size, 32000)
+    image_token = adapter.image_token_id(lm.model)
+    vocab = min(adapter.text_config(cfg).vocab_size, 32000)
     ids, pix = workload.batch(1)
     gen = torch.Generator().manual_seed(1234)
     batches = []
@@ -113,10 +135,12 @@ def random_calibration(lm, workload: Workload, n: int = 4):
         b_ids[txt & (b_ids == image_token)] = 3
         labels = torch.full_like(b_ids, -100)
         labels[:, -8:] = b_ids[:, -8:]
-        batches.append({"input_ids": b_ids.to(lm.device),
-                        "attention_mask": torch.ones_like(b_ids).to(lm.device),
-                        "pixel_values": torch.randn(pix.shape, generator=gen).to(lm.device, lm.dtype),
-                        "labels": labels.to(lm.device)})
+        imgs = image_inputs(pix)
+        imgs["pixel_values"] = torch.randn(imgs["pixel_values"].shape, generator=gen)
+        imgs = images_to(imgs, lm.device, lm.dtype)
+        batch = adapter.forward_inputs(lm.model, b_ids.to(lm.device), imgs)
+        batch.update(attention_mask=torch.ones_like(b_ids).to(lm.device), labels=labels.to(lm.device))
+        batches.append(batch)
     return CalibrationSet(batches=batches, source={"kind": "random", "n": n,
                                                    "note": "random tokens and images: systems benchmark"})
 
@@ -186,7 +210,7 @@ class StatePreparer:
         ``exact``: also the float64 copy of the simulated model's logits (``gate.exact_reference``;
         small models only: it copies the model)."""
         ids1, pix1 = wl.batch(1)
-        ids1, pix1 = ids1.to(self.device), pix1.to(self.device, lm.dtype)
+        ids1, pix1 = ids1.to(self.device), images_to(pix1, self.device, lm.dtype)
         v.qcfg = parse_scheme(v.scheme, **({} if v.is_reference else self.overrides))
 
         def reference():
