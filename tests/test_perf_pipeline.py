@@ -146,6 +146,32 @@ def test_online_hadamard_is_apply_hadamard(n):
     assert torch.equal(OnlineHadamard(n)(x), apply_hadamard(x))
 
 
+def test_online_hadamard_builds_its_matrices_once(monkeypatch):
+    """Graph-capturable: after the first (eager) call the transform multiplies only by matrices it
+    holds on the input's device — no host matrix is built or copied again (a host-to-device copy
+    synchronizes, and on an H100 that sent QuaRot's prefill and decode out of their CUDA graphs)."""
+    from harness.kernels import online
+    from harness.quant import transforms
+
+    made = []
+
+    def counting(fn):
+        def wrapper(n):
+            made.append((fn.__name__, n))
+            return fn(n)
+        return wrapper
+
+    monkeypatch.setattr(online, "_sylvester", counting(transforms._sylvester))
+    monkeypatch.setattr(online, "_dense_factor", counting(transforms._dense_factor))
+    t = OnlineHadamard(11008)  # 344 · 32
+    x = torch.randn(3, 11008, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    first = t(x)
+    assert sorted(made) == [("_dense_factor", 344), ("_sylvester", 32)]
+    made.clear()
+    assert torch.equal(t(x), first) and made == []
+    assert all(m.device == x.device and m.dtype == x.dtype for m in t._factor.values())
+
+
 def test_engine_refuses_state_content_it_cannot_apply(bundled64):
     from dataclasses import replace
 

@@ -2,9 +2,11 @@
 
 ``hadamard``: ``x @ H`` along the last dim, the very arithmetic of
 ``harness.quant.transforms.apply_hadamard`` (a fast Walsh–Hadamard transform over the power-of-two
-factor, a small dense product over the other, divided by √n), with the dense factor kept on the
-layer's device per dtype: ``apply_hadamard`` copies it from the host on every call, which a CUDA
-graph cannot capture and a decode step should not pay for. The engine applies it in front of the
+factor, a small dense product over the other, divided by √n), with every matrix it multiplies by
+(the Sylvester blocks and the dense factor) kept on the layer's device per dtype: ``apply_hadamard``
+copies them from the host on every call, which synchronizes, so a CUDA graph cannot capture it (on
+an H100 QuaRot's prefill and decode then ran eager: 0.08× fp16 decode) and a decode step should
+not pay for it. The engine applies it in front of the
 layer's activation quantizer, as the simulated model's first forward pre-hook does, so its cost is
 in every timed row of a state that has one.
 """
@@ -15,7 +17,7 @@ import math
 
 import torch
 
-from ..quant.transforms import ONLINE_TRANSFORMS, _dense_factor, _fwht, hadamard_factors
+from ..quant.transforms import ONLINE_TRANSFORMS, _dense_factor, _fwht, _sylvester, hadamard_factors
 
 SUPPORTED = ("hadamard",)
 
@@ -43,10 +45,17 @@ class OnlineHadamard:
             self._factor[key] = _dense_factor(self.m).to(device=device, dtype=dtype)
         return self._factor[key]
 
+    def block(self, b: int, device, dtype) -> torch.Tensor:
+        """The Sylvester block of order ``b`` on ``device`` (cached like the dense factor)."""
+        key = (b, str(device), dtype)
+        if key not in self._factor:
+            self._factor[key] = _sylvester(b).to(device=device, dtype=dtype)
+        return self._factor[key]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.n:
             raise ValueError(f"online Hadamard of width {self.n} given an input of width {x.shape[-1]}")
-        y = _fwht(x.reshape(*x.shape[:-1], self.m, self.p))
+        y = _fwht(x.reshape(*x.shape[:-1], self.m, self.p), block=self.block)
         if self.m > 1:
             y = torch.einsum("ik,...ij->...kj", self.factor(x.device, x.dtype), y)
         return (y / math.sqrt(self.n)).reshape(x.shape)
