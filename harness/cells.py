@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import CALIBRATION_MODALITIES, MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
+from .suite_config import CALIBRATION_MODALITIES, MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
 from .quant.config import QuantConfig
 from .registry import Method, files_digest, get_method, method_code_digest
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .cells import Cell, Group, group_cells, plan_cells
-from .config import Suite
+from .suite_config import Suite
 from .records import append_record, read_records
 
 log = logging.getLogger("qvlm_bench")

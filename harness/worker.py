@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from .cells import Cell, Group, digest
-from .config import Suite, TaskSpec
+from .suite_config import Suite, TaskSpec
 from .prepare import prepare_state, reset_peak
 from .quant.finalize import StateError, validate_state
 from .quant.simulated import apply_state

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.config import load_suite
+from harness.suite_config import load_suite
 from harness.evaluate import _sample_row, cluster_spec, load_tasks
 from harness.records import read_records
 from harness.runner import run_suite

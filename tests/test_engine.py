@@ -10,7 +10,7 @@ import torch
 
 from harness import cells as cells_mod
 from harness.calibration import encode_pairs
-from harness.config import SuiteError, parse_suite
+from harness.suite_config import SuiteError, parse_suite
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.finalize import StateError, check_model_unchanged, finalize_state, param_checksum, validate_state

@@ -9,7 +9,7 @@ import torch
 from board_data import record, scores, write_run
 
 from harness import cells as cells_mod
-from harness.config import parse_suite
+from harness.suite_config import parse_suite
 from harness.tables import write_leaderboard
 from harness.perf import gate as gate_mod
 from harness.perf import runner as runner_mod

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..cells import EVAL_CODE, STATE_CODE, Cell, Group, code_digest
-from ..config import Suite
+from ..suite_config import Suite
 from ..records import new_record, write_jsonl
 from ..registry import method_code_digest
 from ..sharding import DEFAULT_SHARD_SIZE, ShardResult, merge_shards, requested_shards, shard_count, shard_ranges

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..cells import Variant, act_range_rule, digest, resolve_methods, state_identity, uses_calibration
-from ..config import MethodSpec, method_spec
+from ..suite_config import MethodSpec, method_spec
 from ..models.layers import language_layers
 from ..models.loading import auto_dtype
 from ..prepare import prepare_state
