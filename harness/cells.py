@@ -132,7 +132,7 @@ class Cell:
 
 
 @dataclass
-class Group:
+class CellGroup:
     """The cells that share one quantization state: quantize once, evaluate every task."""
 
     cells: list[Cell]
@@ -277,9 +277,9 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
     return cells
 
 
-def group_cells(cells: list[Cell]) -> list[Group]:
+def group_cells(cells: list[Cell]) -> list[CellGroup]:
     """Cells grouped by quantization state, in plan order (a model's groups stay together)."""
-    groups: dict[str, Group] = {}
+    groups: dict[str, CellGroup] = {}
     for c in cells:
-        groups.setdefault(c.state_key, Group([])).cells.append(c)
+        groups.setdefault(c.state_key, CellGroup([])).cells.append(c)
     return list(groups.values())

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .cells import Cell, Group, digest
+from .cells import Cell, CellGroup, digest
 from .suite_config import Suite, TaskSpec
 from .prepare import prepare_state, reset_peak
 from .quant.finalize import StateError, validate_state
@@ -75,7 +75,7 @@ def check_loaded_state(lm, state: QuantState, cell: Cell) -> None:
 class OpenGroup:
     """A group whose state is applied to the loaded model (or, with ``failed``, could not be)."""
 
-    group: Group
+    group: CellGroup
     lm: Any = None
     state: QuantState | None = None
     cached: bool = False
@@ -168,7 +168,7 @@ class GroupWorker:
         cache_state(state, path)
         return state, False
 
-    def open_group(self, group: Group) -> "OpenGroup":
+    def open_group(self, group: CellGroup) -> "OpenGroup":
         """Load the model, get the group's state (cached or quantized now) and apply it.
 
         On failure the result holds one failed record per cell and nothing is applied. Split from
@@ -200,7 +200,7 @@ class GroupWorker:
         return self._evaluate(opened.lm, cell, opened.state, opened.cached, opened.handle,
                               dict(opened.timings))
 
-    def run_group(self, group: Group) -> Iterator[list[dict]]:
+    def run_group(self, group: CellGroup) -> Iterator[list[dict]]:
         """Yield, per cell of ``group`` in order, the records it produced (failed ones too)."""
         opened = self.open_group(group)
         if opened.failed is not None:
