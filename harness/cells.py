@@ -51,7 +51,7 @@ def code_digest(paths: tuple[str, ...]) -> str:
     return files_digest(files, REPO)
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
+def suite_dtype(dtype: str, device: str) -> str:
     """A suite's dtype on ``device``: ``auto`` by the project's one rule (``models.loading.auto_dtype``:
     fp16 on GPUs, fp64 on the CPU)."""
     if dtype != "auto":
@@ -256,7 +256,7 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
     device_kind = "cuda" if device.startswith("cuda") else device
     cells: list[Cell] = []
     for model in suite.models:
-        dtype = resolve_dtype(model.dtype or suite.dtype, device)
+        dtype = suite_dtype(model.dtype or suite.dtype, device)
         for v in variants:
             schemes = [QuantConfig()] if v.reference else suite.schemes
             for qcfg in schemes:
