@@ -33,7 +33,8 @@ STATE_CODE = ("harness/quant", "harness/calibration.py", "harness/prompting.py",
               "harness/models/capture.py", "harness/models/layers.py", "harness/models/parts.py",
               "harness/models/family.py",
               "harness/task_data.py")
-EVAL_CODE = ("harness/evaluate.py", "tasks/metrics.py", "tasks/sources.py", "tasks/subset.py")
+EVAL_CODE = ("harness/evaluate.py", "tasks/metrics.py", "tasks/sources.py", "tasks/subset.py",
+             "tasks/sampling.py")
 DEFAULT_CALIBRATION = {"split": "train", "n": 64, "batch_size": 8}
 
 

@@ -112,15 +112,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return comps
 
 
-# Cycles not yet broken (remove an entry once its cycle is gone). Each edits code whose digest keys
-# every cell (scoring code; the model code a state depends on), so it waits for the next
-# regeneration of results/: family.py's name-based fallbacks belong in family.py, and
-# stratified_indices in a module of its own below sources.py and subset.py.
-KNOWN_CYCLES = [["harness.models.family", "harness.models.layers"], ["tasks.sources", "tasks.subset"]]
-
-
 def test_no_import_cycles_in_the_tree():
     """Zero import cycles over harness/, baselines/, methods/ and tasks/ (lazy imports count)."""
-    cycles = _cycles(_module_graph())
-    assert [c for c in cycles if c not in KNOWN_CYCLES] == []
-    assert [c for c in KNOWN_CYCLES if c not in cycles] == [], "a known cycle is gone: drop it from KNOWN_CYCLES"
+    assert _cycles(_module_graph()) == []
