@@ -189,10 +189,10 @@ def test_perf_rows_carry_the_variant_label_options_and_state_key(tiny_llava_path
 # ---- the leaderboard joins each method's own perf row -------------------------------------------
 
 def _perf(method, scheme, decode_ms, *, reference=False, **qc):
-    w, a = int(scheme[1]), int(scheme.split("a")[1])
+    q = parse_scheme(scheme)
     return record(method, scheme, None, metric="perf", value=None, batch_size=1, kernel=f"k-{method}",
                   reference=reference, latency={"decode_ms_per_token": decode_ms},
-                  memory={"peak_bytes": int(decode_ms * 2**30)}, quant_config={"w_bits": w, "a_bits": a, **qc})
+                  memory={"peak_bytes": int(decode_ms * 2**30)}, quant_config={"w_bits": q.w_bits, "a_bits": q.a_bits, **qc})
 
 
 def test_leaderboard_joins_each_methods_own_perf_row(tmp_path):
