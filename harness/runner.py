@@ -16,8 +16,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .cells import Cell, CellGroup, group_cells, plan_cells
-from .suite_config import Suite
 from .records import append_record, read_records
+from .suite_config import Suite
 
 log = logging.getLogger("qvlm_bench")
 

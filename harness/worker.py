@@ -275,7 +275,7 @@ class GroupWorker:
             scheme=cell.scheme, quant_config=cell.qcfg.to_dict(), task=cell.task.name,
             device=self.device_name(), dtype=cell.dtype, seed=self.suite.seed, versions=versions(),
             git=git_describe(), config_hash=cell.key, state_key=cell.state_key,
-            method_options=v.options, clip=v.clip, method_code=cell.code["method"],
+            method_options=v.options, clip=v.act_clip_search, method_code=cell.code["method"],
             engine_code=cell.code["engine"], calibration=cell.calibration,
             limit=self.suite.limit, batch_size=self.suite.batch_size,
             kernel="simulated" if v.cls.quantizes else cell.dtype,

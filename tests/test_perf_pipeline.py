@@ -174,7 +174,7 @@ def test_engine_refuses_state_content_it_cannot_apply(bundled64):
 # ---- perf rows -----------------------------------------------------------------------------------
 
 def test_perf_rows_carry_the_variant_label_options_and_state_key(tiny_llava_path, tmp_path):
-    recs = runner_mod.run_perf(str(tiny_llava_path), methods=["rtn", {"name": "rtn", "clip": True}],
+    recs = runner_mod.run_perf(str(tiny_llava_path), methods=["rtn", {"name": "rtn", "act_clip_search": True}],
                                schemes=["w4a16"], batches=[1], out=tmp_path, new_tokens=3, text_tokens=8,
                                warmup=1, reps=1, gate_tokens=2, device="cpu", dtype="fp32",
                                trained_gate="off", compile=False, graphs=False, log=lambda *a: None)

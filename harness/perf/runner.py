@@ -157,7 +157,7 @@ def perf_state(lm, variant: Variant, qcfg, workload: Workload, *, seed: int = 0)
     (``prepare.prepare_state``: the variant's options, the unchanged-model check, ``finalize_state``
     with the suites' activation-range rule), on random calibration data where the row uses data
     (``cells.uses_calibration``), and its ``cells.state_identity`` digest."""
-    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.clip, qcfg) else None
+    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.act_clip_search, qcfg) else None
     rule = act_range_rule(None, variant, qcfg)
     state = prepare_state(lm, variant, qcfg, calib, rule, seed=seed)
     dtype = DTYPE_NAMES.get(lm.dtype, str(lm.dtype))
@@ -448,14 +448,14 @@ class _Ctx:
         dtype = DTYPE_NAMES.get(v.dtype, str(v.dtype))
         rec = dict(self.common, method=v.method, variant=variant, reference=v.is_reference,
                    control=not v.is_reference and not v.variant.cls.quantizes,
-                   method_options=v.variant.options, clip=v.variant.clip,
+                   method_options=v.variant.options, clip=v.variant.act_clip_search,
                    scheme=v.scheme, dtype=dtype, batch_size=B,
                    quant_config=qd, quantize_s=v.quantize_s, proof=v.proof, n=self.reps, latency=None,
                    memory=None, kernel=None, status="failed", error=v.error, gate=None,
                    state_key=v.state_key, act_ranges=v.state_meta.get("act_ranges"),
                    calibration=v.state_meta.get("calibration"),
                    config_hash=digest([v.state_key, self.common["model"], v.method, v.variant.options,
-                                       v.variant.clip, qd or v.scheme, B, dtype, self.common["workload"],
+                                       v.variant.act_clip_search, qd or v.scheme, B, dtype, self.common["workload"],
                                        self.common["objective"]]))
         rec.update(fields)
         rec.pop("timestamp", None)
