@@ -54,8 +54,8 @@ Deliberately left out:
   The projector's first linear reads CLIP features and is not rotated either.
 * QuaRot's weight-clipping search (``--w_clip``, a per-channel MSE search of the weight range)
   and its 8-bit ``down_proj`` option: the rows stay comparable with ``rtn`` and ``gptq``, the
-  rotation being the only difference (``clip: true`` adds the engine's activation-clipping
-  search as for every baseline).
+  rotation being the only difference (``act_clip_search: true`` adds the engine's
+  activation-clipping search as for every baseline).
 * The reference mean-centres the token embeddings also for Llama models; with RMSNorm that is
   not function-preserving, and it is not done here.
 """

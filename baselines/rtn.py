@@ -2,7 +2,8 @@
 
 The floor every other method must beat. Activations are quantized at the input of each quantized
 linear: per token at run time, or per tensor with static ranges the engine calibrates by the same
-rule for every method (``harness.quant.ranges``; ``clip: true`` in a suite adds its clipping search).
+rule for every method (``harness.quant.ranges``; ``act_clip_search: true`` in a suite adds its
+clipping search).
 """
 
 from harness.quant.build import rtn_state

@@ -22,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .config import CALIBRATION_MODALITIES, MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
 from .quant.config import QuantConfig
 from .registry import Method, files_digest, get_method, method_code_digest
+from .suite_config import CALIBRATION_MODALITIES, MethodSpec, ModelSpec, Suite, SuiteError, TaskSpec
 
 REPO = Path(__file__).resolve().parents[1]
 # Engine code a quantization state depends on (besides the method's own source), and the code
@@ -33,7 +33,8 @@ STATE_CODE = ("harness/quant", "harness/calibration.py", "harness/prompting.py",
               "harness/models/capture.py", "harness/models/layers.py", "harness/models/parts.py",
               "harness/models/family.py",
               "harness/task_data.py")
-EVAL_CODE = ("harness/evaluate.py", "tasks/metrics.py", "tasks/sources.py", "tasks/subset.py")
+EVAL_CODE = ("harness/evaluate.py", "tasks/metrics.py", "tasks/sources.py", "tasks/subset.py",
+             "tasks/sampling.py")
 DEFAULT_CALIBRATION = {"split": "train", "n": 64, "batch_size": 8}
 
 
@@ -51,7 +52,7 @@ def code_digest(paths: tuple[str, ...]) -> str:
     return files_digest(files, REPO)
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
+def suite_dtype(dtype: str, device: str) -> str:
     """A suite's dtype on ``device``: ``auto`` by the project's one rule (``models.loading.auto_dtype``:
     fp16 on GPUs, fp64 on the CPU)."""
     if dtype != "auto":
@@ -68,7 +69,7 @@ class Variant:
     method: str
     cls: type[Method]
     options: dict[str, Any]  # resolved: defaults filled in
-    clip: bool  # the engine's activation-clipping search on top of the method
+    act_clip_search: bool  # the engine's activation-clipping search on top of the method (label +clip)
     label: str
     calibration: dict[str, Any] = field(default_factory=dict)  # the row's overrides ({modality: text})
 
@@ -96,7 +97,7 @@ def variant_label(spec: MethodSpec, cls: type[Method], options: dict[str, Any],
             break
     parts += [f"{k}={_short(v)}" for k, v in sorted(changed.items())]
     parts += [calibration] if calibration else []
-    base = spec.name + ("+clip" if spec.clip else "")
+    base = spec.name + ("+clip" if spec.act_clip_search else "")
     return f"{base} ({', '.join(parts)})" if parts else base
 
 
@@ -132,7 +133,7 @@ class Cell:
 
 
 @dataclass
-class Group:
+class CellGroup:
     """The cells that share one quantization state: quantize once, evaluate every task."""
 
     cells: list[Cell]
@@ -158,12 +159,12 @@ def _model_fingerprint(name: str) -> str:
     return model_fingerprint(name)
 
 
-def uses_calibration(cls: type[Method], clip: bool, qcfg: QuantConfig) -> bool:
+def uses_calibration(cls: type[Method], act_clip_search: bool, qcfg: QuantConfig) -> bool:
     """Whether a cell gets the calibration set: methods that need it, static activation ranges
     (any method), and the clipping search; never the float reference."""
     if cls.reference:
         return False
-    return bool(cls.calibrates(qcfg) or (clip and qcfg.quantizes_acts))
+    return bool(cls.calibrates(qcfg) or (act_clip_search and qcfg.quantizes_acts))
 
 
 def calibration_label(suite: Suite, overrides: dict | None = None) -> str | None:
@@ -177,7 +178,7 @@ def calibration_spec(suite: Suite, variant: Variant, qcfg: QuantConfig) -> dict 
     """The suite's shared calibration set, for every cell that uses data (``uses_calibration``).
     ``modality`` is in the spec only when it is not the default (image-text), so the records and
     cell keys of runs from before the option are unchanged."""
-    if not uses_calibration(variant.cls, variant.clip, qcfg):
+    if not uses_calibration(variant.cls, variant.act_clip_search, qcfg):
         return None
     spec = {**DEFAULT_CALIBRATION, "seed": suite.seed, **suite.calibration, **variant.calibration}
     if spec.get("modality") == CALIBRATION_MODALITIES[0]:
@@ -198,7 +199,8 @@ def act_range_rule(suite: Suite | None, variant: Variant, qcfg: QuantConfig) -> 
 
     if variant.reference or not variant.cls.quantizes or not qcfg.quantizes_acts:
         return None
-    return rule_for(qcfg, clip=variant.clip, stream=(suite.act_ranges if suite else {}).get("stream"))
+    return rule_for(qcfg, act_clip_search=variant.act_clip_search,
+                    stream=(suite.act_ranges if suite else {}).get("stream"))
 
 
 def resolve_variants(suite: Suite) -> list[Variant]:
@@ -216,16 +218,17 @@ def resolve_methods(specs: list[MethodSpec | str], suite: Suite | None = None) -
             spec = MethodSpec(spec)
         cls = get_method(spec.name)
         options = cls(**(spec.options or {})).options
-        if cls.reference and spec.clip:
-            raise SuiteError(f"method {spec.name!r} is the float reference; `clip` does not apply to it")
-        calibrated = suite is not None and any(uses_calibration(cls, bool(spec.clip), q) for q in suite.schemes)
+        if cls.reference and spec.act_clip_search:
+            raise SuiteError(f"method {spec.name!r} is the float reference; `act_clip_search` does not apply to it")
+        search = bool(spec.act_clip_search)
+        calibrated = suite is not None and any(uses_calibration(cls, search, q) for q in suite.schemes)
         label = variant_label(spec, cls, options,
                               calibration_label(suite, spec.calibration) if calibrated else None)
         if label in seen:
             raise SuiteError(f"two entries of `methods` make the same row {label!r}; give one a "
                              f"different `label`")
         seen[label] = spec
-        out.append(Variant(spec.name, cls, options, bool(spec.clip), label, dict(spec.calibration or {})))
+        out.append(Variant(spec.name, cls, options, search, label, dict(spec.calibration or {})))
     return out
 
 
@@ -237,7 +240,8 @@ def state_identity(model: str, weights: str, dtype: str, device_kind: str, varia
     code = code or {"method": method_code_digest(variant.method), "engine": code_digest(STATE_CODE)}
     ident = {
         "model": model, "weights": weights, "dtype": dtype, "device": device_kind,
-        "method": variant.method, "options": variant.options, "clip": variant.clip,
+        "method": variant.method, "options": variant.options,
+        "act_clip_search": variant.act_clip_search,
         "code": [code["method"], code["engine"]], "quant": qcfg.to_dict(),
         "calibration": calibration, "act_ranges": act_ranges, "seed": seed,
     }
@@ -256,7 +260,7 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
     device_kind = "cuda" if device.startswith("cuda") else device
     cells: list[Cell] = []
     for model in suite.models:
-        dtype = resolve_dtype(model.dtype or suite.dtype, device)
+        dtype = suite_dtype(model.dtype or suite.dtype, device)
         for v in variants:
             schemes = [QuantConfig()] if v.reference else suite.schemes
             for qcfg in schemes:
@@ -277,9 +281,9 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
     return cells
 
 
-def group_cells(cells: list[Cell]) -> list[Group]:
+def group_cells(cells: list[Cell]) -> list[CellGroup]:
     """Cells grouped by quantization state, in plan order (a model's groups stay together)."""
-    groups: dict[str, Group] = {}
+    groups: dict[str, CellGroup] = {}
     for c in cells:
-        groups.setdefault(c.state_key, Group([])).cells.append(c)
+        groups.setdefault(c.state_key, CellGroup([])).cells.append(c)
     return list(groups.values())

@@ -12,7 +12,7 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from .config import SuiteError, load_suite
+    from .suite_config import SuiteError, load_suite
     from .executors import make_executor
     from .report import write_leaderboard
     from .runner import failure_lines, run_suite

@@ -155,15 +155,17 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-REFERENCE_FALLBACK = "fp16"  # records written before the ``reference`` key: the fp16 method
-
-
 def is_reference(rec: dict) -> bool:
     """Whether a record (accuracy or perf) is its model's float reference row: the ``reference``
-    key the engine writes (the registry's flag), or for older records the fp16 method."""
+    key the engine writes (the registry's flag, ``Method.reference``), or for records written
+    before that key, the registry's flag of the record's method (a method no longer registered is
+    not the reference)."""
     if rec.get("reference") is not None:
         return bool(rec["reference"])
-    return rec.get("method") == REFERENCE_FALLBACK
+    from .registry import available_methods
+
+    cls = available_methods().get(rec.get("method"))
+    return bool(cls is not None and cls.reference)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -15,9 +15,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .cells import Cell, Group, group_cells, plan_cells
-from .config import Suite
+from .cells import Cell, CellGroup, group_cells, plan_cells
 from .records import append_record, read_records
+from .suite_config import Suite
 
 log = logging.getLogger("qvlm_bench")
 
@@ -51,7 +51,7 @@ class SerialExecutor:
 
         self.worker = GroupWorker(suite, device, show_progress=show_progress)
 
-    def execute(self, groups: list[Group]) -> Iterator[list[dict]]:
+    def execute(self, groups: list[CellGroup]) -> Iterator[list[dict]]:
         for group in groups:
             yield from self.worker.run_group(group)
 
@@ -79,7 +79,7 @@ class SuiteRunner:
     def done_keys(self) -> set[str]:
         return {r["config_hash"] for r in read_records(self.records_path) if r.get("status") == "ok"}
 
-    def pending(self) -> tuple[list[Group], int]:
+    def pending(self) -> tuple[list[CellGroup], int]:
         """The groups still to run, and how many cells are already recorded."""
         done = self.done_keys()
         cells = self.cells()

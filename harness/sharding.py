@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .cells import Cell
-from .config import Suite, TaskSpec
+from .suite_config import Suite, TaskSpec
 
 # Matches harness.evaluate.evaluate_tasks (only bootstrapped stderrs depend on it; `mean`'s is
 # closed-form).

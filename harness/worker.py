@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .cells import Cell, Group, digest
-from .config import Suite, TaskSpec
+from .cells import Cell, CellGroup, digest
+from .suite_config import Suite, TaskSpec
 from .prepare import prepare_state, reset_peak
 from .quant.finalize import StateError, validate_state
 from .quant.simulated import apply_state
@@ -76,7 +76,7 @@ def check_loaded_state(lm, state: QuantState, cell: Cell) -> None:
 class OpenGroup:
     """A group whose state is applied to the loaded model (or, with ``failed``, could not be)."""
 
-    group: Group
+    group: CellGroup
     lm: Any = None
     state: QuantState | None = None
     cached: bool = False
@@ -168,7 +168,7 @@ class GroupWorker:
         cache_state(state, path)
         return state, False
 
-    def open_group(self, group: Group) -> "OpenGroup":
+    def open_group(self, group: CellGroup) -> "OpenGroup":
         """Load the model, get the group's state (cached or quantized now) and apply it.
 
         On failure the result holds one failed record per cell and nothing is applied. Split from
@@ -200,7 +200,7 @@ class GroupWorker:
         return self._evaluate(opened.lm, cell, opened.state, opened.cached, opened.handle,
                               dict(opened.timings))
 
-    def run_group(self, group: Group) -> Iterator[list[dict]]:
+    def run_group(self, group: CellGroup) -> Iterator[list[dict]]:
         """Yield, per cell of ``group`` in order, the records it produced (failed ones too)."""
         opened = self.open_group(group)
         if opened.failed is not None:
@@ -274,7 +274,7 @@ class GroupWorker:
             scheme=cell.scheme, quant_config=cell.qcfg.to_dict(), task=cell.task.name,
             device=self.device_name(), dtype=cell.dtype, seed=self.suite.seed, versions=versions(),
             git=git_describe(), config_hash=cell.key, state_key=cell.state_key,
-            method_options=v.options, clip=v.clip, method_code=cell.code["method"],
+            method_options=v.options, clip=v.act_clip_search, method_code=cell.code["method"],
             engine_code=cell.code["engine"], calibration=cell.calibration,
             limit=self.suite.limit, batch_size=self.suite.batch_size,
             kernel="simulated" if v.cls.quantizes else cell.dtype,

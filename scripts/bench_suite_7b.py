@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from harness.config import parse_suite
+    from harness.suite_config import parse_suite
     from harness.perf.random_folder import bench_folder
     from harness.runner import run_suite
 

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the table here too")
     args = ap.parse_args(argv)
     from harness.cells import group_cells, plan_cells
-    from harness.config import load_suite
+    from harness.suite_config import load_suite
 
     costs = dict(COSTS)
     if args.costs:

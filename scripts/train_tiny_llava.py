@@ -519,9 +519,12 @@ def simulate(model, scheme: str):
     """Fake-quantize every decoder nn.Linear in place: per-channel weight RTN, per-token symmetric activations."""
     import torch
 
+    from harness.quant.config import parse_scheme
+
     if scheme == "float":
         return []
-    wb, ab = (int(s) for s in scheme[1:].split("a"))
+    q = parse_scheme(scheme)
+    wb, ab = q.w_bits, q.a_bits
     handles = []
     with torch.no_grad():
         for m in decoder_linears(model).values():

@@ -9,7 +9,7 @@ Two views of the same folders:
   spec and per calibration.
 
 Here, in the tasks package, so that the package stays free of the harness: the harness imports
-this (``harness.cli``, ``harness.config``, ``harness.evaluate``), never the other way round.
+this (``harness.cli``, ``harness.suite_config``, ``harness.evaluate``), never the other way round.
 """
 
 from __future__ import annotations

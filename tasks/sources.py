@@ -11,8 +11,6 @@ failing deep inside `datasets`.
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,28 +36,6 @@ def _hint(task: str | None, split: str) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def stratified_indices(labels: list[Any], size: int, seed: int) -> list[int]:
-    """Seeded sample of `size` row indices, proportional per label (largest-remainder rounding).
-
-    Deterministic for a given (labels, size, seed); returned sorted so rows keep split order.
-    """
-    groups: dict[Any, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        groups[label].append(i)
-    total = len(labels)
-    if size >= total:
-        return list(range(total))
-    keys = sorted(groups, key=str)
-    quotas = {k: size * len(groups[k]) / total for k in keys}
-    alloc = {k: int(quotas[k]) for k in keys}
-    short = size - sum(alloc.values())
-    for k in sorted(keys, key=lambda k: (-(quotas[k] - alloc[k]), str(k)))[:short]:
-        alloc[k] += 1
-    rng = random.Random(seed)
-    chosen = [i for k in keys for i in rng.sample(groups[k], alloc[k])]
-    return sorted(chosen)
 
 
 def load_docs(

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
+from .sampling import stratified_indices
+
 log = logging.getLogger("qvlm_bench.tasks")
 
 Opener = Callable[[str], BinaryIO]
@@ -87,8 +89,6 @@ def parquet_subset(files: Sequence[str], size: int, seed: int, stratify_by: str 
     covers the whole split (load it whole instead)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from .sources import stratified_indices
 
     stats = SubsetRead(files=list(files))
     handles = [opener(f) for f in files]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
+
+from harness.quant.config import parse_scheme
 
 
 def record(method, scheme, task, scores=None, *, variant=None, reference=None, seed=0, samples_file=None,
@@ -16,12 +17,12 @@ def record(method, scheme, task, scores=None, *, variant=None, reference=None, s
         value = 100 * scores.mean()
     if stderr is None and scores is not None:
         stderr = 100 * scores.std(ddof=1) / np.sqrt(len(scores))
-    w, a = map(int, re.fullmatch(r"w(\d+)a(\d+)", scheme).groups())
+    q = parse_scheme(scheme)
     rec = {"suite": "synthetic", "model": "m", "method": method, "scheme": scheme, "task": task,
            "metric": "accuracy", "value": value if status == "ok" else None, "stderr": stderr,
            "n": None if scores is None else len(scores), "status": status, "device": "cpu (1 threads)",
            "kernel": "fp32" if scheme == "w16a16" else "simulated", "seed": seed,
-           "quant_config": {"w_bits": w, "a_bits": a}, "git": {"commit": "abcdef1234567890" * 2 + "abcdefgh", "dirty": False},
+           "quant_config": {"w_bits": q.w_bits, "a_bits": q.a_bits}, "git": {"commit": "abcdef1234567890" * 2 + "abcdefgh", "dirty": False},
            "calibration": {"split": "train", "n": 32, "seed": seed, "task": task, "data_version": "v1"},
            "versions": {"torch": "2.x"}, "timestamp": "2026-01-02T03:04:05+0000",
            "error": "boom" if status == "failed" else None, "samples_file": samples_file}

@@ -9,7 +9,7 @@ import torch
 
 from harness import cells as cells_mod
 from harness.calibration import encode_pairs
-from harness.config import SuiteError, parse_suite
+from harness.suite_config import SuiteError, parse_suite
 from conftest import make_pairs
 
 

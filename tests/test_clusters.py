@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.config import load_suite
+from harness.suite_config import load_suite
 from harness.evaluate import cluster_spec, load_tasks, sample_rows
 from harness.records import read_records
 from harness.runner import run_suite

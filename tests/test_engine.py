@@ -10,7 +10,7 @@ import torch
 
 from harness import cells as cells_mod
 from harness.calibration import encode_pairs
-from harness.config import SuiteError, parse_suite
+from harness.suite_config import SuiteError, parse_suite
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.finalize import StateError, check_model_unchanged, finalize_state, param_checksum, validate_state
@@ -96,7 +96,7 @@ def test_variant_labels_name_non_default_options_presets_and_the_clip_lever(tiny
 
     monkeypatch.setattr(QVLMBase, "presets", {"fast": {"search_batches": 2, "veo_epochs": 1}})
     suite = _suite(tiny_llava_path, methods=[
-        "rtn", {"name": "rtn", "clip": True}, {"name": "gptq", "options": {"percdamp": 0.1}},
+        "rtn", {"name": "rtn", "act_clip_search": True}, {"name": "gptq", "options": {"percdamp": 0.1}},
         {"name": "qvlm", "options": {"search_batches": 2, "veo_epochs": 1}},
         {"name": "qvlm", "options": {"search_batches": 2, "veo_epochs": 1, "max_block": 2}},
         {"name": "awq", "label": "awq-mine"}])
@@ -105,7 +105,28 @@ def test_variant_labels_name_non_default_options_presets_and_the_clip_lever(tiny
     with pytest.raises(SuiteError, match="same row 'rtn'"):
         cells_mod.resolve_variants(_suite(tiny_llava_path, methods=["rtn", {"name": "rtn", "options": {}}]))
     with pytest.raises(SuiteError, match="float reference"):
-        cells_mod.resolve_variants(_suite(tiny_llava_path, methods=[{"name": "fp16", "clip": True}]))
+        cells_mod.resolve_variants(_suite(tiny_llava_path, methods=[{"name": "fp16", "act_clip_search": True}]))
+
+
+def test_the_old_clip_key_still_reads_with_a_deprecation_message(tiny_llava_path, monkeypatch, caplog):
+    """A suite's ``clip: true`` (the key's old name) is ``act_clip_search: true``, with a
+    DeprecationWarning and one console message naming the new key; both keys at once are refused."""
+    from harness import suite_config
+
+    monkeypatch.setattr(suite_config, "_WARNED", set())
+    with pytest.warns(DeprecationWarning, match="write `act_clip_search: true`"):
+        suite = _suite(tiny_llava_path, methods=["rtn", {"name": "rtn", "clip": True}, {"name": "gptq", "clip": True}])
+    assert [m.act_clip_search for m in suite.methods] == [False, True, True]
+    assert [v.label for v in cells_mod.resolve_variants(suite)] == ["rtn", "rtn+clip", "gptq+clip"]
+    console = [r.getMessage() for r in caplog.records if "act_clip_search" in r.getMessage()]
+    assert len(console) == 1 and "`clip` is deprecated" in console[0]
+    new = _suite(tiny_llava_path, methods=["rtn", {"name": "rtn", "act_clip_search": True}])
+    assert [c.key for c in cells_mod.plan_cells(new, "cpu")] == [c.key for c in cells_mod.plan_cells(
+        _suite(tiny_llava_path, methods=["rtn", {"name": "rtn", "clip": True}]), "cpu")]
+    with pytest.raises(SuiteError, match="both `clip` and `act_clip_search`"):
+        _suite(tiny_llava_path, methods=[{"name": "rtn", "clip": True, "act_clip_search": True}])
+    with pytest.raises(SuiteError, match="`act_clip_search` of method 'rtn' must be true or false"):
+        _suite(tiny_llava_path, methods=[{"name": "rtn", "clip": "yes"}])
 
 
 def test_a_local_model_path_that_does_not_exist_is_rejected_before_loading(tmp_path):
@@ -209,7 +230,7 @@ def test_clip_search_picks_the_grid_percentile_with_least_added_error(tiny_lm, p
     qcfg = parse_scheme("w4a4", a_granularity=granularity)
     batches = list(padded_calib.inputs())
     state = rtn_state(tiny_lm.model, qcfg, "rtn")
-    rule = rule_for(qcfg, clip=True)
+    rule = rule_for(qcfg, act_clip_search=True)
     summary = fill_static_ranges(tiny_lm.model, state, batches, rule)
     assert summary["stat"] == "search" and set(summary["percentiles"]) == set(state.linears)
     name = next(n for n in state.linears if n.endswith("down_proj"))

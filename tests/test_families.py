@@ -264,7 +264,7 @@ def test_task_text_is_framed_by_the_familys_chat_template(tiny_family_paths, fam
 def test_family_suites_load_and_validate(name, model, dtype):
     """The real-checkpoint suites beside llava-1.5.yaml validate (they need the Hub and a GPU to
     run), with the same methods, schemes, tasks and calibration as the LLaVA-1.5 suite."""
-    from harness.config import load_suite
+    from harness.suite_config import load_suite
 
     suite, ref = load_suite(name), load_suite("llava-1.5")
     assert [m.name for m in suite.models] == [model] and suite.dtype == dtype

@@ -20,7 +20,7 @@ def _methods() -> list[str]:
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("method", _methods())
 def test_method_runs_on_family(method, family, tiny_family_paths, tmp_path):
-    from harness.config import parse_suite
+    from harness.suite_config import parse_suite
     from harness.runner import run_suite
 
     cls = available_methods()[method]

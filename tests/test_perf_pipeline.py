@@ -9,7 +9,7 @@ import torch
 from board_data import record, scores, write_run
 
 from harness import cells as cells_mod
-from harness.config import parse_suite
+from harness.suite_config import parse_suite
 from harness.perf import gate as gate_mod
 from harness.perf import states as runner_mod
 from harness.perf.benchmark import run_perf
@@ -201,7 +201,7 @@ def test_engine_refuses_state_content_it_cannot_apply(bundled64):
 # ---- perf rows -----------------------------------------------------------------------------------
 
 def test_perf_rows_carry_the_variant_label_options_and_state_key(tiny_llava_path, tmp_path):
-    recs = run_perf(str(tiny_llava_path), methods=["rtn", {"name": "rtn", "clip": True}],
+    recs = run_perf(str(tiny_llava_path), methods=["rtn", {"name": "rtn", "act_clip_search": True}],
                     schemes=["w4a16"], batches=[1], out=tmp_path, new_tokens=3, text_tokens=8,
                     warmup=1, reps=1, gate_tokens=2, device="cpu", dtype="fp32",
                     trained_gate="off", compile=False, graphs=False, log=lambda *a: None)
@@ -216,10 +216,10 @@ def test_perf_rows_carry_the_variant_label_options_and_state_key(tiny_llava_path
 # ---- the leaderboard joins each method's own perf row -------------------------------------------
 
 def _perf(method, scheme, decode_ms, *, reference=False, **qc):
-    w, a = int(scheme[1]), int(scheme.split("a")[1])
+    q = parse_scheme(scheme)
     return record(method, scheme, None, metric="perf", value=None, batch_size=1, kernel=f"k-{method}",
                   reference=reference, latency={"decode_ms_per_token": decode_ms},
-                  memory={"peak_bytes": int(decode_ms * 2**30)}, quant_config={"w_bits": w, "a_bits": a, **qc})
+                  memory={"peak_bytes": int(decode_ms * 2**30)}, quant_config={"w_bits": q.w_bits, "a_bits": q.a_bits, **qc})
 
 
 def test_leaderboard_joins_each_methods_own_perf_row(tmp_path):

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qvlm
                                         "(scripts/setup.sh installs it)")
 
 from harness.cli import main  # noqa: E402
-from harness.config import parse_suite  # noqa: E402
+from harness.suite_config import parse_suite  # noqa: E402
 from harness.executors.ray_executor import RayExecutor  # noqa: E402
 from harness.records import read_records  # noqa: E402
 from harness.runner import SuiteRunner, run_suite  # noqa: E402

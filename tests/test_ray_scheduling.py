@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cells import group_cells, plan_cells
-from harness.config import load_suite, parse_suite
+from harness.suite_config import load_suite, parse_suite
 from harness.executors.ray_executor import new_runs, pick_job, plan_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

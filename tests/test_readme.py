@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from harness.config import load_suite
+from harness.suite_config import load_suite
 from harness.quant.config import parse_scheme
 from harness.records import read_records
 from harness.registry import available_methods

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from harness.config import parse_suite
+from harness.suite_config import parse_suite
 from harness.records import read_records
 from harness.runner import run_suite
 from test_real_tasks import SQA_FILE, VQA_FILE, needs_data, vizwiz_dir  # noqa: F401  (fixture)

@@ -17,7 +17,8 @@ from PIL import Image
 
 import tasks
 from tasks import sources
-from tasks.sources import DatasetUnavailableError, stratified_indices, task_spec
+from tasks.sampling import stratified_indices
+from tasks.sources import DatasetUnavailableError, task_spec
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -3,7 +3,7 @@
 import json
 import threading
 
-from harness.records import write_jsonl
+from harness.records import is_reference, write_jsonl
 
 
 def test_write_jsonl_writers_of_one_file_do_not_interleave(tmp_path):
@@ -31,3 +31,15 @@ def test_write_jsonl_writers_of_one_file_do_not_interleave(tmp_path):
         pass
     assert len(path.read_text().splitlines()) == 2000  # the last complete write is kept
     assert [p.name for p in path.parent.iterdir()] == ["cell.jsonl"]
+
+
+def test_is_reference_is_the_registrys_flag():
+    """The engine's ``reference`` key wins; a record written before it is the reference when the
+    registry says its method is (``Method.reference``), never by the method's name."""
+    from harness.registry import available_methods, reference_method
+
+    ref = reference_method()
+    assert available_methods()[ref].reference
+    assert is_reference({"method": ref}) and is_reference({"method": "rtn", "reference": True})
+    assert not is_reference({"method": ref, "reference": False})
+    assert not is_reference({"method": "rtn"}) and not is_reference({"method": "no-such-method"})

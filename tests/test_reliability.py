@@ -19,7 +19,7 @@ import yaml
 
 from board_data import scores, write_run
 from harness.cli import main
-from harness.config import SuiteError, parse_suite
+from harness.suite_config import SuiteError, parse_suite
 from harness.records import append_record, read_records, write_jsonl
 from harness.runner import run_suite
 from harness.samples import read_samples
@@ -176,7 +176,7 @@ def test_a_torn_last_record_costs_one_cell_and_the_next_run_restores_it(tiny_lla
 DRIVER = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from harness.config import parse_suite
+from harness.suite_config import parse_suite
 from harness.registry import Method, register_method
 from harness.runner import run_suite
 

@@ -23,7 +23,7 @@ from harness.samples import read_samples
 SUITE = {
     "name": "repro", "models": ["qvlm-tiny-llava"],
     # AWQ's grids shortened for time; its searches are the ones float32 made machine-dependent
-    "methods": ["rtn", {"name": "rtn", "clip": True}, "gptq",
+    "methods": ["rtn", {"name": "rtn", "act_clip_search": True}, "gptq",
                 {"name": "awq", "label": "awq", "options": {"n_grid": 8, "clip_n_grid": 8}},
                 {"name": "qvlm", "label": "qvlm", "options": {"search_batches": 1, "veo_epochs": 1,
                                                               "veo_report": False, "veo_jacobian_batches": 1}}],

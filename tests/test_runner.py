@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import SuiteError, load_suite, parse_suite
+from harness.suite_config import SuiteError, load_suite, parse_suite
 from harness.records import read_records
 from harness.registry import Method, available_methods, discover, register_method
 from harness.runner import run_suite

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from harness.cells import group_cells, plan_cells
-from harness.config import SuiteError, parse_suite
+from harness.suite_config import SuiteError, parse_suite
 from harness.samples import read_samples
 from harness.sharding import ShardResult, merge_shards, requested_shards, shard_count, shard_ranges
 

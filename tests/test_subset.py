@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import sources, subset
+from tasks import sampling, sources, subset
 
 N_SHARDS, ROWS, GROUP = 3, 40, 10  # 120 rows in 12 row groups of 10
 
@@ -69,7 +69,7 @@ def _reference(files, size, seed):
     import datasets
 
     ds = datasets.load_dataset("parquet", data_files={"validation": files}, split="validation")
-    return ds.select(sources.stratified_indices(list(ds["answer_type"]), size, seed))
+    return ds.select(sampling.stratified_indices(list(ds["answer_type"]), size, seed))
 
 
 class _Recorder:

@@ -82,7 +82,7 @@ def test_one_task_manager_per_set_of_folders(toy, monkeypatch):
 
 def test_a_suite_runs_an_include_path_task_on_a_data_dir(toy, tiny_llava_path, tmp_path):
     """End to end (the reported KeyError): `--data-dir` with a task from include_paths."""
-    from harness.config import parse_suite
+    from harness.suite_config import parse_suite
     from harness.runner import run_suite
 
     include, data_dir = toy

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..cells import EVAL_CODE, STATE_CODE, Cell, Group, code_digest
-from ..config import Suite
+from ..cells import EVAL_CODE, STATE_CODE, Cell, CellGroup, code_digest
 from ..records import new_record
+from ..suite_config import Suite
 from ..registry import method_code_digest
 from ..samples import samples_path, write_samples
 from ..sharding import DEFAULT_SHARD_SIZE, ShardResult, merge_shards, requested_shards, shard_count, shard_ranges
@@ -102,7 +102,7 @@ class WorkerActor:
                 "device": self.worker.device_name(), "code": code_identity(self.worker.suite),
                 "marker_seen": Path(marker).exists(), "harness": str(Path(harness.__file__).parent)}
 
-    def _ensure(self, group: Group):
+    def _ensure(self, group: CellGroup):
         if self.opened is not None and self.opened.group.state_key == group.state_key:
             return self.opened
         if self.opened is not None:
@@ -111,17 +111,17 @@ class WorkerActor:
         self.opened = self.worker.open_group(group)
         return self.opened
 
-    def open(self, group: Group) -> dict:
+    def open(self, group: CellGroup) -> dict:
         opened = self._ensure(group)
         return {"pid": os.getpid(), "failed": opened.failed}
 
-    def cell(self, group: Group, i: int) -> dict:
+    def cell(self, group: CellGroup, i: int) -> dict:
         opened = self._ensure(group)
         if opened.failed is not None:
             return {"pid": os.getpid(), "records": [opened.failed[i]]}
         return {"pid": os.getpid(), "records": self.worker.evaluate_cell(opened, group.cells[i])}
 
-    def shard(self, group: Group, i: int, start: int, stop: int) -> dict:
+    def shard(self, group: CellGroup, i: int, start: int, stop: int) -> dict:
         from ..sharding import evaluate_shard
 
         opened = self._ensure(group)
@@ -159,7 +159,7 @@ def _node_ip() -> str | None:
 class GroupRun:
     """A pending group and its queue of jobs (cells, shards of cells)."""
 
-    group: Group
+    group: CellGroup
     status: str = "new"  # new -> opening -> ready (its jobs may run on any worker) -> done
     queue: deque = field(default_factory=deque)
 
@@ -233,7 +233,7 @@ def pick_job(runs: list[GroupRun], model: str | None, open_key: str | None) -> J
     return None
 
 
-def plan_shards(suite: Suite, groups: list[Group], sizes: dict[str, int],
+def plan_shards(suite: Suite, groups: list[CellGroup], sizes: dict[str, int],
                 shard_size: int | None) -> dict[str, list[range]]:
     """``{cell key: doc ranges}`` for the cells evaluated in shards, given each task's size."""
     plan = {}
@@ -247,7 +247,7 @@ def plan_shards(suite: Suite, groups: list[Group], sizes: dict[str, int],
     return plan
 
 
-def tasks_to_size(suite: Suite, groups: list[Group], shard_size: int | None) -> dict:
+def tasks_to_size(suite: Suite, groups: list[CellGroup], shard_size: int | None) -> dict:
     """The tasks whose size decides their shards: asked for (``shards`` > 1), or possibly above
     the threshold (the suite's ``limit`` does not already keep them under it)."""
     out = {}
@@ -263,7 +263,7 @@ def tasks_to_size(suite: Suite, groups: list[Group], shard_size: int | None) -> 
     return out
 
 
-def new_runs(groups: list[Group], plan: dict[str, list[range]]) -> list[GroupRun]:
+def new_runs(groups: list[CellGroup], plan: dict[str, list[range]]) -> list[GroupRun]:
     """A ``GroupRun`` per group, its queue holding one job per cell or per shard of a cell."""
     runs = []
     for g in groups:
@@ -411,7 +411,7 @@ class RayExecutor:
 
     # ---- sharding plan ----------------------------------------------------------------------
 
-    def _shard_plan(self, groups: list[Group]) -> dict[str, list[range]]:
+    def _shard_plan(self, groups: list[CellGroup]) -> dict[str, list[range]]:
         """``{cell key: doc ranges}`` for the cells evaluated in shards (tasks sized by workers,
         which have the data)."""
         need = tasks_to_size(self.suite, groups, self.shard_size)
@@ -439,7 +439,7 @@ class RayExecutor:
         slot.job, slot.since = job, time.time()
         return ref
 
-    def execute(self, groups: list[Group]) -> Iterator[list[dict]]:
+    def execute(self, groups: list[CellGroup]) -> Iterator[list[dict]]:
         if not groups:
             return
         self._status = None

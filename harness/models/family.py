@@ -18,7 +18,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .layers import language_layers_by_name, vision_layers_by_name
 from .parts import part_of as part_by_name
 
 
@@ -46,6 +45,26 @@ class ScaleGroup:
 
 class UnknownFamilyError(ValueError):
     pass
+
+
+def _module_list(model: nn.Module, must_contain: str) -> tuple[str, nn.ModuleList]:
+    """The shortest ``*<must_contain>*layers`` module list: the name-based rule, located by module
+    path and type rather than by attribute chains, so it follows the model through transformers'
+    refactorings (``model.language_model.layers`` in v5, ``language_model.model.layers`` before)."""
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and must_contain in n and n.endswith("layers")]
+    if not found:
+        raise ValueError(f"no transformer layer list under a module named like '*{must_contain}*' "
+                         f"in {type(model).__name__}")
+    return min(found, key=lambda nm: len(nm[0]))
+
+
+def language_layers_by_name(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    return _module_list(model, "language_model")
+
+
+def vision_layers_by_name(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    return _module_list(model, "vision_tower")
 
 
 def _has(module: nn.Module, path: str) -> bool:

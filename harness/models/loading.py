@@ -144,7 +144,9 @@ def cached_hub_commit(repo_id: str, cache_dir: str | Path | None = None) -> str 
     return Path(found).parent.name if isinstance(found, str) else None
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype name (``DTYPES``: fp16, bf16, ...) as a ``torch.dtype``; a ``torch.dtype`` passes through.
+    ``auto`` is resolved before (``auto_dtype``; a suite's dtype: ``cells.suite_dtype``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -252,7 +254,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
     from .family import adapter_for, adapter_for_config
 
     path = resolve_model_path(name_or_path)
-    torch_dtype = resolve_dtype(auto_dtype(device) if dtype in (None, "auto") else dtype)
+    torch_dtype = to_torch_dtype(auto_dtype(device) if dtype in (None, "auto") else dtype)
     try:
         config = load_config(path)
         family = adapter_for_config(config)  # an unknown family fails here, before any weight is read

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.loading import LoadedModel, load_model, resolve_dtype
+from ..models.loading import LoadedModel, load_model, to_torch_dtype
 
 ARCH_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -53,7 +53,7 @@ def build_random_model(name: str, *, dtype: str | torch.dtype = "fp16", device: 
 
     config = arch_config(name, overrides, **text_overrides)
     model_class = getattr(transformers, config.architectures[0])
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = to_torch_dtype(dtype)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)

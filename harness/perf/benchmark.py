@@ -285,14 +285,14 @@ class PerfRecorder:
         dtype = DTYPE_NAMES.get(v.dtype, str(v.dtype))
         rec = dict(self.common, method=v.method, variant=variant, reference=v.is_reference,
                    control=not v.is_reference and not v.variant.cls.quantizes,
-                   method_options=v.variant.options, clip=v.variant.clip,
+                   method_options=v.variant.options, clip=v.variant.act_clip_search,
                    scheme=v.scheme, dtype=dtype, batch_size=B,
                    quant_config=qd, quantize_s=v.quantize_s, proof=v.proof, n=self.reps, latency=None,
                    memory=None, kernel=None, status="failed", error=v.error, gate=None,
                    state_key=v.state_key, act_ranges=v.state_meta.get("act_ranges"),
                    calibration=v.state_meta.get("calibration"),
                    config_hash=digest([v.state_key, self.common["model"], v.method, v.variant.options,
-                                       v.variant.clip, qd or v.scheme, B, dtype, self.common["workload"],
+                                       v.variant.act_clip_search, qd or v.scheme, B, dtype, self.common["workload"],
                                        self.common["objective"]]
                                       # rows with wide layouts are another configuration (the default's
                                       # hash is the one it had before the layout rule)

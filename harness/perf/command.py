@@ -108,7 +108,7 @@ def perf_methods(names: list[str], suite: str | None = None) -> list:
     from .. import registry
 
     if suite is not None:
-        from ..config import load_suite
+        from ..suite_config import load_suite
 
         from ..cells import resolve_variants
 

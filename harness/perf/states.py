@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cells import Variant, act_range_rule, digest, resolve_methods, state_identity, uses_calibration
-from ..config import MethodSpec, method_spec
+from ..suite_config import MethodSpec, method_spec
 from ..prepare import prepare_state
 from ..quant.config import parse_scheme
 from ..quant.simulated import apply_state
@@ -150,7 +150,7 @@ def perf_state(lm, variant: Variant, qcfg, workload: Workload, *, seed: int = 0)
     (``prepare.prepare_state``: the variant's options, the unchanged-model check, ``finalize_state``
     with the suites' activation-range rule), on random calibration data where the row uses data
     (``cells.uses_calibration``), and its ``cells.state_identity`` digest."""
-    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.clip, qcfg) else None
+    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.act_clip_search, qcfg) else None
     rule = act_range_rule(None, variant, qcfg)
     state = prepare_state(lm, variant, qcfg, calib, rule, seed=seed)
     dtype = DTYPE_NAMES.get(lm.dtype, str(lm.dtype))

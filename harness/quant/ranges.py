@@ -14,7 +14,7 @@ two calibrations. The rule, recorded in every record (``act_ranges``):
     earlier quantizers round, and it is cheap;
   - ``quantized``: layer by layer, each transformer layer's ranges taken with every earlier
     layer's activation quantizers on (the stream the deployed layer sees; one pass per layer).
-* stat: ``minmax`` — the range of the real tokens; ``search`` (a variant's ``clip: true``) — the
+* stat: ``minmax`` — the range of the real tokens; ``search`` (a row's ``act_clip_search: true``) — the
   layer-wise percentile search: for each activation tensor, the clipping percentile ``p`` from
   ``SEARCH_GRID`` (the Q-VLM paper's grid) whose quantizer gives the least output error of the
   linears that read it, ``‖(Q_p(x) − x)·Ŵᵀ‖²`` over sampled real tokens with the method's
@@ -48,15 +48,16 @@ SEARCH_ROWS = 2048  # real-token rows per activation tensor kept for the clippin
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
 
-def rule_for(qcfg: QuantConfig, clip: bool = False, stream: str | None = None) -> dict | None:
-    """The rule for a scheme (None when nothing is left to fill: dynamic ranges, no search)."""
+def rule_for(qcfg: QuantConfig, act_clip_search: bool = False, stream: str | None = None) -> dict | None:
+    """The rule for a scheme (None when nothing is left to fill: dynamic ranges, no search);
+    ``act_clip_search``: the clipping search (stat ``search``) instead of ``minmax``."""
     stream = stream or STREAMS[0]
     if stream not in STREAMS:
         raise ValueError(f"activation-range stream {stream!r}; valid: {', '.join(STREAMS)}")
-    if not qcfg.quantizes_acts or (qcfg.a_granularity != "per_tensor" and not clip):
+    if not qcfg.quantizes_acts or (qcfg.a_granularity != "per_tensor" and not act_clip_search):
         return None
-    rule = {"stream": stream, "tokens": "real", "stat": "search" if clip else "minmax"}
-    if clip:
+    rule = {"stream": stream, "tokens": "real", "stat": "search" if act_clip_search else "minmax"}
+    if act_clip_search:
         rule.update(grid=list(SEARCH_GRID), rows=SEARCH_ROWS)
     return rule
 

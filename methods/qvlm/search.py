@@ -220,7 +220,7 @@ class SearchLinear(nn.Module):
 
 
 @dataclass
-class Group:
+class QuantizerGroup:
     """One quantizer group: an activation tensor and the linears (paths inside the layer) reading it."""
 
     linears: list[str]
@@ -252,7 +252,7 @@ class SearchLayer:
         self.qcfg = qcfg
         self.grid = tuple(grid)
         self.linear_names = list(linear_names)  # local paths of the linears to quantize
-        self.groups: list[Group] = []
+        self.groups: list[QuantizerGroup] = []
         self.swapped: dict[str, SearchLinear] = {}
         self.cache = ActCache()
 
@@ -269,7 +269,7 @@ class SearchLayer:
                 seen.clear()
                 outs.append(layer_output(self.layer, call.with_hidden(h)))
                 if not self.groups:
-                    self.groups = [Group(names) for names in shared_input_sets(seen)]
+                    self.groups = [QuantizerGroup(names) for names in shared_input_sets(seen)]
                 if self.qcfg.quantizes_acts:
                     first = {n: x for n, x in reversed(seen)}
                     for g in self.groups:
@@ -299,7 +299,7 @@ class SearchLayer:
         self.swapped = {}
         self.cache.clear()
 
-    def coords(self) -> list[tuple[list[Group], str]]:
+    def coords(self) -> list[tuple[list[QuantizerGroup], str]]:
         """Search coordinates: ``(groups sharing the value, "a" | "w")`` in forward order."""
         units = [[g] for g in self.groups] if self.coordinates == "group" else [list(self.groups)]
         out = []
@@ -310,7 +310,7 @@ class SearchLayer:
                 out.append((unit, "w"))
         return out
 
-    def set(self, unit: list[Group], kind: str, p: float) -> None:
+    def set(self, unit: list[QuantizerGroup], kind: str, p: float) -> None:
         for g in unit:
             if kind == "a":
                 g.p_a = p
@@ -323,7 +323,7 @@ class SearchLayer:
                     self.swapped[n].p_w = p
 
     @staticmethod
-    def get(unit: list[Group], kind: str) -> float:
+    def get(unit: list[QuantizerGroup], kind: str) -> float:
         return unit[0].p_a if kind == "a" else unit[0].p_w
 
 
@@ -353,7 +353,7 @@ class Coord:
 
     d: int
     layer: SearchLayer
-    unit: list[Group]
+    unit: list[QuantizerGroup]
     kind: str
 
     def get(self) -> float:

@@ -62,7 +62,7 @@ def load_docs(*, task_name: str, split: str = "test", seed: int = DEFAULT_SEED, 
             rows = load_split(task_name, split, n=n, seed=int(seed))
             ds = datasets.Dataset.from_list(rows_to_records(rows), features=feats)
     if subset_size is not None and subset_size < len(ds):
-        from tasks.sources import stratified_indices
+        from tasks.sampling import stratified_indices
 
         labels = ds[stratify_by] if stratify_by else [0] * len(ds)
         ds = ds.select(stratified_indices(list(labels), int(subset_size), int(subset_seed)))

@@ -6,7 +6,9 @@ the offending key and lists the valid choices, so a typo costs seconds, not a fa
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,16 @@ import yaml
 
 from .quant.config import OVERRIDE_KEYS, QuantConfig, SchemeError, parse_scheme
 
+log = logging.getLogger("qvlm_bench")
+
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # one path component: results/<name> stays under results/
 
 SUITE_KEYS = {
     "name": "suite name; results go to results/<name>/ unless `output` is set",
     "models": "list of model names (bundled), local folders or Hub ids; or {name, dtype}",
-    "methods": "list of method names or {name, options, label, clip}; `all` for every registered method",
+    "methods": "list of method names or {name, options, label, act_clip_search, calibration}; `all` for every "
+               "registered method",
     "method_options": "{method name: {option: value}} applied wherever that method runs (works with `all`)",
     "schemes": "list of scheme strings (w4a4, w6a6, ...) or {scheme, overrides}",
     "quant": "quantization overrides applied to every scheme (e.g. w_group_size, parts)",
@@ -45,7 +50,10 @@ CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed", "modality")
 # What the calibration questions carry: their images (the default) or their text alone.
 CALIBRATION_MODALITIES = ("image-text", "text")
 TASK_KEYS = ("name", "data", "options", "shards")
-METHOD_KEYS = ("name", "options", "label", "clip", "calibration")
+METHOD_KEYS = ("name", "options", "label", "act_clip_search", "calibration")
+# Keys of a `methods` entry that were renamed: old -> new. The old name is still accepted, with a
+# deprecation message naming the new one.
+RENAMED_METHOD_KEYS = {"clip": "act_clip_search"}
 ACT_RANGE_KEYS = ("stream",)
 DTYPES = ("auto", "fp16", "bf16", "fp32", "fp64")
 MODEL_KEYS = ("name", "dtype")
@@ -59,12 +67,14 @@ class SuiteError(ValueError):
 @dataclass
 class MethodSpec:
     """A method as a suite runs it: its options, an optional row label, and the engine's
-    activation-clipping search (``clip``), a lever any method can get (docs/design.md)."""
+    activation-clipping search (``act_clip_search``: per activation tensor, the clipping percentile
+    with the least output error, ``harness.quant.ranges``), a lever any method can get (row label
+    ``+clip``; docs/design.md)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
-    clip: bool = False
+    act_clip_search: bool = False
     calibration: dict[str, Any] = field(default_factory=dict)  # per-row override: {modality: text}
 
 
@@ -130,9 +140,36 @@ def _entry(item, key: str, main: str, allowed: tuple[str, ...]) -> dict:
     raise SuiteError(f"entries of `{key}` are strings or mappings, got {item!r}")
 
 
+def _renamed(item):
+    """A ``methods`` entry with renamed keys under their new names (``clip`` -> ``act_clip_search``),
+    each old key reported as deprecated (a ``DeprecationWarning``, and once per process on the console)."""
+    if not isinstance(item, dict):
+        return item
+    for old, new in RENAMED_METHOD_KEYS.items():
+        if old not in item:
+            continue
+        if new in item:
+            raise SuiteError(f"an entry of `methods` sets both `{old}` and `{new}`; `{old}` is the old name "
+                             f"of `{new}`: keep `{new}` only")
+        msg = (f"the `methods` key `{old}` is deprecated: write `{new}: {str(item[old]).lower()}` "
+               f"(the engine's per-tensor search of the activation clipping percentile); `{old}` is still read")
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        if old not in _WARNED:
+            _WARNED.add(old)
+            log.warning(msg)
+        item = {(new if k == old else k): v for k, v in item.items()}
+    return item
+
+
+_WARNED: set[str] = set()
+
+
 def method_spec(item) -> MethodSpec:
-    """One entry of a suite's ``methods`` (a name, or a mapping of ``METHOD_KEYS``) as a ``MethodSpec``."""
-    return item if isinstance(item, MethodSpec) else MethodSpec(**_entry(item, "methods", "name", METHOD_KEYS))
+    """One entry of a suite's ``methods`` (a name, or a mapping of ``METHOD_KEYS``; the old names in
+    ``RENAMED_METHOD_KEYS`` still read) as a ``MethodSpec``."""
+    if isinstance(item, MethodSpec):
+        return item
+    return MethodSpec(**_entry(_renamed(item), "methods", "name", METHOD_KEYS))
 
 
 def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
@@ -212,8 +249,9 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
                          "the language model only")
 
     for m in methods:
-        if not isinstance(m.clip, bool):
-            raise SuiteError(f"`clip` of method {m.name!r} must be true or false, got {m.clip!r}")
+        if not isinstance(m.act_clip_search, bool):
+            raise SuiteError(f"`act_clip_search` of method {m.name!r} must be true or false, "
+                             f"got {m.act_clip_search!r}")
         if m.label is not None and (not isinstance(m.label, str) or not m.label.strip()):
             raise SuiteError(f"`label` of method {m.name!r} must be a non-empty string, got {m.label!r}")
 
