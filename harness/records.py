@@ -24,6 +24,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
+try:  # POSIX; elsewhere appends are not serialized
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 log = logging.getLogger("qvlm_bench")
 
 RECORD_KEYS = (
@@ -54,6 +59,11 @@ def append_record(path: str | Path, record: dict) -> None:
     line = (json.dumps(record, default=json_default, sort_keys=False) + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # the torn-line check, the write and a rollback are one step for every writer of the file
+        # (threads of one process too: each open is its own lock holder); without it a concurrent
+        # append could land between the check and the write (a spurious blank line) or be truncated
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         end = os.fstat(fd).st_size
         if end and os.pread(fd, 1, end - 1) != b"\n":
             line = b"\n" + line
