@@ -34,7 +34,8 @@ def _save(fig, output: Path, stem: str) -> dict[str, Path]:
     for ext in ("png", "svg"):
         path = output / f"{stem}.{ext}"
         # constrained layout already fits the outside legend: no bbox_inches="tight" (another draw)
-        fig.savefig(path, format=ext, metadata=_META[ext], dpi=150 if ext == "png" else None)
+        # 100 dpi: a screen's worth (the SVG beside it is the print copy); 150 doubled the bytes
+        fig.savefig(path, format=ext, metadata=_META[ext], dpi=100 if ext == "png" else None)
         paths[f"{stem}.{ext}"] = path
     return paths
 
