@@ -37,3 +37,25 @@ def interp():
     prev = tk.interpret_on_cpu(True)
     yield tk
     tk.interpret_on_cpu(prev)
+
+
+def engine_on_cpu(lm, state, B, wl):
+    """The real-kernel engine of ``state`` (None: float) on the CPU, kernels chosen for ``B`` rows
+    of decode and the workload's prefill, captured: the engine the gate tests check."""
+    from harness.kernels.real import RealLinear
+    from harness.kernels.select import select_kernels
+    from harness.perf.engine import LlavaEngine, build_blocks
+
+    def make(path, lin):
+        lq = None if state is None else state.linears.get(path)
+        if lq is None:
+            return RealLinear.from_linear(lin, path)
+        return RealLinear.from_quant(lq, lin, device="cpu", dtype=lm.dtype, name=path)
+    eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
+    ids, pix = wl.batch(B)
+    eng.setup(ids, pix, wl.new_tokens)
+    layers = [p for m in eng.linears().values() for p in getattr(m, "parts", [m])]
+    for phase, rows in (("decode", B), ("prefill", B * ids.shape[1])):
+        select_kernels(layers, phase, rows, dtype=lm.dtype, reps=1)
+    eng.capture(warmup=1)
+    return eng

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from harness.kernels.real import RealLinear, rel_err
-from harness.kernels.select import select_kernels
+from perf_helpers import engine_on_cpu
 from harness.models.loading import load_model
 from harness.perf import gate as gate_mod
 from harness.perf.engine import LlavaEngine, build_blocks, state_blocks
@@ -99,20 +99,6 @@ def test_mrope_tables_are_the_models_positions(family_lms):
     assert family_lms("llava-onevision").adapter.rope_tables(None, ids, pix, T) is None  # 1-D RoPE
 
 
-def _engine(lm, state, B, wl):
-    def make(path, lin):
-        lq = None if state is None else state.linears.get(path)
-        if lq is None:
-            return RealLinear.from_linear(lin, path)
-        return RealLinear.from_quant(lq, lin, device="cpu", dtype=lm.dtype, name=path)
-    eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
-    ids, pix = wl.batch(B)
-    eng.setup(ids, pix, wl.new_tokens)
-    layers = [p for m in eng.linears().values() for p in getattr(m, "parts", [m])]
-    for phase, rows in (("decode", B), ("prefill", B * ids.shape[1])):
-        select_kernels(layers, phase, rows, dtype=lm.dtype, reps=1)
-    eng.capture(warmup=1)
-    return eng
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,7 +114,7 @@ def test_engine_passes_the_gate(family_lms, family, scheme, interp):  # noqa: F8
     finally:
         if handle:
             handle.restore()
-    eng = _engine(lm, state, 2, wl)
+    eng = engine_on_cpu(lm, state, 2, wl)
     act = scheme.endswith(("a8", "a4"))
     g = gate_mod.check(eng, ref, act_quant=act, policy="strict")
     print(f"\nGATE {family} {scheme}: layerwise {g['layerwise_max_rel_err']:.2e}, e2e {g['e2e_rel_logit_err']:.2e}, "

@@ -4,29 +4,15 @@ import pytest
 import torch
 
 from harness.perf import gate as gate_mod
+from perf_helpers import engine_on_cpu
 from harness.perf.engine import LlavaEngine, build_blocks
 from harness.kernels.real import RealLinear
-from harness.kernels.select import select_kernels
 from harness.perf.states import make_workload
 from harness.quant.build import rtn_state
 from harness.quant.config import parse_scheme
 from harness.quant.simulated import apply_state
 
 
-def _engine_for(lm, state, B, wl):
-    def make(path, lin):
-        lq = None if state is None else state.linears.get(path)
-        if lq is None:
-            return RealLinear.from_linear(lin, path)
-        return RealLinear.from_quant(lq, lin, device="cpu", dtype=lm.dtype, name=path)
-    eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
-    ids, pix = wl.batch(B)
-    eng.setup(ids, pix, wl.new_tokens)
-    layers = [p for m in eng.linears().values() for p in getattr(m, "parts", [m])]
-    for phase, rows in (("decode", B), ("prefill", B * ids.shape[1])):
-        select_kernels(layers, phase, rows, dtype=lm.dtype, reps=1)
-    eng.capture(warmup=1)
-    return eng
 
 
 @pytest.mark.parametrize("scheme", ["w16a16", "w4a16", "w8a8", "w4a4"])
@@ -41,7 +27,7 @@ def test_engine_matches_simulated_model(tiny_lm, scheme):
         if handle:
             handle.restore()
     assert len(ref.tokens) == 5 and ref.logits.shape[0] == 5 and ref.io
-    eng = _engine_for(tiny_lm, state, 2, wl)
+    eng = engine_on_cpu(tiny_lm, state, 2, wl)
     g = gate_mod.check(eng, ref, act_quant=scheme.endswith(("a8", "a4")), policy="strict")
     assert g["layerwise_max_rel_err"] < 1e-4, g["layerwise"]
     assert g["e2e_rel_logit_err"] < 1e-4 and g["e2e_tokens_match"], g
@@ -66,7 +52,7 @@ def _rtn_reference(lm, scheme, new_tokens, text_tokens=12):
 
 def test_gate_fails_a_wrong_kernel(tiny_lm, monkeypatch):
     wl, state, ref = _rtn_reference(tiny_lm, "w4a16", new_tokens=4)
-    eng = _engine_for(tiny_lm, state, 1, wl)
+    eng = engine_on_cpu(tiny_lm, state, 1, wl)
     orig = RealLinear.run
     monkeypatch.setattr(RealLinear, "run", lambda self, k, x, pq=False: orig(self, k, x, pq) * 1.05)
     g = gate_mod.check(eng, ref, act_quant=False, policy="auto")
@@ -204,7 +190,7 @@ def test_rounding_tie_split_runs_on_the_engines_fused_layers(tiny_lm):
     """The split path (kernel vs engine-quantizer arithmetic, state vs captured output) works on
     the engine's concatenated q/k/v and gate/up layers; forced here with tol = 0."""
     wl, state, ref = _rtn_reference(tiny_lm, "w4a4", new_tokens=3)
-    eng = _engine_for(tiny_lm, state, 1, wl)
+    eng = engine_on_cpu(tiny_lm, state, 1, wl)
     lang_path, _ = gate_mod.language_layers(eng.model)
     ties: dict = {}
     errs = gate_mod.layerwise_errors(eng, ref, lang_path, tol=0.0, ties=ties)
