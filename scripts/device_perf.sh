@@ -6,7 +6,7 @@
 # usage (repository root, one H200):
 #   QVLM_GIT_COMMIT=<sha of the checkout> OUT=/path bash scripts/device_perf.sh [PHASES]
 # PHASES: comma-separated among selftest, 7b, 13b (default: these three, ~7.5 minutes), tiny (the
-# bundled trained model as the benchmarked model), 7b-prefill / 13b-prefill (batch 1, layouts chosen
+# bundled trained model as the benchmarked model), fault (isolation under a real CUDA fault), 7b-prefill / 13b-prefill (batch 1, layouts chosen
 # for prefill), 7b-sym / 13b-sym (W4A16 symmetric g128), 7b-decode / 13b-decode (the same with
 # layouts chosen for decode: where tinygemm in bf16 can win), methods (every registered method at
 # batch 1), qwen2.5-vl-7b / llava-onevision-7b (the newer families' shapes). Each phase is
@@ -55,8 +55,10 @@ phase() {  # name, limit in seconds, command...
     | tail -n 40 | tee -a "$OUT/device.log"
 }
 DRY_ARGS=()
+FAULT_DRY=()
 if [ -n "${DRY:-}" ]; then
   DRY_ARGS=(--dry-cpu)
+  FAULT_DRY=(--device cpu --dtype fp32)
   PERF_ARGS=(--device cpu --dtype fp32 --trained-gate on --schemes w4a16,w4a4 --batch 1 --new-tokens 3
              --warmup 1 --reps 1 --gate-tokens 2 --text-tokens 8 --out "$OUT/perf")
 fi
@@ -97,11 +99,12 @@ for ph in ${PHASES//,/ }; do
               phase perf-tiny "$S" python3 -m harness.perf.command --model qvlm-tiny-llava "${PERF_ARGS[@]}" \
                 --batch 1 --trained-gate on --out "$OUT/perf-tiny" ;;
     # every registered method (its own state: folded scales, rotations, tuned towers) at batch 1:
-    # METHODS_MODEL (default llava-1.5-7b), METHODS_SCHEMES (default w4a4,w8a8)
+    # METHODS_MODEL (default llava-1.5-7b), METHODS_SCHEMES (default w4a4,w8a8), METHODS_LIST
+    # (default all; fp16 is always the baseline)
     methods)  S=${PERF_METHODS_S:-300}; M=${METHODS_MODEL:-llava-1.5-7b}; [ -n "${DRY:-}" ] && M=qvlm-tiny-llava
               # shellcheck disable=SC2086
               phase perf-methods "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
-                --methods all --schemes "${METHODS_SCHEMES:-w4a4,w8a8}" --batch 1 \
+                --methods "${METHODS_LIST:-all}" --schemes "${METHODS_SCHEMES:-w4a4,w8a8}" --batch 1 \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
     # the newer families' 7B shapes (random weights): fp16 and RTN at each scheme, batch 1
     qwen2.5-vl-7b|llava-onevision-7b)
@@ -110,14 +113,30 @@ for ph in ${PHASES//,/ }; do
               phase "perf-$ph" "$S" python3 -m harness.perf.command --model "$M" "${PERF_ARGS[@]}" \
                 --schemes "${FAMILY_SCHEMES:-w4a16,w4a4,w8a8}" --batch 1 \
                 --time-budget $((S - MARGIN)) ${PERF_EXTRA:-} ;;
-    *)        echo "unknown phase $ph (selftest, tiny, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
+    # the isolation path under a real CUDA fault: the bundled model, one process per variant, the
+    # RTN W4A4 child trips a device-side assert after its first record; W8A8 after it must pass
+    fault)    S=${PERF_FAULT_S:-90}
+              QVLM_PERF_INJECT_FAULT=${FAULT_SPEC:-rtn:w4a4:after-first:cuda-assert} \
+              phase perf-fault "$S" python3 -m harness.perf.command --model qvlm-tiny-llava --methods rtn \
+                --schemes w4a16,w4a4,w8a8 --batch 1,2 --new-tokens 8 --warmup 1 --reps 2 --gate-tokens 4 \
+                --isolate on --time-budget $((S - 20)) --out "$OUT/perf-fault" "${FAULT_DRY[@]}" ;;
+    *)        echo "unknown phase $ph (selftest, tiny, fault, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
                    "7b-decode, 13b-decode, methods, qwen2.5-vl-7b, llava-onevision-7b)" ;;
   esac
 done
 echo "=== summary at $(( $(date +%s) - T0 ))s"
 python3 scripts/device_perf.py summary "$OUT/perf/records.jsonl" 2>&1 | tee "$OUT/summary.txt"
+if [ -f "$OUT/perf-fault/records.jsonl" ]; then
+  python3 - "$OUT/perf-fault/records.jsonl" <<'PY' 2>&1 | tee -a "$OUT/device.log"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("[fault]", r.get("method"), r.get("scheme"), "batch", r.get("batch_size"), r.get("status"),
+          (r.get("error") or "")[:160].replace("\n", " | "))
+PY
+fi
 echo "total $(( $(date +%s) - T0 ))s"
 # The device tool returns at most 8 files: keep records, table and summary as they are, the logs
 # in one archive (seen: a 9th file pushed perf/records.jsonl out of run 5660f8744dbb's return).
-( cd "$OUT" && tar czf logs.tgz --remove-files ./*.log selftest.json gpu.txt 2>/dev/null )
+( cd "$OUT" && tar czf logs.tgz --remove-files ./*.log selftest.json gpu.txt perf-fault 2>/dev/null )
 ls -R "$OUT" | head -20

@@ -31,7 +31,9 @@ left would not cover the last child's load.
 ``QVLM_PERF_INJECT_FAULT=<method>:<scheme>[:<point>[:<how>]]`` (comma-separated for several)
 makes the matching child die on purpose, for tests of this path: ``point`` ``start`` (model
 loaded, nothing recorded) or ``after-first`` (after its first record; default); ``how`` ``abort``
-(``os.abort``: SIGABRT, as a CUDA fault's abort; default) or ``exit139`` (``os._exit(139)``).
+(``os.abort``: SIGABRT, as a CUDA fault's abort; default), ``exit139`` (``os._exit(139)``) or
+``cuda-assert`` (a real CUDA fault: an out-of-range gather trips a device-side assert, which
+poisons the child's CUDA context as an illegal memory access does; CUDA devices only).
 Children only: a run without isolation ignores it.
 """
 
@@ -127,7 +129,20 @@ def inject(spec: ChildSpec, point: str) -> None:
             sys.stderr.flush()
             if how == "exit139":
                 os._exit(139)
+            if how == "cuda-assert":
+                cuda_fault()
             os.abort()
+
+
+def cuda_fault() -> None:
+    """Trip a device-side assert (a sticky CUDA error: every later CUDA call of the process fails)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{INJECT_ENV}: cuda-assert needs a CUDA device")
+    x = torch.zeros(4, device="cuda")
+    x[torch.tensor([1 << 30], device="cuda")].sum().item()  # out of range: the assert fires here
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------- the parent's side
