@@ -282,3 +282,16 @@ def test_compact_perf_waits_for_no_run(tmp_path, capsys):
         assert main(["compact-perf", str(tmp_path / "perf")]) == 2
     assert "in use by another qvlm-bench run" in capsys.readouterr().err
     assert path.read_bytes().split(b"\n")[:-1] == lines
+
+
+def test_committed_perf_records_keep_their_detail_in_sidecars():
+    """results/perf as committed: compact (no perf record with its detail inline), every sidecar
+    there and whole."""
+    folder = REPO / "results" / "perf"
+    if not (folder / "records.jsonl").is_file():
+        pytest.skip("results/perf is not in this checkout")
+    recs = load_records(folder / "records.jsonl")
+    inline = [r.get("config_hash") for r in recs if split_detail(r)[1] is not None]
+    assert not inline, f"perf records with inline detail: run `qvlm-bench compact-perf results/perf`: {inline[:5]}"
+    for r in recs:
+        load_detail(r, folder)
