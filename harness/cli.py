@@ -126,6 +126,26 @@ def cmd_compact_samples(args) -> int:
     return status
 
 
+def cmd_compact_perf(args) -> int:
+    from .perf.detail import PerfDetailError, compact_perf
+    from .resultsdir import ResultsDirError
+
+    status = 0
+    for folder in args.results:
+        try:
+            c = compact_perf(folder)
+        except (OSError, PerfDetailError, ResultsDirError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if c["records"]:
+            print(f"{folder}: {c['records']} perf record(s) rewritten, their detail in {c['files']} sidecar(s) "
+                  f"in perf-detail/; {c['bytes_before'] / 2**20:.2f} MB -> {c['bytes_after'] / 2**20:.2f} MB")
+        else:
+            print(f"{folder}: no perf record with its detail inline (already compact)")
+    return status
+
+
 def cmd_list(args) -> int:
     from .models.loading import bundled_models
     from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
@@ -222,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder's lock; running it again changes nothing.")
     c.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl and samples/")
     c.set_defaults(func=cmd_compact_samples)
+
+    cp = sub.add_parser("compact-perf", help="move a perf results folder's per-layer detail into sidecars",
+                        description="Move the per-layer detail of every perf record in each folder's "
+                                    "records.jsonl (gate errors per layer, fused-quantizer checks, kernel "
+                                    "timings per candidate) into gzip sidecars in perf-detail/ "
+                                    "(harness/perf/detail.py), each record naming its own; a record is "
+                                    "rewritten only after it reads back through its sidecar unchanged. "
+                                    "Holds the folder's lock; running it again changes nothing.")
+    cp.add_argument("results", nargs="+", help="perf results folder(s) holding records.jsonl (e.g. results/perf)")
+    cp.set_defaults(func=cmd_compact_perf)
 
     ls = sub.add_parser("list", help="list methods, tasks, schemes and bundled models")
     ls.add_argument("what", nargs="?", choices=["methods", "tasks", "schemes", "models"])

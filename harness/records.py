@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -195,6 +197,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
             tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def deterministic_gzip(text: str) -> bytes:
+    """``text`` gzipped with level 9, no mtime and no file name: the same text gives the same bytes
+    (with the same zlib). The compact sidecars (per-question samples, perf detail) are written so."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as f:
+        f.write(text.encode())
+    return buf.getvalue()
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

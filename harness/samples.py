@@ -31,12 +31,12 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import io
 import json
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .records import deterministic_gzip as _gzip
 from .records import json_default, read_records, write_atomic
 
 FORMAT = 1
@@ -59,14 +59,6 @@ def samples_path(folder: str | Path, key: str, task: str) -> Path:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=json_default)
-
-
-def _gzip(text: str) -> bytes:
-    """Deterministic gzip: no mtime, no file name, level 9."""
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as f:
-        f.write(text.encode())
-    return buf.getvalue()
 
 
 def _doc_order(doc_id: int | str) -> tuple:

@@ -7,8 +7,9 @@ layer, 10 CUDA-event repetitions, weights may sit in L2): correctness is the poi
 kernel selection times properly. Writes JSON and prints one line per check; exit status 1 if any
 check failed (a failed *candidate* is not fatal to the perf run, which skips it).
 
-``summary``: the perf table of a records file (and the per-layer kernel choice at batch 1),
-printed last by the device script.
+``summary``: the perf table of a records file (and the per-layer kernel choice at batch 1, from
+the records' detail sidecars: ``harness.perf.detail``; a missing one is a note), printed last by
+the device script.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
 
 
 def summary(records: Path) -> int:
+    from harness.perf.detail import load_detail
     from harness.perf.table import leaderboard_frame, load_records, write_perf_table
 
     recs = load_records(records)
@@ -219,6 +221,7 @@ def summary(records: Path) -> int:
     for r in recs:
         if r.get("batch_size") != 1 or not r.get("kernels"):
             continue
+        r = load_detail(r, records.parent, missing_ok=True, note=lambda msg: print(f"  {msg}"))
         for s in r["kernels"].get("selection", []):
             c = s["candidates"]
             ch = c.get(s["chosen"], {})

@@ -137,6 +137,12 @@ PY
 fi
 echo "total $(( $(date +%s) - T0 ))s"
 # The device tool returns at most 8 files: keep records, table and summary as they are, the logs
-# in one archive (seen: a 9th file pushed perf/records.jsonl out of run 5660f8744dbb's return).
+# in one archive (seen: a 9th file pushed perf/records.jsonl out of run 5660f8744dbb's return), and
+# the records' detail sidecars (one per record, harness/perf/detail.py) in another: unpack it where
+# the records go, `tar xzf perf-detail.tgz -C <folder>` gives <folder>/perf/perf-detail/... (copy
+# those files into results/perf/perf-detail/ with the records appended to results/perf/records.jsonl).
+if ls -d "$OUT"/*/perf-detail >/dev/null 2>&1; then
+  ( cd "$OUT" && tar czf perf-detail.tgz --remove-files ./*/perf-detail )
+fi
 ( cd "$OUT" && tar czf logs.tgz --remove-files ./*.log selftest.json gpu.txt perf-fault 2>/dev/null )
 ls -R "$OUT" | head -20

@@ -868,7 +868,7 @@ class IsolatedRun:
                 records += recs
                 if i == 0:
                     budget.reference_done()
-                if auto and cuda and not var.reference and wants_bf16(isolate.selection_of(recs)):
+                if auto and cuda and not var.reference and wants_bf16(isolate.selection_of(recs, self.path.parent, log)):
                     wanted.append((var, s))
             if wanted:
                 log(f"[perf] bf16 pass (a kernel that needs bf16 wins there): {[(v.label, s) for v, s in wanted]}")

@@ -207,11 +207,16 @@ def failure_error(res: ChildResult, label: str, B: int) -> str:
     return err[:1200]
 
 
-def selection_of(recs: list[dict]) -> list:
-    """The kernel selection of a variant's first batch size, back from its record."""
+def selection_of(recs: list[dict], folder: str | Path, log=print) -> list:
+    """The kernel selection of a variant's first batch size, back from its record (its detail
+    sidecar in ``folder``, the records file's folder: ``detail.load_detail``). The run can do
+    without it (no bf16 pass for the variant): a missing or damaged sidecar is logged as a note."""
     from ..kernels.select import KernelRecord
+    from .detail import load_detail
 
     for r in recs:
+        r = load_detail(r, folder, missing_ok=True, note=lambda msg: log(f"[perf] {msg}; the bf16 pass is "
+                                                                         "not considered for this variant"))
         sel = (r.get("kernels") or {}).get("selection")
         if sel:
             return [KernelRecord(**{**d, "shape": tuple(d["shape"])}) for d in sel]

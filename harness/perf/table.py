@@ -1,6 +1,7 @@
 """Perf records (through the project's one records writer) and the perf table (ratios to the float baseline).
 
-Records are written by the project's one writer (``harness.records.append_record``). A table row
+Records are written by the project's one writer (``harness.records.append_record``), their
+per-layer detail in a sidecar (``harness.perf.detail``; the table reads none of it). A table row
 compares a variant with the float baseline (``reference``) of the same ``run_id``, batch size and
 dtype: speed-ups are ``baseline time / variant time`` (> 1 is faster), memory is
 ``variant / baseline``. A variant that ran in bf16 is compared with the bf16 baseline of its own
@@ -16,6 +17,7 @@ import math
 from pathlib import Path
 
 from ..records import append_record, is_reference, new_record
+from .detail import DETAIL_KEY, write_detail
 
 
 def finite(o):
@@ -30,9 +32,15 @@ def finite(o):
 
 
 def write_perf_record(path: str | Path, **fields) -> dict:
-    """One perf record through the project's one writer (``harness.records``); returns it."""
+    """One perf record through the project's one writer (``harness.records``): its per-layer detail
+    first to a sidecar beside ``path`` (``detail.write_detail``), then the rest as one line naming
+    it (``detail_file``). Returns the whole record, detail included (what ``detail.load_detail``
+    gives back from the line)."""
     rec = new_record(**finite(fields))
-    append_record(path, rec)
+    summary = write_detail(Path(path).parent, rec)
+    append_record(path, summary)
+    if DETAIL_KEY in summary:
+        rec[DETAIL_KEY] = summary[DETAIL_KEY]
     return rec
 
 
