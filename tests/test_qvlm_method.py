@@ -187,3 +187,58 @@ def test_fp16_veo_control_is_the_tuned_tower_only(tiny_lm, tiny_calib):
         out = tiny_lm.model(**next(tiny_calib.inputs()))
         assert torch.isfinite(out.logits).all()
     _assert_unchanged(tiny_lm.model, snap)
+
+
+def _finalized(lm, calib, name, qcfg, **options):
+    from harness.quant.finalize import finalize_state
+    from harness.quant.ranges import rule_for
+
+    state = get_method(name)(**options).quantize(lm, qcfg, calib)
+    return finalize_state(lm.model, state, qcfg, list(calib.inputs()), rule_for(qcfg))
+
+
+def _same_linears(a: QuantState, b: QuantState) -> list[str]:
+    """Linears whose codes, scales or activation quantizer (range included) differ."""
+    assert list(a.linears) == list(b.linears)
+    differ = []
+    for n, la in a.linears.items():
+        lb = b.linears[n]
+        same = torch.equal(la.codes, lb.codes) and torch.equal(la.scale, lb.scale) \
+            and torch.equal(la.zero, lb.zero) and la.act.to_meta() == lb.act.to_meta()
+        for k in ("scale", "zero"):
+            x, y = getattr(la.act, k), getattr(lb.act, k)
+            same = same and (x is None) == (y is None) and (x is None or torch.equal(x, y))
+        if not same:
+            differ.append(n)
+    return differ
+
+
+@pytest.mark.parametrize("parts", [["language"], ["language", "projector"]])
+def test_grid_of_one_is_the_rtn_row_on_the_same_stream(tiny_lm, tiny_calib, parts):
+    """Issue 29 item 4: with the grid holding only p = 1 the layer-wise search changes nothing,
+    so its finalized state must be the RTN row's, static ranges included: the searched layers
+    take their ranges from the stream the engine gives every other row (weights quantized,
+    activation quantizers off). The float stream (the `range_stream: float` control) does not."""
+    qcfg = parse_scheme("w4a4", a_granularity="per_tensor", parts=parts)
+    rtn = _finalized(tiny_lm, tiny_calib, "rtn", qcfg)
+    same = _finalized(tiny_lm, tiny_calib, "qvlm-layerwise", qcfg, grid=[1.0])
+    assert same.meta["range_stream"] == "weights"
+    assert _same_linears(same, rtn) == []
+    batch = next(tiny_calib.inputs())
+    with applied(tiny_lm.model, rtn):
+        ref = tiny_lm.model(**batch).logits
+    with applied(tiny_lm.model, same):
+        assert torch.equal(tiny_lm.model(**batch).logits, ref)
+    # the control: ranges from the float model's inputs differ wherever a quantized weight
+    # upstream changes the input; only the searched (language) layers' ranges are Q-VLM's
+    floated = _finalized(tiny_lm, tiny_calib, "qvlm-layerwise", qcfg, grid=[1.0], range_stream="float")
+    assert floated.meta["range_stream"] == "float"
+    differ = _same_linears(floated, rtn)
+    assert differ and all(".layers." in n for n in differ)
+    if parts == ["language"]:  # layer 0's q/k/v read the embeddings, the same in both streams
+        assert "model.language_model.layers.0.self_attn.q_proj" not in differ
+
+
+def test_range_stream_must_be_named(tiny_lm, tiny_calib):
+    with pytest.raises(ValueError, match="range_stream must be 'weights'.*set range_stream: weights"):
+        get_method("qvlm-layerwise")(range_stream="quantized").quantize(tiny_lm, parse_scheme("w4a4"), tiny_calib)

@@ -39,7 +39,7 @@ from harness.registry import Method, register_method
 
 from .dependency import check_h0, mine_dependencies, partition, resolve_h0
 from .encoder import JACOBIAN_FALLBACKS, VEOConfig, optimize_vision_encoder
-from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, sequential_search
+from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, RANGE_STREAMS, sequential_search, stream_stats
 
 VEO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     "search_weights": False,  # paper/official code: activation clipping only; True also searches weights
     "exhaustive_max": EXHAUSTIVE_MAX,  # joint search enumerates up to this many combinations
     "search_batches": None,  # calibration batches in the search objective (None: all)
+    # the stream the searched layers' activation statistics (ranges, percentiles) come from:
+    # "weights", the engine's (every other row's); "float", the paper's full-precision stream (a control)
+    "range_stream": "weights",
     # dependency mining (§1)
     "max_block": 3,  # paper
     "h0_rule": "median",  # Eq. 7's threshold: "median" or "mean" of the adjacent dependencies, or "absolute"
@@ -137,6 +140,10 @@ class QVLMBase(Method):
             raise ValueError(f"grid percentiles must lie in (0, 1], got {o['grid']}")
         if o["coordinates"] not in COORDINATES:
             raise ValueError(f"coordinates must be one of {COORDINATES}, got {o['coordinates']!r}")
+        if o["range_stream"] not in RANGE_STREAMS:
+            raise ValueError(f"range_stream must be 'weights' (the engine's stream, the default) or "
+                             f"'float' (the paper's full-precision stream, a control row), got "
+                             f"{o['range_stream']!r}; set range_stream: weights")
         if o["search_batches"] is not None and int(o["search_batches"]) < 1:
             raise ValueError("search_batches must be a positive number of batches or None")
         if int(o["max_block"]) < 1:
@@ -188,6 +195,17 @@ class QVLMBase(Method):
             entries = {}
             if in_layers:
                 inputs = part_inputs(model, "language", calib.inputs(), state=capture)
+                # the searched layers' activation statistics: on the engine's weights stream
+                # (round-to-nearest weights everywhere, activation quantizers off: the stream
+                # every other row's ranges come from), or, as a control, the float stream
+                act_stats = None
+                if o["range_stream"] == "weights" and qcfg.quantizes_acts:
+                    layer_of = {n: int(n[len(layers_path) + 1:].split(".", 1)[0]) for n in in_layers}
+                    rtn_weights = QuantState(self.name, qcfg, {
+                        n: linear_from_weight(m.weight, qcfg) for n, m in targets.items()})
+                    act_stats = stream_stats(model, rtn_weights, layer_of, calib.inputs(), qcfg,
+                                             [float(p) for p in o["grid"]], seed)
+                meta["range_stream"] = o["range_stream"]
                 masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool)
                          for m, c in zip(inputs.masks, inputs.calls)]
                 # 2. cross-layer dependency mining
@@ -211,7 +229,7 @@ class QVLMBase(Method):
                     joint=self.use_cdm, seed=seed, method=self.name,
                     coordinates=o["coordinates"], eval_batches=o["search_batches"],
                     search_weights=bool(o["search_weights"]),
-                    exhaustive_max=int(o["exhaustive_max"]))
+                    exhaustive_max=int(o["exhaustive_max"]), act_stats=act_stats)
                 cost["search"] = time.perf_counter() - t0
                 meta["blocks"] = summaries
                 meta["percentiles"] = percentiles
