@@ -187,3 +187,123 @@ def test_fp16_veo_control_is_the_tuned_tower_only(tiny_lm, tiny_calib):
         out = tiny_lm.model(**next(tiny_calib.inputs()))
         assert torch.isfinite(out.logits).all()
     _assert_unchanged(tiny_lm.model, snap)
+
+
+def _finalized(lm, calib, name, qcfg, **options):
+    from harness.quant.finalize import finalize_state
+    from harness.quant.ranges import rule_for
+
+    state = get_method(name)(**options).quantize(lm, qcfg, calib)
+    return finalize_state(lm.model, state, qcfg, list(calib.inputs()), rule_for(qcfg))
+
+
+def _same_linears(a: QuantState, b: QuantState) -> list[str]:
+    """Linears whose codes, scales or activation quantizer (range included) differ."""
+    assert list(a.linears) == list(b.linears)
+    differ = []
+    for n, la in a.linears.items():
+        lb = b.linears[n]
+        same = torch.equal(la.codes, lb.codes) and torch.equal(la.scale, lb.scale) \
+            and torch.equal(la.zero, lb.zero) and la.act.to_meta() == lb.act.to_meta()
+        for k in ("scale", "zero"):
+            x, y = getattr(la.act, k), getattr(lb.act, k)
+            same = same and (x is None) == (y is None) and (x is None or torch.equal(x, y))
+        if not same:
+            differ.append(n)
+    return differ
+
+
+@pytest.mark.parametrize("parts", [["language"], ["language", "projector"]])
+def test_grid_of_one_is_the_rtn_row_on_the_same_stream(tiny_lm, tiny_calib, parts):
+    """Issue 29 item 4: with the grid holding only p = 1 the layer-wise search changes nothing,
+    so its finalized state must be the RTN row's, static ranges included: the searched layers
+    take their ranges from the stream the engine gives every other row (weights quantized,
+    activation quantizers off). The float stream (the `range_stream: float` control) does not."""
+    qcfg = parse_scheme("w4a4", a_granularity="per_tensor", parts=parts)
+    rtn = _finalized(tiny_lm, tiny_calib, "rtn", qcfg)
+    same = _finalized(tiny_lm, tiny_calib, "qvlm-layerwise", qcfg, grid=[1.0])
+    assert same.meta["range_stream"] == "weights"
+    assert _same_linears(same, rtn) == []
+    batch = next(tiny_calib.inputs())
+    with applied(tiny_lm.model, rtn):
+        ref = tiny_lm.model(**batch).logits
+    with applied(tiny_lm.model, same):
+        assert torch.equal(tiny_lm.model(**batch).logits, ref)
+    # the control: ranges from the float model's inputs differ wherever a quantized weight
+    # upstream changes the input; only the searched (language) layers' ranges are Q-VLM's
+    floated = _finalized(tiny_lm, tiny_calib, "qvlm-layerwise", qcfg, grid=[1.0], range_stream="float")
+    assert floated.meta["range_stream"] == "float"
+    differ = _same_linears(floated, rtn)
+    assert differ and all(".layers." in n for n in differ)
+    if parts == ["language"]:  # layer 0's q/k/v read the embeddings, the same in both streams
+        assert "model.language_model.layers.0.self_attn.q_proj" not in differ
+
+
+def test_range_stream_must_be_named(tiny_lm, tiny_calib):
+    with pytest.raises(ValueError, match="range_stream must be 'weights'.*set range_stream: weights"):
+        get_method("qvlm-layerwise")(range_stream="quantized").quantize(tiny_lm, parse_scheme("w4a4"), tiny_calib)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_linear_objective_in_group_coordinates_is_the_rtn_clip_row(tiny_lm, tiny_calib, granularity):
+    """The bridge between the engine's `+clip` lever and Q-VLM's search: `objective: linear`
+    with `coordinates: group` is the engine's clipping search itself (the same tensors, the same
+    error, the same stream), so its finalized state is `rtn+clip`'s; with `coordinates: layer`
+    it keeps that objective and changes only the coordinates: one percentile per layer, shared
+    by the layer's activation tensors, the one minimizing the sum of the engine's errors."""
+    from harness.quant.finalize import finalize_state
+    from harness.quant.ranges import rule_for
+
+    qcfg = parse_scheme("w4a4", a_granularity=granularity)
+    batches = list(tiny_calib.inputs())
+    rtn_clip = finalize_state(tiny_lm.model, get_method("rtn")().quantize(tiny_lm, qcfg, None), qcfg,
+                              batches, rule_for(qcfg, act_clip_search=True))
+    group = _finalized(tiny_lm, tiny_calib, "qvlm-layerwise", qcfg, coordinates="group", objective="linear")
+    assert _same_linears(group, rtn_clip) == []
+    engine_p = rtn_clip.meta["act_ranges"]["percentiles"]
+    assert {n: p["a"] for n, p in group.meta["percentiles"].items()} == engine_p
+    # the engine's choices differ inside a layer (else this model could not tell the coordinates apart)
+    by_layer: dict[str, set] = {}
+    for n, p in engine_p.items():
+        by_layer.setdefault(n.split(".mlp.")[0].split(".self_attn.")[0], set()).add(p)
+    assert any(len(ps) > 1 for ps in by_layer.values())
+    layer = _finalized(tiny_lm, tiny_calib, "qvlm-layerwise", qcfg, objective="linear")
+    assert layer.meta["objective"] == "linear" and layer.meta["range_stream"] == "weights"
+    lp: dict[str, set] = {}
+    for n, p in layer.meta["percentiles"].items():
+        lp.setdefault(n.split(".mlp.")[0].split(".self_attn.")[0], set()).add(p["a"])
+    assert set(lp) == set(by_layer) and all(len(ps) == 1 for ps in lp.values())
+    # the shared value is the argmin of the summed engine errors: recompute them here
+    from harness.quant.ranges import SEARCH_GRID, SEARCH_ROWS, _candidates, _Collector, _weights_only
+    from harness.quant.simulated import apply_state, quantize_activation
+    from harness.quant.ties import stable_argmin
+
+    rtn = rtn_state(tiny_lm.model, qcfg, "rtn")
+    lang = [n for n in rtn.linears if ".layers." in n]
+    col = _Collector(tiny_lm.model, lang, -(-SEARCH_ROWS // len(batches)))
+    h = apply_state(tiny_lm.model, _weights_only(rtn, set()))
+    try:
+        col.run(batches)
+    finally:
+        h.restore()
+    for prefix, ps in lp.items():
+        errs = [0.0] * len(SEARCH_GRID)
+        for s in col.shared_sets():
+            if not s[0].startswith(prefix + "."):
+                continue
+            x = torch.cat(col.rows[s[0]], 0)
+            lo, hi = float(min(col.lo[n] for n in s)), float(max(col.hi[n] for n in s))
+            for i, act in enumerate(_candidates(rtn.linears[s[0]].act, qcfg, lo, hi, x, SEARCH_GRID)):
+                d = quantize_activation(x, act) - x
+                errs[i] += sum(float((d @ rtn.linears[n].dequantized().to(x.dtype).T).pow(2).sum()) for n in s)
+        assert ps == {SEARCH_GRID[stable_argmin(errs)]}
+
+
+def test_objective_must_be_named_and_layerwise(tiny_lm, tiny_calib):
+    qcfg = parse_scheme("w4a4")
+    with pytest.raises(ValueError, match="objective must be 'output'.*set objective: output"):
+        get_method("qvlm-layerwise")(objective="mse").quantize(tiny_lm, qcfg, tiny_calib)
+    with pytest.raises(ValueError, match="no block form.*qvlm-layerwise"):
+        get_method("qvlm-cdm")(objective="linear").quantize(tiny_lm, qcfg, tiny_calib)
+    with pytest.raises(ValueError, match="range_stream: weights"):
+        get_method("qvlm-layerwise")(objective="linear", range_stream="float").quantize(tiny_lm, qcfg, tiny_calib)

@@ -16,6 +16,12 @@ the float model with the optimized encoder -> sequential search over the languag
 block fed by the already-quantized previous blocks (``harness.quant.blockwise``). Linears of other
 quantized parts (vision, projector, lm_head, when the scheme's ``parts`` name them) get
 round-to-nearest weights; their static activation ranges are the engine's (left ``None``).
+
+The searched layers' activation statistics come from the engine's ``weights`` stream, the one
+every other row's static ranges come from (``range_stream: weights``; ``float``, the paper's
+full-precision stream, is a control). ``objective: linear`` (a control, layer-wise only) chooses
+the percentiles by the engine's ``+clip`` objective in this row's coordinates
+(``linear_objective.py``); methods/qvlm/README.md, "Rows and what their contrasts measure".
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from harness.models.layers import language_layers
 from harness.quant.build import act_quantizer, linear_from_weight, target_linears
 from harness.quant.config import QuantConfig
 from harness.quant.blockwise import part_inputs
+from harness.quant.grid import unclipped_first
 from harness.quant.ranges import fill_static_ranges, rule_for
 from harness.quant.simulated import apply_state
 from harness.quant.state import QuantState
@@ -39,7 +46,8 @@ from harness.registry import Method, register_method
 
 from .dependency import check_h0, mine_dependencies, partition, resolve_h0
 from .encoder import JACOBIAN_FALLBACKS, VEOConfig, optimize_vision_encoder
-from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, sequential_search
+from .linear_objective import linear_objective_search
+from .search import COORDINATES, DEFAULT_GRID, EXHAUSTIVE_MAX, RANGE_STREAMS, sequential_search, stream_stats
 
 VEO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -66,6 +74,12 @@ DEFAULTS: dict[str, Any] = {
     "search_weights": False,  # paper/official code: activation clipping only; True also searches weights
     "exhaustive_max": EXHAUSTIVE_MAX,  # joint search enumerates up to this many combinations
     "search_batches": None,  # calibration batches in the search objective (None: all)
+    # the stream the searched layers' activation statistics (ranges, percentiles) come from:
+    # "weights", the engine's (every other row's); "float", the paper's full-precision stream (a control)
+    "range_stream": "weights",
+    # what a percentile is chosen by: "output", the paper's error at the layer's (Eq. 2) or block's
+    # (Eq. 3) output; "linear", the engine's +clip objective in these coordinates (a control, layer-wise only)
+    "objective": "output",
     # dependency mining (§1)
     "max_block": 3,  # paper
     "h0_rule": "median",  # Eq. 7's threshold: "median" or "mean" of the adjacent dependencies, or "absolute"
@@ -76,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
 
 # The default suite's laptop budget: 2 of the 8 search batches in the objective, one VEO epoch
 # with Jacobian weights from one batch and no before/after report.
+OBJECTIVES = ("output", "linear")
 FAST_VEO = {"veo_epochs": 1, "veo_report": False, "veo_jacobian_batches": 1}
 FAST = {"search_batches": 2, **FAST_VEO}
 
@@ -137,6 +152,23 @@ class QVLMBase(Method):
             raise ValueError(f"grid percentiles must lie in (0, 1], got {o['grid']}")
         if o["coordinates"] not in COORDINATES:
             raise ValueError(f"coordinates must be one of {COORDINATES}, got {o['coordinates']!r}")
+        if o["range_stream"] not in RANGE_STREAMS:
+            raise ValueError(f"range_stream must be 'weights' (the engine's stream, the default) or "
+                             f"'float' (the paper's full-precision stream, a control row), got "
+                             f"{o['range_stream']!r}; set range_stream: weights")
+        if o["objective"] not in OBJECTIVES:
+            raise ValueError(f"objective must be 'output' (the paper's, the default) or 'linear' (the "
+                             f"engine's +clip objective, a control), got {o['objective']!r}; set "
+                             f"objective: output")
+        if o["objective"] == "linear":
+            if self.use_cdm:
+                raise ValueError(f"objective 'linear' (the engine's per-linear clipping objective) has no "
+                                 f"block form, so {self.name!r} cannot use it: use it with qvlm-layerwise "
+                                 f"or qvlm-veo, or set objective: output")
+            if o["search_weights"] or o["range_stream"] != "weights":
+                raise ValueError("objective 'linear' is the engine's activation clipping search on its "
+                                 "weights stream: set search_weights: false and range_stream: weights, "
+                                 "or objective: output")
         if o["search_batches"] is not None and int(o["search_batches"]) < 1:
             raise ValueError("search_batches must be a positive number of batches or None")
         if int(o["max_block"]) < 1:
@@ -186,8 +218,36 @@ class QVLMBase(Method):
                 capture = QuantState(self.name, qcfg, {n: replace(lq) for n, lq in other.linears.items()})
                 fill_static_ranges(model, capture, list(calib.inputs()), rule_for(qcfg))
             entries = {}
-            if in_layers:
+            meta["objective"] = o["objective"]
+            if in_layers and o["objective"] == "linear":
+                # the control: the engine's +clip objective in this row's coordinates (layer-wise,
+                # on the engine's weights stream; linear_objective.py)
+                t0 = time.perf_counter()
+                searched = QuantState(self.name, qcfg, {
+                    n: linear_from_weight(m.weight, qcfg, act=act_quantizer(qcfg)) for n, m in targets.items()})
+                chosen = {}
+                if qcfg.quantizes_acts:
+                    chosen = linear_objective_search(model, searched, list(in_layers), list(calib.inputs()),
+                                                     qcfg, unclipped_first([float(p) for p in o["grid"]]),
+                                                     o["coordinates"])
+                entries = {n: searched.linears[n] for n in in_layers}
+                meta["range_stream"] = "weights"
+                meta["partition"] = [[i] for i in range(len(layers))]
+                meta["percentiles"] = {n: {"a": chosen.get(n, 1.0), "w": 1.0} for n in in_layers}
+                cost["search"] = time.perf_counter() - t0
+            elif in_layers:
                 inputs = part_inputs(model, "language", calib.inputs(), state=capture)
+                # the searched layers' activation statistics: on the engine's weights stream
+                # (round-to-nearest weights everywhere, activation quantizers off: the stream
+                # every other row's ranges come from), or, as a control, the float stream
+                act_stats = None
+                if o["range_stream"] == "weights" and qcfg.quantizes_acts:
+                    layer_of = {n: int(n[len(layers_path) + 1:].split(".", 1)[0]) for n in in_layers}
+                    rtn_weights = QuantState(self.name, qcfg, {
+                        n: linear_from_weight(m.weight, qcfg) for n, m in targets.items()})
+                    act_stats = stream_stats(model, rtn_weights, layer_of, calib.inputs(), qcfg,
+                                             [float(p) for p in o["grid"]], seed)
+                meta["range_stream"] = o["range_stream"]
                 masks = [m if m is not None else torch.ones(c.hidden.shape[:2], dtype=torch.bool)
                          for m, c in zip(inputs.masks, inputs.calls)]
                 # 2. cross-layer dependency mining
@@ -211,7 +271,7 @@ class QVLMBase(Method):
                     joint=self.use_cdm, seed=seed, method=self.name,
                     coordinates=o["coordinates"], eval_batches=o["search_batches"],
                     search_weights=bool(o["search_weights"]),
-                    exhaustive_max=int(o["exhaustive_max"]))
+                    exhaustive_max=int(o["exhaustive_max"]), act_stats=act_stats)
                 cost["search"] = time.perf_counter() - t0
                 meta["blocks"] = summaries
                 meta["percentiles"] = percentiles

@@ -13,11 +13,18 @@ How a percentile becomes a quantizer (the core's ``clip_ratio`` form, so the sim
 computes exactly what was searched):
 
 * per-token activations: ``clip = mean over real calibration tokens of q_p(|x_t|) / max|x_t|``
-  on the float model's inputs of the group, stored as ``ActQuant.clip_ratio``;
-* per-tensor activations: the float calibration range ``[min, max]`` over real tokens shrunk by
-  ``q_p(|x|) / max|x|`` (quantile over up to 65536 sampled values per batch); at p = 1 this is
-  the engine's own rule for static ranges (float stream, min/max, real tokens);
+  on the group's inputs, stored as ``ActQuant.clip_ratio``;
+* per-tensor activations: the calibration range ``[min, max]`` over real tokens shrunk by
+  ``q_p(|x|) / max|x|`` (quantile over up to 65536 sampled values per batch);
 * weights (``search_weights``): per output channel (or group) ``clip = q_p(|w|) / max|w|``.
+
+Which stream those statistics come from (``act_stats``): by default (``stream_stats``) the
+engine's ``weights`` stream (``harness.quant.ranges``) — one pass of the model with every target
+linear's round-to-nearest weights and activation quantizers off — the stream every other row's
+static ranges come from, so at p = 1 the range is exactly the one the engine gives a
+round-to-nearest layer (tested: a grid of ``[1.0]`` is the RTN state, ranges included). Without
+``act_stats`` (Q-VLM's ``range_stream: float``, a control) they come from the float model's own
+inputs of each layer, the paper's "full-precision distribution".
 
 Both are multiplied by the config's ``w_clip`` / ``a_clip`` (1.0 by default), so p = 1.0
 everywhere is exactly round-to-nearest.
@@ -60,16 +67,17 @@ from torch.nn import functional as F
 
 from harness.models.capture import LayerCall, layer_output
 from harness.quant.build import act_quantizer, linear_from_weight
-from harness.quant.capture import shared_input_sets, watch_inputs
+from harness.quant.capture import run_batches, shared_input_sets, watch_inputs
 from harness.quant.config import QuantConfig
 from harness.quant.grid import PERCENTILE_GRID, clip_ratios, quantile_index, unclipped_first, upper_quantiles
 from harness.quant.quantizer import dequantize_weight, qparams, rtn_weight, wide
-from harness.quant.simulated import quantize_activation
-from harness.quant.state import ActQuant, LinearQuant
+from harness.quant.simulated import apply_state, quantize_activation
+from harness.quant.state import ActQuant, LinearQuant, QuantState
 from harness.quant.ties import improves, stable_argmin
 
 DEFAULT_GRID = PERCENTILE_GRID
 COORDINATES = ("group", "layer")
+RANGE_STREAMS = ("weights", "float")  # the engine's stream (default), the float model's (control)
 PER_TENSOR_SAMPLES = 65536
 EXHAUSTIVE_MAX = 125  # 5 percentiles ** 3 layers: a block of three with layer coordinates
 MAX_SWEEPS = 50  # safety cap on coordinate-descent sweeps (each move lowers the error by a margin)
@@ -147,6 +155,63 @@ class ActStats:
         span = torch.tensor([self.lo, self.hi], dtype=torch.float32)
         act.scale, act.zero = qparams(span, act.bits, act.sym, act.clip_ratio, dim=0)
         return act
+
+
+def _layer_seed(seed: int, layer: int) -> int:
+    """The sampling seed of one layer's statistics (the same for either stream)."""
+    return seed + 7919 * layer
+
+
+def _same_tensor(x: torch.Tensor, x0: torch.Tensor) -> bool:
+    """``harness.quant.capture.shared_input_sets``'s test: the very same tensor."""
+    return x is x0 or (x.data_ptr() == x0.data_ptr() and x.shape == x0.shape
+                       and x.stride() == x0.stride())
+
+
+@torch.no_grad()
+def stream_stats(model: nn.Module, state: QuantState, layer_of: dict[str, int], batches,
+                 qcfg: QuantConfig, grid: Sequence[float], seed: int) -> dict[str, ActStats]:
+    """Activation statistics of the linears in ``layer_of`` (model path -> layer index) on the
+    engine's ``weights`` stream: full passes of ``model`` over ``batches`` with ``state`` applied,
+    which holds round-to-nearest weights and no activation quantizers (what
+    ``harness.quant.ranges`` applies for its default stream). Linears that read one tensor
+    (q/k/v, gate/up) share one ``ActStats`` object; returns it under each of their paths."""
+    if any(lq.act is not None for lq in state.linears.values()):
+        raise ValueError("the weights stream has every activation quantizer off")
+    grid = unclipped_first(grid)
+    per_tensor = qcfg.a_granularity == "per_tensor"
+    stats: dict[str, ActStats] = {}
+    head: dict[str, str] = {}  # linear -> the first linear (in call order) reading its tensor
+    gens: dict[int, torch.Generator] = {}
+    last: list = [None, None]  # the previous call's (input, linear)
+
+    def add(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if name not in head:
+            prev_x, prev = last
+            shared = prev is not None and layer_of[prev] == layer_of[name] and _same_tensor(x, prev_x)
+            head[name] = head[prev] if shared else name
+            stats[name] = stats[head[name]] if shared else ActStats()
+        last[0], last[1] = x, name
+        if head[name] != name:
+            return
+        layer = layer_of[name]
+        if layer not in gens:
+            gens[layer] = torch.Generator().manual_seed(_layer_seed(seed, layer))
+        stats[name].add(x, mask, grid, per_tensor, gens[layer])
+
+    # the state first, then the hooks: they watch the simulated linears, as the engine's do
+    # (``capture.linear_inputs`` hooks the modules before applying its state)
+    handle = apply_state(model, state)
+    try:
+        with watch_inputs(model, list(layer_of), add) as tokens:
+            run_batches(model, batches, tokens)
+    finally:
+        handle.restore()
+        last[0] = last[1] = None
+    missing = set(layer_of) - set(stats)
+    if missing:
+        raise RuntimeError(f"linears never called during calibration: {sorted(missing)[:5]}")
+    return stats
 
 
 # ---- the searchable layer ---------------------------------------------------------------------
@@ -259,10 +324,15 @@ class SearchLayer:
     # -- float pass: targets, groups, activation statistics
     @torch.no_grad()
     def probe(self, calls: Sequence[LayerCall], hidden: Sequence[torch.Tensor],
-              masks: Sequence[torch.Tensor | None], seed: int) -> list[torch.Tensor]:
+              masks: Sequence[torch.Tensor | None], seed: int,
+              stats: dict[str, ActStats] | None = None) -> list[torch.Tensor]:
+        """Float pass: the layer's outputs (the targets) and its quantizer groups. The groups'
+        activation statistics are ``stats`` (local linear path -> ``ActStats``, from
+        ``stream_stats``) when given, else taken here from the float inputs ``hidden``."""
         seen: list[tuple[str, torch.Tensor]] = []
         gen = torch.Generator().manual_seed(seed)
         per_tensor = self.qcfg.quantizes_acts and self.qcfg.a_granularity == "per_tensor"
+        collect = self.qcfg.quantizes_acts and stats is None
         outs = []
         with watch_inputs(self.layer, self.linear_names, lambda n, x, _m: seen.append((n, x))):
             for call, h, mask in zip(calls, hidden, masks):
@@ -270,7 +340,7 @@ class SearchLayer:
                 outs.append(layer_output(self.layer, call.with_hidden(h)))
                 if not self.groups:
                     self.groups = [QuantizerGroup(names) for names in shared_input_sets(seen)]
-                if self.qcfg.quantizes_acts:
+                if collect:
                     first = {n: x for n, x in reversed(seen)}
                     for g in self.groups:
                         g.stats.add(first[g.linears[0]], mask, self.grid, per_tensor, gen)
@@ -278,6 +348,13 @@ class SearchLayer:
         missing = set(self.linear_names) - {n for g in self.groups for n in g.linears}
         if missing:
             raise RuntimeError(f"linears never called during calibration: {sorted(missing)}")
+        if stats is not None and self.qcfg.quantizes_acts:
+            for g in self.groups:
+                given = {id(stats[n]) for n in g.linears if n in stats}
+                if len(given) != 1 or any(n not in stats for n in g.linears):
+                    raise RuntimeError(f"the statistics' stream does not group {g.linears} as the "
+                                       f"float layer does")
+                g.stats = stats[g.linears[0]]
         return outs
 
     def swap_in(self) -> None:
@@ -532,13 +609,16 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
                  linear_names: Sequence[Sequence[str]], grid: Sequence[float] = DEFAULT_GRID,
                  joint: bool = True, seed: int = 0, coordinates: str = "layer",
                  eval_batches: int | None = None, search_weights: bool = False,
-                 exhaustive_max: int = EXHAUSTIVE_MAX) -> BlockResult:
+                 exhaustive_max: int = EXHAUSTIVE_MAX,
+                 act_stats: Sequence[dict[str, ActStats]] | None = None) -> BlockResult:
     """Search one block of consecutive layers (see the module doc).
 
     ``q_in``/``f_in``: the block's input in the quantized/float model, one tensor per batch.
     ``joint=False`` stops after the layer-wise solution (Eq. 2). ``eval_batches``: the objective
     uses the first that many batches (all when None); the activation statistics always use
-    every batch. ``q_out`` covers the evaluated batches.
+    every batch. ``act_stats``: per layer, the activation statistics by local linear path
+    (``stream_stats``); None: taken from the float stream ``f_in``. ``q_out`` covers the
+    evaluated batches.
     """
     grid = unclipped_first(grid)
     sls = [SearchLayer(layer, qcfg, grid, names, coordinates, search_weights)
@@ -546,7 +626,8 @@ def search_block(layers: Sequence[nn.Module], indices: Sequence[int], calls: Seq
     f_outs: list[list[torch.Tensor]] = []
     h = list(f_in)
     for j, sl in enumerate(sls):
-        h = sl.probe(calls, h, masks, seed + 7919 * indices[j])
+        h = sl.probe(calls, h, masks, _layer_seed(seed, indices[j]),
+                     None if act_stats is None else act_stats[j])
         f_outs.append(h)
     k = len(calls) if not eval_batches else max(1, min(int(eval_batches), len(calls)))
     calls, q_in, masks = list(calls)[:k], list(q_in)[:k], list(masks)[:k]
@@ -597,12 +678,14 @@ def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], q
                       coordinates: str = "layer", eval_batches: int | None = None,
                       search_weights: bool = False, exhaustive_max: int = EXHAUSTIVE_MAX,
                       on_block: Callable[[dict], None] | None = None,
+                      act_stats: dict[str, ActStats] | None = None,
                       ) -> tuple[dict[str, LinearQuant], list[dict], dict]:
     """Search every block in order, each fed by the already-quantized previous blocks.
 
     Runs on the shared loop ``harness.quant.blockwise.run_blockwise`` (``inputs`` from its
     ``part_inputs``), which also propagates each searched block through the simulated model.
-    Returns ``(entries by model path, per-block summaries, percentiles by linear path)``.
+    ``act_stats``: activation statistics by model path (``stream_stats``); None: the float
+    stream's. Returns ``(entries by model path, per-block summaries, percentiles by linear path)``.
     """
     from harness.quant.blockwise import run_blockwise
 
@@ -614,10 +697,14 @@ def sequential_search(model: nn.Module, inputs, targets: dict[str, nn.Linear], q
         names = []
         for path in block.paths:
             names.append([n[len(path) + 1:] for n in targets if n.startswith(path + ".")])
+        stats = None
+        if act_stats is not None:
+            stats = [{n[len(path) + 1:]: act_stats[n] for n in targets if n.startswith(path + ".")
+                      and n in act_stats} for path in block.paths]
         res = search_block(block.layers, block.layer_ids, block.calls,
                            [c.hidden for c in block.calls], [c.hidden for c in block.float_calls],
                            block.masks, qcfg, names, grid, joint, seed, coordinates,
-                           eval_batches, search_weights, exhaustive_max)
+                           eval_batches, search_weights, exhaustive_max, stats)
         frag = block.fragment(method, qcfg)
         for key, lq in res.entries.items():
             i, _, local = key.partition(".")
