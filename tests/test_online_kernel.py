@@ -16,7 +16,7 @@ from harness.kernels.online import OnlineHadamard
 from harness.quant.simulated import quantize_activation
 from harness.quant.state import ActQuant
 from harness.quant.transforms import _dense_factor, _sylvester, hadamard_factors
-from perf_helpers import interp, rand_acts  # noqa: F401  (fixture)
+from perf_helpers import engine_on_cpu, interp, rand_acts  # noqa: F401  (fixture)
 
 # 1 · 256 (16 x 16 tile), 12 · 64 (the bundled model's MLP), 1 · 4096 (LLaVA-1.5-7B's o_proj),
 # 344 · 32 (its down_proj: Paley I over GF(7³))
@@ -146,3 +146,51 @@ def test_no_matrix_is_built_again_after_the_first_call(interp, monkeypatch):
     again = hadamard.hadamard_q(x, t, ActQuant(bits=4), InputMode("codes", fp8=True))
     assert made == [] and torch.equal(again.x.float(), first.x.float()) and torch.equal(again.scale, first.scale)
 
+
+# ---- QuaRot's engine with the kernel and without it ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled32():
+    from harness.models.loading import load_model
+
+    return load_model("qvlm-tiny-llava", dtype="fp32", device="cpu")
+
+
+def test_quarot_engine_with_the_kernel_equals_the_eager_one(bundled32, interp, monkeypatch):
+    from harness.perf import gate as gate_mod
+    from harness.perf import states as states_mod
+    from harness.quant.config import parse_scheme
+    from harness.quant.simulated import apply_state
+
+    lm = bundled32
+    wl = states_mod.make_workload(lm.model.config, text_tokens=12, new_tokens=5, seed=1)
+    (quarot,) = [v for v in states_mod.perf_variants(["quarot"]) if not v.reference]
+    state, _ = states_mod.perf_state(lm, quarot, parse_scheme("w4a4"), wl)
+    assert sum(lq.input_transform == "hadamard" for lq in state.linears.values()) == 8
+    ids, pix = wl.batch(1)
+    with torch.no_grad():
+        handle = apply_state(lm.model, state)
+        try:
+            ref = gate_mod.simulated_reference(lm.model, ids, pix.to(lm.dtype), n_tokens=4)
+        finally:
+            handle.restore()
+
+    fast = engine_on_cpu(lm, state, 1, wl, float_params=True, only=["simulated"])
+    assert set(fast.online_impl.values()) == {hadamard.KERNEL} and len(fast.online_impl) == 8
+    monkeypatch.setenv(hadamard.IMPL_ENV, "eager")
+    slow = engine_on_cpu(lm, state, 1, wl, float_params=True, only=["simulated"])
+    assert all(v.startswith("eager") for v in slow.online_impl.values())
+
+    with torch.no_grad():
+        a = fast.teacher_forced_logits(ref.tokens[1:])
+        b = slow.teacher_forced_logits(ref.tokens[1:])
+    assert _rel(a, b) <= gate_mod.GATE_TOL and torch.equal(a.argmax(-1), b.argmax(-1))
+    for eng in (fast, slow):
+        g = gate_mod.check(eng, ref, act_quant=True, policy="strict")
+        assert g["passed"], g
+        pc = gate_mod.check_producers(eng, ref)
+        assert pc["passed"], pc
+        online = [c for k, c in pc["checks"].items() if k.split(".")[2] in ("o", "down")]
+        assert online and all(c["transform_err"] < 1e-5 for c in online)
+    assert {c["online"] for k, c in gate_mod.check_producers(fast, ref)["checks"].items()
+            if k.split(".")[2] in ("o", "down")} == {hadamard.KERNEL}
