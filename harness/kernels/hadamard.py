@@ -159,19 +159,19 @@ if tk.HAS_TRITON:
         k = tl.arange(0, MP)
         j = tl.arange(0, P)
         bi = tl.arange(0, BLOCK_I)
+        dt = x_ptr.dtype.element_ty
+        hp = _sylvester_tile(P, LOGP, dt)
         acc = tl.zeros([MP, P], dtype=tl.float32)
         for t in range(0, NT):
             i = t * BLOCK_I + bi
             c = i[:, None] * P + j[None, :]
             m_in = (i[:, None] < M) & (j[None, :] < P)
             x = _load(x_ptr, row, c, m_in, K, T, D, stride_b, stride_t, stride_h, SILU)
-            dt = x.dtype
-            y = tl.dot(x, _sylvester_tile(P, LOGP, dt), input_precision=PREC).to(dt)
+            y = tl.dot(x, hp, input_precision=PREC).to(dt)
             w = tl.load(bits_ptr + k * NT + t)  # [MP] words: bit b is H_m[t*32 + b, k] < 0
             neg = ((w[:, None] >> bi[None, :]) & 1) != 0
             hm = tl.where(neg, -1.0, 1.0).to(dt)  # [MP, BLOCK_I] = H_mᵀ[k, i]
             acc += tl.dot(hm, y, input_precision=PREC)
-        dt = x_ptr.dtype.element_ty
         z = acc.to(dt).to(tl.float32)
         h = tl.math.div_rn(z, sqrt_n + tl.zeros_like(z)).to(dt).to(tl.float32)
         c = k[:, None] * P + j[None, :]
