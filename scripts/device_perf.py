@@ -2,9 +2,10 @@
 
 ``selftest``: every kernel candidate and every fused activation quantizer at the LLaVA-1.5-7B
 layer shapes, on CUDA, against float64 arithmetic of the simulated model (relative error) and the
-simulated quantizer (codes equal up to one step at exact rounding ties). Times are rough (one
-layer, 10 CUDA-event repetitions, weights may sit in L2): correctness is the point; the perf run's
-kernel selection times properly. Writes JSON and prints one line per check; exit status 1 if any
+simulated quantizer (codes equal up to one step at exact rounding ties), and the fused online
+Hadamard at QuaRot's widths (4096, 11008 = 344 · 32), timed as CUDA-graph replays against the eager
+transform it replaces. Times are rough (one layer, 10 CUDA-event repetitions, weights may sit in
+L2): correctness is the point; the perf run's kernel selection times properly. Writes JSON and prints one line per check; exit status 1 if any
 check failed (a failed *candidate* is not fatal to the perf run, which skips it).
 
 ``summary``: the perf table of a records file (and the per-layer kernel choice at batch 1, from
@@ -50,6 +51,90 @@ def _time_us(fn, reps=10):
     fn()
     torch.cuda.synchronize()
     return _time_ms(fn, reps, "cuda") * 1e3
+
+
+def _graph_us(fn, reps=20):
+    """µs per replay of a CUDA graph of ``fn`` (already warm): launch gaps as in the engine's
+    captured decode step; the capture itself fails for a kernel that is not graph-capturable."""
+    from harness.kernels.select import _time_graph_ms
+
+    return _time_graph_ms(fn, reps, "cuda") * 1e3
+
+
+def _online_hadamard(res: dict, dev: str, widths, prefill_rows: int, heads: int, dry_cpu: bool) -> list:
+    """The fused online Hadamard (``harness.kernels.hadamard``) at QuaRot's widths (o_proj's input,
+    read through the attention output's transpose, and down_proj's, from the gate/up output):
+    its transform against float64 and the eager one, its codes against the simulated quantizer on
+    its own values, and CUDA-graph times of the fused kernel, of the eager path it replaces
+    (transform + row quantizer) and of the producer a state without the transform runs
+    (``rows_q`` / ``silu_mul_q``): the difference is what QuaRot's transform costs per layer."""
+    import math
+
+    import torch
+
+    from harness.kernels import fused, hadamard
+    from harness.kernels.fused import InputMode
+    from harness.kernels.online import OnlineHadamard
+    from harness.kernels.real import rel_err
+    from harness.quant.state import ActQuant
+    from harness.quant.transforms import _dense_factor, _sylvester, hadamard_factors
+
+    out = []
+    act = ActQuant(bits=4)
+    for dtype in (torch.float16,) if dry_cpu else (torch.float16, torch.bfloat16):
+        for n, silu in ((widths[0], False), (widths[1], True)):
+            t = OnlineHadamard(n)
+            m, p = hadamard_factors(n)
+            for rows in (1, prefill_rows):
+                name = (f"online hadamard {'silu·up' if silu else 'attention'} n={n} ({m}·{p}) rows={rows} "
+                        f"{str(dtype)[6:]}")
+                entry = {"name": name, "n": n, "rows": rows, "dtype": str(dtype)[6:], "plan": str(hadamard.plan(n))}
+                try:
+                    if silu:
+                        x = _rand(rows, 2 * n, 5, dtype, dev, scale=2.0)
+                        h = fused.silu_mul_q(x, None, fused.FLOAT_INPUT)
+                    else:  # [B, H, T, D] as attention returns it, read through its transpose
+                        att = _rand(heads * rows, n // heads, 6, dtype, dev).reshape(1, heads, rows, n // heads)
+                        x = att.transpose(1, 2)
+                        h = x.reshape(rows, n)
+                    ht = hadamard.hadamard_q(x, t, None, silu=silu)
+                    want = torch.einsum("ik,rij,jl->rkl", _dense_factor(m).to(dev), h.double().reshape(rows, m, p),
+                                        _sylvester(p).to(dev)).reshape(rows, n) / math.sqrt(n)
+                    entry["err_f64"] = rel_err(ht, want)
+                    entry["err_eager"] = rel_err(ht, t(h))
+                    entry["eager_err_f64"] = rel_err(t(h), want)
+                    tol = 1e-3 if dtype == torch.float16 else 1e-2
+                    ok = entry["err_f64"] <= tol and entry["err_eager"] <= tol
+                    for mode in (InputMode("fake"), InputMode("codes", fp8=True)):
+                        c = fused.check_codes(ht, hadamard.hadamard_q(x, t, act, mode, silu=silu), act)
+                        entry[f"codes_{mode.kind}"] = {k: c[k] for k in ("mismatches", "non_tie", "scale_mismatch")}
+                        ok = ok and not c["non_tie"] and not c["scale_mismatch"]
+                    if not dry_cpu:
+                        mode = InputMode("codes", fp8=True)
+                        if silu:
+                            base = lambda: fused.silu_mul_q(x, act, mode)  # noqa: E731
+                        else:
+                            base = lambda: fused.rows_q(x, act, mode)  # noqa: E731
+                        eager = lambda: hadamard.eager_q(x, t, act, mode, silu=silu)  # noqa: E731
+                        fast = lambda: hadamard.hadamard_q(x, t, act, mode, silu=silu)  # noqa: E731
+                        for key, fn in (("fused_us", fast), ("eager_us", eager), ("no_transform_us", base)):
+                            fn()
+                            entry[key] = _graph_us(fn)
+                    entry["ok"] = bool(ok)
+                except Exception as exc:  # noqa: BLE001
+                    msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+                    entry.update(ok=False, error=f"{type(exc).__name__}: {msg}")
+                    traceback.print_exc()
+                out.append(entry)
+                if not entry["ok"]:
+                    res["failures"].append(name)
+                times = (f" fused {entry['fused_us']:.1f}us eager {entry['eager_us']:.1f}us "
+                         f"without transform {entry['no_transform_us']:.1f}us") if "fused_us" in entry else ""
+                print(f"[selftest] {'ok  ' if entry['ok'] else 'FAIL'} {name}: "
+                      + (entry.get("error") or f"err f64 {entry['err_f64']:.1e} (eager {entry['eager_err_f64']:.1e}) "
+                         f"vs eager {entry['err_eager']:.1e} non-tie {entry['codes_codes']['non_tie']}{times}"),
+                      flush=True)
+    return out
 
 
 def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
@@ -131,6 +216,9 @@ def selftest(out: Path, budget_s: float, dry_cpu: bool = False) -> int:
     if not c["ok"]:
         res["failures"].append(c["name"])
     print(f"[selftest] {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: mismatch {c['mismatches']}", flush=True)
+
+    res["online"] = _online_hadamard(res, dev, (256, 768) if dry_cpu else (hidden, inter), prefill_rows, heads,
+                                     dry_cpu)
 
     # -- matmul kernels ------------------------------------------------------------------------
     # most informative first (the budget may cut the tail): the FP8 paths, tinygemm, gemlite

@@ -39,23 +39,29 @@ def interp():
     tk.interpret_on_cpu(prev)
 
 
-def engine_on_cpu(lm, state, B, wl):
+def engine_on_cpu(lm, state, B, wl, *, float_params: bool = False, only=None):
     """The real-kernel engine of ``state`` (None: float) on the CPU, kernels chosen for ``B`` rows
-    of decode and the workload's prefill, captured: the engine the gate tests check."""
+    of decode and the workload's prefill, captured: the engine the gate tests check.
+    ``float_params``: with the state's float parameters (rotations, folded norms); ``only``:
+    ``select_kernels``' candidate filter (``["simulated"]`` where the producers are the subject)."""
     from harness.kernels.real import RealLinear
     from harness.kernels.select import select_kernels
-    from harness.perf.engine import LlavaEngine, build_blocks
+    from harness.perf.engine import LlavaEngine, build_blocks, state_blocks
 
     def make(path, lin):
         lq = None if state is None else state.linears.get(path)
         if lq is None:
             return RealLinear.from_linear(lin, path)
         return RealLinear.from_quant(lq, lin, device="cpu", dtype=lm.dtype, name=path)
-    eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
+    if float_params and state is not None:  # the whole state, as the perf runner deploys it
+        blocks = state_blocks(lm.model, state, device="cpu", dtype=lm.dtype)
+        eng = LlavaEngine(lm.model, blocks, float_params=state.float_params)
+    else:
+        eng = LlavaEngine(lm.model, build_blocks(lm.model, make))
     ids, pix = wl.batch(B)
     eng.setup(ids, pix, wl.new_tokens)
     layers = [p for m in eng.linears().values() for p in getattr(m, "parts", [m])]
     for phase, rows in (("decode", B), ("prefill", B * ids.shape[1])):
-        select_kernels(layers, phase, rows, dtype=lm.dtype, reps=1)
+        select_kernels(layers, phase, rows, dtype=lm.dtype, reps=1, only=only)
     eng.capture(warmup=1)
     return eng

@@ -123,8 +123,9 @@ if tk.HAS_TRITON:
     def _emit(h, offs, mask, row, out_ptr, stride_out, scale_ptr, rowsum_ptr, s_ptr, z_ptr, clip,
               MODE: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, PER_TOKEN: tl.constexpr,
               ROWSUM: tl.constexpr):
-        """Store ``h`` (fp32 values of the activation dtype; masked lanes 0) as MODE asks.
-        Divisions are IEEE (``div_rn``; Triton's ``/`` is not), as torch's."""
+        """Store ``h`` (fp32 values of the activation dtype; masked lanes 0) as MODE asks; ``h``,
+        ``offs`` and ``mask`` of one row, of any rank (reductions are over every axis: the online
+        Hadamard's row is a 2-D tile). Divisions are IEEE (``div_rn``; Triton's ``/`` is not), as torch's."""
         if MODE == 0:
             tl.store(out_ptr + row * stride_out + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -132,12 +133,12 @@ if tk.HAS_TRITON:
             if PER_TOKEN:
                 if SYM:
                     QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-                    amax = tl.max(tl.abs(h), axis=0) * clip
+                    amax = tl.max(tl.abs(h), axis=None) * clip
                     scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8)
                     zero = (1 << (BITS - 1)) * 1.0
                 else:
-                    xmin = tl.minimum(tl.min(h, axis=0), 0.0) * clip
-                    xmax = tl.maximum(tl.max(h, axis=0), 0.0) * clip
+                    xmin = tl.minimum(tl.min(h, axis=None), 0.0) * clip
+                    xmax = tl.maximum(tl.max(h, axis=None), 0.0) * clip
                     scale = tl.maximum(tl.math.div_rn(xmax - xmin, LEVELS * 1.0), 1e-8)
                     zero = tl.minimum(tl.maximum(_rne(tl.math.div_rn(-xmin, scale)), 0.0), LEVELS)
             else:
@@ -152,7 +153,7 @@ if tk.HAS_TRITON:
                 tl.store(out_ptr + row * stride_out + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.store(scale_ptr + row, scale)
                 if ROWSUM:
-                    tl.store(rowsum_ptr + row, tl.sum(tl.where(mask, q, 0.0), axis=0).to(tl.int32))
+                    tl.store(rowsum_ptr + row, tl.sum(tl.where(mask, q, 0.0), axis=None).to(tl.int32))
 
     @triton.jit
     def _norm_q_kernel(res_ptr, delta_ptr, w_ptr, res_out_ptr, out_ptr, scale_ptr, rowsum_ptr,

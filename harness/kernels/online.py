@@ -8,7 +8,8 @@ copies them from the host on every call, which synchronizes, so a CUDA graph can
 an H100 QuaRot's prefill and decode then ran eager: 0.08× fp16 decode) and a decode step should
 not pay for it. The engine applies it in front of the
 layer's activation quantizer, as the simulated model's first forward pre-hook does, so its cost is
-in every timed row of a state that has one.
+in every timed row of a state that has one; where Triton runs, through ``hadamard``'s kernel (the
+transform and the quantizer in one launch), of which this class is the reference and the fallback.
 """
 
 from __future__ import annotations

@@ -392,6 +392,12 @@ class RealLinear(nn.Module):
         """The state's online input transform (identity without one): what the quantizer sees."""
         return x if self._transform is None else self._transform(x)
 
+    @property
+    def online(self):
+        """The online transform's object (``online.make_transform``; None without one): the engine
+        hands it to the fused kernel that applies it with the quantizer (``hadamard``)."""
+        return self._transform
+
     def simulated(self, x: torch.Tensor) -> torch.Tensor:
         """What the simulated ``FakeQuantLinear`` computes for the same state entry (its online
         transform, a first forward pre-hook there, included)."""

@@ -51,7 +51,7 @@ from ..records import git_describe
 from . import gate as gate_mod
 from . import isolate
 from .arch import load_for_perf
-from .engine import LlavaEngine
+from .engine import LlavaEngine, online_summary
 from .measure import (allocated_before, allocated_bytes, copy_bandwidth, device_info, engine_parts,
                       idle_float_bytes, kernel_summary, peak_memory, time_generate, weight_bytes)
 from .states import DTYPE_NAMES, Case, StatePreparer, Workload, float_variant, make_workload, perf_variants
@@ -505,6 +505,7 @@ class VariantRunner:
             ks = kernel_summary(engine)
             fields["kernel"] = "; ".join(f"{p}={'+'.join(n)}" for p, n in ks.items())
             fields["kernels"] = {**ks, "selection": [s.__dict__ for s in sel], "fused_producers": engine.fused,
+                                 "online_transforms": online_summary(engine.online_impl),
                                  "compiled_glue": engine.compiled,
                                  "cuda_graphs": sorted(engine.graphs) if engine.use_graphs else [],
                                  "graph_notes": engine.graph_notes,

@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels import fused
+from ..kernels import hadamard
 from ..kernels import real as real_mod
 from ..kernels.online import UnsupportedTransform
 from ..models.family import adapter_for
@@ -173,6 +174,12 @@ class LlavaEngine:
         # Triton kernels run here (else each layer quantizes its own input, as the simulated model)
         self.fused = fused.use_triton(self.device) and any(
             getattr(m, "act", None) is not None for m in self.linears().values())
+        # each online Hadamard (QuaRot's o_proj and down_proj inputs): fused with the quantizer after
+        # it in one Triton kernel where that runs (``hadamard``), else eager, as the simulated model
+        self.online_impl = {name: hadamard.choice(m, self.device, self.dtype, self.fused)
+                            for name, m in self.linears().items() if _online(m)}
+        self._online_fused = {id(m) for name, m in self.linears().items()
+                              if self.online_impl.get(name) == hadamard.KERNEL}
         self.graph_notes: list[str] = []
         self.batch = None
 
@@ -263,8 +270,8 @@ class LlavaEngine:
             mode = self._mode(blk.o, phase)
             if mode.kind == "float":  # the layer applies its online transform, if any, itself
                 o = blk.o(att.transpose(1, 2).reshape(rows, H * D))
-            elif _online(blk.o):  # transform, then the fused quantizer on its output
-                o = blk.o(fused.rows_q(blk.o.transform(att.transpose(1, 2).reshape(rows, H * D)), blk.o.act, mode))
+            elif _online(blk.o):  # the transform, then the quantizer (one kernel where it runs)
+                o = blk.o(self.online_q(blk.o, att.transpose(1, 2), mode))
             else:
                 o = blk.o(fused.rows_q(att.transpose(1, 2), blk.o.act, mode))
             res, h = self._norm_into(res, o, blk.ln2, blk.gate_up, phase)
@@ -273,7 +280,7 @@ class LlavaEngine:
             if mode.kind == "float":
                 delta = blk.down(g["silu_mul"](gu))
             elif _online(blk.down):
-                delta = blk.down(fused.rows_q(blk.down.transform(g["silu_mul"](gu)), blk.down.act, mode))
+                delta = blk.down(self.online_q(blk.down, gu, mode, silu=True))
             else:
                 delta = blk.down(fused.silu_mul_q(gu, blk.down.act, mode))
         res = res + delta
@@ -294,8 +301,18 @@ class LlavaEngine:
             return g["add_rms_norm"](res, delta, w, self.eps)
         if _online(layer):  # the transform sits between the norm and the quantizer
             res, h = (res, g["rms_norm"](res, w, self.eps)) if delta is None else g["add_rms_norm"](res, delta, w, self.eps)
-            return res, fused.rows_q(layer.transform(h), layer.act, mode)
+            return res, self.online_q(layer, h, mode)
         return fused.add_rms_norm_q(res, delta, w, self.eps, layer.act, mode)
+
+    def online_q(self, layer, x, mode: fused.InputMode, *, silu: bool = False):
+        """``layer``'s input as its kernel takes it, for a layer with an online transform: the
+        quantizer of ``transform(x)`` (``x``: rows, the attention output's ``[B, T, H, D]`` view, or
+        with ``silu`` the gate/up output whose SiLU · up is the input). The fused Triton kernel where
+        the engine chose it (``online_impl``), else the eager transform and the row quantizer."""
+        if id(layer) in self._online_fused:
+            return hadamard.hadamard_q(x, layer.online, layer.act, mode, silu=silu)
+        h = self.glue["silu_mul"](x) if silu else x.reshape(-1, layer.in_features)
+        return fused.rows_q(layer.transform(h), layer.act, mode)
 
     def _vision(self) -> None:
         feats = self.image_features(self.images)
@@ -419,6 +436,14 @@ class LlavaEngine:
 
 def _online(layer) -> bool:
     return getattr(layer, "input_transform", None) is not None
+
+
+def online_summary(impl: dict[str, str]) -> dict[str, int]:
+    """How many layers apply their online transform each way (``LlavaEngine.online_impl``)."""
+    out: dict[str, int] = {}
+    for how in impl.values():
+        out[how] = out.get(how, 0) + 1
+    return out
 
 
 # ---------------------------------------------------------------------------- building blocks

@@ -361,12 +361,14 @@ def combine(g: dict, trained: dict) -> bool:
 
 def _worst_producer(pc: dict) -> str:
     bad = [(k, c) for k, c in pc.get("checks", {}).items()
-           if c["non_tie"] or c["scale_mismatch"] or c.get("rowsum_mismatch") or c["float_err"] > GATE_TOL]
+           if c["non_tie"] or c["scale_mismatch"] or c.get("rowsum_mismatch") or c["float_err"] > GATE_TOL
+           or c.get("transform_err", 0.0) > GATE_TOL]
     if not bad:
         return ""
     k, c = bad[0]
     return (f" ({len(bad)} bad, first {k}: non-tie codes {c['non_tie']}, scales {c['scale_mismatch']}, "
-            f"row sums {c.get('rowsum_mismatch', 0)}, float err {c['float_err']:.1e})")
+            f"row sums {c.get('rowsum_mismatch', 0)}, float err {c['float_err']:.1e}"
+            + (f", transform err {c['transform_err']:.1e}" if "transform_err" in c else "") + ")")
 
 
 def failed_checks(g: dict) -> list[str]:
@@ -405,8 +407,10 @@ def check_producers(engine, ref: SimReference, tol: float = GATE_TOL) -> dict:
 
     Per gate layer and phase whose kernel takes quantized input: ``codes`` (``fused.check_codes``:
     mismatches, how many are not rounding ties, scale mismatches) and ``float_err`` (the producer's
-    unquantized output against the simulated model's linear input). Passes when no mismatch is
-    outside a tie and every ``float_err <= tol``."""
+    unquantized output against the simulated model's linear input); for a layer with an online
+    transform the engine's ``online_q`` (fused kernel or eager) is checked the same way on its own
+    transformed values, and ``transform_err`` is those values against the eager transform. Passes
+    when no mismatch is outside a tie and every ``float_err`` and ``transform_err`` is ``<= tol``."""
     lang_path, _ = language_layers(engine.model)
     dev, dt = engine.device, engine.dtype
     out: dict = {"checks": {}, "passed": True}
@@ -446,17 +450,23 @@ def check_producers(engine, ref: SimReference, tol: float = GATE_TOL) -> dict:
                     continue
                 h = make(x, None, fused.FLOAT_INPUT)
                 if getattr(layer, "input_transform", None) is not None:
-                    # as the engine: the float producer, the transform, then the row quantizer
-                    ht = layer.transform(h)
-                    p = fused.rows_q(ht, layer.act, mode)
+                    # as the engine (``online_q``): the transform and the quantizer, fused or eager;
+                    # the codes against the simulated quantizer on the same transformed values, and
+                    # those values against the eager transform of the producer's output
+                    inp, silu = (x, True) if key == "down" else (x, False) if key == "o" else (h, False)
+                    ht = engine.online_q(layer, inp, fused.FLOAT_INPUT, silu=silu)
+                    p = engine.online_q(layer, inp, mode, silu=silu)
                     c = fused.check_codes(ht, p, layer.act)
+                    c["transform_err"] = rel_err(ht, layer.transform(h))
+                    c["online"] = engine.online_impl.get(f"layers.{i}.{key}")
                 else:
                     p = make(x, layer.act, mode)
                     c = fused.check_codes(h, p, layer.act)
                 c["float_err"] = rel_err(h, want if step == "prefill" else want[-B:])
                 c["mode"] = mode.kind + ("-fp8" if mode.fp8 else "")
                 out["checks"][f"layers.{i}.{key}.{step}"] = c
-                if c["non_tie"] or c["scale_mismatch"] or c.get("rowsum_mismatch") or c["float_err"] > tol:
+                if c["non_tie"] or c["scale_mismatch"] or c.get("rowsum_mismatch") or c["float_err"] > tol \
+                        or c.get("transform_err", 0.0) > tol:
                     out["passed"] = False
     return out
 

@@ -1,0 +1,196 @@
+"""The fused online Hadamard (harness/kernels/hadamard.py) under Triton's CPU interpreter: its
+transform against x·H computed in float64 from the Sylvester and Paley matrices, its quantized
+outputs against the simulated quantizer, its inputs read as the engine produces them, and QuaRot's
+engine with it against the same engine with the eager transform."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.kernels import fused, hadamard
+from harness.kernels.fused import InputMode
+from harness.kernels.online import OnlineHadamard
+from harness.quant.simulated import quantize_activation
+from harness.quant.state import ActQuant
+from harness.quant.transforms import _dense_factor, _sylvester, hadamard_factors
+from perf_helpers import engine_on_cpu, interp, rand_acts  # noqa: F401  (fixture)
+
+# 1 · 256 (16 x 16 tile), 12 · 64 (the bundled model's MLP), 1 · 4096 (LLaVA-1.5-7B's o_proj),
+# 344 · 32 (its down_proj: Paley I over GF(7³))
+WIDTHS = [256, 768, 4096, 11008]
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def _xh64(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` in float64, ``H = (H_m ⊗ H_p) / √n`` from the matrices themselves: the dense
+    Kronecker product where it is small, else the same product factor by factor."""
+    n = x.shape[-1]
+    m, p = hadamard_factors(n)
+    hm, hp = _dense_factor(m), _sylvester(p)
+    if n <= 1024:
+        return x.double() @ torch.kron(hm, hp) / math.sqrt(n)
+    xr = x.double().reshape(-1, m, p)
+    return torch.einsum("ik,rij,jl->rkl", hm, xr, hp).reshape(x.shape) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_transform_is_x_times_h_in_float64(interp, n, dtype):
+    x = rand_acts(3, n, n, dtype)
+    t = OnlineHadamard(n)
+    got = hadamard.hadamard_q(x, t, None)
+    assert got.dtype == dtype and got.shape == x.shape
+    want = _xh64(x)
+    # fp32: accumulation order only; fp16: the rounding of each stage to fp16, as the eager transform
+    assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+    eager = t(x)
+    assert _rel(got, eager) < (1e-6 if dtype == torch.float32 else 1e-3)
+    if n in (4096, 11008) and dtype == torch.float16:
+        # the eager stages and their roundings: equal but for a few values an ulp or two apart (the
+        # order of float32 accumulation inside the products)
+        d = (got.double() - eager.double()).abs()
+        assert (d <= 2 * fused.ulp(eager)).all() and (d > 0).double().mean() < 0.01
+
+
+def test_dense_factor_is_read_as_bits(interp):
+    for m, mp in ((12, 16), (344, 512)):
+        words = hadamard.factor_bits(m, mp, "cpu")
+        assert words.dtype == torch.int32 and words.shape == (mp, -(-m // 32))
+        bits = (words.long()[:, :, None] >> torch.arange(32)) & 1  # [k, t, b]
+        neg = bits.reshape(mp, -1)[:, :m]
+        assert torch.equal(neg[:m].bool(), _dense_factor(m).t() < 0) and not neg[m:].any()
+
+
+def test_inputs_are_read_as_the_engine_produces_them(interp):
+    # down_proj: SiLU(gate) * up of the fused gate/up output, rounded as fused.silu_mul_q
+    for n in (768, 11008):
+        gu = rand_acts(2, 2 * n, n + 1, outliers=False) * 3
+        got = hadamard.hadamard_q(gu, OnlineHadamard(n), None, silu=True)
+        g, u = gu[:, :n].double(), gu[:, n:].double()
+        h = (g / (1 + torch.exp(-g))).half().double() * u
+        assert _rel(got, _xh64(h)) < 1e-3
+        assert torch.equal(got, hadamard.hadamard_q(fused.silu_mul_q(gu, None, fused.FLOAT_INPUT),
+                                                    OnlineHadamard(n), None))
+    # o_proj: the attention output [B, H, T, D] read through its transpose, rows (b, t)
+    for n in (256, 4096):
+        att = rand_acts(2 * 4 * 3, n // 4, n + 2).reshape(2, 4, 3, n // 4)
+        view = att.transpose(1, 2)
+        got = hadamard.hadamard_q(view, OnlineHadamard(n), None)
+        assert got.shape == (6, n)
+        assert torch.equal(got, hadamard.hadamard_q(view.reshape(6, n), OnlineHadamard(n), None))
+        assert _rel(got, _xh64(view.reshape(6, n))) < 1e-3
+
+
+ACTS = [ActQuant(bits=4), ActQuant(bits=8), ActQuant(bits=6, sym=False),
+        ActQuant(bits=8, granularity="per_tensor", scale=torch.tensor(0.37), zero=torch.tensor(128.0))]
+MODES = [InputMode("fake"), InputMode("codes", fp8=False, rowsum=True), InputMode("codes", fp8=True)]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: f"a{a.bits}{'s' if a.sym else 'a'}-{a.granularity}")
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"{m.kind}{'-fp8' if m.fp8 else ''}")
+@pytest.mark.parametrize("n", [768, 4096, 11008])
+def test_quantized_outputs_are_the_simulated_quantizer(interp, act, mode, n):
+    if mode.kind == "codes" and mode.fp8 and not (act.bits <= 4 and act.sym):
+        pytest.skip("codes beyond ±16 are not exact in e4m3 (the engine never asks for it)")
+    if not act.sym and act.bits > 7:
+        pytest.skip("asymmetric 8-bit codes do not fit int8 (the engine never asks for it)")
+    t = OnlineHadamard(n)
+    gu = rand_acts(3, 2 * n, n + 3)
+    h = hadamard.hadamard_q(gu, t, None, silu=True)
+    p = hadamard.hadamard_q(gu, t, act, mode, silu=True)
+    assert p.kind == mode.kind and p.x.shape == (3, n)
+    c = fused.check_codes(h, p, act)  # the same transformed values: the same codes and scales
+    assert c["mismatches"] == 0 and c["scale_mismatch"] == 0 and not c.get("rowsum_mismatch"), c
+    eager = hadamard.eager_q(gu, t, act, mode, silu=True)  # the engine's path before this kernel
+    if mode.kind == "fake":
+        assert _rel(p.x, quantize_activation(h, act)) == 0.0
+        assert _rel(p.x, eager.x) < 1e-2
+    else:
+        assert p.x.dtype == eager.x.dtype and p.scale.shape == (3,)
+        assert _rel(p.x.float() * p.scale[:, None], eager.x.float() * eager.scale[:, None]) < 1e-2
+
+
+def test_plans_and_what_stays_eager(interp, monkeypatch):
+    assert hadamard.plan(4096) == hadamard.Plan(4096, 1, 4096, p1=64, p2=64)
+    assert hadamard.plan(11008) == hadamard.Plan(11008, 344, 32, mp=512)
+    assert hadamard.plan(3584) == hadamard.Plan(3584, 28, 128, mp=32)  # Qwen2.5-7B hidden
+    assert hadamard.plan(18944) == hadamard.Plan(18944, 148, 128, mp=256)  # its MLP
+    for n in (5120, 48, 128):  # 20 · 256 (13B hidden), 12 · 4, 1 · 128: eager
+        assert isinstance(hadamard.plan(n), str)
+        assert hadamard.usable(OnlineHadamard(n), "cpu", torch.float16)
+        with pytest.raises(ValueError, match="does not run here"):
+            hadamard.hadamard_q(torch.zeros(1, n, dtype=torch.float16), OnlineHadamard(n), None)
+    assert hadamard.usable(OnlineHadamard(4096), "cpu", torch.float16) is None
+    monkeypatch.setenv(hadamard.IMPL_ENV, "eager")
+    assert hadamard.impl() == "eager"
+
+
+def test_no_matrix_is_built_again_after_the_first_call(interp, monkeypatch):
+    """Graph-capturable: after the first (eager) call the kernel reads only device tensors it holds
+    (the bit-packed factor) and the call's own buffers: nothing is built or copied from the host."""
+    from harness.quant import transforms
+
+    x = rand_acts(2, 11008, 5)
+    t = OnlineHadamard(11008)
+    first = hadamard.hadamard_q(x, t, ActQuant(bits=4), InputMode("codes", fp8=True))
+    made = []
+    monkeypatch.setattr(transforms, "_dense_factor", lambda m: made.append(m))
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a))
+    again = hadamard.hadamard_q(x, t, ActQuant(bits=4), InputMode("codes", fp8=True))
+    assert made == [] and torch.equal(again.x.float(), first.x.float()) and torch.equal(again.scale, first.scale)
+
+
+# ---- QuaRot's engine with the kernel and without it ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled32():
+    from harness.models.loading import load_model
+
+    return load_model("qvlm-tiny-llava", dtype="fp32", device="cpu")
+
+
+def test_quarot_engine_with_the_kernel_equals_the_eager_one(bundled32, interp, monkeypatch):
+    from harness.perf import gate as gate_mod
+    from harness.perf import states as states_mod
+    from harness.quant.config import parse_scheme
+    from harness.quant.simulated import apply_state
+
+    lm = bundled32
+    wl = states_mod.make_workload(lm.model.config, text_tokens=12, new_tokens=5, seed=1)
+    (quarot,) = [v for v in states_mod.perf_variants(["quarot"]) if not v.reference]
+    state, _ = states_mod.perf_state(lm, quarot, parse_scheme("w4a4"), wl)
+    assert sum(lq.input_transform == "hadamard" for lq in state.linears.values()) == 8
+    ids, pix = wl.batch(1)
+    with torch.no_grad():
+        handle = apply_state(lm.model, state)
+        try:
+            ref = gate_mod.simulated_reference(lm.model, ids, pix.to(lm.dtype), n_tokens=4)
+        finally:
+            handle.restore()
+
+    fast = engine_on_cpu(lm, state, 1, wl, float_params=True, only=["simulated"])
+    assert set(fast.online_impl.values()) == {hadamard.KERNEL} and len(fast.online_impl) == 8
+    monkeypatch.setenv(hadamard.IMPL_ENV, "eager")
+    slow = engine_on_cpu(lm, state, 1, wl, float_params=True, only=["simulated"])
+    assert all(v.startswith("eager") for v in slow.online_impl.values())
+
+    with torch.no_grad():
+        a = fast.teacher_forced_logits(ref.tokens[1:])
+        b = slow.teacher_forced_logits(ref.tokens[1:])
+    assert _rel(a, b) <= gate_mod.GATE_TOL and torch.equal(a.argmax(-1), b.argmax(-1))
+    for eng in (fast, slow):
+        g = gate_mod.check(eng, ref, act_quant=True, policy="strict")
+        assert g["passed"], g
+        pc = gate_mod.check_producers(eng, ref)
+        assert pc["passed"], pc
+        online = [c for k, c in pc["checks"].items() if k.split(".")[2] in ("o", "down")]
+        assert online and all(c["transform_err"] < 1e-5 for c in online)
+    assert {c["online"] for k, c in gate_mod.check_producers(fast, ref)["checks"].items()
+            if k.split(".")[2] in ("o", "down")} == {hadamard.KERNEL}
