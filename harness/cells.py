@@ -234,9 +234,15 @@ def resolve_methods(specs: list[MethodSpec | str], suite: Suite | None = None) -
 
 def state_identity(model: str, weights: str, dtype: str, device_kind: str, variant: Variant,
                    qcfg: QuantConfig, calibration: dict | None, act_ranges: dict | None, seed: int,
-                   code: dict | None = None) -> dict:
+                   code: dict | None = None, deterministic: bool = False) -> dict:
     """What determines a quantization state (its digest is the ``state_key``): the same for an
-    accuracy cell and a ``qvlm-bench perf`` row, so records of one state carry one key."""
+    accuracy cell and a ``qvlm-bench perf`` row, so records of one state carry one key.
+
+    ``deterministic`` (the suite's ``deterministic: true``) is in the identity only when true, so
+    the keys of every suite without it are the keys they had before the option existed. When true
+    it is in the state key too: a state quantized without it (Q-VLM's encoder training, GPTQ's
+    Hessians on a GPU) is not the one the suite asks for, and a folder's records then all say they
+    ran under it rather than mixing cells computed either way."""
     code = code or {"method": method_code_digest(variant.method), "engine": code_digest(STATE_CODE)}
     ident = {
         "model": model, "weights": weights, "dtype": dtype, "device": device_kind,
@@ -247,6 +253,8 @@ def state_identity(model: str, weights: str, dtype: str, device_kind: str, varia
     }
     if variant.calibration:  # a row's own calibration overrides make it a row of its own,
         ident["calibration_overrides"] = variant.calibration  # even where it gets no data
+    if deterministic:
+        ident["deterministic"] = True
     return ident
 
 
@@ -268,7 +276,8 @@ def plan_cells(suite: Suite, device: str) -> list[Cell]:
                 ranges = act_range_rule(suite, v, qcfg)
                 code = {"method": method_code_digest(v.method), "engine": state_code, "eval": eval_code}
                 state_id = state_identity(model.name, weights[model.name], dtype, device_kind, v, qcfg,
-                                          calib, ranges, suite.seed, code=code)
+                                          calib, ranges, suite.seed, code=code,
+                                          deterministic=suite.deterministic)
                 state_key = digest(state_id)
                 for task in suite.tasks:
                     identity = {

@@ -21,7 +21,8 @@ def cmd_run(args) -> int:
     for key in ("models", "methods", "schemes", "tasks"):
         if getattr(args, key):
             overrides[key] = _csv(getattr(args, key))
-    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads", "shards"):
+    for key in ("limit", "device", "dtype", "data_dir", "output", "batch_size", "seed", "threads", "shards",
+                "deterministic"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", dest="batch_size", type=int, help="evaluation batch size")
     r.add_argument("--seed", type=int, help="random seed")
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+    r.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="identical results run to run on a GPU, at a cost (the suite key `deterministic`)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d = r.add_argument_group("distributed (--executor ray; pip install 'qvlm-bench[distributed]')")
     d.add_argument("--executor", choices=["serial", "ray"], default="serial",

@@ -45,6 +45,8 @@ SUITE_KEYS = {
     "output": "results folder (default results/<name>)",
     "shards": "split every task's questions into N shards evaluated by several workers (--executor ray; "
               "a task's own `shards` wins; results equal the unsharded run's)",
+    "deterministic": "true: identical results run to run on a GPU (deterministic algorithms, cuBLAS workspace, "
+                     "cuDNN; harness/determinism.py), at a cost in speed; default false",
 }
 CALIBRATION_KEYS = ("task", "split", "n", "batch_size", "seed", "modality")
 # What the calibration questions carry: their images (the default) or their text alone.
@@ -111,6 +113,7 @@ class Suite:
     include_paths: list[str] = field(default_factory=list)
     output: str | None = None
     shards: int | None = None  # default shard count of every task (Ray executor)
+    deterministic: bool = False  # harness.determinism: in the cell identity (and records) only when true
 
     @property
     def output_dir(self) -> Path:
@@ -277,6 +280,9 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
     if data.get("limit") == 0:
         raise SuiteError("`limit` is 0, which would evaluate no question; give at least 1, or null (or "
                          "no `limit`) for every question")
+    deterministic = False if data.get("deterministic") is None else data["deterministic"]
+    if not isinstance(deterministic, bool):
+        raise SuiteError(f"`deterministic` must be true or false, got {deterministic!r}")
     device = str(data.get("device") or "auto")
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise SuiteError(f"`device` is {device!r}; valid: auto, cpu, cuda, cuda:N")
@@ -296,7 +302,7 @@ def parse_suite(data: dict, *, validate_names: bool = True) -> Suite:
                   act_ranges=dict(act_ranges),
                   data_dir=data.get("data_dir"),
                   include_paths=[str(p) for p in data.get("include_paths") or []],
-                  output=data.get("output"), shards=data.get("shards"))
+                  output=data.get("output"), shards=data.get("shards"), deterministic=deterministic)
     if validate_names:
         validate_names_exist(suite)
     return suite

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import determinism
 from .cells import Cell, CellGroup, digest
 from .suite_config import Suite, TaskSpec
 from .prepare import prepare_state, reset_peak
@@ -119,6 +120,9 @@ class GroupWorker:
         self._lm = None
         self._lm_key: tuple | None = None
         self._calib: dict[str, object] = {}
+        # before anything runs on the device (this process's first cuBLAS call must see the
+        # variable): in the serial runner's process and in every Ray worker alike
+        self.determinism = determinism.enable() if suite.deterministic else None
 
     # ---- resources kept between groups ---------------------------------------------------
 
@@ -278,12 +282,14 @@ class GroupWorker:
             engine_code=cell.code["engine"], calibration=cell.calibration,
             limit=self.suite.limit, batch_size=self.suite.batch_size,
             kernel="simulated" if v.cls.quantizes else cell.dtype,
+            **({"deterministic": True} if self.suite.deterministic else {}),
         )
 
     def failed(self, cell: Cell, exc: BaseException, stage: str, state: QuantState | None = None) -> dict:
-        log.error("cell %s failed during %s: %s", cell.describe(), stage, exc)
+        why = determinism.explain(exc)  # an op with no deterministic implementation, named
+        error = f"{stage}: {type(exc).__name__}: {why or exc}"
+        log.error("cell %s failed during %s: %s", cell.describe(), stage, why or exc)
         proof = None if state is None else (state.meta.get("proof") or None)
-        return new_record(**self.base(cell), status="failed", metric="accuracy",
-                          error=f"{stage}: {type(exc).__name__}: {exc}",
+        return new_record(**self.base(cell), status="failed", metric="accuracy", error=error,
                           traceback=traceback.format_exc(limit=8), proof=proof,
                           quantize_s=None if state is None else state.meta.get("quantize_s"))

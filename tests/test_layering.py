@@ -119,9 +119,11 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "method API": (("harness.registry", "harness.calibration"), ("models", "quant")),
     # the methods: never the engine above the method API, the runner, the report or perf
     "methods": (("baselines", "methods"), ("models", "quant", "method API")),
-    # the engine's modules: suites, cell identity, preparing a state, evaluation, records
+    # the engine's modules: suites, cell identity, preparing a state, evaluation, records, the
+    # deterministic mode a suite may ask for
     "engine": (("harness.suite_config", "harness.cells", "harness.prepare", "harness.evaluate",
-                "harness.task_data", "harness.records", "harness.resultsdir", "harness.samples"),
+                "harness.task_data", "harness.records", "harness.resultsdir", "harness.samples",
+                "harness.determinism"),
                ("tasks", "models", "quant", "method API")),
     # the board and its writers, contrasts, intervals: never the worker, the runner, perf or the CLI
     "report": (("harness.report",), ("quant", "method API", "engine")),

@@ -80,3 +80,32 @@ def test_parse_scheme_and_overrides():
         parse_scheme("w4a4", parts=["decoder"])
     with pytest.raises(SchemeError):
         parse_scheme("w1a4")
+
+
+def test_float64_inputs_are_quantized_in_float64():
+    """Issue 29.8: ``fake_quant``, ``quantize`` and a static activation quantizer compute a float64
+    input in float64 (scales stay float32 parameters, as stored and as the kernels use them); the
+    float32 path they once took gives other values on the same inputs."""
+    from harness.quant.quantizer import qparams, quantize
+    from harness.quant.simulated import quantize_activation
+    from harness.quant.state import ActQuant
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 48, generator=g, dtype=torch.float64) * 3
+    for bits, sym in ((4, True), (4, False), (8, True)):
+        scale, zero = qparams(x, bits, sym)
+        assert scale.dtype == torch.float32  # a parameter of the quantizer
+        s, z = scale.double(), zero.double()
+        codes = (torch.round(x / s) + z).clamp(0, 2 ** bits - 1)
+        want = (codes - z) * s  # exact in float64: small integers times float32 scales
+        got = fake_quant(x, bits, sym)
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+        assert not torch.equal(got, fake_quant(x.float(), bits, sym).double())  # the old float32 path
+        assert torch.equal(quantize(x, scale, zero, bits).double(), codes)
+        # a static per-tensor quantizer: one float32 scale, applied in float64
+        ts, tz = qparams(x.reshape(1, -1), bits, sym)
+        act = ActQuant(bits=bits, sym=sym, granularity="per_tensor", scale=ts.reshape(()), zero=tz.reshape(()))
+        ts, tz = ts.double().reshape(()), tz.double().reshape(())
+        static = quantize_activation(x, act)
+        assert static.dtype == torch.float64
+        assert torch.equal(static, ((torch.round(x / ts) + tz).clamp(0, 2 ** bits - 1) - tz) * ts)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .. import determinism
 from ..cells import EVAL_CODE, STATE_CODE, Cell, CellGroup, code_digest
 from ..records import new_record
 from ..suite_config import Suite
@@ -100,7 +101,8 @@ class WorkerActor:
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": _node_ip(),
                 "device": self.worker.device_name(), "code": code_identity(self.worker.suite),
-                "marker_seen": Path(marker).exists(), "harness": str(Path(harness.__file__).parent)}
+                "marker_seen": Path(marker).exists(), "harness": str(Path(harness.__file__).parent),
+                "determinism": determinism.settings()}
 
     def _ensure(self, group: CellGroup):
         if self.opened is not None and self.opened.group.state_key == group.state_key:
@@ -372,7 +374,11 @@ class RayExecutor:
         ray = self.ray
         n, resources = self._worker_count()
         threads = self.suite.threads or resources["num_cpus"]
-        actor = ray.remote(WorkerActor).options(max_restarts=-1, max_task_retries=0, **resources)
+        # deterministic: true: the cuBLAS variable is in each worker's environment from its start
+        # (cuBLAS reads it once, at the process's first call); the worker enables the rest itself
+        env = determinism.environment(self.suite.deterministic)
+        extra = {"runtime_env": {"env_vars": env}} if env else {}
+        actor = ray.remote(WorkerActor).options(max_restarts=-1, max_task_retries=0, **resources, **extra)
         suite = worker_suite(self.suite)
         self.slots = [_Slot(i, actor.remote(suite, self.device, threads)) for i in range(n)]
         out = Path(suite.output)
@@ -394,6 +400,9 @@ class RayExecutor:
             if not info["marker_seen"]:
                 raise RuntimeError(f"{where} cannot see the output folder {out}: put it on a filesystem "
                                    f"every node mounts at the same path (--output)")
+            if self.suite.deterministic and not determinism.in_effect(info["determinism"]):
+                raise RuntimeError(f"{where} is not in deterministic mode ({info['determinism']}) although "
+                                   f"the suite sets `deterministic: true`")
             if info["code"] != mine:
                 raise RuntimeError(f"{where} runs other qvlm-bench code ({info['harness']}) than the "
                                    f"driver: install the same checkout on every node")

@@ -522,14 +522,14 @@ class RealLinear(nn.Module):
                 out += ["triton-int8-gemv", "triton-int8-gemv-splitk"]
         if cuda and self.tinygemm_usable(device) is None:
             out.append(TINYGEMM)
-        if gem:
+        if gem and not torch.are_deterministic_algorithms_enabled():  # its GEMV/split-K add with atomics
             out.append("gemlite")
             if phase == "prefill":  # gemlite's GEMM is 0.25-0.33x cuBLAS at 647 rows on the H200
                 out.append("gemlite-dequant+cublas")
         if comp is not None and phase == "prefill":
             if trit:
                 out.append(f"triton-{comp}-gemm")
-            if comp == "fp8" and gem:
+            if comp == "fp8" and gem and not torch.are_deterministic_algorithms_enabled():
                 out.append("gemlite-fp8")
         if comp == "fp8" and cuda:
             out += ["torch-scaled_mm-fp8w", "torch-scaled_mm-fp8w-fastacc"]

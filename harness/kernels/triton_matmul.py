@@ -43,6 +43,13 @@ def interpret_on_cpu(on: bool = True) -> bool:
     return prev
 
 
+def fixed_config(keep: list) -> list:
+    """The autotuner's candidates, or only the first under ``torch.use_deterministic_algorithms``
+    (a suite's ``deterministic: true``): the fastest configuration is chosen by timing, so two runs
+    may pick tiles with different K blocks, i.e. different reduction orders and output bits."""
+    return keep[:1] if torch.are_deterministic_algorithms_enabled() else keep
+
+
 def available(device: torch.device | str) -> bool:
     """Triton kernels run on CUDA; on the CPU only under the interpreter, when asked for."""
     if not HAS_TRITON:
@@ -110,7 +117,7 @@ if HAS_TRITON:
             c = configs[0]
             kw = dict(c.kwargs, BLOCK_K=bk)
             keep = [triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)]
-        return keep
+        return fixed_config(keep)
 
     @triton.autotune(configs=_gemv_configs(), key=["MB", "N", "K", "GROUP", "PACKED", "SPLIT"],
                      prune_configs_by={"early_config_prune": _prune_wq}, **_BENCH)
@@ -261,7 +268,7 @@ if HAS_TRITON:
             g_ = _m.gcd(K, group)
             bk = g_ & -g_  # the largest power of two dividing both
             keep = [triton.Config({"BLOCK_N": 8, "BLOCK_K": bk}, num_warps=4, num_stages=2)]
-        return keep
+        return fixed_config(keep)
 
     @triton.autotune(configs=_gemv2_configs(), key=["MB", "N", "K", "GROUP", "BITS"],
                      prune_configs_by={"early_config_prune": _prune_gemv2}, **_BENCH)
@@ -326,7 +333,7 @@ if HAS_TRITON:
     def _prune_gemm(configs, named_args, **kwargs):
         K = named_args["K"]
         keep = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
-        return keep or [configs[-1]]
+        return fixed_config(keep or [configs[-1]])
 
     @triton.autotune(configs=_gemm_configs(), key=["MB", "N", "K", "WFMT", "FP8", "CORR"],
                      prune_configs_by={"early_config_prune": _prune_gemm}, **_BENCH)
