@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shards", type=int, help="split every task into N shards (overrides the suite's `shards`)")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("table", help="write leaderboard tables and plots from a results folder (or several runs)",
+    t = sub.add_parser("table", aliases=["leaderboard"], help="write leaderboard tables and plots from a results folder (or several runs)",
                        description="Write leaderboard.{md,csv,tex,html} and plots from results/<suite>/records.jsonl, "
                                    "every number with a paired 95 % interval (bootstrap over each task's "
                                    "clusters: questions, or the images a task groups them by); given "

@@ -66,3 +66,18 @@ def prepare_state(lm, variant: "Variant", qcfg: "QuantConfig", calib: "Calibrati
     if calib is not None:
         state.meta.setdefault("calibration", {**calib.source, "digest": calib.digest()})
     return state
+
+
+def suite_calibration(lm, suite, spec: dict) -> "CalibrationSet":
+    """The calibration set a suite's cell gets (``spec``: ``cells.calibration_spec``): ``spec["n"]``
+    seeded pairs of the task's split (``task_data.task_pairs``, through lm-eval), encoded for ``lm``.
+    The one path of the accuracy worker and of ``qvlm-bench perf --methods-from``."""
+    from .calibration import encode_pairs
+    from .suite_config import TaskSpec
+    from .task_data import task_pairs
+
+    task = next((t for t in suite.tasks if t.name == spec["task"]), TaskSpec(spec["task"]))
+    pairs = task_pairs(task.name, spec["split"], task.data or suite.data_dir, task.options,
+                       suite.include_paths, n=int(spec["n"]), seed=int(spec["seed"]))
+    return encode_pairs(lm, pairs, int(spec["batch_size"]), source=spec,
+                        with_images=spec.get("modality", "image-text") != "text")

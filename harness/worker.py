@@ -142,14 +142,9 @@ class GroupWorker:
     def calibration(self, lm, spec: dict):
         key = digest(spec)
         if key not in self._calib:
-            from .calibration import encode_pairs
-            from .task_data import task_pairs
+            from .prepare import suite_calibration
 
-            task = next((t for t in self.suite.tasks if t.name == spec["task"]), TaskSpec(spec["task"]))
-            pairs = task_pairs(task.name, spec["split"], task.data or self.suite.data_dir, task.options,
-                               self.suite.include_paths, n=int(spec["n"]), seed=int(spec["seed"]))
-            self._calib[key] = encode_pairs(lm, pairs, int(spec["batch_size"]), source=spec,
-                                            with_images=spec.get("modality", "image-text") != "text")
+            self._calib[key] = suite_calibration(lm, self.suite, spec)
         return self._calib[key]
 
     # ---- one group ---------------------------------------------------------------------

@@ -9,10 +9,12 @@
 # bundled trained model as the benchmarked model), fault (isolation under a real CUDA fault), 7b-prefill / 13b-prefill (batch 1, layouts chosen
 # for prefill), 7b-sym / 13b-sym (W4A16 symmetric g128), 7b-decode / 13b-decode (the same with
 # layouts chosen for decode: where tinygemm in bf16 can win), methods (every registered method at
-# batch 1), qwen2.5-vl-7b / llava-onevision-7b (the newer families' shapes). Each phase is
+# batch 1), qwen2.5-vl-7b / llava-onevision-7b (the newer families' shapes), default-join (every row of
+# results/default on the bundled model, as the default suite makes its states, into $OUT/perf-default:
+# `qvlm-bench table results/default --perf <that folder>` joins them; docs/results.md). Each phase is
 # a separate process under its own time limit, so a phase that hangs or dies leaves the others'
 # results; every finished (model, variant, batch) cell is in $OUT/perf/records.jsonl at once.
-# Limits (seconds, env): SELFTEST_S (default 70), PERF_7B_S (185), PERF_13B_S (195); each perf
+# Limits (seconds, env): SELFTEST_S (default 70), PERF_7B_S (185), PERF_13B_S (195), PERF_JOIN_S (240); each perf
 # phase stops starting new cells BUDGET_MARGIN_S (50) before its limit (--time-budget), and shares
 # its time fairly: every variant gets its batch-1 row before later variants' larger batches.
 # Split over two calls, e.g.: PERF_7B_S=420 ... selftest,7b   then   PERF_13B_S=480 ... 13b
@@ -56,9 +58,12 @@ phase() {  # name, limit in seconds, command...
 }
 DRY_ARGS=()
 FAULT_DRY=()
+# default-join's workload (the GPU: 64 new tokens, as every perf phase here)
+JOIN_ARGS=(--new-tokens 64 --warmup 2 --reps 5 --gate-tokens 4)
 if [ -n "${DRY:-}" ]; then
   DRY_ARGS=(--dry-cpu)
   FAULT_DRY=(--device cpu --dtype fp32)
+  JOIN_ARGS=(--device cpu --dtype fp32 --new-tokens 3 --warmup 1 --reps 1 --gate-tokens 2 --text-tokens 8)
   PERF_ARGS=(--device cpu --dtype fp32 --trained-gate on --schemes w4a16,w4a4 --batch 1 --new-tokens 3
              --warmup 1 --reps 1 --gate-tokens 2 --text-tokens 8 --out "$OUT/perf")
 fi
@@ -120,8 +125,22 @@ for ph in ${PHASES//,/ }; do
               phase perf-fault "$S" python3 -m harness.perf.command --model qvlm-tiny-llava --methods rtn \
                 --schemes w4a16,w4a4,w8a8 --batch 1,2 --new-tokens 8 --warmup 1 --reps 2 --gate-tokens 4 \
                 --isolate on --time-budget $((S - 20)) --out "$OUT/perf-fault" "${FAULT_DRY[@]}" ;;
+    # results/default's own rows (issue 31): the bundled model, every entry of harness/suites/default.yaml
+    # (options, presets, the +clip lever) with the suite's `quant` settings (static per-tensor ranges),
+    # calibration set (synth_scienceqa train n=32: needs lm-eval and datasets, carried as wheels in .whl/;
+    # without them the rows get random batches, say so in `calibration.why`, and do not join) and seed;
+    # w4a4 and w6a6, batch 1, one process per variant
+    default-join)
+              S=${PERF_JOIN_S:-240}
+              python3 -c "import lm_eval, datasets" > /dev/null 2>&1 \
+                || echo "default-join: lm-eval/datasets not importable: the suite's calibration set cannot be" \
+                        "built, rows that use data get random batches and will not join" | tee -a "$OUT/device.log"
+              # shellcheck disable=SC2086
+              phase perf-default-join "$S" python3 -m harness.perf.command --model qvlm-tiny-llava \
+                --methods-from default --schemes w4a4,w6a6 --batch 1 --isolate on "${JOIN_ARGS[@]}" \
+                --time-budget $((S - MARGIN)) --out "$OUT/perf-default" ${PERF_EXTRA:-} ;;
     *)        echo "unknown phase $ph (selftest, tiny, fault, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
-                   "7b-decode, 13b-decode, methods, qwen2.5-vl-7b, llava-onevision-7b)" ;;
+                   "7b-decode, 13b-decode, methods, qwen2.5-vl-7b, llava-onevision-7b, default-join)" ;;
   esac
 done
 echo "=== summary at $(( $(date +%s) - T0 ))s"
@@ -136,13 +155,20 @@ for line in open(sys.argv[1]):
 PY
 fi
 echo "total $(( $(date +%s) - T0 ))s"
+if [ -f "$OUT/perf-default/records.jsonl" ]; then  # which rows of results/default got a timed row
+  echo "=== perf-default (results/default's rows)" | tee -a "$OUT/summary.txt"
+  python3 scripts/device_perf.py summary "$OUT/perf-default/records.jsonl" 2>&1 | tee -a "$OUT/summary.txt"
+fi
 # The device tool returns at most 8 files: keep records, table and summary as they are, the logs
 # in one archive (seen: a 9th file pushed perf/records.jsonl out of run 5660f8744dbb's return), and
 # the records' detail sidecars (one per record, harness/perf/detail.py) in another: unpack it where
 # the records go, `tar xzf perf-detail.tgz -C <folder>` gives <folder>/perf/perf-detail/... (copy
 # those files into results/perf/perf-detail/ with the records appended to results/perf/records.jsonl).
+# Of perf-default only records.jsonl stays outside the archives (its leaderboard.md and lock go in logs).
 if ls -d "$OUT"/*/perf-detail >/dev/null 2>&1; then
   ( cd "$OUT" && tar czf perf-detail.tgz --remove-files ./*/perf-detail )
 fi
-( cd "$OUT" && tar czf logs.tgz --remove-files ./*.log selftest.json gpu.txt perf-fault 2>/dev/null )
+JOIN_EXTRA=()
+[ -d "$OUT/perf-default" ] && mapfile -t JOIN_EXTRA < <(cd "$OUT" && find perf-default -type f ! -name records.jsonl)
+( cd "$OUT" && tar czf logs.tgz --remove-files ./*.log selftest.json gpu.txt perf-fault "${JOIN_EXTRA[@]}" 2>/dev/null )
 ls -R "$OUT" | head -20

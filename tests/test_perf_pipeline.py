@@ -217,9 +217,12 @@ def test_perf_rows_carry_the_variant_label_options_and_state_key(tiny_llava_path
 
 def _perf(method, scheme, decode_ms, *, reference=False, **qc):
     q = parse_scheme(scheme)
-    return record(method, scheme, None, metric="perf", value=None, batch_size=1, kernel=f"k-{method}",
-                  reference=reference, latency={"decode_ms_per_token": decode_ms},
-                  memory={"peak_bytes": int(decode_ms * 2**30)}, quant_config={"w_bits": q.w_bits, "a_bits": q.a_bits, **qc})
+    rec = record(method, scheme, None, metric="perf", value=None, batch_size=1, kernel=f"k-{method}",
+                 reference=reference, latency={"decode_ms_per_token": decode_ms},
+                 memory={"peak_bytes": int(decode_ms * 2**30)}, quant_config={"w_bits": q.w_bits, "a_bits": q.a_bits, **qc})
+    # the accuracy rows' calibration set (board_data.record's, of their task "t"): the same state
+    rec["calibration"] = dict(rec["calibration"], task="t", digest="perf records add the set's digest")
+    return rec
 
 
 def test_leaderboard_joins_each_methods_own_perf_row(tmp_path):

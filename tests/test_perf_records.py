@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.perf.arch import arch_config, architectures
-from harness.perf.command import add_perf_parser, main
+from harness.perf.command import add_perf_parser, main, perf_methods, perf_schemes
 from harness.perf.measure import quantiles
 from harness.perf.table import leaderboard_frame, load_records, write_perf_table
 from harness.records import append_record
@@ -73,8 +73,11 @@ def test_parser_defaults_and_overrides():
     sub = parser.add_subparsers()
     add_perf_parser(sub)
     args = parser.parse_args(["perf", "--model", "llava-1.5-7b", "--override", "w_group_size=128"])
-    assert args.schemes == ["w4a16", "w8a8", "w4a4", "w6a6"] and args.batch == [1, 8, 32]
-    assert args.methods == ["rtn"] and args.reps >= 20 and args.warmup >= 5
+    assert perf_schemes(args) == ["w4a16", "w8a8", "w4a4", "w6a6"] and args.batch == [1, 8, 32]
+    # with a suite, its schemes by default
+    suite_args = parser.parse_args(["perf", "--model", "qvlm-tiny-llava", "--methods-from", "default"])
+    assert perf_schemes(suite_args) == ["w4a4", "w6a6"]
+    assert perf_methods(args.methods) == ["rtn"] and args.reps >= 20 and args.warmup >= 5
     assert dict(args.override) == {"w_group_size": 128} and callable(args.func)
 
 

@@ -54,7 +54,8 @@ from .arch import load_for_perf
 from .engine import LlavaEngine, online_summary
 from .measure import (allocated_before, allocated_bytes, copy_bandwidth, device_info, engine_parts,
                       idle_float_bytes, kernel_summary, peak_memory, time_generate, weight_bytes)
-from .states import DTYPE_NAMES, Case, StatePreparer, Workload, float_variant, make_workload, perf_variants
+from .states import (DTYPE_NAMES, Case, StatePreparer, SuiteSettings, Workload, float_variant, make_workload,
+                     perf_variants)
 from .table import load_records, write_perf_record, write_perf_table
 
 TRAINED_GATE_MODEL = "qvlm-tiny-llava"
@@ -84,6 +85,9 @@ class PerfConfig:
     variant (with all its batch sizes) in a fresh child process, so that a CUDA fault costs that
     variant only (``auto``: on CUDA devices; ``harness.perf.isolate``). ``wide_layouts``: let a layer
     take a weight layout wider than its codes' storage (FP8 copies of W4 codes); the rows say so.
+    ``methods_from``: the suite (file or bundled name) whose rows these are (``--methods-from``): each
+    state gets the suite's quantization settings, calibration set, range rule and seed
+    (``states.SuiteSettings``), so its record has the row identity of the suite's accuracy rows.
     """
 
     methods: list = field(default_factory=lambda: ["rtn"])
@@ -111,6 +115,7 @@ class PerfConfig:
     leaderboard: bool = True
     isolate: str = "auto"
     wide_layouts: bool = False
+    methods_from: str | None = None
 
     def __post_init__(self):
         self.methods, self.schemes, self.batches = list(self.methods), list(self.schemes), list(self.batches)
@@ -410,7 +415,7 @@ class VariantRunner:
         self.batches = cfg.batches
         self.plan_runs = cfg.plan_runs
         self.states = StatePreparer(device=cfg.device, gate_tokens=cfg.gate_tokens, overrides=cfg.overrides,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, settings=SuiteSettings(cfg.methods_from))
         self.trained = TrainedGate(cfg, lm, self.states)
         self.float_e2e: dict = {}  # dtype -> the float engine's end-to-end error
         self.fault: str | None = None  # a CUDA fault that poisoned this process's context: nothing more runs
@@ -436,6 +441,11 @@ class VariantRunner:
             _sync(self.device)
             log(f"[perf] {v.label}: state in {v.quantize_s or 0:.1f}s, "
                 f"{v.proof.get('quantized_linears', 0)} linears, simulated reference done")
+            cal = v.state_meta.get("calibration") or {}
+            if cal.get("instead_of"):  # the suite's set could not be built: this row is not the suite's state
+                log(f"[perf] {v.label}: calibration: random batches instead of the suite's "
+                    f"{cal['instead_of'].get('task')} set ({cal.get('why')}); the row will not join the "
+                    "suite's accuracy rows")
         except Exception as exc:  # noqa: BLE001 - one broken method must not stop the run
             v.error = _short_error(exc)
             log(f"[perf] {v.label}: FAILED before timing: {v.error}")
@@ -622,7 +632,7 @@ def open_session(model: str, cfg: PerfConfig, *, run_id: str, load_dtype: str, l
               "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
               "copy_bandwidth_gbs": bw, "versions": info, "git": git_describe(), "seed": seed,
               "run_id": run_id, "workload": wl.describe(), "model_path": lm.path, "objective": cfg.objective,
-              "layouts": cfg.layouts,
+              "layouts": cfg.layouts, "methods_from": cfg.methods_from,
               "command": command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)}
     common.update(extra_common or {})
     recorder = PerfRecorder(cfg.out / "records.jsonl", common, overrides=cfg.overrides, reps=cfg.reps)
@@ -729,7 +739,7 @@ def run_child(spec_path: str) -> int:
 
 COMMON_KEYS = ("suite", "model", "task", "metric", "value", "stderr", "n_empty", "n_unparsed", "device", "card",
                "driver", "torch", "copy_bandwidth_gbs", "versions", "git", "seed", "run_id", "workload",
-               "model_path", "objective", "layouts", "command")
+               "model_path", "objective", "layouts", "methods_from", "command")
 
 
 class IsolatedRun:
@@ -765,12 +775,11 @@ class IsolatedRun:
                 "card": info.get("card"), "driver": info.get("driver"), "torch": info["torch"],
                 "copy_bandwidth_gbs": None, "versions": info, "git": git_describe(), "seed": self.cfg.seed,
                 "run_id": self.run_id, "workload": {}, "model_path": None, "objective": self.cfg.objective,
-                "layouts": self.cfg.layouts, "command": self.command}
+                "layouts": self.cfg.layouts, "methods_from": self.cfg.methods_from, "command": self.command}
 
     def _write_failed(self, case, batches, common: dict, errors: dict, isolation: dict) -> list[dict]:
-        from ..quant.config import parse_scheme
-
-        case.qcfg = parse_scheme(case.scheme, **({} if case.is_reference else self.cfg.overrides))
+        case.qcfg = SuiteSettings(self.cfg.methods_from).qcfg(case.scheme, self.cfg.overrides,
+                                                               reference=case.is_reference)
         rec = PerfRecorder(self.path, dict(common, isolation=isolation), overrides=self.cfg.overrides,
                            reps=self.cfg.reps)
         return [rec.write(case, B, **errors[B]) for B in batches]

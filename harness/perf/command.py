@@ -43,15 +43,20 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", action="append",
                    help="architecture name (llava-1.5-7b, llava-1.5-13b: random weights, no download), "
                         "a local folder or a Hub id; repeat for several")
-    p.add_argument("--methods", type=_csv, default=["rtn"],
-                   help="comma-separated registered methods (default rtn; `all`: every registered method); "
+    p.add_argument("--methods", type=_csv, default=None,
+                   help="comma-separated registered methods (default rtn, or with --methods-from every entry "
+                        "of the suite; `all`: every registered method); "
                         "the float reference is always measured first. Each row's state is made as the "
                         "accuracy suites make it (harness.prepare.prepare_state) with the method's defaults")
     p.add_argument("--methods-from", default=None, metavar="SUITE",
                    help="take the methods, with their options, labels and clip lever, from a suite YAML "
-                        "(a file or a bundled suite name); with --methods, only those names")
-    p.add_argument("--schemes", type=_csv, default=_csv(DEFAULT_SCHEMES),
-                   help=f"comma-separated schemes (default {DEFAULT_SCHEMES})")
+                        "(a file or a bundled suite name), and make each state as that suite does: its "
+                        "`quant` settings, calibration set (its task's data where lm-eval is installed, "
+                        "else random batches, and the records say so), activation-range rule and seed, so "
+                        "the rows join the suite's accuracy rows (`qvlm-bench table RESULTS --perf OUT`); "
+                        "with --methods, only those names")
+    p.add_argument("--schemes", type=_csv, default=None,
+                   help=f"comma-separated schemes (default {DEFAULT_SCHEMES}; with --methods-from, the suite's)")
     p.add_argument("--batch", type=_ints, default=[1, 8, 32], help="batch sizes (default 1,8,32)")
     p.add_argument("--override", type=_override, action="append", default=[],
                    help="quantization override KEY=VALUE, e.g. w_group_size=128 (repeatable)")
@@ -101,10 +106,10 @@ def add_perf_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def perf_methods(names: list[str], suite: str | None = None) -> list:
-    """The method entries a perf run measures: names (``all``: every registered method but the
-    reference), or a suite's ``methods`` entries (options, labels, clip), filtered by ``names``
-    unless they are the default."""
+def perf_methods(names: list[str] | None, suite: str | None = None) -> list:
+    """The method entries a perf run measures: names (None: rtn; ``all``: every registered method
+    but the reference), or a suite's ``methods`` entries (options, labels, clip), only those of
+    ``names`` where given (every entry of a named method: ``rtn`` is rtn and rtn+clip)."""
     from .. import registry
 
     if suite is not None:
@@ -113,27 +118,44 @@ def perf_methods(names: list[str], suite: str | None = None) -> list:
         from ..cells import resolve_variants
 
         variants = resolve_variants(load_suite(suite))  # the suite's labels (options, clip, calibration)
-        if names and names != ["rtn"]:
+        if names and names != ["all"]:
+            unknown = sorted(set(names) - {v.method for v in variants})
+            if unknown:
+                raise ValueError(f"--methods {','.join(unknown)}: not a method of suite {suite} "
+                                 f"(it has {', '.join(dict.fromkeys(v.method for v in variants))})")
             variants = [v for v in variants if v.method in names]
         return variants
+    names = names or ["rtn"]
     if names == ["all"]:
         ref = registry.reference_method()
         return [m for m in registry.available_methods() if m != ref]
     return names
 
 
+def perf_schemes(args: argparse.Namespace) -> list[str]:
+    """``--schemes``, or by default the suite's (``--methods-from``) or ``DEFAULT_SCHEMES``."""
+    if args.schemes:
+        return args.schemes
+    if args.methods_from:
+        from ..suite_config import load_suite
+
+        return [q.scheme for q in load_suite(args.methods_from).schemes]
+    return _csv(DEFAULT_SCHEMES)
+
+
 def perf_config(args: argparse.Namespace, methods: list) -> PerfConfig:
     """The ``PerfConfig`` of a ``qvlm-bench perf`` command line (checked: ``PerfConfig.check``)."""
     from .benchmark import PerfConfig
 
-    return PerfConfig(methods=methods, schemes=args.schemes, batches=args.batch, out=args.out, suite=args.suite,
+    return PerfConfig(methods=methods, schemes=perf_schemes(args), batches=args.batch, out=args.out, suite=args.suite,
                       new_tokens=args.new_tokens, text_tokens=args.text_tokens, image_size=args.image_size,
                       warmup=args.warmup,
                       reps=args.reps, gate=args.gate, gate_tokens=args.gate_tokens, compile=not args.no_compile,
                       graphs=not args.no_graphs, device=args.device, dtype=args.dtype, seed=args.seed,
                       overrides=dict(args.override), time_budget_s=args.time_budget, kernels=args.kernels,
                       objective=args.objective, trained_gate=args.trained_gate, leaderboard=False,
-                      isolate=args.isolate, wide_layouts=args.wide_layouts)
+                      isolate=args.isolate, wide_layouts=args.wide_layouts,
+                      methods_from=getattr(args, "methods_from", None))
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:

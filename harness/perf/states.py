@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cells import Variant, act_range_rule, digest, resolve_methods, state_identity, uses_calibration
+from ..cells import (Variant, act_range_rule, calibration_spec, digest, resolve_methods, state_identity,
+                     uses_calibration)
 from ..suite_config import MethodSpec, method_spec
 from ..prepare import prepare_state
 from ..quant.config import parse_scheme
@@ -145,13 +146,74 @@ def random_calibration(lm, workload: Workload, n: int = 4):
                                                    "note": "random tokens and images: systems benchmark"})
 
 
-def perf_state(lm, variant: Variant, qcfg, workload: Workload, *, seed: int = 0):
+class SuiteSettings:
+    """What a suite decides about a row's state besides its ``methods`` entry, for
+    ``qvlm-bench perf --methods-from SUITE``: each scheme's quantization settings (the suite's
+    ``quant`` block and the scheme's own overrides), the calibration set (``cells.calibration_spec``:
+    task, split, n, seed, modality), the activation-range rule (``cells.act_range_rule``, with the
+    suite's ``act_ranges`` stream) and the seed. Without a suite (``--methods``): the scheme's
+    defaults, random calibration data, the default range rule."""
+
+    def __init__(self, suite: str | None = None):
+        self.name = suite
+        self.suite = None
+        self.quant: dict = {}
+        if suite is not None:
+            from ..suite_config import load_suite, read_suite_data
+
+            self.suite = load_suite(suite)
+            self.quant = dict(read_suite_data(suite)[0].get("quant") or {})
+
+    def qcfg(self, scheme: str, overrides: dict | None = None, *, reference: bool = False):
+        """The ``QuantConfig`` of ``scheme`` as the suite runs it (its entry in ``schemes`` where it
+        lists the scheme, else the scheme with the suite's ``quant`` block), ``overrides`` on top."""
+        if reference:
+            return parse_scheme(scheme)
+        base: dict = {}
+        if self.suite is not None:
+            from ..quant.config import OVERRIDE_KEYS
+
+            listed = next((q for q in self.suite.schemes if q.scheme == scheme), None)
+            base = ({k: v for k, v in listed.to_dict().items() if k in OVERRIDE_KEYS} if listed is not None
+                    else dict(self.quant))
+        return parse_scheme(scheme, **{**base, **(overrides or {})})
+
+    def calibration(self, lm, variant: Variant, qcfg, workload: Workload):
+        """The row's calibration set (None where it gets no data): the suite's own where the suite's
+        task can be loaded for this model (``calibration.suite_calibration``, through lm-eval); else
+        random batches, whose ``source`` says which set they stand in for and why."""
+        if not uses_calibration(variant.cls, variant.act_clip_search, qcfg):
+            return None
+        if self.suite is None:
+            return random_calibration(lm, workload)
+        spec = calibration_spec(self.suite, variant, qcfg)
+        try:
+            from ..prepare import suite_calibration
+
+            return suite_calibration(lm, self.suite, spec)
+        except Exception as exc:  # noqa: BLE001 - no lm-eval on the GPU image, no processor for random weights
+            calib = random_calibration(lm, workload)
+            calib.source.update(instead_of=spec, why=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                if str(exc) else type(exc).__name__)
+            return calib
+
+    def rule(self, variant: Variant, qcfg):
+        return act_range_rule(self.suite, variant, qcfg)
+
+    def seed(self, default: int) -> int:
+        return self.suite.seed if self.suite is not None else default
+
+
+def perf_state(lm, variant: Variant, qcfg, workload: Workload, *, seed: int = 0,
+               settings: SuiteSettings | None = None):
     """``(state, state_key)``: the state a perf row times, made by the accuracy worker's path
     (``prepare.prepare_state``: the variant's options, the unchanged-model check, ``finalize_state``
-    with the suites' activation-range rule), on random calibration data where the row uses data
-    (``cells.uses_calibration``), and its ``cells.state_identity`` digest."""
-    calib = random_calibration(lm, workload) if uses_calibration(variant.cls, variant.act_clip_search, qcfg) else None
-    rule = act_range_rule(None, variant, qcfg)
+    with the suites' activation-range rule), on the calibration data of ``settings`` where the row
+    uses data (``cells.uses_calibration``; the suite's set, or random batches), and its
+    ``cells.state_identity`` digest."""
+    settings = settings or SuiteSettings()
+    calib = settings.calibration(lm, variant, qcfg, workload)
+    rule = settings.rule(variant, qcfg)
     state = prepare_state(lm, variant, qcfg, calib, rule, seed=seed)
     dtype = DTYPE_NAMES.get(lm.dtype, str(lm.dtype))
     device_kind = "cuda" if str(lm.device).startswith("cuda") else str(lm.device)
@@ -200,8 +262,11 @@ class StatePreparer:
     """Makes a ``Case``'s state on a model by the accuracy path, with its simulated reference, and
     the engine's deployed layers for it (the state-preparation side of a perf run)."""
 
-    def __init__(self, *, device, gate_tokens: int, overrides: dict, seed: int = 0):
-        self.device, self.gate_tokens, self.overrides, self.seed = device, gate_tokens, overrides, seed
+    def __init__(self, *, device, gate_tokens: int, overrides: dict, seed: int = 0,
+                 settings: SuiteSettings | None = None):
+        self.settings = settings or SuiteSettings()
+        self.device, self.gate_tokens, self.overrides = device, gate_tokens, overrides
+        self.seed = self.settings.seed(seed)  # a suite's rows are made with the suite's seed
 
     def prepare(self, v: Case, lm, wl: Workload, exact: bool = False):
         """State of ``v`` on ``lm`` by the accuracy path (``prepare_state``) and its simulated
@@ -211,7 +276,7 @@ class StatePreparer:
         small models only: it copies the model)."""
         ids1, pix1 = wl.batch(1)
         ids1, pix1 = ids1.to(self.device), images_to(pix1, self.device, lm.dtype)
-        v.qcfg = parse_scheme(v.scheme, **({} if v.is_reference else self.overrides))
+        v.qcfg = self.settings.qcfg(v.scheme, self.overrides, reference=v.is_reference)
 
         def reference():
             v.ref = gate_mod.simulated_reference(lm.model, ids1, pix1, self.gate_tokens)
@@ -223,7 +288,7 @@ class StatePreparer:
         if v.is_reference:
             reference()
             return None
-        state, v.state_key = perf_state(lm, v.variant, v.qcfg, wl, seed=self.seed)
+        state, v.state_key = perf_state(lm, v.variant, v.qcfg, wl, seed=self.seed, settings=self.settings)
         v.quantize_s = state.meta.get("quantize_s")
         v.proof = dict(state.meta.get("proof") or state.proof())
         v.state_meta = {k: state.meta.get(k) for k in ("act_ranges", "calibration")}

@@ -29,6 +29,7 @@ from .scores import FALLBACK, load_scores, task_clusters
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QUESTION, PairedBootstrap, TaskScores, combine_runs
 
 PERF_COLUMNS = ("decode ms/tok", "peak GiB", "kernel")
+PERF_MARK = "†"  # on the perf columns' headers: the note saying which card and workload they are
 AVG, DREF, VSBEST = "Avg", "Δ ref", "vs best"
 
 
@@ -70,6 +71,12 @@ class Board:
     bootstrap: PairedBootstrap | None = None
     # task -> (cluster unit the bootstrap resampled, clusters, questions)
     clusters: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    # the perf columns' header suffix: the card they ran on (one card) and the note mark
+    perf_header: str = ""
+
+    def perf_column_name(self, column: str) -> str:
+        """A perf column's displayed header: it says where the numbers come from (``perf_note``)."""
+        return f"{column}{self.perf_header}" if column in PERF_COLUMNS else column
 
     @property
     def rows(self) -> list[tuple]:
@@ -304,7 +311,11 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
                           for i in range(R)]
 
     perf = [r for run in runs for r in run.records if r.get("metric") == "perf"] + list(perf_records or [])
-    table = _join_perf(table, perf, acc)
+    table, hits = _join_perf(table, perf, acc)
+    perf_header = ""
+    if hits:
+        perf_header, note = perf_note(hits)
+        notes.append(note)
 
     ref_desc = {}
     for model, row in references.items():
@@ -317,21 +328,24 @@ def build_board(runs: Sequence[Run], n_resamples: int = DEFAULT_RESAMPLES, seed:
         ref_desc[model] = f"{row[1]}" + (f" (ran in {ran})" if ran else "")
     return Board(table=table, tasks=tasks, runs=list(runs), references=references, reference_desc=ref_desc,
                  bits={row: bits[row] for row in rows}, notes=notes, n_resamples=n_resamples,
-                 level=level, seed=seed, bootstrap=boot, clusters=clusters_of)
+                 level=level, seed=seed, bootstrap=boot, clusters=clusters_of, perf_header=perf_header)
 
 
-def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame | None = None) -> pd.DataFrame:
+def _join_perf(table: pd.DataFrame, perf_records: list[dict],
+               acc: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """The batch-1 perf columns of each accuracy row from the perf record of the same identity
-    (``row_identity``): each method's latency is its own row's, never another method's."""
+    (``row_identity``): each method's latency is its own row's, never another method's. Returns
+    the table and the perf records joined (none: the table unchanged)."""
     perf = {}  # the newest successful batch-1 record per identity (as ``latest_ok`` filters)
     for r in perf_records:
         if r.get("metric") == "perf" and r.get("status") == "ok" and r.get("batch_size") in (None, 1) \
                 and r.get("objective") in (None, "generate"):
             perf[row_identity(r)] = r
     if not perf:
-        return table
+        return table, []
     acc_recs = {} if acc is None else {tuple(r[c] for c in ROW): r for r in acc.to_dict("records")}
     cols: dict[str, list] = {"decode ms/tok": [], "peak GiB": [], "kernel": []}
+    hits = []
     for row in table.index:
         rec = acc_recs.get(tuple(row), {"model": row[0], "variant": row[1], "scheme": row[2]})
         rec = {k: record_field(rec, k) for k in rec}
@@ -339,16 +353,50 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict], acc: pd.DataFrame 
         hit = perf.get(key)
         if hit is None and key[3] is not None:  # perf records from before quant_config: by label only
             hit = next((p for k, p in perf.items() if k[:3] == key[:3] and k[3] is None), None)
+        if hit is not None:
+            hits.append(hit)
         lat, mem = (hit or {}).get("latency") or {}, (hit or {}).get("memory") or {}
         cols["decode ms/tok"].append(lat.get("decode_ms_per_token") if hit else None)
         cols["peak GiB"].append((mem.get("peak_bytes") or 0) / 2**30 or None if hit else None)
         cols["kernel"].append(hit.get("kernel") if hit else None)
     if not any(v is not None for v in cols["decode ms/tok"] + cols["kernel"]):
-        return table  # perf of rows without accuracy belongs to the perf tables
+        return table, []  # perf of rows without accuracy belongs to the perf tables
     out = table.copy()
     for c, vals in cols.items():
         out[c] = pd.Series(vals, index=table.index, dtype=float if c != "kernel" else object)
-    return out
+    return out, hits
+
+
+def _card(rec: dict) -> str:
+    card = str(rec.get("card") or rec.get("device") or "?")
+    return card[len("NVIDIA "):] if card.startswith("NVIDIA ") else card
+
+
+def perf_note(hits: list[dict]) -> tuple[str, str]:
+    """(header suffix, note) for the perf columns: the card(s), dtype and workload the joined perf
+    records ran (a tiny model's latency on one card must not pass for another model's or card's)."""
+    cards = sorted({_card(r) for r in hits})
+    dtypes = sorted({str(r.get("dtype")) for r in hits if r.get("dtype")})
+    models = sorted({str(r.get("model")) for r in hits})
+    loads = []
+    for r in hits:
+        wl = r.get("workload") or {}
+        text = (f"{wl.get('prompt_tokens', '?')} prompt tokens ({wl.get('image_tokens', '?')} of them image), "
+                f"{wl.get('new_tokens', '?')} new tokens" if wl else "workload not recorded")
+        if text not in loads:
+            loads.append(text)
+    runs = sorted({str(r.get("run_id")) for r in hits if r.get("run_id")})
+    commits = sorted({((r.get("git") or {}).get("commit") or "?")[:12] for r in hits})
+    untimed = sum(1 for r in hits if not (r.get("latency") or {}).get("decode_ms_per_token"))
+    header = f" ({cards[0]}){PERF_MARK}" if len(cards) == 1 else PERF_MARK
+    note = (f"{PERF_MARK} decode ms/tok, peak GiB, kernel: `qvlm-bench perf` records of each row's own state "
+            f"(same label, scheme, quantization settings, calibration set and range rule), batch 1, on "
+            f"{', '.join(cards)} ({', '.join(dtypes)}); model {', '.join(models)} — these are that model's "
+            f"latencies on that card, not a 7B model's; workload: {'; '.join(loads)}; perf run "
+            f"{', '.join(runs) or '?'} at commit {', '.join(commits)}."
+            + (f" {untimed} joined row(s) were not timed (kernel `simulated`: no real kernel for the scheme "
+               "there; '–')." if untimed else ""))
+    return header, note
 
 
 @dataclass

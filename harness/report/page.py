@@ -116,7 +116,7 @@ def table_html(board: Board) -> str:
     cols = board.stat_columns
     perf = [c for c in PERF_COLUMNS if c in t]
     multi_runs = (t["runs"] < len(board.runs)).any()
-    head = ["Model", "Variant", "Scheme", *cols, *perf] + (["runs"] if multi_runs else [])
+    head = ["Model", "Variant", "Scheme", *cols, *map(board.perf_column_name, perf)] + (["runs"] if multi_runs else [])
     out = ['<table class="lb">', "<caption>" + "".join(f"<p>{_e(line)}</p>" for line in caption(board)) + "</caption>",
            "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
     last = None

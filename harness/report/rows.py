@@ -77,20 +77,49 @@ def unresolved_failures(records: list[dict]) -> list[dict]:
 REFERENCE_ROW = "<reference>"
 
 
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _quant_identity(rec: dict) -> str | None:
     """The quantization settings of a record (its ``quant_config``), or None where it has none."""
     qc = rec.get("quant_config")
     if not isinstance(qc, dict) or not qc:
         return None
-    return json.dumps({k: v for k, v in qc.items() if k != "scheme"}, sort_keys=True, default=str)
+    return _json({k: v for k, v in qc.items() if k != "scheme"})
+
+
+def _calibration_identity(rec: dict) -> str | None:
+    """The calibration set a record's state was made with (task, split, n, seed, batch size,
+    modality, data version: ``cells.calibration_spec``; ``kind: random`` for a perf row's random
+    batches), or None where it got no data. The set's ``digest`` is left out: ``qvlm-bench perf``
+    records it, the accuracy records do not, and it changes with the dtype the images were encoded
+    in, not with the set."""
+    cal = rec.get("calibration")
+    if not isinstance(cal, dict) or not cal:
+        return None
+    return _json({k: v for k, v in cal.items() if k != "digest"})
+
+
+def _ranges_identity(rec: dict) -> str | None:
+    """The rule that filled the state's static activation ranges (stream, tokens, statistic:
+    ``quant.ranges.rule_for``), without what filling them found (counts, percentiles)."""
+    rule = rec.get("act_ranges")
+    if not isinstance(rule, dict) or not rule:
+        return None
+    return _json({k: rule.get(k) for k in ("stream", "tokens", "stat")})
 
 
 def row_identity(rec: dict) -> tuple:
-    """What a latency row and an accuracy row must share to be joined: the model, the row label
+    """What a latency row and an accuracy row must share to be joined, so that each is the same
+    quantization state (but for the dtype and device it was made in): the model, the row label
     (``cells.Variant.label``, which names the method's non-default options and the clip lever; the
-    float reference matches the reference whatever dtype it ran in), the scheme, and the
-    quantization settings behind the scheme (group size, symmetry, static or dynamic ranges)."""
+    float reference matches the reference whatever dtype it ran in), the scheme, the quantization
+    settings behind the scheme (group size, symmetry, static or dynamic ranges), the calibration set
+    and the rule that filled the static ranges (``qvlm-bench perf --methods-from SUITE`` makes its
+    states with the suite's)."""
     ref = is_reference(rec)
-    return (rec.get("model"), REFERENCE_ROW if ref else variant_of(rec), rec.get("scheme"),
-            None if ref else _quant_identity(rec))
-
+    if ref:
+        return (rec.get("model"), REFERENCE_ROW, rec.get("scheme"), None, None, None)
+    return (rec.get("model"), variant_of(rec), rec.get("scheme"), _quant_identity(rec),
+            _calibration_identity(rec), _ranges_identity(rec))

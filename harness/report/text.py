@@ -51,6 +51,7 @@ def formatted(board: Board, style: str) -> pd.DataFrame:
         out["decode ms/tok"] = table["decode ms/tok"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
         out["peak GiB"] = table["peak GiB"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
         out["kernel"] = table["kernel"].fillna("–")
+        out = out.rename(columns=board.perf_column_name)  # the headers say which card (perf_note)
     if f"{AVG} min" in table:
         out[f"{AVG} range"] = [f"{number_text(lo, False)}–{number_text(hi, False)}" if pd.notna(lo) else "–"
                                for lo, hi in zip(table[f"{AVG} min"], table[f"{AVG} max"])]
