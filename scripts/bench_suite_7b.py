@@ -53,6 +53,13 @@ def default_dtype(arch: str, device: str) -> str:
     return "bf16" if arch_model_type(arch) == "qwen2_5_vl" else "fp16"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds the old text or the new, never a part (a time limit may stop the run anywhere)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def cell_row(r: dict, wall: float) -> dict:
     """One cell's row of the per-stage table from its record and the wall time since the last."""
     tm = r.get("timings") or {}
@@ -204,7 +211,8 @@ def main(argv=None) -> int:
         if not args.keep_states and r.get("state_key"):
             shutil.rmtree(out / "suite" / "cache" / "states" / r["state_key"], ignore_errors=True)
         result["suite_wall_s"] = round(t - t_run, 2)
-        (out / "suite_7b.json").write_text(json.dumps(result, indent=1, default=str))  # kept if cut off
+        write_atomic(out / "suite_7b.json", json.dumps(result, indent=1, default=str))  # kept if cut off
+        write_atomic(out / "stages.md", stage_table(rows) + "\n")
 
     summary = run_suite(suite, show_progress=False, on_record=on_record)
     result["suite_wall_s"] = round(time.perf_counter() - t_run, 2)

@@ -137,3 +137,24 @@ def test_suite_7b_script_runs_qwen25_vl_on_its_tiny_shape(tmp_path):
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>"]) == [151643, 151645, 151655]
     assert cfg.image_token_id == 151655 and len(tok) == 151665 <= cfg.text_config.vocab_size == 152064
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+
+
+@pytest.mark.slow  # ~20 s: the device script's CPU dry run, one cell
+def test_device_suite_7b_script_dry_run(tmp_path):
+    """scripts/device_suite_7b.sh with DRY=1 (the tiny Qwen2.5-VL shape on the CPU, no wheels):
+    the files the device call brings back land in $OUT."""
+    import os
+    import subprocess
+
+    data = scienceqa_rows(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "DATA_DIR": str(data),
+           "METHODS": "fp16", "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "device_suite_7b.sh")], cwd=SCRIPTS.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"log.txt", "versions.txt", "stages.md", "suite_7b.json",
+                                               "records.jsonl"}
+    result = json.loads((out / "suite_7b.json").read_text())
+    assert result["arch"] == "qwen2.5-vl-7b" and result["shape"] == "tiny" and result["ok"] == 1
+    assert "| fp32 (reference) |" in proc.stdout
