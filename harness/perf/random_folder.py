@@ -85,6 +85,9 @@ QWEN2_OTHER_ADDED = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_mid
                      "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
 QWEN2_REGULAR_TOKENS = 151643  # regular (BPE) tokens of Qwen2's vocabulary: specials start here
 QWEN2_BPE_VOCAB = 8192  # what the byte-level BPE is trained up to (a small corpus may stop short)
+# Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX, tiktoken's cl100k)
+PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                     r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -106,7 +109,6 @@ def qwen2_tokenizer(corpus: list[str] | None = None, *, bpe_vocab: int = QWEN2_B
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
     from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
@@ -170,13 +172,12 @@ def save_random_qwen(arch: str, out: str | Path, *, dtype: str = "bf16", device:
     """Write ``out`` (config, random weights in ``dtype``, processor) for a shipped Qwen2.5-VL
     architecture (``qwen2.5-vl-7b``); ``overrides`` shrink it for tests. No tokenizer folder is
     needed: the Qwen2 tokenizer is built here (``qwen2_tokenizer``)."""
-    from .arch import build_random_model
+    from .arch import arch_config, build_random_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = build_random_model(arch, dtype=dtype, device=device, seed=seed, overrides=overrides)
-    cfg = lm.model.config
-    processor = build_qwen_processor(cfg.vision_config)
+    cfg = arch_config(arch, overrides)
+    processor = build_qwen_processor(cfg.vision_config)  # first: seconds, where the weights take a minute
     tok = processor.tokenizer
     for key, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
@@ -185,6 +186,8 @@ def save_random_qwen(arch: str, out: str | Path, *, dtype: str = "bf16", device:
                              f"the architecture expects {getattr(cfg, key)}")
     if len(tok) > cfg.text_config.vocab_size:
         raise ValueError(f"{len(tok)} tokens do not fit the model's vocabulary of {cfg.text_config.vocab_size}")
+    lm = build_random_model(arch, dtype=dtype, device=device, seed=seed, overrides=overrides)
+    cfg = lm.model.config
     endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg.pad_token_id = cfg.text_config.pad_token_id = tok.pad_token_id
     gen = lm.model.generation_config  # as Qwen2.5-VL-Instruct's generation_config.json
