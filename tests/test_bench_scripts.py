@@ -137,6 +137,10 @@ def test_suite_7b_script_runs_qwen25_vl_on_its_tiny_shape(tmp_path):
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>"]) == [151643, 151645, 151655]
     assert cfg.image_token_id == 151655 and len(tok) == 151665 <= cfg.text_config.vocab_size == 152064
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    from transformers.models.qwen2 import tokenization_qwen2
+
+    from harness.perf.random_folder import PRETOKENIZE_REGEX
+    assert PRETOKENIZE_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX  # Qwen2's split, kept in step
 
 
 @pytest.mark.slow  # ~20 s: the device script's CPU dry run, one cell
