@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -82,3 +83,82 @@ def test_suite_7b_script_runs_on_its_tiny_shape(tmp_path):
     assert abs(rtn["overhead_s"] - (rtn["wall_s"] - rtn["quantize_s"] - rtn["eval_s"])) < 0.02
     tp = result["throughput"]
     assert tp["questions"] == 4 and tp["plain_q_per_s"] > 0 and tp["bridge_q_per_s"] > 0
+
+
+def scienceqa_rows(folder: Path, n: int) -> Path:
+    """``folder/scienceqa_img/test.parquet``: ``n`` rows in the schema of HF ``lmms-lab/ScienceQA``
+    (``ScienceQA-IMG``; the synthetic ScienceQA task's rows, which share it), what
+    ``--data-dir`` of the benchmark scripts reads."""
+    import pandas as pd
+
+    from tasks.synth import generate_rows, rows_to_records
+
+    (folder / "scienceqa_img").mkdir(parents=True)
+    rows = rows_to_records(generate_rows("synth_scienceqa", "test", n=n))
+    pd.DataFrame(rows).to_parquet(folder / "scienceqa_img" / "test.parquet", index=False)
+    return folder
+
+
+@pytest.mark.slow  # ~30 s on a busy CPU: the folder (its tokenizer trained here) and two cells
+def test_suite_7b_script_runs_qwen25_vl_on_its_tiny_shape(tmp_path):
+    """--arch qwen2.5-vl-7b --shape tiny: a random Qwen2.5-VL folder with Qwen2's vocabulary and
+    special-token ids, its tokenizer built offline, loaded by the harness's normal path; the
+    suite runs the reference and a calibrated method on 3 ScienceQA-schema rows, and the
+    per-stage table has every stage of every cell."""
+    from harness.models.loading import load_model
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_suite_7b
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    data = scienceqa_rows(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert bench_suite_7b.main(["--arch", "qwen2.5-vl-7b", "--shape", "tiny", "--device", "cpu",
+                                "--limit", "3", "--calib", "3", "--batch", "3", "--methods", "fp16,awq",
+                                "--skip-throughput", "--data-dir", str(data), "--out", str(out)]) == 0
+    result = json.loads((out / "suite_7b.json").read_text())
+    assert (result["ok"], result["failed"], result["dtype"]) == (2, 0, "fp32")
+    assert [c["variant"] for c in result["cells"]] == ["fp32 (reference)", "awq"]
+    for cell in result["cells"]:
+        assert all(isinstance(cell[k], float) for k in bench_suite_7b.STAGES), cell
+        assert cell["eval_s"] > 0 and cell["load_s"] >= 0
+        assert abs(cell["unstaged_s"] - (cell["wall_s"] - sum(cell[k] for k in bench_suite_7b.STAGES))) < 0.02
+    awq = result["cells"][1]
+    assert awq["quantize_s"] > 0 and awq["calibrate_s"] > 0  # the first calibrated cell encodes the rows
+    table = (out / "stages.md").read_text().splitlines()
+    assert table[0].startswith("| variant | wall | load | calibrate | quantize | finalize | apply | eval | record")
+    assert len(table) == 4 and all(c.strip() != "–" for row in table[2:] for c in row.split("|")[2:10])
+    assert not list((out / "suite" / "cache" / "states").glob("*/state.json"))  # dropped after each record
+
+    lm = load_model(result["folder"], dtype="fp32")  # the folder the script ran: Qwen2's ids and schema
+    tok, cfg = lm.processor.tokenizer, lm.model.config
+    assert lm.family == "qwen2.5-vl" and type(tok).__name__ == "Qwen2Tokenizer"
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>"]) == [151643, 151645, 151655]
+    assert cfg.image_token_id == 151655 and len(tok) == 151665 <= cfg.text_config.vocab_size == 152064
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    from transformers.models.qwen2 import tokenization_qwen2
+
+    from harness.perf.random_folder import PRETOKENIZE_REGEX
+    assert PRETOKENIZE_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX  # Qwen2's split, kept in step
+
+
+@pytest.mark.slow  # ~20 s: the device script's CPU dry run, one cell
+def test_device_suite_7b_script_dry_run(tmp_path):
+    """scripts/device_suite_7b.sh with DRY=1 (the tiny Qwen2.5-VL shape on the CPU, no wheels):
+    the files the device call brings back land in $OUT."""
+    import os
+    import subprocess
+
+    data = scienceqa_rows(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "DATA_DIR": str(data),
+           "METHODS": "fp16", "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "device_suite_7b.sh")], cwd=SCRIPTS.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {"log.txt", "versions.txt", "stages.md", "suite_7b.json",
+                                               "records.jsonl"}
+    result = json.loads((out / "suite_7b.json").read_text())
+    assert result["arch"] == "qwen2.5-vl-7b" and result["shape"] == "tiny" and result["ok"] == 1
+    assert "| fp32 (reference) |" in proc.stdout
