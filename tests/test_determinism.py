@@ -83,8 +83,11 @@ def test_the_bundled_default_suite_keeps_its_committed_cell_keys():
     suite = load_suite("default")
     assert suite.deterministic is False
     planned = [c.key for c in cells_mod.plan_cells(suite, "cpu")]
-    committed = {r["config_hash"] for r in read_records(REPO / "results" / "default" / "records.jsonl")}
-    assert len(planned) == 51 and set(planned) == committed
+    # the folder keeps superseded records (re-keyed cells run again into it; tables take the newest)
+    committed = {r["config_hash"] for r in read_records(REPO / "results" / "default" / "records.jsonl")
+                 if r.get("status") == "ok"}
+    missing = sorted(set(planned) - committed)
+    assert len(planned) == 51 and not missing, f"{len(missing)} planned cells have no committed record"
 
 
 def test_deterministic_is_in_the_identity_only_when_true(tiny_llava_path, toy_include, tmp_path):
