@@ -194,3 +194,30 @@ def test_quarot_engine_with_the_kernel_equals_the_eager_one(bundled32, interp, m
         assert online and all(c["transform_err"] < 1e-5 for c in online)
     assert {c["online"] for k, c in gate_mod.check_producers(fast, ref)["checks"].items()
             if k.split(".")[2] in ("o", "down")} == {hadamard.KERNEL}
+
+
+# ---- the split 11008 path: (row, block of outputs) programs, then the quantizer pass ----------------
+
+@pytest.mark.parametrize("rows", [1, 2, 33])
+def test_split_dense_stage_at_11008(interp, rows):
+    """Every block size of the split dense stage gives the same values (the same tiles, the same
+    float32 accumulation order), x·H in float64 up to fp16 rounding, and, with every quantizer, the
+    simulated quantizer on those values (the row statistic taken over the blocks' statistics)."""
+    n = 11008
+    t = OnlineHadamard(n)
+    gu = rand_acts(rows, 2 * n, 40 + rows)
+    h = hadamard.hadamard_q(gu, t, None, silu=True)
+    g, u = gu[:, :n].double(), gu[:, n:].double()
+    assert _rel(h, _xh64((g / (1 + torch.exp(-g))).half().double() * u)) < 1e-3
+    for bk in (hadamard.BLOCK_KS if rows <= 2 else (64,)):
+        assert torch.equal(hadamard.hadamard_q(gu, t, None, silu=True, block_k=bk), h)
+    cases = [(a, m) for a in ACTS for m in MODES
+             if not (m.kind == "codes" and m.fp8 and not (a.bits <= 4 and a.sym)) and (a.sym or a.bits <= 7)]
+    for act, mode in cases if rows <= 2 else cases[:2]:
+        for bk in (16, 64) if rows == 1 else (None,):
+            p = hadamard.hadamard_q(gu, t, act, mode, silu=True, block_k=bk)
+            assert p.kind == mode.kind and p.x.shape == (rows, n)
+            c = fused.check_codes(h, p, act)
+            assert c["mismatches"] == 0 and c["scale_mismatch"] == 0 and not c.get("rowsum_mismatch"), (act, mode, c)
+            if mode.kind == "fake":
+                assert torch.equal(p.x, quantize_activation(h, act))
