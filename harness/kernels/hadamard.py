@@ -36,7 +36,7 @@ from . import triton_matmul as tk
 from .fused import FLOAT_INPUT, InputMode
 from .online import OnlineHadamard
 
-IMPL_ENV = "QVLM_ONLINE_HADAMARD"  # "eager" keeps the eager transform (A/B timing); default "triton"
+IMPL_ENV = "QVLM_ONLINE_HADAMARD"  # eager | fused: forced (A/B timing); unset/auto: timed per width (choose)
 MAX_TILE = 32768  # values of the row tile a program holds (the accumulator of the m > 1 case)
 BI = 32  # rows of the [m, p] row per step of the dense stage (one 32-bit word of H_m per column)
 CHUNK = 1024  # values of a row per program of the quantizer pass after the split dense stage
@@ -239,10 +239,12 @@ if tk.HAS_TRITON:
 # ---------------------------------------------------------------------------- entry points
 
 def impl() -> str:
-    """``triton`` (default) or ``eager`` (``QVLM_ONLINE_HADAMARD``): the engine's online Hadamard."""
-    v = os.environ.get(IMPL_ENV, "triton").strip().lower()
-    if v not in ("triton", "eager"):
-        raise ValueError(f"{IMPL_ENV}={v!r}: expected 'triton' or 'eager'")
+    """``auto`` (default: the engine times both paths per width on CUDA, ``choose``), or a forced
+    ``fused`` (alias ``triton``) or ``eager`` (``QVLM_ONLINE_HADAMARD``)."""
+    v = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+    v = {"triton": "fused"}.get(v, v)
+    if v not in ("auto", "fused", "eager"):
+        raise ValueError(f"{IMPL_ENV}={v!r}: expected 'eager', 'fused' (or 'triton') or 'auto'")
     return v
 
 
@@ -348,11 +350,59 @@ KERNEL = "triton-hadamard-q"  # the engine's label for this kernel (``choice``; 
 
 
 def choice(layer, device, dtype, fused_producers: bool) -> str:
-    """How the engine applies ``layer``'s online transform: ``KERNEL``, or ``eager: <why>`` (the
-    engine's producers are not fused here, ``QVLM_ONLINE_HADAMARD=eager``, or ``usable`` says no)."""
+    """How the engine can apply ``layer``'s online transform: ``KERNEL``, or ``eager: <why>`` (the
+    engine's producers are not fused here, ``QVLM_ONLINE_HADAMARD=eager``, or ``usable`` says no).
+    Where it says ``KERNEL`` and nothing is forced, the engine may still pick eager by timing
+    (``choose``)."""
     if not fused_producers:
         return "eager: the engine's producers are not fused (no Triton here, or no quantized input)"
     if impl() == "eager":
         return f"eager: {IMPL_ENV}=eager"
     why = usable(getattr(layer, "online", None), device, dtype)
     return f"eager: {why}" if why else KERNEL
+
+
+# ---------------------------------------------------------------------------- timed choice per width
+
+def pick(fused_ms: float, eager_ms: float, margin: float | None = None) -> str:
+    """``KERNEL`` where the fused path is within ``margin`` (``select``'s ``LAYOUT_MARGIN``, 5 %) of
+    the eager one, else ``eager``: the preference rule of ``select._choose_layout`` with the fused
+    kernel preferred (one launch, nothing through memory in between)."""
+    from .real import LAYOUT_MARGIN
+
+    margin = LAYOUT_MARGIN if margin is None else margin
+    return KERNEL if fused_ms <= eager_ms * (1 + margin) else "eager"
+
+
+def graph_timer(fn, reps: int = 20) -> float:
+    """ms per CUDA-graph replay of ``fn`` after a warm call (compile, autotune; also proves it
+    capturable), as ``select`` times its candidates."""
+    from .select import _time_graph_ms
+
+    fn()
+    return _time_graph_ms(fn, reps, "cuda")
+
+
+def choose(cases: dict, plan, timer=None) -> dict:
+    """The timed choice per transform width. ``cases``: key (e.g. ``"n=11008 silu·up"``) -> dict of
+    phase -> ``(fused_fn, eager_fn)`` (the two paths on an input as that phase's rows produce it);
+    ``plan``: ``(phase, rows, runs per generate)`` as ``select_kernels``'. ``timer(key, phase, path,
+    fn) -> ms`` (default: ``graph_timer(fn)``; tests inject synthetic timings). Per key: each phase's
+    ``fused_ms`` / ``eager_ms``, the workload costs ``sum(runs × ms)`` and ``choice`` (``pick``)."""
+    timer = timer or (lambda _key, _phase, _path, fn: graph_timer(fn))
+    out = {}
+    for key, phases in cases.items():
+        rec: dict = {"phases": {}}
+        cost = {"fused": 0.0, "eager": 0.0}
+        for ph, rows, runs in plan:
+            if ph not in phases:
+                continue  # the layer applies its transform itself in this phase (float input)
+            fused_fn, eager_fn = phases[ph]
+            t_f, t_e = timer(key, ph, "fused", fused_fn), timer(key, ph, "eager", eager_fn)
+            rec["phases"][ph] = {"rows": rows, "runs": runs, "fused_ms": t_f, "eager_ms": t_e}
+            cost["fused"] += runs * t_f
+            cost["eager"] += runs * t_e
+        rec["cost_fused_ms"], rec["cost_eager_ms"] = cost["fused"], cost["eager"]
+        rec["choice"] = pick(cost["fused"], cost["eager"]) if rec["phases"] else KERNEL
+        out[key] = rec
+    return out
