@@ -3,7 +3,7 @@
 QuaRot's online Hadamard in eager torch (``online.OnlineHadamard``: a GEMM by a Sylvester block, a
 transpose copy per block, the dense Paley product, a division) is five or six launches before the
 quantizer: on an H100 ~0.6 ms of QuaRot's 4.27 ms W4A4 decode step, against MBQ's 3.68 ms on the same
-GEMVs (issue 31). Here one program per row computes ``quantizer(x @ H)`` for ``H = (H_m ⊗ H_p) / √n``
+GEMVs (issue 31). Here a program per row (m == 1; m > 1: per row and block of outputs) computes ``quantizer(x @ H)`` for ``H = (H_m ⊗ H_p) / √n``
 (``transforms.hadamard_factors``), the row held in registers, and writes only what the next GEMM
 reads (``fused``'s outputs: float, fake-quantized values, or codes + scales):
 
@@ -11,7 +11,13 @@ reads (``fused``'s outputs: float, fake-quantized values, or codes + scales):
   products by Sylvester blocks generated in registers (``H[i, j] = (−1)^popcount(i & j)``);
 * ``m > 1`` (11008 = 344 · 32): ``Y = X · H_p`` on 32-row tiles of the ``[m, p]`` row, then
   ``Z = H_mᵀ · Y`` accumulated tile by tile; ``H_m`` (±1) is read as one bit an entry (15 KB for
-  344, instead of 237 KB in fp16 read again by every row).
+  344, instead of 237 KB in fp16 read again by every row). Split over a 2-D grid (row × block of
+  ``BK`` outputs ``k``: 22 programs a row at decode, ``_block_k``), each program recomputing ``Y``
+  tile by tile (cheap) for its block of ``Z``; with a quantizer, the first pass writes the
+  transformed row and each block's min / max, and a second pass (row × 1024-value chunks; one
+  program a row where row sums are asked for) takes the row's statistic from those (min / max are
+  exact in any order: the same scale as a whole-row reduction) and quantizes. Two launches, no
+  atomics, deterministic, graph-capturable.
 
 Its input is read the way the engine produces it: plain rows or a ``[B, T, H, D]`` view (the
 attention output through its transpose: o_proj), or SiLU(gate) · up of the fused gate/up output
