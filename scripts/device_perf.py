@@ -120,6 +120,15 @@ def _online_hadamard(res: dict, dev: str, widths, prefill_rows: int, heads: int,
                         for key, fn in (("fused_us", fast), ("eager_us", eager), ("no_transform_us", base)):
                             fn()
                             entry[key] = _graph_us(fn)
+                        if hadamard.plan(n).m > 1:  # the split dense stage: each block size (default: _block_k)
+                            entry["block_k_default"] = hadamard._block_k(rows)
+                            entry["fused_block_k_us"] = {}
+                            for bk in hadamard.BLOCK_KS:
+                                fn = lambda bk=bk: hadamard.hadamard_q(x, t, act, mode, silu=silu, block_k=bk)  # noqa: E731
+                                fn()
+                                entry["fused_block_k_us"][bk] = _graph_us(fn)
+                        # what the engine's per-width choice makes of these two times (hadamard.pick)
+                        entry["engine_choice"] = hadamard.pick(entry["fused_us"], entry["eager_us"])
                     entry["ok"] = bool(ok)
                 except Exception as exc:  # noqa: BLE001
                     msg = str(exc).splitlines()[0][:300] if str(exc) else ""
@@ -130,6 +139,10 @@ def _online_hadamard(res: dict, dev: str, widths, prefill_rows: int, heads: int,
                     res["failures"].append(name)
                 times = (f" fused {entry['fused_us']:.1f}us eager {entry['eager_us']:.1f}us "
                          f"without transform {entry['no_transform_us']:.1f}us") if "fused_us" in entry else ""
+                if "fused_block_k_us" in entry:
+                    times += " block_k " + " ".join(f"{k}:{v:.1f}us" for k, v in entry["fused_block_k_us"].items())
+                if "engine_choice" in entry:
+                    times += f" -> engine picks {entry['engine_choice']}"
                 print(f"[selftest] {'ok  ' if entry['ok'] else 'FAIL'} {name}: "
                       + (entry.get("error") or f"err f64 {entry['err_f64']:.1e} (eager {entry['eager_err_f64']:.1e}) "
                          f"vs eager {entry['err_eager']:.1e} non-tie {entry['codes_codes']['non_tie']}{times}"),

@@ -130,6 +130,35 @@ def test_plans_and_what_stays_eager(interp, monkeypatch):
     assert hadamard.usable(OnlineHadamard(4096), "cpu", torch.float16) is None
     monkeypatch.setenv(hadamard.IMPL_ENV, "eager")
     assert hadamard.impl() == "eager"
+    for v, want in (("fused", "fused"), ("triton", "fused"), ("auto", "auto"), ("", "auto")):
+        monkeypatch.setenv(hadamard.IMPL_ENV, v)
+        assert hadamard.impl() == want
+    monkeypatch.setenv(hadamard.IMPL_ENV, "fast")
+    with pytest.raises(ValueError, match="expected"):
+        hadamard.impl()
+
+
+def test_timed_choice_prefers_the_fused_kernel_within_the_margin():
+    """``hadamard.choose`` with synthetic timings (no kernel runs): the workload's sum(runs × ms) per
+    width, the fused kernel kept within select's 5 % margin, phases without a case skipped."""
+    assert hadamard.pick(1.04, 1.0) == hadamard.KERNEL and hadamard.pick(1.06, 1.0) == "eager"
+    assert hadamard.pick(1.06, 1.0, margin=0.1) == hadamard.KERNEL
+    ms = {("a", "decode", "fused"): 0.033, ("a", "decode", "eager"): 0.018,
+          ("a", "prefill", "fused"): 0.150, ("a", "prefill", "eager"): 0.112,
+          ("b", "decode", "fused"): 0.006, ("b", "decode", "eager"): 0.012,
+          ("b", "prefill", "fused"): 0.011, ("b", "prefill", "eager"): 0.053}
+    calls = []
+
+    def timer(key, phase, path, fn):
+        calls.append((key, phase, path))
+        return ms[(key, phase, path)]
+    never = (lambda: 1 / 0, lambda: 1 / 0)
+    plan = [("decode", 1, 64.0), ("prefill", 647, 1.0)]
+    got = hadamard.choose({"a": {"decode": never, "prefill": never}, "b": {"decode": never}}, plan, timer)
+    assert got["a"]["choice"] == "eager" and got["b"]["choice"] == hadamard.KERNEL
+    assert got["a"]["cost_fused_ms"] == pytest.approx(64 * 0.033 + 0.150)
+    assert got["a"]["phases"]["prefill"] == {"rows": 647, "runs": 1.0, "fused_ms": 0.150, "eager_ms": 0.112}
+    assert set(got["b"]["phases"]) == {"decode"} and ("b", "prefill", "fused") not in calls
 
 
 def test_no_matrix_is_built_again_after_the_first_call(interp, monkeypatch):
@@ -194,3 +223,55 @@ def test_quarot_engine_with_the_kernel_equals_the_eager_one(bundled32, interp, m
         assert online and all(c["transform_err"] < 1e-5 for c in online)
     assert {c["online"] for k, c in gate_mod.check_producers(fast, ref)["checks"].items()
             if k.split(".")[2] in ("o", "down")} == {hadamard.KERNEL}
+
+    # the timed choice per width, with synthetic timings: the MLP's width timed slower fused -> eager
+    # there, the attention output's fused; forced by QVLM_ONLINE_HADAMARD, nothing is timed
+    assert slow.choose_online(timer=lambda *a: 1 / 0) == {}
+    monkeypatch.setenv(hadamard.IMPL_ENV, "fused")
+    assert fast.choose_online(timer=lambda *a: 1 / 0) == {}
+    monkeypatch.delenv(hadamard.IMPL_ENV)
+    assert fast.choose_online() == {}  # the CPU: nothing timed without an injected timer
+    seen = []
+
+    def timer(key, phase, path, fn):
+        seen.append((key, phase, path))
+        return {"fused": 2.0, "eager": 1.0}[path] if "silu" in key else {"fused": 1.04, "eager": 1.0}[path]
+    timings = fast.choose_online(timer=timer)
+    assert {k.split(" ")[1] for k in timings} == {"attention", "silu·up"}
+    assert {(ph, path) for _k, ph, path in seen} == {(ph, p) for ph in ("decode", "prefill")
+                                                     for p in ("fused", "eager")}
+    down = {k: v for k, v in fast.online_impl.items() if k.endswith(".down")}
+    o = {k: v for k, v in fast.online_impl.items() if k.endswith(".o")}
+    assert set(o.values()) == {hadamard.KERNEL} and all(v.startswith("eager: timed") for v in down.values())
+    assert all(t["layers"] == 4 for t in timings.values())
+    assert len(fast._online_fused) == 4
+    with torch.no_grad():
+        c = fast.teacher_forced_logits(ref.tokens[1:])
+    assert _rel(c, b) <= gate_mod.GATE_TOL and torch.equal(c.argmax(-1), b.argmax(-1))
+
+
+# ---- the split 11008 path: (row, block of outputs) programs, then the quantizer pass ----------------
+
+@pytest.mark.parametrize("rows", [1, 2, 33])
+def test_split_dense_stage_at_11008(interp, rows):
+    """Every block size of the split dense stage gives the same values (the same tiles, the same
+    float32 accumulation order), x·H in float64 up to fp16 rounding, and, with every quantizer, the
+    simulated quantizer on those values (the row statistic taken over the blocks' statistics)."""
+    n = 11008
+    t = OnlineHadamard(n)
+    gu = rand_acts(rows, 2 * n, 40 + rows)
+    h = hadamard.hadamard_q(gu, t, None, silu=True)
+    g, u = gu[:, :n].double(), gu[:, n:].double()
+    assert _rel(h, _xh64((g / (1 + torch.exp(-g))).half().double() * u)) < 1e-3
+    for bk in (hadamard.BLOCK_KS if rows <= 2 else (64,)):
+        assert torch.equal(hadamard.hadamard_q(gu, t, None, silu=True, block_k=bk), h)
+    cases = [(a, m) for a in ACTS for m in MODES
+             if not (m.kind == "codes" and m.fp8 and not (a.bits <= 4 and a.sym)) and (a.sym or a.bits <= 7)]
+    for act, mode in cases if rows <= 2 else cases[:2]:
+        for bk in (16, 64) if rows == 1 else (None,):
+            p = hadamard.hadamard_q(gu, t, act, mode, silu=True, block_k=bk)
+            assert p.kind == mode.kind and p.x.shape == (rows, n)
+            c = fused.check_codes(h, p, act)
+            assert c["mismatches"] == 0 and c["scale_mismatch"] == 0 and not c.get("rowsum_mismatch"), (act, mode, c)
+            if mode.kind == "fake":
+                assert torch.equal(p.x, quantize_activation(h, act))

@@ -3,7 +3,7 @@
 QuaRot's online Hadamard in eager torch (``online.OnlineHadamard``: a GEMM by a Sylvester block, a
 transpose copy per block, the dense Paley product, a division) is five or six launches before the
 quantizer: on an H100 ~0.6 ms of QuaRot's 4.27 ms W4A4 decode step, against MBQ's 3.68 ms on the same
-GEMVs (issue 31). Here one program per row computes ``quantizer(x @ H)`` for ``H = (H_m ⊗ H_p) / √n``
+GEMVs (issue 31). Here a program per row (m == 1; m > 1: per row and block of outputs) computes ``quantizer(x @ H)`` for ``H = (H_m ⊗ H_p) / √n``
 (``transforms.hadamard_factors``), the row held in registers, and writes only what the next GEMM
 reads (``fused``'s outputs: float, fake-quantized values, or codes + scales):
 
@@ -11,7 +11,13 @@ reads (``fused``'s outputs: float, fake-quantized values, or codes + scales):
   products by Sylvester blocks generated in registers (``H[i, j] = (−1)^popcount(i & j)``);
 * ``m > 1`` (11008 = 344 · 32): ``Y = X · H_p`` on 32-row tiles of the ``[m, p]`` row, then
   ``Z = H_mᵀ · Y`` accumulated tile by tile; ``H_m`` (±1) is read as one bit an entry (15 KB for
-  344, instead of 237 KB in fp16 read again by every row).
+  344, instead of 237 KB in fp16 read again by every row). Split over a 2-D grid (row × block of
+  ``BK`` outputs ``k``: 22 programs a row at decode, ``_block_k``), each program recomputing ``Y``
+  tile by tile (cheap) for its block of ``Z``; with a quantizer, the first pass writes the
+  transformed row and each block's min / max, and a second pass (row × 1024-value chunks; one
+  program a row where row sums are asked for) takes the row's statistic from those (min / max are
+  exact in any order: the same scale as a whole-row reduction) and quantizes. Two launches, no
+  atomics, deterministic, graph-capturable.
 
 Its input is read the way the engine produces it: plain rows or a ``[B, T, H, D]`` view (the
 attention output through its transpose: o_proj), or SiLU(gate) · up of the fused gate/up output
@@ -36,9 +42,11 @@ from . import triton_matmul as tk
 from .fused import FLOAT_INPUT, InputMode
 from .online import OnlineHadamard
 
-IMPL_ENV = "QVLM_ONLINE_HADAMARD"  # "eager" keeps the eager transform (A/B timing); default "triton"
+IMPL_ENV = "QVLM_ONLINE_HADAMARD"  # eager | fused: forced (A/B timing); unset/auto: timed per width (choose)
 MAX_TILE = 32768  # values of the row tile a program holds (the accumulator of the m > 1 case)
 BI = 32  # rows of the [m, p] row per step of the dense stage (one 32-bit word of H_m per column)
+CHUNK = 1024  # values of a row per program of the quantizer pass after the split dense stage
+BLOCK_KS = (16, 32, 64)  # outputs of the [m, p] row per program of the split dense stage (``_block_k``)
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ if tk.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .fused import _emit
+    from .fused import _emit, _rne
 
     _helper = (lambda f: f) if tk.INTERPRET else triton.jit  # as fused: plain Python when interpreted
 
@@ -149,45 +157,100 @@ if tk.HAS_TRITON:
               MODE, BITS, SYM, PER_TOKEN, ROWSUM)
 
     @triton.jit
-    def _dense_wht_q_kernel(x_ptr, bits_ptr, out_ptr, scale_ptr, rowsum_ptr, s_ptr, z_ptr, K, M, NT, T, D,
-                            stride_b, stride_t, stride_h, stride_out, sqrt_n, clip,
-                            MP: tl.constexpr, P: tl.constexpr, LOGP: tl.constexpr, BLOCK_I: tl.constexpr,
-                            SILU: tl.constexpr, PREC: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
-                            SYM: tl.constexpr, PER_TOKEN: tl.constexpr, ROWSUM: tl.constexpr):
-        # m > 1: the row as X [m, P] (column c = i P + j); Z = H_mᵀ (X H_P), H_mᵀ read as bits
+    def _dense_wht_part_kernel(x_ptr, bits_ptr, h_ptr, stats_ptr, K, M, NT, NB, T, D,
+                               stride_b, stride_t, stride_h, stride_hout, sqrt_n,
+                               BK: tl.constexpr, P: tl.constexpr, LOGP: tl.constexpr, BLOCK_I: tl.constexpr,
+                               SILU: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr):
+        # m > 1, split: program (row, kb) computes outputs k in [kb BK, kb BK + BK) of the [m, P] row,
+        # Z[k, :] = sum_i H_m[i, k] (X H_P)[i, :], over every 32-row tile i (the same tiles and the same
+        # float32 accumulation order as one program per row); writes h (rounded as the eager stages)
+        # and, with STATS, the block's min and max (exact: the quantizer's row statistic is their
+        # min / max over the row's blocks, taken by the second pass)
         row = tl.program_id(0)
-        k = tl.arange(0, MP)
+        kb = tl.program_id(1)
+        k = kb * BK + tl.arange(0, BK)
         j = tl.arange(0, P)
         bi = tl.arange(0, BLOCK_I)
         dt = x_ptr.dtype.element_ty
         hp = _sylvester_tile(P, LOGP, dt)
-        acc = tl.zeros([MP, P], dtype=tl.float32)
+        acc = tl.zeros([BK, P], dtype=tl.float32)
+        kin = k < M
         for t in range(0, NT):
             i = t * BLOCK_I + bi
             c = i[:, None] * P + j[None, :]
             m_in = (i[:, None] < M) & (j[None, :] < P)
             x = _load(x_ptr, row, c, m_in, K, T, D, stride_b, stride_t, stride_h, SILU)
             y = tl.dot(x, hp, input_precision=PREC).to(dt)
-            w = tl.load(bits_ptr + k * NT + t)  # [MP] words: bit b is H_m[t*32 + b, k] < 0
+            w = tl.load(bits_ptr + k * NT + t, mask=kin, other=0)  # [BK] words: bit b is H_m[t*32 + b, k] < 0
             neg = ((w[:, None] >> bi[None, :]) & 1) != 0
-            hm = tl.where(neg, -1.0, 1.0).to(dt)  # [MP, BLOCK_I] = H_mᵀ[k, i]
+            hm = tl.where(neg, -1.0, 1.0).to(dt)  # [BK, BLOCK_I] = H_mᵀ[k, i]
             acc += tl.dot(hm, y, input_precision=PREC)
         z = acc.to(dt).to(tl.float32)
         h = tl.math.div_rn(z, sqrt_n + tl.zeros_like(z)).to(dt).to(tl.float32)
         c = k[:, None] * P + j[None, :]
-        mask = (k[:, None] < M) & (j[None, :] < P)
+        mask = kin[:, None] & (j[None, :] < P)
         h = tl.where(mask, h, 0.0)
-        _emit(h, c, mask, row, out_ptr, stride_out, scale_ptr, rowsum_ptr, s_ptr, z_ptr, clip,
-              MODE, BITS, SYM, PER_TOKEN, ROWSUM)
+        tl.store(h_ptr + row * stride_hout + c, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if STATS:
+            tl.store(stats_ptr + (row * NB + kb) * 2, tl.min(h, axis=None))
+            tl.store(stats_ptr + (row * NB + kb) * 2 + 1, tl.max(h, axis=None))
+
+    @triton.jit
+    def _rows_q_stats_kernel(h_ptr, stats_ptr, out_ptr, scale_ptr, rowsum_ptr, s_ptr, z_ptr, K, NB, LOOP,
+                             stride_h, stride_out, clip, CHUNK: tl.constexpr, NBP: tl.constexpr,
+                             MODE: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
+                             PER_TOKEN: tl.constexpr, ROWSUM: tl.constexpr):
+        # the quantizer after the split transform: program (row, pb) quantizes LOOP chunks of the row
+        # with the row's scale from the first pass's block statistics (``fused._emit``'s arithmetic:
+        # min / max are exact in any order, so the scale is the one a whole-row reduction gives)
+        row = tl.program_id(0)
+        pb = tl.program_id(1)
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        if PER_TOKEN:
+            b = tl.arange(0, NBP)
+            bm = b < NB
+            lo = tl.load(stats_ptr + (row * NB + b) * 2, mask=bm, other=0.0)
+            hi = tl.load(stats_ptr + (row * NB + b) * 2 + 1, mask=bm, other=0.0)
+            if SYM:
+                QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+                amax = tl.maximum(tl.max(hi, axis=0), -tl.min(lo, axis=0)) * clip
+                scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), 1e-8)
+                zero = (1 << (BITS - 1)) * 1.0
+            else:
+                xmin = tl.minimum(tl.min(lo, axis=0), 0.0) * clip
+                xmax = tl.maximum(tl.max(hi, axis=0), 0.0) * clip
+                scale = tl.maximum(tl.math.div_rn(xmax - xmin, LEVELS * 1.0), 1e-8)
+                zero = tl.minimum(tl.maximum(_rne(tl.math.div_rn(-xmin, scale)), 0.0), LEVELS)
+        else:
+            scale = tl.load(s_ptr)
+            zero = tl.load(z_ptr)
+        total = tl.zeros([CHUNK], dtype=tl.float32)
+        for u in range(0, LOOP):
+            offs = (pb * LOOP + u) * CHUNK + tl.arange(0, CHUNK)
+            mask = offs < K
+            h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+            q = _rne(tl.math.div_rn(h, scale + tl.zeros_like(h))) + zero
+            q = tl.minimum(tl.maximum(q, 0.0), LEVELS) - zero
+            if MODE == 1:
+                tl.store(out_ptr + row * stride_out + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(out_ptr + row * stride_out + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+                total += tl.where(mask, q, 0.0)
+        if MODE == 2:
+            tl.store(scale_ptr + row, scale, mask=pb == 0)
+            if ROWSUM:
+                tl.store(rowsum_ptr + row, tl.sum(total, axis=0).to(tl.int32))
 
 
 # ---------------------------------------------------------------------------- entry points
 
 def impl() -> str:
-    """``triton`` (default) or ``eager`` (``QVLM_ONLINE_HADAMARD``): the engine's online Hadamard."""
-    v = os.environ.get(IMPL_ENV, "triton").strip().lower()
-    if v not in ("triton", "eager"):
-        raise ValueError(f"{IMPL_ENV}={v!r}: expected 'triton' or 'eager'")
+    """``auto`` (default: the engine times both paths per width on CUDA, ``choose``), or a forced
+    ``fused`` (alias ``triton``) or ``eager`` (``QVLM_ONLINE_HADAMARD``)."""
+    v = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+    v = {"triton": "fused"}.get(v, v)
+    if v not in ("auto", "fused", "eager"):
+        raise ValueError(f"{IMPL_ENV}={v!r}: expected 'eager', 'fused' (or 'triton') or 'auto'")
     return v
 
 
@@ -208,8 +271,14 @@ def _warps(plan_: Plan) -> int:
     return 4 if tile <= 4096 else 8 if tile <= 16384 else 16
 
 
+def _block_k(rows: int) -> int:
+    """Outputs of the ``[m, p]`` row per program of the split dense stage: few rows (decode) want
+    many programs a row; many rows (prefill) fewer, each recomputing ``X · H_p`` less often."""
+    return 16 if rows <= 32 else 64
+
+
 def hadamard_q(x: torch.Tensor, t: OnlineHadamard, act: ActQuant | None, mode: InputMode = FLOAT_INPUT,
-               *, silu: bool = False):
+               *, silu: bool = False, block_k: int | None = None):
     """``quantizer(x @ H)`` row by row (``fused``'s outputs by ``mode``) for ``x`` ``[M, n]``, a
     ``[B, T, H, D]`` view with contiguous D (rows (b, t), columns (h, d)), or with ``silu`` the fused
     gate/up output ``[M, 2n]`` whose SiLU(gate) · up is transformed. Triton only (``usable``)."""
@@ -250,9 +319,26 @@ def hadamard_q(x: torch.Tensor, t: OnlineHadamard, act: ActQuant | None, mode: I
                                    **common)
         else:
             words = factor_bits(pl.m, pl.mp, x.device)
-            _dense_wht_q_kernel[(rows,)](x, words, out, sc, rs, s, z, n, pl.m, words.shape[1], T, D, sb, st, sh,
-                                         out.stride(0), math.sqrt(n), clip, MP=pl.mp, P=pl.p,
-                                         LOGP=pl.p.bit_length() - 1, BLOCK_I=BI, **common)
+            bk = block_k or _block_k(rows)
+            nb = -(-pl.m // bk)
+            dt_out = x.dtype
+            # pass 1 over (row, block of outputs); the float output is final, else h and the blocks'
+            # statistics go to scratch for pass 2 (the quantizer needs the whole row's statistic)
+            h = out if kind == "float" else torch.empty(rows, n, device=x.device, dtype=dt_out)
+            stats = s if kind == "float" else torch.empty(rows, nb, 2, device=x.device, dtype=torch.float32)
+            _dense_wht_part_kernel[(rows, nb)](x, words, h, stats, n, pl.m, words.shape[1], nb, T, D, sb, st, sh,
+                                               h.stride(0), math.sqrt(n), BK=bk, P=pl.p,
+                                               LOGP=pl.p.bit_length() - 1, BLOCK_I=BI, SILU=silu,
+                                               PREC=common["PREC"], STATS=kind != "float" and per_token,
+                                               num_warps=4)
+            if kind != "float":
+                chunks = -(-n // CHUNK)
+                # row sums: one program per row (a sum over programs would need a third pass)
+                grid, loop = ((rows, 1), chunks) if rowsum is not None else ((rows, chunks), 1)
+                _rows_q_stats_kernel[grid](h, stats, out, sc, rs, s, z, n, nb, loop, h.stride(0), out.stride(0),
+                                           clip, CHUNK=CHUNK, NBP=max(2, 1 << (nb - 1).bit_length()),
+                                           MODE=common["MODE"], BITS=bits, SYM=sym, PER_TOKEN=per_token,
+                                           ROWSUM=rowsum is not None, num_warps=4)
     return fused._wrap(kind, out, scale, rowsum)
 
 
@@ -270,11 +356,59 @@ KERNEL = "triton-hadamard-q"  # the engine's label for this kernel (``choice``; 
 
 
 def choice(layer, device, dtype, fused_producers: bool) -> str:
-    """How the engine applies ``layer``'s online transform: ``KERNEL``, or ``eager: <why>`` (the
-    engine's producers are not fused here, ``QVLM_ONLINE_HADAMARD=eager``, or ``usable`` says no)."""
+    """How the engine can apply ``layer``'s online transform: ``KERNEL``, or ``eager: <why>`` (the
+    engine's producers are not fused here, ``QVLM_ONLINE_HADAMARD=eager``, or ``usable`` says no).
+    Where it says ``KERNEL`` and nothing is forced, the engine may still pick eager by timing
+    (``choose``)."""
     if not fused_producers:
         return "eager: the engine's producers are not fused (no Triton here, or no quantized input)"
     if impl() == "eager":
         return f"eager: {IMPL_ENV}=eager"
     why = usable(getattr(layer, "online", None), device, dtype)
     return f"eager: {why}" if why else KERNEL
+
+
+# ---------------------------------------------------------------------------- timed choice per width
+
+def pick(fused_ms: float, eager_ms: float, margin: float | None = None) -> str:
+    """``KERNEL`` where the fused path is within ``margin`` (``select``'s ``LAYOUT_MARGIN``, 5 %) of
+    the eager one, else ``eager``: the preference rule of ``select._choose_layout`` with the fused
+    kernel preferred (one launch, nothing through memory in between)."""
+    from .real import LAYOUT_MARGIN
+
+    margin = LAYOUT_MARGIN if margin is None else margin
+    return KERNEL if fused_ms <= eager_ms * (1 + margin) else "eager"
+
+
+def graph_timer(fn, reps: int = 20) -> float:
+    """ms per CUDA-graph replay of ``fn`` after a warm call (compile, autotune; also proves it
+    capturable), as ``select`` times its candidates."""
+    from .select import _time_graph_ms
+
+    fn()
+    return _time_graph_ms(fn, reps, "cuda")
+
+
+def choose(cases: dict, plan, timer=None) -> dict:
+    """The timed choice per transform width. ``cases``: key (e.g. ``"n=11008 silu·up"``) -> dict of
+    phase -> ``(fused_fn, eager_fn)`` (the two paths on an input as that phase's rows produce it);
+    ``plan``: ``(phase, rows, runs per generate)`` as ``select_kernels``'. ``timer(key, phase, path,
+    fn) -> ms`` (default: ``graph_timer(fn)``; tests inject synthetic timings). Per key: each phase's
+    ``fused_ms`` / ``eager_ms``, the workload costs ``sum(runs × ms)`` and ``choice`` (``pick``)."""
+    timer = timer or (lambda _key, _phase, _path, fn: graph_timer(fn))
+    out = {}
+    for key, phases in cases.items():
+        rec: dict = {"phases": {}}
+        cost = {"fused": 0.0, "eager": 0.0}
+        for ph, rows, runs in plan:
+            if ph not in phases:
+                continue  # the layer applies its transform itself in this phase (float input)
+            fused_fn, eager_fn = phases[ph]
+            t_f, t_e = timer(key, ph, "fused", fused_fn), timer(key, ph, "eager", eager_fn)
+            rec["phases"][ph] = {"rows": rows, "runs": runs, "fused_ms": t_f, "eager_ms": t_e}
+            cost["fused"] += runs * t_f
+            cost["eager"] += runs * t_e
+        rec["cost_fused_ms"], rec["cost_eager_ms"] = cost["fused"], cost["eager"]
+        rec["choice"] = pick(cost["fused"], cost["eager"]) if rec["phases"] else KERNEL
+        out[key] = rec
+    return out

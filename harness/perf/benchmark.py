@@ -511,11 +511,16 @@ class VariantRunner:
                 if isinstance(m, RealLinear):
                     m.finalize_storage()  # one weight layout per layer, as deployed
             _sync(self.device)
+            # each online Hadamard width: the fused kernel or the eager path, timed (after the layers'
+            # kernels, whose input modes it needs; before the capture)
+            engine.choose_online(plan=plan)
+            _sync(self.device)
             engine.capture()
             ks = kernel_summary(engine)
             fields["kernel"] = "; ".join(f"{p}={'+'.join(n)}" for p, n in ks.items())
             fields["kernels"] = {**ks, "selection": [s.__dict__ for s in sel], "fused_producers": engine.fused,
                                  "online_transforms": online_summary(engine.online_impl),
+                                 "online_timings": engine.online_timings,
                                  "compiled_glue": engine.compiled,
                                  "cuda_graphs": sorted(engine.graphs) if engine.use_graphs else [],
                                  "graph_notes": engine.graph_notes,

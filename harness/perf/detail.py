@@ -58,6 +58,7 @@ DETAIL_PATHS: tuple[tuple[str, ...], ...] = (
     ("gate", "trained", "not_accepted"),
     ("kernels", "selection"),                     # every candidate's time and error per layer shape and phase
     ("kernels", "layer_notes"),
+    ("kernels", "online_timings"),                # fused vs eager online Hadamard per width and phase
 )
 
 

@@ -180,6 +180,7 @@ class LlavaEngine:
                             for name, m in self.linears().items() if _online(m)}
         self._online_fused = {id(m) for name, m in self.linears().items()
                               if self.online_impl.get(name) == hadamard.KERNEL}
+        self.online_timings: dict = {}  # choose_online's timings per transform width (perf records)
         self.graph_notes: list[str] = []
         self.batch = None
 
@@ -311,8 +312,68 @@ class LlavaEngine:
         the engine chose it (``online_impl``), else the eager transform and the row quantizer."""
         if id(layer) in self._online_fused:
             return hadamard.hadamard_q(x, layer.online, layer.act, mode, silu=silu)
+        return self._online_eager(layer, x, mode, silu)
+
+    def _online_eager(self, layer, x, mode: fused.InputMode, silu: bool):
         h = self.glue["silu_mul"](x) if silu else x.reshape(-1, layer.in_features)
         return fused.rows_q(layer.transform(h), layer.act, mode)
+
+    def choose_online(self, plan=None, timer=None) -> dict:
+        """Per online-transform width, the fused kernel or the eager path, by timing both on inputs
+        shaped as each phase produces them (``hadamard.choose``: CUDA-graph replays, the workload's
+        ``sum(runs × time)``, fused preferred within ``select``'s 5 % margin). Run after the layers'
+        kernels are chosen (their input modes) and before ``capture``. Only where the kernel can run
+        and ``QVLM_ONLINE_HADAMARD`` forces nothing; on CUDA, or with ``timer`` (``hadamard.choose``'s;
+        the CPU tests inject synthetic timings). ``plan``: ``select_kernels``' (default: decode at the
+        batch's rows ``new_tokens`` times, prefill once). Sets ``online_impl`` and returns
+        ``online_timings`` (per width: each phase's times, the costs and the choice)."""
+        self.online_timings = {}
+        cand = {name: m for name, m in self.linears().items() if self.online_impl.get(name) == hadamard.KERNEL}
+        if not cand or hadamard.impl() != "auto" or (timer is None and self.device.type != "cuda"):
+            return self.online_timings
+        if plan is None:
+            plan = [("decode", self.batch, float(self.new_tokens)), ("prefill", self.batch * self.prompt_len, 1.0)]
+        groups: dict[str, list[str]] = {}
+        for name, m in cand.items():
+            role = name.rsplit(".", 1)[-1]
+            how = {"o": "attention", "down": "silu·up"}.get(role, "rows")
+            groups.setdefault(f"n={m.online.n} {how}", []).append(name)
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        cases = {}
+        with torch.no_grad():
+            for key, names in groups.items():
+                layer = cand[names[0]]
+                n, how = layer.online.n, key.split(" ", 1)[1]
+                phases = {}
+                for ph, rows, _runs in plan:
+                    mode = self._mode(layer, ph)
+                    if mode.kind == "float":
+                        continue
+                    if how == "silu·up":
+                        x = torch.randn(rows, 2 * n, generator=gen, device=self.device).to(self.dtype)
+                    elif how == "attention":
+                        H = self.n_heads
+                        x = torch.randn(1, H, rows, n // H, generator=gen, device=self.device).to(
+                            self.dtype).transpose(1, 2)
+                    else:
+                        x = torch.randn(rows, n, generator=gen, device=self.device).to(self.dtype)
+                    silu = how == "silu·up"
+                    phases[ph] = (
+                        lambda x=x, m=mode, s=silu, l=layer: hadamard.hadamard_q(x, l.online, l.act, m, silu=s),
+                        lambda x=x, m=mode, s=silu, l=layer: self._online_eager(l, x, m, s))
+                cases[key] = phases
+            self.online_timings = hadamard.choose(cases, plan, timer)
+        for key, names in groups.items():
+            rec = self.online_timings[key]
+            rec["layers"] = len(names)
+            if rec["choice"] != hadamard.KERNEL:
+                why = (f"eager: timed faster ({rec['cost_eager_ms'] * 1e3:.1f} us vs fused "
+                       f"{rec['cost_fused_ms'] * 1e3:.1f} us per generate, {key})")
+                for name in names:
+                    self.online_impl[name] = why
+        self._online_fused = {id(m) for name, m in self.linears().items()
+                              if self.online_impl.get(name) == hadamard.KERNEL}
+        return self.online_timings
 
     def _vision(self) -> None:
         feats = self.image_features(self.images)
