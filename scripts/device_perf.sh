@@ -126,6 +126,18 @@ for ph in ${PHASES//,/ }; do
               phase perf-fault "$S" python3 -m harness.perf.command --model qvlm-tiny-llava --methods rtn \
                 --schemes w4a4,w8a8 --batch 1 --dtype fp16 --new-tokens 8 --warmup 1 --reps 2 --gate-tokens 4 \
                 --isolate on --time-budget $((S - 15)) --out "$OUT/perf-fault" "${FAULT_DRY[@]}" ;;
+    # every row of results/default as the default suite makes its states (JOIN_METHODS: only those
+    # methods' entries, e.g. rtn,qvlm; default all of them)
+    default-join)
+              S=${PERF_JOIN_S:-240}
+              python3 -c "import lm_eval, datasets" > /dev/null 2>&1 \
+                || echo "default-join: lm-eval/datasets not importable: the suite's calibration set cannot be" \
+                        "built, rows that use data get random batches and will not join" | tee -a "$OUT/device.log"
+              JM=(); [ -n "${JOIN_METHODS:-}" ] && JM=(--methods "$JOIN_METHODS")
+              # shellcheck disable=SC2086
+              phase perf-default-join "$S" python3 -m harness.perf.command --model qvlm-tiny-llava \
+                --methods-from default "${JM[@]}" --schemes w4a4,w6a6 --batch 1 --isolate on "${JOIN_ARGS[@]}" \
+                --time-budget $((S - MARGIN)) --out "$OUT/perf-default" ${PERF_EXTRA:-} ;;
     *)        echo "unknown phase $ph (selftest, tiny, fault, 7b, 13b, 7b-prefill, 13b-prefill, 7b-sym, 13b-sym," \
                    "7b-decode, 13b-decode, methods, qwen2.5-vl-7b, llava-onevision-7b, default-join)" ;;
   esac
