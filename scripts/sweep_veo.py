@@ -154,7 +154,13 @@ def main(argv=None) -> int:
     ap.add_argument("--confirm-epochs", type=int, default=10,
                     help="after the grid, rerun the default and the rule's best at this many epochs (0: skip)")
     ap.add_argument("--schemes", nargs="+", default=None, help="default: the suite's")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT/table.md from OUT/records.jsonl")
     args = ap.parse_args(argv)
+    if args.render:
+        path = Path(args.out) / "records.jsonl"
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        (Path(args.out) / "table.md").write_text(render(records))
+        return 0
 
     import torch
 
@@ -381,6 +387,40 @@ def fmt_cfg(k) -> str:
     return f"{k[0]:g} | {k[1]:g} | {k[2]:g}"
 
 
+def _span(vals, f) -> str:
+    lo, hi = f(min(vals)), f(max(vals))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+LR_COLUMNS = [("err_output", "w4a4", "g"), ("err_output", "w6a6", "g"), ("ent", "w4a4", "f"),
+              ("ent", "w6a6", "f"), ("err_vision", "w4a4", "g"), ("err_vision", "w6a6", "g")]
+
+
+def lr_rows(records: list[dict]) -> list[str]:
+    """Per learning rate, over its (λ1, λ2) pairs: the move, the held-out terms, score and null
+    score as min–max (the untuned tower first). Markdown rows, as methods/qvlm/README.md quotes."""
+    fmt = {"g": lambda x: f"{x:.4g}", "f": lambda x: f"{x:.4f}"}
+    runs = config_rows(records)
+    base = {r["scheme"]: r for r in records if r.get("kind") == "untuned"}
+    out = []
+    if base:
+        cells = ["untuned", "0"] + [fmt[f](base[s]["heldout"][m]) for m, s, f in LR_COLUMNS]
+        out.append("| " + " | ".join(cells + [f"{mean(row_scores(base)):.4f}", "–"]) + " |")
+    for lr in sorted({k[0] for k in runs}):
+        ks = [k for k in runs if k[0] == lr]
+        cells = [f"{lr:g}", _span([r["move"]["max_over_rms"] * 100 for k in ks for r in runs[k].values()],
+                                  lambda x: f"{x:.3g}")]
+        cells += [_span([runs[k][s]["heldout"][m] for k in ks], fmt[f]) for m, s, f in LR_COLUMNS]
+        cells.append(_span([mean(row_scores(runs[k])) for k in ks], lambda x: f"{x:.4f}"))
+        cells.append(_span([mean(row_scores(runs[k], null=True)) for k in ks], lambda x: f"{x:.4f}"))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+LR_HEADER = ("| lr | move % | W4A4 err_o | W6A6 err_o | W4A4 ent | W6A6 ent | W4A4 err_v | W6A6 err_v "
+             "| score | null score |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
 def render(records: list[dict]) -> str:
     head = next(r for r in records if r.get("kind") == "sweep")
     done = next((r for r in records if r.get("kind") == "done"), {})
@@ -442,9 +482,13 @@ def render(records: list[dict]) -> str:
     if pick["best_minus_untuned"]:
         u = pick["best_minus_untuned"]
         lines.append(f"Best − untuned tower: {u[0]:+.4f} [{u[1]:+.4f}, {u[2]:+.4f}].")
+    if {s for _m, s, _f in LR_COLUMNS} <= set(schemes):
+        lines += ["", "Per learning rate, min–max over its (λ1, λ2) pairs:", "", LR_HEADER, *lr_rows(records)]
     conf = config_rows(records, "confirm")
     if conf:
-        lines += ["", "Confirmation at more steps:", "", f"| lr | λ1 | λ2 | score | {cols} |",
+        steps = sorted({r["steps"] for rs in conf.values() for r in rs.values()})
+        lines += ["", f"Confirmation at {', '.join(map(str, steps))} steps (the default and the grid's best, "
+                  "same fit and held-out rows):", "", f"| lr | λ1 | λ2 | score | {cols} |",
                   "|" + "---|" * (4 + 7 * len(schemes))]
         for k, rs in conf.items():
             lines.append(f"| {fmt_cfg(k)} | {mean(row_scores(rs)):.4f} | {cells(rs)} |")
