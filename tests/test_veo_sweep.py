@@ -197,11 +197,9 @@ def test_readme_lottery_and_movement_are_the_records():
             f"{sw.mean(sw.row_scores(base)):.4f})") in text
     nulls = [sw.mean(sw.row_scores(v, null=True)) for v in runs.values()]
     assert f"Random moves of the same sizes score {min(nulls):.4f}–{max(nulls):.4f} across all runs" in text
-    # "left VEO's terms at the untuned values": within 5 % of each
-    for k in low:
-        for s, r in runs[k].items():
-            for term in ("err_output", "err_vision", "ent"):
-                assert abs(r["heldout"][term] / base[s]["heldout"][term] - 1) < 0.05, (k, s, term)
+    dev = max(abs(r["heldout"][t] / base[s]["heldout"][t] - 1) for k in low for s, r in runs[k].items()
+              for t in ("err_output", "err_vision", "ent"))
+    assert f"left VEO's terms within {100 * dev:.1f} % of the untuned values" in text
     dflt = runs[sw.key(sw.DEFAULT)]
     mv = {f"{r['move']['max_over_rms'] * 100:.3g}" for r in dflt.values()}
     assert len(mv) == 1 and f"Max |Δw| is steps × lr for every (λ1, λ2) pair: {mv.pop()} % of the RMS at lr 1e-05 over 4 steps" in text
