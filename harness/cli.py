@@ -81,12 +81,14 @@ def cmd_table(args) -> int:
     stats = dict(n_resamples=args.resamples, seed=args.bootstrap_seed, level=args.level, plots=not args.no_plots,
                  contrasts=args.contrast)
     try:
-        if len(args.results) > 1 or args.output:
+        if len(args.results) > 1:
             from .report import write_aggregate
 
             if not args.output:
                 raise ValueError("several results folders are combined into one table: name its folder "
                                  "with --output (e.g. --output results/calibration-seeds)")
+            if args.perf:
+                raise ValueError("--perf joins one results folder's rows: give one folder")
             paths = write_aggregate(args.results, args.output, **stats)
         else:
             perf = None
@@ -94,7 +96,8 @@ def cmd_table(args) -> int:
                 perf = read_records(args.perf.rstrip("/") + "/records.jsonl")
                 if not perf:
                     raise FileNotFoundError(f"no records in {args.perf}/records.jsonl (--perf)")
-            paths = write_leaderboard(args.results[0], perf_records=perf, **stats)
+            # --output: the tables elsewhere (e.g. beside the perf records they join), the folder untouched
+            paths = write_leaderboard(args.results[0], perf_records=perf, out_dir=args.output, **stats)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several folders (runs with different --seed), one leaderboard of the mean "
                                    "over runs whose intervals add the seed-to-seed spread, into --output.")
     t.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl")
-    t.add_argument("--output", help="folder for the combined table (several results folders)")
+    t.add_argument("--output", help="folder for the combined table (several results folders), or for one "
+                                       "folder's tables instead of beside its records")
     t.add_argument("--perf", help="results folder of `qvlm-bench perf` records to join (latency/memory plots)")
     t.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     t.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")

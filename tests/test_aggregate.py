@@ -1,6 +1,7 @@
 """One leaderboard over runs with different calibration seeds (harness.report.aggregate, `table A B`)."""
 
 import statistics
+import shutil
 
 import numpy as np
 import pytest
@@ -95,3 +96,20 @@ def test_bad_inputs_name_the_fix(run_dirs, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no records"):
         read_runs([run_dirs[0], tmp_path / "empty"])
     assert isinstance(read_runs(run_dirs[:2])[0], Run)
+
+
+def test_one_folder_with_output_writes_its_tables_there_and_leaves_the_folder(run_dirs, tmp_path, capsys):
+    """`table ONE --output DIR` (e.g. beside the perf records it joins): one run's tables, not an
+    average, and nothing written into the results folder; --perf with several folders is refused."""
+    out = tmp_path / "one"
+    before = sorted(p.name for p in run_dirs[0].iterdir())
+    assert main(["table", str(run_dirs[0]), "--output", str(out), "--no-plots"]) == 0
+    assert sorted(p.name for p in run_dirs[0].iterdir()) == before
+    md = (out / "leaderboard.md").read_text()
+    assert "Welch–Satterthwaite" not in md  # a single run's table, not the seed-aware aggregate
+    single = tmp_path / "copy"
+    shutil.copytree(run_dirs[0], single)
+    assert main(["table", str(single), "--no-plots"]) == 0
+    assert md == (single / "leaderboard.md").read_text()  # the same table as written in place
+    assert main(["table", str(run_dirs[0]), str(run_dirs[1]), "--output", str(out), "--perf", str(out)]) == 2
+    assert "one results folder" in capsys.readouterr().err

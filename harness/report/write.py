@@ -62,8 +62,9 @@ def _write_board_files(board: Board, output: Path, plots: bool, pairs) -> dict[s
 def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resamples: int = DEFAULT_RESAMPLES,
                       seed: int = 0, level: float = DEFAULT_LEVEL,
                       perf_records: list[dict] | None = None, plots: bool = True,
-                      contrasts: Sequence[str] = ()) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} and plots next to records.jsonl; returns the paths.
+                      contrasts: Sequence[str] = (), out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write leaderboard.{md,csv,tex,html} and plots next to records.jsonl (or into ``out_dir``);
+    returns the paths.
 
     ``with_stderr`` is accepted for the CLI's ``--stderr`` and ignored: every number carries its
     interval now.
@@ -74,7 +75,9 @@ def write_leaderboard(results_dir: str | Path, with_stderr: bool = False, n_resa
         raise FileNotFoundError(f"no records in {results_dir / 'records.jsonl'}; run a suite first")
     board = build_board([Run(results_dir.name, results_dir, records)], n_resamples=n_resamples, seed=seed,
                         level=level, perf_records=perf_records)
-    return write_board(board, results_dir, plots=plots, contrasts=contrasts)
+    out = Path(out_dir) if out_dir else results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    return write_board(board, out, plots=plots, contrasts=contrasts)
 
 
 def write_aggregate(results_dirs: Sequence[str | Path], output: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
