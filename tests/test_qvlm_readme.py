@@ -31,7 +31,9 @@ def _records(seed: int) -> list[dict]:
 
 
 def _cell(records: list[dict], method: str, scheme: str) -> dict:
-    found = [r for r in records if r["method"] == method and r["scheme"] == scheme and r["task"] == TASK]
+    # by row label: the footing controls (e.g. `qvlm-layerwise (objective=linear)`) share the method
+    found = [r for r in records if (r.get("variant") or r["method"]) == method and r["scheme"] == scheme
+             and r["task"] == TASK]
     assert found, f"no {method} {scheme} {TASK} record"
     return found[-1]
 
