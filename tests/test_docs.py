@@ -36,3 +36,29 @@ def test_relative_links_resolve(doc):
     assert links, "the docs link to each other and to the code"
     missing = [t for t in links if not (REPO / doc).parent.joinpath(t).exists()]
     assert missing == []
+
+
+def _table_cells(line: str) -> int:
+    """Cells of a markdown table row (escaped pipes and pipes inside `code` are not separators)."""
+    line = re.sub(r"`[^`]*`", "code", line.replace("\\|", ""))
+    return line.strip().strip("|").count("|") + 1
+
+
+def test_every_markdown_table_row_has_its_header_s_columns():
+    """A row with more cells than its header renders wrong (the README's results table once carried
+    the methods table's columns in two rows)."""
+    bad = []
+    for f in _tracked():
+        if not f.endswith(".md"):
+            continue
+        header = None
+        for i, line in enumerate((REPO / f).read_text().splitlines(), 1):
+            if not line.startswith("|"):
+                header = None
+                continue
+            n = _table_cells(line)
+            if header is None:
+                header = n
+            elif n != header:
+                bad.append(f"{f}:{i} has {n} cells, its header {header}")
+    assert bad == []
