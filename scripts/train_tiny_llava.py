@@ -271,6 +271,40 @@ def batch_mix(spec: str, sources: list[str], batch: int):
     return mix, groups, {k: n for k, n in take.items() if n}
 
 
+# what a resumed call must share with the calls before it (else it would silently train another run)
+RUN_ARGS = ("spec", "steps", "batch", "lr", "wd", "warmup", "seed", "limit", "mix", "aux_weight", "aux_position",
+            "deterministic", "compile", "fit_seconds")
+
+
+def data_digest(data: Path, images) -> str:
+    """sha256 of the prepared data as training reads it: text.json, vocab.json, the patch labels and
+    every 101st image (a fresh device machine re-runs `prepare`; a resumed run checks it got the
+    same rows)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("text.json", "vocab.json", "patch_labels.npy"):
+        f = data / name
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    h.update(np.ascontiguousarray(images[::101]).tobytes())
+    return h.hexdigest()
+
+
+def check_resumable(st: dict, a, digest: str, state_path: Path) -> None:
+    """Refuse to resume a saved state with other training arguments or other data (states saved
+    before these were recorded are not checked)."""
+    saved = st.get("run_args")
+    if saved is not None:
+        diff = {k: (saved.get(k), getattr(a, k)) for k in RUN_ARGS if saved.get(k) != getattr(a, k)}
+        if diff:
+            raise SystemExit(f"--resume: {state_path} was trained with other arguments: "
+                             + ", ".join(f"--{k.replace('_', '-')} {v[0]!r} there, {v[1]!r} now" for k, v in diff.items())
+                             + "; pass the first call's arguments")
+    if st.get("data_digest") not in (None, digest):
+        raise SystemExit(f"--resume: the prepared data differs from the data {state_path} was trained on "
+                         "(data digest); run `prepare` with the first call's arguments")
+
+
 def cmd_train(a):
     if a.fit_seconds and a.warmup <= FIT_AT:
         raise SystemExit(f"--fit-seconds fixes the schedule at step {FIT_AT}: needs --warmup > {FIT_AT}")
@@ -307,7 +341,9 @@ def cmd_train(a):
     log(f"spec {a.spec}: {n_params / 1e6:.2f}M parameters, {n_img} image tokens, vocab {len(processor.tokenizer)}, device {dev}"
         + (f" ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else ""))
 
-    images = torch.from_numpy(np.load(data / "images.npy"))
+    images_np = np.load(data / "images.npy")
+    digest = data_digest(data, images_np)
+    images = torch.from_numpy(images_np)
     ids, lens, starts = encode(processor.tokenizer, meta["prompts"], meta["answers"], n_img)
     if a.limit:
         images, ids, lens, starts = images[:a.limit], ids[:a.limit], lens[:a.limit], starts[:a.limit]
@@ -359,12 +395,19 @@ def cmd_train(a):
         if not state_path.is_file():
             raise SystemExit(f"--resume: no {STATE_FILE} in {out}; run without --resume to start this run")
         st = torch.load(state_path, map_location=dev, weights_only=False)
+        check_resumable(st, a, digest, state_path)
         model.load_state_dict(st["model"])
         if aux is not None:
             aux.load_state_dict(st["aux"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"].cpu())  # map_location moved it to the GPU; a CPU generator needs it back
         step, total, ema, trained_before, calls = st["step"], st["total"], st["ema"], st["train_seconds"], st["calls"]
+        # nothing in the loop draws from the global generators today (no dropout); restored anyway,
+        # so that a resumed run stays the uninterrupted one if something ever does
+        if st.get("torch_rng") is not None:
+            torch.set_rng_state(st["torch_rng"].cpu())
+        if st.get("cuda_rng") is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rng"].cpu())
         log(f"resumed {state_path} at step {step} of {total} ({trained_before:.0f}s trained before)")
 
     def lr_at(step):
@@ -456,7 +499,10 @@ def cmd_train(a):
     # exactly where it stopped: a run split over several device calls equals one uninterrupted run
     torch.save({"model": model.state_dict(), "aux": aux.state_dict() if aux is not None else None,
                 "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "total": total, "ema": ema,
-                "train_seconds": train_s, "calls": calls}, state_path)
+                "train_seconds": train_s, "calls": calls,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if dev.type == "cuda" else None,
+                "run_args": {k: getattr(a, k) for k in RUN_ARGS}, "data_digest": digest}, state_path)
     model.eval()
     model.to(torch.float16)
     model.config.dtype = "float16"
