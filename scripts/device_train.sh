@@ -7,8 +7,9 @@
 # State lives outside the repository ($STATE, default /tmp/qvlm-train). On the device tool a call
 # usually gets a fresh machine (a warm one is given back 30 s after a call), so /tmp does not
 # survive either: the state then travels through this machine. Each call whose schedule is not
-# finished writes it to $OUT as s-NAME.tgz.aa, .ab, ... (15 MiB pieces: the full state, fp32
-# weights, AdamW moments, sampler and RNG states, step; gzip) and s-NAME.sha256; put those files
+# finished writes it to $OUT as s-NAME.pack.aa, .ab, ... (15 MiB pieces of the full state: fp32
+# weights, AdamW moments, sampler and RNG states, step; packed losslessly by
+# `train_tiny_llava.py pack-state`, ~84 % of train_state.pt) and s-NAME.sha256; put those files
 # in a git-ignored folder of the repository (.train-state/), carry it into the next call and set
 # STATE_IN=.train-state: the state is checked, unpacked into the run folder and resumed, bit for
 # bit as if the run had not stopped (tests/test_train_resume.py). The data are prepared again on
@@ -41,17 +42,19 @@ state_step() {  # the step a saved training state stopped at (-1: none)
 for spec in "$@"; do
   name=${spec%%:*}
   [ -n "${STATE_IN:-}" ] && [ -f "$STATE_IN/s-$name.sha256" ] || continue
-  got=$(cat "$STATE_IN/s-$name.tgz".* | sha256sum | cut -d' ' -f1)
+  got=$(cat "$STATE_IN/s-$name.pack".* | sha256sum | cut -d' ' -f1)
   want=$(head -1 "$STATE_IN/s-$name.sha256" | cut -d' ' -f1)
   if [ "$got" != "$want" ]; then
-    echo "STATE_IN: $STATE_IN/s-$name.tgz.* do not match s-$name.sha256 (a piece missing, stale or" \
+    echo "STATE_IN: $STATE_IN/s-$name.pack.* do not match s-$name.sha256 (a piece missing, stale or" \
          "truncated: copy exactly the files one call returned)"; exit 1
   fi
   tmp=$S/carried; rm -rf "$tmp"; mkdir -p "$tmp"
-  cat "$STATE_IN/s-$name.tgz".* | tar -xzf - -C "$tmp" || { echo "STATE_IN: cannot unpack s-$name.tgz.*"; exit 1; }
-  new=$(state_step "$tmp/$name/train_state.pt"); old=$(state_step "$R/$name/train_state.pt")
+  cat "$STATE_IN/s-$name.pack".* > "$tmp/state.pack"
+  python scripts/train_tiny_llava.py unpack-state --packed "$tmp/state.pack" --state "$tmp/train_state.pt" \
+    || { echo "STATE_IN: cannot unpack s-$name.pack.*"; exit 1; }
+  new=$(state_step "$tmp/train_state.pt"); old=$(state_step "$R/$name/train_state.pt")
   if [ "$new" -ge "$old" ]; then
-    mkdir -p "$R/$name"; mv "$tmp/$name/train_state.pt" "$R/$name/train_state.pt"
+    mkdir -p "$R/$name"; mv "$tmp/train_state.pt" "$R/$name/train_state.pt"
     echo "$name: carried state at step $new unpacked from $STATE_IN"
   else
     echo "$name: keeping this machine's state (step $old) over the carried one (step $new)"
@@ -84,10 +87,11 @@ for spec in "$@"; do
   if [ -f "$R/$name/train_state.pt" ] && { [ -n "${KEEP_STATE:-}" ] \
        || ! grep -q '"stopped_at": null' "$R/$name/training_info.json" 2>/dev/null; }; then
     # the schedule is not finished (or KEEP_STATE is set): the state comes back for the next call
-    tar -C "$R" -czf - "$name/train_state.pt" | split -b 15M - "$OUT/s-$name.tgz."
-    cat "$OUT/s-$name.tgz".* | sha256sum > "$OUT/s-$name.sha256"
+    python scripts/train_tiny_llava.py pack-state --state "$R/$name/train_state.pt" --packed "$R/$name.pack"
+    split -b 15M "$R/$name.pack" "$OUT/s-$name.pack."
+    sha256sum < "$R/$name.pack" > "$OUT/s-$name.sha256"
     echo "$name: state at step $(state_step "$R/$name/train_state.pt") in \$OUT/s-$name.*" \
-         "($(cat "$OUT/s-$name.tgz".* | wc -c) bytes): copy exactly these files into an emptied" \
+         "($(wc -c < "$R/$name.pack") bytes): copy exactly these files into an emptied" \
          ".train-state/ and carry it into the next call with STATE_IN=.train-state"
   fi
 done

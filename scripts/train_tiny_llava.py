@@ -11,6 +11,7 @@ Subcommands:
   train    train one model from DATA, save it in Hugging Face format, evaluate it -> OUT/
   eval     greedy test-split accuracy of a saved model: float, and simulated W8A8 / W4A4 RTN
   stats    activation statistics of the decoder linear inputs (for the model card)
+  pack-state / unpack-state   a training state <-> a lossless compact file (carried between device calls)
 
 Reproduce the committed model (exact command and machine in
 harness/models/bundled/qvlm-tiny-llava/MODEL_CARD.md):
@@ -527,6 +528,122 @@ def cmd_train(a):
         (out / "training_info.json").write_text(json.dumps(info, indent=1))
 
 
+# ---------------------------------------------------------------- a training state, packed losslessly
+PACK_MAGIC = b"QVLM-TRAIN-STATE-1\n"
+
+
+def _same_dict(like: dict, items: dict) -> dict:
+    """``items`` as ``like``'s type, with ``like``'s attributes (state_dict's ``_metadata``)."""
+    if type(like) is dict:
+        return items
+    out = type(like)(items)
+    out.__dict__.update(getattr(like, "__dict__", {}))
+    return out
+
+
+def pack_state(src: Path, dst: Path) -> dict:
+    """Write ``src`` (a train_state.pt) to ``dst`` losslessly and smaller than torch.save + gzip:
+    the tensors' bytes split into byte planes (the bytes of one significance of every element
+    together) and each plane deflated. The top byte of float32 (sign, exponent) shrinks to about
+    a third; the mantissa bytes don't shrink, so a state packs to ~84 % (gzip: ~93 %). The rest
+    of the state (step, schedule, calls, optimizer settings) is pickled as it is. Returns sizes."""
+    import pickle
+    import zlib
+
+    import torch
+
+    st = torch.load(src, map_location="cpu", weights_only=False)
+    tensors: list = []
+
+    def strip(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x.detach().contiguous())
+            return {"__tensor__": len(tensors) - 1}
+        if isinstance(x, dict):  # state_dict()'s OrderedDict, with its _metadata, stays one
+            return _same_dict(x, {k: strip(v) for k, v in x.items()})
+        if isinstance(x, (list, tuple)):
+            return type(x)(strip(v) for v in x)
+        return x
+
+    skeleton = pickle.dumps(strip(st), protocol=4)
+    meta, blobs = [], []
+    for size in sorted({t.element_size() for t in tensors}):
+        group = [i for i, t in enumerate(tensors) if t.element_size() == size]
+        raw = np.concatenate([tensors[i].reshape(-1).view(torch.uint8).numpy() for i in group] or [np.zeros(0, np.uint8)])
+        planes = raw.reshape(-1, size)
+        lens = []
+        for b in range(size):
+            blobs.append(zlib.compress(np.ascontiguousarray(planes[:, b]).tobytes(), 6))
+            lens.append(len(blobs[-1]))
+        meta.append({"size": size, "tensors": [[i, str(tensors[i].dtype).removeprefix("torch."),
+                                                list(tensors[i].shape)] for i in group], "planes": lens})
+    header = json.dumps({"skeleton": len(skeleton), "groups": meta}).encode()
+    with open(dst, "wb") as f:
+        f.write(PACK_MAGIC + len(header).to_bytes(8, "little") + header + skeleton)
+        for blob in blobs:
+            f.write(blob)
+    raw_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    return {"tensors": len(tensors), "tensor_bytes": raw_bytes, "packed": dst.stat().st_size,
+            "state_file": src.stat().st_size}
+
+
+def unpack_state(src: Path, dst: Path) -> None:
+    """Inverse of ``pack_state``: the same state (every tensor bit for bit), saved with torch.save."""
+    import pickle
+    import zlib
+
+    import torch
+
+    data = src.read_bytes()
+    if not data.startswith(PACK_MAGIC):
+        raise SystemExit(f"{src} is not a packed training state (pack-state)")
+    at = len(PACK_MAGIC)
+    n = int.from_bytes(data[at:at + 8], "little")
+    header = json.loads(data[at + 8:at + 8 + n])
+    at += 8 + n
+    skeleton = pickle.loads(data[at:at + header["skeleton"]])
+    at += header["skeleton"]
+    tensors: dict[int, torch.Tensor] = {}
+    for g in header["groups"]:
+        size = g["size"]
+        planes = []
+        for ln in g["planes"]:
+            planes.append(np.frombuffer(zlib.decompress(data[at:at + ln]), dtype=np.uint8))
+            at += ln
+        raw = np.stack(planes, axis=1).reshape(-1) if planes else np.zeros(0, np.uint8)
+        off = 0
+        for i, dtype, shape in g["tensors"]:
+            dt = getattr(torch, dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * size
+            tensors[i] = (torch.from_numpy(raw[off:off + nbytes].copy()).view(dt).reshape(shape) if nbytes
+                          else torch.empty(shape, dtype=dt))
+            off += nbytes
+    if at != len(data):
+        raise SystemExit(f"{src}: {len(data) - at} bytes left over after the state (a stale or wrong piece?)")
+
+    def fill(x):
+        if isinstance(x, dict):
+            if type(x) is dict and set(x) == {"__tensor__"}:
+                return tensors[x["__tensor__"]]
+            return _same_dict(x, {k: fill(v) for k, v in x.items()})
+        if isinstance(x, (list, tuple)):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    torch.save(fill(skeleton), dst)
+
+
+def cmd_pack_state(a):
+    info = pack_state(Path(a.state), Path(a.packed))
+    log(f"packed {a.state} ({info['state_file']} bytes, {info['tensors']} tensors) -> {a.packed} "
+        f"({info['packed']} bytes)")
+
+
+def cmd_unpack_state(a):
+    unpack_state(Path(a.packed), Path(a.state))
+    log(f"unpacked {a.packed} -> {a.state}")
+
+
 # ---------------------------------------------------------------- simulated quantization
 def _fake_quant_weight(w, bits):
     """Per-output-channel asymmetric RTN (the harness's default weight format)."""
@@ -757,6 +874,10 @@ def main(argv=None):
     q.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--eval-split", default=EVAL_SPLIT)
     q.add_argument("--eval-schemes", default="float,w8a8,w4a4")
+    for verb in ("pack-state", "unpack-state"):
+        q = sub.add_parser(verb, help="a training state <-> its lossless compact form (device calls carry it)")
+        q.add_argument("--state", required=True, help=f"the {STATE_FILE}")
+        q.add_argument("--packed", required=True, help="the packed file")
     q = sub.add_parser("eval")
     q.add_argument("--model", required=True)
     q.add_argument("--device", default="cpu")
@@ -771,7 +892,8 @@ def main(argv=None):
     q.add_argument("--n", type=int, default=48)
     q.add_argument("--markdown", action="store_true")
     a = p.parse_args(argv)
-    {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "stats": cmd_stats}[a.cmd](a)
+    {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "stats": cmd_stats,
+     "pack-state": cmd_pack_state, "unpack-state": cmd_unpack_state}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ def test_device_calls_resume_bit_exact_from_a_carried_state(train, tmp_path):
     p1, out1 = _device_call(tmp_path, "a", TOY_RUN + " --stop-at 2")
     assert p1.returncode == 0, p1.stdout + p1.stderr
     pieces = sorted(f.name for f in out1.iterdir() if f.name.startswith("s-T."))
-    # the base spec's state (~52 MB) comes back in 15 MiB pieces, each under the 16 MiB a file
-    assert pieces[0] == "s-T.sha256" and pieces[1:] == ["s-T.tgz.aa", "s-T.tgz.ab", "s-T.tgz.ac", "s-T.tgz.ad"]
+    # the base spec's state (52 MB, ~44 MB packed) comes back in 15 MiB pieces (at most 16 MiB a file)
+    assert pieces[0] == "s-T.pack.aa" and pieces[1:] == ["s-T.pack.ab", "s-T.pack.ac", "s-T.sha256"]
     assert all((out1 / n).stat().st_size <= 15 * 2**20 for n in pieces)
     assert "state at step 2" in p1.stdout
     carried = tmp_path / "repo" / ".train-state"
@@ -166,7 +166,45 @@ def test_device_calls_resume_bit_exact_from_a_carried_state(train, tmp_path):
 def test_device_call_refuses_a_stale_or_partial_carried_state(tmp_path):
     carried = tmp_path / ".train-state"
     carried.mkdir()
-    (carried / "s-T.tgz.aa").write_bytes(b"not the state")
+    (carried / "s-T.pack.aa").write_bytes(b"not the state")
     (carried / "s-T.sha256").write_text("0" * 64 + "  -\n")
     p, _ = _device_call(tmp_path, "c", TOY_RUN, state_in=carried)
     assert p.returncode == 1 and "do not match s-T.sha256" in p.stdout, p.stdout + p.stderr
+
+
+def test_pack_state_is_lossless(train, tmp_path):
+    """pack-state / unpack-state give back every tensor bit for bit (dtype, shape, NaN payloads),
+    the containers' types (state_dict's OrderedDict with its _metadata, tuples) and plain values."""
+    from collections import OrderedDict
+
+    import torch
+
+    sd = OrderedDict(w=torch.randn(5, 3), b=torch.tensor(float("nan")), e=torch.zeros(0, 4))
+    sd._metadata = OrderedDict({"": {"version": 1}})
+    st = {"model": sd, "opt": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(3).double()}},
+                               "param_groups": [{"betas": (0.9, 0.98), "lr": 2e-3, "params": [0]}]},
+          "gen": torch.randint(0, 255, (16,), dtype=torch.uint8), "h": torch.randn(4).to(torch.bfloat16),
+          "i": torch.arange(3), "step": 2, "ema": None, "calls": [{"from": 0, "to": 2}]}
+    torch.save(st, tmp_path / "s.pt")
+    train.main(["pack-state", "--state", str(tmp_path / "s.pt"), "--packed", str(tmp_path / "s.pack")])
+    train.main(["unpack-state", "--state", str(tmp_path / "back.pt"), "--packed", str(tmp_path / "s.pack")])
+    back = torch.load(tmp_path / "back.pt", weights_only=False)
+
+    def same(x, y):
+        assert type(x) is type(y) and getattr(x, "__dict__", None) == getattr(y, "__dict__", None)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        elif isinstance(x, dict):
+            assert list(x) == list(y)
+            for k in x:
+                same(x[k], y[k])
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y)
+            for u, v in zip(x, y):
+                same(u, v)
+        else:
+            assert x == y
+    same(st, back)
+    with pytest.raises(SystemExit, match="not a packed training state"):
+        train.main(["unpack-state", "--state", str(tmp_path / "x.pt"), "--packed", str(tmp_path / "s.pt")])
