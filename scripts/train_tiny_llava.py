@@ -67,6 +67,14 @@ SPECS = {
     "wide": dict(vision_hidden=192, vision_layers=4, vision_heads=4, vision_intermediate=768,
                  image_size=64, patch_size=8, text_hidden=320, text_layers=4, text_heads=5,
                  text_kv_heads=5, text_intermediate=960, max_positions=512),
+    # issue 29: a decoder deep enough for Q-VLM's blocks to form (12 layers), the base's vision
+    # tower; 3.76 M parameters, 7.5 MB in fp16 (<= 10 MB), a 43.8 MB training state (fp32
+    # weights + AdamW moments; 36.8 MB packed), which the device tool can carry between calls
+    # (64 MiB with the working tree). harness/models/bundled/README.md: why this shape, its
+    # schedule and the device commands.
+    "deep12": dict(vision_hidden=128, vision_layers=4, vision_heads=4, vision_intermediate=512,
+                   image_size=64, patch_size=8, text_hidden=128, text_layers=12, text_heads=4,
+                   text_kv_heads=4, text_intermediate=448, max_positions=512),
 }
 TRAIN_PER_TASK = 60_000
 PROFILE_AT = 40  # --profile-steps starts the profiler here (after warm-up and compilation)

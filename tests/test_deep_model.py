@@ -1,0 +1,73 @@
+"""The deep bundled model of issue 29 (spec ``deep12`` of scripts/train_tiny_llava.py), before and
+after it is trained: its shape and size (built untrained: random weights have the trained model's
+bytes), the training state the device calls carry, and the suite that runs the Q-VLM ablation on
+it, which fails with the missing folder and the training command until the model exists."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.models import loading
+from harness.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BYTES = 10_000_000  # issue 29: the deep model's fp16 weights at most 10 MB
+# The device tool carries at most 64 MiB: the working tree (tracked files, ~18 MB in 2026-12
+# without the deep model, ~26 MB with it) plus the carried state. The packed state must leave
+# room for both, so that the model can be re-trained once it is in the tree too.
+MAX_PACKED_STATE = 40_000_000
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _corpus_words() -> list[str]:
+    """The synthetic corpus's vocabulary, as the bundled model's tokenizer holds it (the deep model
+    is trained on the same data, so its tokenizer has the same 192 tokens)."""
+    tok = json.loads((REPO / "harness/models/bundled/qvlm-tiny-llava/tokenizer.json").read_text())
+    return list(tok["model"]["vocab"])
+
+
+def test_deep12_has_12_language_layers_and_at_most_10_mb(train, tmp_path):
+    build_tiny_llava(tmp_path, TinyLlavaSpec(**train.SPECS["deep12"], extra_words=_corpus_words()),
+                     dtype=torch.float16)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] >= 12
+    assert cfg["text_config"]["vocab_size"] == 192
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert size <= MAX_BYTES, f"{size} bytes"
+    assert size == 7_547_680  # 3.76 M parameters in fp16 (harness/models/bundled/README.md)
+    # it loads through the harness like the bundled model: llava-1.5 adapter, 12 decoder layers
+    lm = loading.load_model(str(tmp_path), dtype="fp32")
+    assert lm.adapter.name == "llava-1.5"
+    assert len(lm.adapter.language_layers(lm.model)[1]) == 12
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+
+
+def test_deep12_training_state_fits_the_device_carry(train, tmp_path):
+    """One training step of the real spec: the state a device call carries into the next one."""
+    data = tmp_path / "data"
+    train.main(["prepare", "--data", str(data), "--per-task", "4", "--sqa-rows", "4", "--chunk", "4",
+                "--workers", "1", "--relation-rows", "4"])
+    out = tmp_path / "run"
+    train.main(["train", "--data", str(data), "--out", str(out), "--spec", "deep12", "--steps", "1",
+                "--batch", "2", "--warmup", "1", "--no-eval"])
+    st = torch.load(out / train.STATE_FILE, map_location="cpu", weights_only=False)
+    n = sum(t.numel() for t in st["model"].values())
+    moments = sum(s["exp_avg"].numel() for s in st["opt"]["state"].values())
+    assert n == 3_762_816
+    # AdamW keeps moments for every trained tensor; the vision tower's last layer and post-norm
+    # get no gradient (LLaVA reads layer -2) and have none
+    assert moments == n - 198_528 + 33 * 128 + 33
+    info = train.pack_state(out / train.STATE_FILE, tmp_path / "state.pack")
+    assert info["packed"] <= MAX_PACKED_STATE, info
