@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from harness.models import loading
 from harness.models.tiny import TinyLlavaSpec, build_tiny_llava
+from harness.suite_config import SuiteError, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
+DEEP = "qvlm-deep-llava"
 MAX_BYTES = 10_000_000  # issue 29: the deep model's fp16 weights at most 10 MB
 # The device tool carries at most 64 MiB: the working tree (tracked files, ~18 MB in 2026-12
 # without the deep model, ~26 MB with it) plus the carried state. The packed state must leave
@@ -71,3 +74,35 @@ def test_deep12_training_state_fits_the_device_carry(train, tmp_path):
     assert moments == n - 198_528 + 33 * 128 + 33
     info = train.pack_state(out / train.STATE_FILE, tmp_path / "state.pack")
     assert info["packed"] <= MAX_PACKED_STATE, info
+
+
+def test_ablation_deep_is_the_ablation_on_the_deep_model():
+    deep = yaml.safe_load((REPO / "harness/suites/ablation-deep.yaml").read_text())
+    base = yaml.safe_load((REPO / "harness/suites/ablation.yaml").read_text())
+    assert deep.pop("models") == [DEEP] and base.pop("models") == ["qvlm-tiny-llava"]
+    assert deep.pop("name") == "ablation-deep" and base.pop("name") == "ablation"
+    assert deep == base
+
+
+def test_missing_deep_model_fails_at_once_naming_folder_and_command(monkeypatch, tmp_path):
+    if DEEP not in loading.PENDING_BUNDLED:
+        pytest.skip(f"{DEEP} is trained and bundled")
+    monkeypatch.setattr(loading, "BUNDLED_DIR", tmp_path / "bundled")  # as before the model exists
+    with pytest.raises(SuiteError) as exc:
+        load_suite("ablation-deep")
+    msg = str(exc.value)
+    assert str(tmp_path / "bundled" / DEEP) in msg and "not trained yet" in msg
+    assert loading.DEEP_TRAIN_COMMAND in msg and "harness/models/bundled/README.md" in msg
+    with pytest.raises(SuiteError, match="not trained yet"):  # --models on the command line too
+        load_suite("default", overrides={"models": [DEEP]})
+    with pytest.raises(loading.ModelNotFoundError, match="not trained yet"):  # no Hub look-up
+        loading.load_model(DEEP)
+
+
+def test_deep_model_resolves_once_its_folder_exists(monkeypatch, tmp_path):
+    folder = tmp_path / "bundled" / DEEP
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(loading, "BUNDLED_DIR", tmp_path / "bundled")
+    assert loading.resolve_model_path(DEEP) == str(folder)
+    assert load_suite("ablation-deep").models[0].name == DEEP
