@@ -106,3 +106,8 @@ def test_deep_model_resolves_once_its_folder_exists(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "BUNDLED_DIR", tmp_path / "bundled")
     assert loading.resolve_model_path(DEEP) == str(folder)
     assert load_suite("ablation-deep").models[0].name == DEEP
+
+
+def test_readme_gives_the_training_command_the_error_names():
+    readme = (REPO / "harness/models/bundled/README.md").read_text()
+    assert loading.DEEP_TRAIN_COMMAND in " ".join(readme.replace("\\\n", " ").split())
