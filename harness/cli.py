@@ -151,7 +151,7 @@ def cmd_compact_perf(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .models.loading import bundled_models
+    from .models.loading import PENDING_BUNDLED, bundled_models
     from .quant.config import COMMON_SCHEMES, OVERRIDE_KEYS
     from .registry import available_methods, broken_methods
     from tasks.index import available_tasks
@@ -180,8 +180,12 @@ def cmd_list(args) -> int:
         for name, summary in available_families().items():
             print(f"  {name:<16} {summary}")
         print("bundled models:")
-        for name, path in bundled_models().items():
+        bundled = bundled_models()
+        for name, path in bundled.items():
             print(f"  {name:<16} {path}")
+        for name in PENDING_BUNDLED:
+            if name not in bundled:
+                print(f"  {name:<16} not trained yet (harness/models/bundled/README.md)")
     return 0
 
 

@@ -323,8 +323,14 @@ def _unique_nonempty(key: str, names: list[str], listing: str, *, allow_repeats:
 
 
 def _check_local_model(name: str) -> None:
-    """A model written as a path (``/…``, ``./…``, ``../…``, ``~…``) must exist; Hub ids
-    (``org/name``) and bundled names are resolved when the model loads."""
+    """A model written as a path (``/…``, ``./…``, ``../…``, ``~…``) must exist, and so must a
+    bundled model still to be trained (``PENDING_BUNDLED``); Hub ids (``org/name``) and bundled
+    names are resolved when the model loads."""
+    from .models.loading import pending_model_error
+
+    pending = pending_model_error(name)
+    if pending:
+        raise SuiteError(pending)
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
         raise SuiteError(f"model {name!r} is a local path that does not exist (or is not a folder); "
                          "give a folder in Hugging Face format, a bundled model name "

@@ -102,8 +102,10 @@ def build_tokenizer(words: Iterable[str], special: Iterable[str] = (), *, eos_to
     )
 
 
-def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> Path:
-    """Create a randomly initialised tiny LLaVA (model + processor) in ``out_dir`` and return the path."""
+def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Create a randomly initialised tiny LLaVA (model + processor) in ``out_dir`` and return the path.
+    ``dtype``: the weights' stored dtype (default float32; the bundled models are float16)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -156,6 +158,9 @@ def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> 
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if dtype is not None:
+        model.to(dtype)
+        model.config.dtype = str(dtype).removeprefix("torch.")
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
