@@ -199,6 +199,18 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def write_shared_atomic(path: str | Path, data: bytes) -> Path:
+    """``write_atomic`` unless the file already holds these bytes: a content-named file (shared
+    prompts, a perf record's detail) that writers may reach at once is never rewritten in place."""
+    path = Path(path)
+    try:
+        if path.read_bytes() == data:
+            return path
+    except OSError:
+        pass
+    return write_atomic(path, data)
+
+
 def deterministic_gzip(text: str) -> bytes:
     """``text`` gzipped with level 9, no mtime and no file name: the same text gives the same bytes
     (with the same zlib). The compact sidecars (per-question samples, perf detail) are written so."""

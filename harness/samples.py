@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .records import deterministic_gzip as _gzip
-from .records import json_default, read_records, write_atomic
+from .records import json_default, read_records, write_atomic, write_shared_atomic
 
 FORMAT = 1
 SUFFIX = ".jsonl.gz"
@@ -122,13 +122,7 @@ def write_samples(path: str | Path, rows: Iterable[dict], task: str) -> Path:
     data, shared = encode_samples(rows, task)
     if shared is not None:
         name, blob = shared
-        target = path.with_name(name)
-        try:
-            same = target.read_bytes() == blob
-        except OSError:
-            same = False
-        if not same:
-            write_atomic(target, blob)
+        write_shared_atomic(path.with_name(name), blob)
     write_atomic(path, data)
     return path
 

@@ -38,7 +38,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import deterministic_gzip, json_default, write_atomic
+from ..records import deterministic_gzip, json_default, write_atomic, write_shared_atomic
 
 FORMAT = 1
 HEADER_KEY = "perf_detail_format"
@@ -129,13 +129,7 @@ def write_detail(folder: str | Path, rec: dict) -> dict:
     if payload is None:
         return summary
     name, blob = encode_detail(payload)
-    target = Path(folder) / DETAIL_DIR / name
-    try:
-        same = target.read_bytes() == blob
-    except OSError:
-        same = False
-    if not same:
-        write_atomic(target, blob)
+    write_shared_atomic(Path(folder) / DETAIL_DIR / name, blob)
     summary[DETAIL_KEY] = f"{DETAIL_DIR}/{name}"
     return summary
 
