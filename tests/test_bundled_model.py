@@ -5,7 +5,6 @@ Cheap on CPU: one model load and a few dozen greedy answers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from tasks import metrics, synth
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "qvlm-tiny-llava"
@@ -23,10 +23,7 @@ MIN_ACCURACY = {"synth_scienceqa": 0.9, "synth_vqav2": 0.8, "synth_vizwiz": 0.8}
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_tiny_llava")
 
 
 @pytest.fixture(scope="module")

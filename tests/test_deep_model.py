@@ -5,7 +5,6 @@ it, which fails with the missing folder and the training command until the model
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import yaml
 from harness.models import loading
 from harness.models.tiny import TinyLlavaSpec, build_tiny_llava
 from harness.suite_config import SuiteError, load_suite
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 DEEP = "qvlm-deep-llava"
@@ -28,10 +28,7 @@ MAX_PACKED_STATE = 40_000_000
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_tiny_llava")
 
 
 def _corpus_words() -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ from harness.perf.detail import (DETAIL_DIR, DETAIL_KEY, PerfDetailError, compac
 from harness.perf.table import leaderboard_frame, load_records, write_perf_record
 from harness.records import append_record, new_record
 from harness.resultsdir import ResultsDirError, results_lock
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,10 +192,7 @@ def test_a_sidecar_of_another_record_is_refused(tmp_path):
 
 
 def _device_summary():
-    spec = importlib.util.spec_from_file_location("device_perf", REPO / "scripts" / "device_perf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.summary
+    return load_script("device_perf").summary
 
 
 def test_the_device_summary_prints_the_per_layer_table_from_the_sidecars(tmp_path, capsys):

@@ -8,22 +8,19 @@ that resuming restores weights, optimizer, sampler and schedule exactly.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", REPO / "scripts" / "train_tiny_llava.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_tiny_llava")
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ code's VEO defaults are the rule's outcome."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "methods/qvlm/README.md"
@@ -17,10 +17,7 @@ SWEEP = REPO / "results/veo-sweep"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("sweep_veo", REPO / "scripts" / "sweep_veo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("sweep_veo")
 
 
 def _records() -> list[dict]:
