@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from harness.models.batch_rows import batch_size, select_rows
 from harness.models.family import adapter_for
 from harness.models.layers import language_layers, part_of
 from harness.quant.answers import lm_output
@@ -183,14 +184,14 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _chunks(batch: dict, micro: int | None):
-    n = int(batch["input_ids"].shape[0])
+def _chunks(batch: dict, micro: int | None, image_token: int | None):
+    n = batch_size(batch)
     if not micro or micro >= n:
         yield batch, 1.0
         return
     for s in range(0, n, micro):
         e = min(n, s + micro)
-        yield {k: v[s:e] for k, v in batch.items()}, (e - s) / n
+        yield select_rows(batch, s, e, image_token), (e - s) / n
 
 
 class VEO:
@@ -410,7 +411,7 @@ class VEO:
         scales, problems = [], []
         for batch in self.batches[: self.cfg.jacobian_batches or len(self.batches)]:
             sq = torch.zeros(n - 1, dtype=torch.float64)
-            for chunk, frac in _chunks(batch, self.micro):
+            for chunk, frac in _chunks(batch, self.micro, self.image_token):
                 s, info = self.jacobian_norms(chunk, frac)
                 sq += s
                 if info.get("loss_scale") is not None:
@@ -437,7 +438,7 @@ class VEO:
         """Mean loss terms over the calibration set, fixed entropy positions (seed + 1)."""
         sums: dict[str, float] = {}
         for b, batch in enumerate(self.batches):
-            for chunk, frac in _chunks(batch, self.micro):
+            for chunk, frac in _chunks(batch, self.micro, self.image_token):
                 t = self.terms(chunk, weights, self.cfg.seed + 1 + b)
                 t["total"] = self.total(t)
                 for k, v in t.items():
@@ -450,11 +451,11 @@ class VEO:
         chunk whose predicted peak (a measured one-sequence step, times the chunk size) fits
         ``AUTO_HEADROOM`` of the memory free after that step."""
         device = next(iter(self.vision_params.values())).device
-        size = int(self.batches[0]["input_ids"].shape[0])
+        size = batch_size(self.batches[0])
         if device.type != "cuda" or size <= 1:
             self.memory = {"micro_batch": "whole batch", "device": device.type}
             return None
-        one = {k: v[:1] for k, v in self.batches[0].items()}
+        one = select_rows(self.batches[0], 0, 1, self.image_token)
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -494,7 +495,7 @@ class VEO:
                 for bi in torch.randperm(len(self.batches), generator=gen).tolist():
                     batch = self.batches[bi]
                     opt.zero_grad(set_to_none=True)
-                    for chunk, frac in _chunks(batch, self.micro):
+                    for chunk, frac in _chunks(batch, self.micro, self.image_token):
                         t = self.terms(chunk, weights, cfg.seed + 1000 + step)
                         (self.total(t) * frac).backward()
                     opt.step()
