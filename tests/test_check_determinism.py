@@ -59,10 +59,13 @@ def test_a_failed_or_missing_cell_is_never_identical_and_says_why():
     text = cd.table({("false-1", "false-2"): runs},
                     [{"label": "false-1", "deterministic": False, "rc": 0, "wall_s": 40.0, "quantize_s": 10.0,
                       "eval_s": 2.0},
-                     {"label": "true-1", "deterministic": True, "rc": 0, "wall_s": 50.0}])
+                     {"label": "true-1", "deterministic": True, "rc": 0, "wall_s": 50.0},
+                     {"label": "false-2", "deterministic": False, "rc": 0, "wall_s": 45.0}])
     assert "| false-1 vs false-2 | fp16 / w16a16 / t | 50.00 / 50.00 | 0 of 4 | 0 | 0 | 0 | identical |" in text
     assert "missing in the second run" in text
-    assert "cost: deterministic runs 50.0 s vs 40.0 s on average (1.25x" in text
+    assert "cost: deterministic runs 50.0 s vs 42.5 s on average (1.18x" in text
+    # the first run pays for cold caches: the second line compares the warm runs only
+    assert "cost, the first run left out (it fills the machine's caches): deterministic runs 50.0 s vs 45.0 s" in text
 
 
 def test_load_run_reads_records_and_samples_files(tmp_path):
