@@ -81,15 +81,16 @@ def test_ablation_deep_is_the_ablation_on_the_deep_model():
     assert deep == base
 
 
-def test_missing_deep_model_fails_at_once_naming_folder_and_command(monkeypatch, tmp_path):
-    if DEEP not in loading.PENDING_BUNDLED:
-        pytest.skip(f"{DEEP} is trained and bundled")
+def test_a_pending_bundled_model_fails_at_once_naming_folder_and_command(monkeypatch, tmp_path):
+    """The mechanism that guarded the deep model until it was trained (``PENDING_BUNDLED``), on a
+    stand-in entry: a suite, ``--models`` or a load naming it fails at once, without a Hub look-up."""
     monkeypatch.setattr(loading, "BUNDLED_DIR", tmp_path / "bundled")  # as before the model exists
+    monkeypatch.setattr(loading, "PENDING_BUNDLED",
+                        {DEEP: "it is not trained yet: run TRAIN-COMMAND, then put the folder at {path}"})
     with pytest.raises(SuiteError) as exc:
         load_suite("ablation-deep")
     msg = str(exc.value)
-    assert str(tmp_path / "bundled" / DEEP) in msg and "not trained yet" in msg
-    assert loading.DEEP_TRAIN_COMMAND in msg and "harness/models/bundled/README.md" in msg
+    assert str(tmp_path / "bundled" / DEEP) in msg and "not trained yet" in msg and "TRAIN-COMMAND" in msg
     with pytest.raises(SuiteError, match="not trained yet"):  # --models on the command line too
         load_suite("default", overrides={"models": [DEEP]})
     with pytest.raises(loading.ModelNotFoundError, match="not trained yet"):  # no Hub look-up
@@ -105,6 +106,23 @@ def test_deep_model_resolves_once_its_folder_exists(monkeypatch, tmp_path):
     assert load_suite("ablation-deep").models[0].name == DEEP
 
 
-def test_readme_gives_the_training_command_the_error_names():
-    readme = (REPO / "harness/models/bundled/README.md").read_text()
-    assert loading.DEEP_TRAIN_COMMAND in " ".join(readme.replace("\\\n", " ").split())
+def test_the_bundled_deep_model_is_the_recipe_its_card_gives():
+    """The committed folder: 12 language layers, ≤ 10 MB, trained by the recipe its card gives (the
+    schedule's arguments and the step it stopped at, as training_info.json records them)."""
+    folder = REPO / "harness/models/bundled" / DEEP
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{DEEP} is not in this checkout")
+    assert loading.resolve_model_path(DEEP) == str(folder)
+    assert (folder / "model.safetensors").stat().st_size <= MAX_BYTES
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 12
+    info = json.loads((folder / "training_info.json").read_text())
+    card = " ".join((folder / "MODEL_CARD.md").read_text().replace("\\\n", " ").split())
+    assert info["spec"] == "deep12" and info["seed"] == 0 and info["deterministic"]
+    args = card.split('"deep12:', 1)[1].split('"', 1)[0].split()
+    got = dict(zip(args[::2], args[1::2]))
+    assert got["--spec"] == "deep12" and int(got["--stop-at"]) == info["stopped_at"]
+    assert (int(got["--steps"]), int(got["--batch"]), float(got["--lr"]), int(got["--warmup"])) == (
+        info["steps"], info["batch"], info["lr"], info["warmup"])
+    assert got["--mix"] == ",".join(f"{k}={v:g}" for k, v in info["mix"].items())
+    assert sum(c["to"] - c["from"] for c in info["calls"]) == info["stopped_at"]

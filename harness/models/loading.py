@@ -27,20 +27,11 @@ class ModelNotFoundError(RuntimeError):
     """The model name is neither bundled, a local folder, nor reachable on the Hub."""
 
 
-# Bundled models whose folder a training run still has to make (issue 29's deep model): a suite or
-# a load that names one fails at once, naming the missing folder and how to make it, instead of
-# trying the name as a Hub id (a minute of retries offline, then one failed record per cell).
-DEEP_TRAIN_COMMAND = (
-    'PREP_ARGS="--relation-rows 60000" MAX=585 RESERVE=90 STATE_IN=.train-state bash scripts/device_train.sh '
-    '"deep12:--spec deep12 --steps 12000 --batch 1024 --lr 2e-3 --warmup 600 --eval-split validation '
-    '--eval-schemes float --mix synth_scienceqa=0.45,synth_vizwiz=0.12,synth_vqav2=0.12,captions=0.16,relations=0.15"')
-PENDING_BUNDLED = {
-    "qvlm-deep-llava": (
-        "the 12-layer model of issue 29 (spec deep12 of scripts/train_tiny_llava.py) is not trained yet. "
-        "Train it on a GPU, one device call after another, each carrying the last one's state:\n  "
-        + DEEP_TRAIN_COMMAND + "\nthen put the trained folder at {path} "
-        "(every step: harness/models/bundled/README.md, 'The deep model: to be trained')"),
-}
+# Bundled models whose folder a training run still has to make: name -> what to do (may hold
+# ``{path}``). A suite or a load that names one fails at once, naming the missing folder and how to
+# make it, instead of trying the name as a Hub id (a minute of retries offline, then one failed
+# record per cell). Empty since issue 29's deep model (qvlm-deep-llava) was trained and bundled.
+PENDING_BUNDLED: dict[str, str] = {}
 
 
 def pending_model_error(name: str) -> str | None:
