@@ -41,3 +41,30 @@ def test_the_cli_builds_the_config_from_its_flags(tmp_path, capsys):
         ["w4a4"], [1, 8], False, True, {"w_group_size": 128}, 60.0, False)
     rc = main(["perf", "--model", "m", "--new-tokens", "2", "--gate-tokens", "4", "--out", str(tmp_path)])
     assert rc == 2 and "--new-tokens 2 is below --gate-tokens 4" in capsys.readouterr().err
+
+
+def test_a_perf_run_removes_what_a_killed_one_left(tmp_path, monkeypatch):
+    """``run_perf`` opens its folder as the accuracy runner does: a dead writer's temporaries (a
+    records file being replaced, a per-layer sidecar) are removed before the run; a live writer's
+    stay; an unreadable records file is set aside."""
+    import os
+
+    from harness.perf import benchmark
+
+    seen = {}
+    monkeypatch.setattr(benchmark, "_run_in_process",
+                        lambda model, cfg, log: seen.setdefault("files", sorted(
+                            str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())) and [])
+    (tmp_path / "perf-detail").mkdir()
+    dead = 2 ** 22 + 17  # above Linux's default pid_max: no such process
+    (tmp_path / f".records.jsonl.{dead}.ab12.tmp").write_text("half")
+    (tmp_path / "perf-detail" / f".x.json.gz.{dead}.cd34.tmp").write_text("half")
+    live = tmp_path / f".records.jsonl.{os.getpid()}.ef56.tmp"
+    live.write_text("being written")
+    (tmp_path / "records.jsonl").write_bytes(b"\xff\xfe not json\n")
+    run_perf("qvlm-tiny-llava", out=tmp_path, device="cpu", isolate="off", log=lambda *a: None)
+    files = seen["files"]
+    assert live.name in files
+    assert not any(str(dead) in f for f in files), files
+    assert "records.jsonl.unreadable" in files  # the bad line kept aside, never deleted
+    assert (tmp_path / "records.jsonl").read_text() == ""

@@ -655,17 +655,19 @@ def run_perf(model: str, config: PerfConfig | None = None, *, log=print, **optio
     """Benchmark ``model`` (architecture name, folder or Hub id) as ``config`` says (``PerfConfig``;
     keyword ``options`` build one, or replace fields of ``config``); returns the records written.
 
-    The results folder is locked for the run (``resultsdir.results_lock``: one driver per folder).
+    The results folder is opened as the accuracy runner's is (``resultsdir.open_results_dir``: one
+    driver per folder, stale temporaries of killed runs removed).
     With isolation (``PerfConfig.isolate``) every variant runs in a child process of its own
     (``harness.perf.isolate``); else all run here."""
     if config is not None and not isinstance(config, PerfConfig):
         raise TypeError(f"run_perf(model, config): config must be a PerfConfig, got {type(config).__name__}; "
                         "pass methods, schemes, ... as keywords or in a PerfConfig")
     cfg = PerfConfig(**options) if config is None else replace(config, **options) if options else config
-    from ..resultsdir import check_writable, results_lock
+    from ..resultsdir import open_results_dir
 
-    check_writable(cfg.out)
-    with results_lock(cfg.out):
+    # checked, locked and tidied as the accuracy runner does: temporaries a killed perf run left
+    # (records, perf-detail sidecars) are removed, an unreadable records file is set aside
+    with open_results_dir(cfg.out):
         if cfg.isolate_on():
             return run_isolated(model, cfg, log=log)
         return _run_in_process(model, cfg, log=log)
