@@ -106,6 +106,26 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_compact_records(args) -> int:
+    from .records_compact import compact_records
+    from .resultsdir import ResultsDirError
+
+    status = 0
+    for folder in args.results:
+        try:
+            c = compact_records(folder)
+        except (OSError, RuntimeError, ResultsDirError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if c["records"]:
+            print(f"{folder}: {c['records']} record(s) point at {c['sidecars']} sidecar(s) in meta/; "
+                  f"{c['bytes_before'] / 2**20:.2f} MB -> {c['bytes_after'] / 2**20:.2f} MB")
+        else:
+            print(f"{folder}: no inline method_meta or act_ranges to move (already compact)")
+    return status
+
+
 def cmd_compact_samples(args) -> int:
     from .resultsdir import ResultsDirError
     from .samples import SamplesError, compact_samples
@@ -253,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder's lock; running it again changes nothing.")
     c.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl and samples/")
     c.set_defaults(func=cmd_compact_samples)
+
+    cr = sub.add_parser("compact-records", help="move records' method_meta into shared gzip sidecars",
+                        description="Move each record's method_meta (of 1 KB or more) in each folder's "
+                                    "records.jsonl into meta/<digest>.json.gz, shared by the records of one "
+                                    "quantization state (harness/records_compact.py); reading the records "
+                                    "puts it back. The new file must read back to the old records before it "
+                                    "replaces them. Holds the folder's lock; running it again changes nothing.")
+    cr.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl")
+    cr.set_defaults(func=cmd_compact_records)
 
     cp = sub.add_parser("compact-perf", help="move a perf results folder's per-layer detail into sidecars",
                         description="Move the per-layer detail of every perf record in each folder's "

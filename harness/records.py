@@ -23,6 +23,7 @@ import platform
 import subprocess
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -122,10 +123,57 @@ def _scan(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
     return records, bad
 
 
+# A record's per-state parts (``method_meta``: a method's choices and reports; ``act_ranges``: the
+# static ranges' search) may live in content-named gzip sidecars ``meta/<digest>.json.gz`` beside
+# records.jsonl, each named by the record's ``<part>_file`` (``qvlm-bench compact-records``: the task
+# cells of one quantization state share one copy). ``read_records`` puts them back, so every reader
+# sees the record as it was written.
+SIDECAR_FIELDS = {"method_meta": "method_meta_file", "act_ranges": "act_ranges_file"}
+META_FIELD = SIDECAR_FIELDS["method_meta"]
+META_DIR = "meta"
+
+
+def meta_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_sidecar(folder: Path, rel: str, texts: dict[str, str | None]) -> str | None:
+    if rel not in texts:
+        path = folder / rel
+        try:
+            text = gzip.decompress(path.read_bytes()).decode()
+            if meta_digest(text) != Path(rel).name.split(".")[0]:
+                raise ValueError("its content does not match the digest in its name")
+            texts[rel] = text
+        except (OSError, ValueError, EOFError, zlib.error) as exc:
+            texts[rel] = None
+            key = (str(path.resolve()), "sidecar")
+            if key not in _REPORTED:
+                _REPORTED.add(key)
+                log.warning("%s (a part of records in %s) cannot be read (%s): those records are read "
+                            "without it; restore the file from the repository or re-run their cells",
+                            path, folder, exc)
+    return texts[rel]
+
+
+def _resolve_sidecars(folder: Path, records: list[dict]) -> None:
+    texts: dict[str, str | None] = {}
+    for rec in records:
+        moved = {f: rec[f] for f in SIDECAR_FIELDS.values() if isinstance(rec.get(f), str)}
+        if not moved:
+            continue
+        back = {f: _read_sidecar(folder, rel, texts) for f, rel in moved.items()}
+        names = {v: k for k, v in SIDECAR_FIELDS.items()}
+        items = [(names[k], json.loads(back[k])) if back.get(k) is not None else (k, v)  # in its place
+                 for k, v in rec.items()]
+        rec.clear()
+        rec.update(items)
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """All readable records in file order. Unreadable lines (a torn write) are skipped and reported
-    once per process on the console, naming the file and line: a skipped line is a cell whose
-    result will be recomputed, and the user should know why."""
+    """All readable records in file order, the parts kept in sidecars put back (``SIDECAR_FIELDS``). Unreadable
+    lines (a torn write) are skipped and reported once per process on the console, naming the file
+    and line: a skipped line is a cell whose result will be recomputed, and the user should know why."""
     path = Path(path)
     if not path.exists():
         return []
@@ -136,6 +184,7 @@ def read_records(path: str | Path) -> list[dict]:
             _REPORTED.add(key)
             log.warning("%s line %d is not a complete record (a write cut short by a crash or a full "
                         "disk?): skipped, its cell is recomputed by the next run: %.80s", path, lineno, text)
+    _resolve_sidecars(path.parent, records)
     return records
 
 

@@ -104,7 +104,7 @@ def clean_stale_temps(folder: Path) -> dict[str, int]:
     from .quant.state import QuantState, is_state_temp, state_key_of_temp
 
     counts = {"removed": 0, "adopted": 0}
-    candidates = [p for p in (folder, folder / "samples", folder / "perf-detail") if p.is_dir()]
+    candidates = [p for p in (folder, folder / "samples", folder / "perf-detail", folder / "meta") if p.is_dir()]
     for parent in candidates:
         for p in parent.glob(".*.tmp"):
             if _writer_alive(p.name):
