@@ -122,7 +122,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # the engine's modules: suites, cell identity, preparing a state, evaluation, records, the
     # deterministic mode a suite may ask for
     "engine": (("harness.suite_config", "harness.cells", "harness.prepare", "harness.evaluate",
-                "harness.task_data", "harness.records", "harness.resultsdir", "harness.samples",
+                "harness.task_data", "harness.records", "harness.records_compact", "harness.resultsdir",
+                "harness.samples",
                 "harness.determinism"),
                ("tasks", "models", "quant", "method API")),
     # the board and its writers, contrasts, intervals: never the worker, the runner, perf or the CLI
