@@ -274,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("results", nargs="+", help="results folder(s) holding records.jsonl and samples/")
     c.set_defaults(func=cmd_compact_samples)
 
-    cr = sub.add_parser("compact-records", help="move records' method_meta into shared gzip sidecars",
-                        description="Move each record's method_meta (of 1 KB or more) in each folder's "
+    cr = sub.add_parser("compact-records", help="move records' per-state parts into shared gzip sidecars",
+                        description="Move each record's method_meta and act_ranges (of 1 KB or more) in each folder's "
                                     "records.jsonl into meta/<digest>.json.gz, shared by the records of one "
                                     "quantization state (harness/records_compact.py); reading the records "
                                     "puts it back. The new file must read back to the old records before it "

@@ -129,20 +129,21 @@ def _scan(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 # cells of one quantization state share one copy). ``read_records`` puts them back, so every reader
 # sees the record as it was written.
 SIDECAR_FIELDS = {"method_meta": "method_meta_file", "act_ranges": "act_ranges_file"}
-META_FIELD = SIDECAR_FIELDS["method_meta"]
+_PART_OF_FILE = {v: k for k, v in SIDECAR_FIELDS.items()}
 META_DIR = "meta"
-
-
-def meta_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+SIDECAR_SUFFIX = ".json.gz"
 
 
 def _read_sidecar(folder: Path, rel: str, texts: dict[str, str | None]) -> str | None:
     if rel not in texts:
         path = folder / rel
         try:
+            parts = Path(rel).parts
+            if len(parts) != 2 or parts[0] != META_DIR or not rel.endswith(SIDECAR_SUFFIX):
+                raise ValueError(f"{rel!r} is not a sidecar name ({META_DIR}/<digest>{SIDECAR_SUFFIX}): "
+                                 "the record was edited")
             text = gzip.decompress(path.read_bytes()).decode()
-            if meta_digest(text) != Path(rel).name.split(".")[0]:
+            if content_digest(text) != parts[1][:-len(SIDECAR_SUFFIX)]:
                 raise ValueError("its content does not match the digest in its name")
             texts[rel] = text
         except (OSError, ValueError, EOFError, zlib.error) as exc:
@@ -159,12 +160,11 @@ def _read_sidecar(folder: Path, rel: str, texts: dict[str, str | None]) -> str |
 def _resolve_sidecars(folder: Path, records: list[dict]) -> None:
     texts: dict[str, str | None] = {}
     for rec in records:
-        moved = {f: rec[f] for f in SIDECAR_FIELDS.values() if isinstance(rec.get(f), str)}
-        if not moved:
+        back = {f: _read_sidecar(folder, rec[f], texts)
+                for f in _PART_OF_FILE if isinstance(rec.get(f), str)}
+        if not any(t is not None for t in back.values()):
             continue
-        back = {f: _read_sidecar(folder, rel, texts) for f, rel in moved.items()}
-        names = {v: k for k, v in SIDECAR_FIELDS.items()}
-        items = [(names[k], json.loads(back[k])) if back.get(k) is not None else (k, v)  # in its place
+        items = [(_PART_OF_FILE[k], json.loads(back[k])) if back.get(k) is not None else (k, v)  # in its place
                  for k, v in rec.items()]
         rec.clear()
         rec.update(items)
@@ -258,6 +258,12 @@ def write_shared_atomic(path: str | Path, data: bytes) -> Path:
     except OSError:
         pass
     return write_atomic(path, data)
+
+
+def content_digest(text: str) -> str:
+    """16 hex digits of the sha256 of ``text``: the name of a content-named sidecar (per-state record
+    parts, perf detail), checked against the content when it is read."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def deterministic_gzip(text: str) -> bytes:

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .records import (META_DIR, SIDECAR_FIELDS, deterministic_gzip, json_default, meta_digest, read_records,
-                      temp_name, write_atomic, write_shared_atomic)
+from .records import (META_DIR, SIDECAR_FIELDS, SIDECAR_SUFFIX, content_digest, deterministic_gzip, json_default,
+                      read_records, temp_name, write_atomic, write_shared_atomic)
 
 MIN_BYTES = 1024  # smaller metas stay inline: a sidecar would not pay for its name and gzip header
 
@@ -54,8 +54,8 @@ def compact_records(folder: str | Path, min_bytes: int = MIN_BYTES) -> dict[str,
             for field, file_field in SIDECAR_FIELDS.items():
                 part = rec.get(field) if isinstance(rec, dict) else None
                 text = json.dumps(part, separators=(",", ":"), default=json_default) if isinstance(part, dict) else ""
-                if len(text) >= max(min_bytes, 1):
-                    rel = f"{META_DIR}/{meta_digest(text)}.json.gz"
+                if text and len(text) >= min_bytes:
+                    rel = f"{META_DIR}/{content_digest(text)}{SIDECAR_SUFFIX}"
                     sidecars[rel] = text
                     moved[field] = (file_field, rel)
             if not moved:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.records import META_FIELD, SIDECAR_FIELDS, append_record, new_record, read_records, write_jsonl
+from harness.records import SIDECAR_FIELDS, append_record, new_record, read_records, write_jsonl
+
+META_FIELD = SIDECAR_FIELDS["method_meta"]
 from harness.records_compact import compact_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +99,15 @@ def test_unreadable_lines_and_small_metas_stay_byte_for_byte(tmp_path):
 def test_not_a_results_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no records.jsonl"):
         compact_records(tmp_path)
+
+
+def test_a_sidecar_name_outside_meta_is_never_read(tmp_path, caplog):
+    """An edited record cannot make the reader open a file outside the folder's meta/."""
+    (tmp_path / "secret.json.gz").write_bytes(b"")
+    rec = new_record(method="qvlm", task="t", status="ok", value=50.0)
+    rec[META_FIELD] = "../secret.json.gz"
+    (tmp_path / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    with caplog.at_level(logging.WARNING, logger="qvlm_bench"):
+        back = read_records(tmp_path / "records.jsonl")
+    assert "method_meta" not in back[0] and back[0][META_FIELD] == "../secret.json.gz"
+    assert "not a sidecar name" in caplog.text

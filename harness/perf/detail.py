@@ -31,14 +31,13 @@ records into sidecars.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import re
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from ..records import deterministic_gzip, json_default, write_atomic, write_shared_atomic
+from ..records import content_digest, deterministic_gzip, json_default, write_atomic, write_shared_atomic
 
 FORMAT = 1
 HEADER_KEY = "perf_detail_format"
@@ -118,7 +117,7 @@ def encode_detail(payload: dict) -> tuple[str, bytes]:
     """(file name, bytes) of the sidecar holding ``payload``. Pure and deterministic."""
     text = _dumps(payload) + "\n"
     run = re.sub(r"[^A-Za-z0-9]", "", str(payload["record"].get("run_id") or "")) or "norun"
-    return f"{run}-{hashlib.sha256(text.encode()).hexdigest()[:16]}{SUFFIX}", deterministic_gzip(text)
+    return f"{run}-{content_digest(text)}{SUFFIX}", deterministic_gzip(text)
 
 
 def write_detail(folder: str | Path, rec: dict) -> dict:
@@ -160,7 +159,7 @@ def _read(rec: dict, folder: Path) -> dict:
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise PerfDetailError(f"{path}: not a complete gzip file ({exc}): cut short or damaged (an "
                               f"interrupted copy, a full disk?); {_fix(path, folder)}") from None
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = content_digest(text)
     if not path.name.endswith(f"-{digest}{SUFFIX}"):
         raise PerfDetailError(f"{path}: its content does not match the digest in its name (edited, or "
                               f"mixed up with another file); {_fix(path, folder)}")
