@@ -120,13 +120,20 @@ def _online_hadamard(res: dict, dev: str, widths, prefill_rows: int, heads: int,
                         for key, fn in (("fused_us", fast), ("eager_us", eager), ("no_transform_us", base)):
                             fn()
                             entry[key] = _graph_us(fn)
-                        if hadamard.plan(n).m > 1:  # the split dense stage: each block size (default: _block_k)
+                        if hadamard.plan(n).m > 1:  # the split dense stage: each form and block size
                             entry["block_k_default"] = hadamard._block_k(rows)
+                            entry["dense_default"] = hadamard._dense(rows, hadamard.plan(n))
                             entry["fused_block_k_us"] = {}
-                            for bk in hadamard.BLOCK_KS:
-                                fn = lambda bk=bk: hadamard.hadamard_q(x, t, act, mode, silu=silu, block_k=bk)  # noqa: E731
-                                fn()
-                                entry["fused_block_k_us"][bk] = _graph_us(fn)
+                            for form in hadamard.DENSES:
+                                for bk in hadamard.BLOCK_KS:
+                                    fn = lambda bk=bk, form=form: hadamard.hadamard_q(  # noqa: E731
+                                        x, t, act, mode, silu=silu, block_k=bk, dense=form)
+                                    own = hadamard.hadamard_q(x, t, None, silu=silu, block_k=bk, dense=form)
+                                    c = fused.check_codes(own, fn(), act)  # codes on the form's own values
+                                    if c["non_tie"] or c["scale_mismatch"]:
+                                        ok = False
+                                        entry.setdefault("form_errors", []).append(f"{form} bk={bk}: {c}")
+                                    entry["fused_block_k_us"][f"{form}-{bk}"] = _graph_us(fn)
                         # what the engine's per-width choice makes of these two times (hadamard.pick)
                         entry["engine_choice"] = hadamard.pick(entry["fused_us"], entry["eager_us"])
                     entry["ok"] = bool(ok)

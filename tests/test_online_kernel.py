@@ -275,3 +275,41 @@ def test_split_dense_stage_at_11008(interp, rows):
             assert c["mismatches"] == 0 and c["scale_mismatch"] == 0 and not c.get("rowsum_mismatch"), (act, mode, c)
             if mode.kind == "fake":
                 assert torch.equal(p.x, quantize_activation(h, act))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_whole_row_dense_stage_at_11008(interp, rows):
+    """The loop-free form of the split dense stage (``dense="whole"``: the row's [512, 32] tile in
+    two products) gives x·H up to fp16 rounding against float64, the tiled form's values but for an
+    ulp or two where float32 sums in another order round differently, the same values every call, and every quantizer's codes on its
+    own values; a width whose row exceeds a program's tile is refused by name."""
+    n = 11008
+    t = OnlineHadamard(n)
+    gu = rand_acts(rows, 2 * n, 70 + rows)
+    whole = hadamard.hadamard_q(gu, t, None, silu=True, dense="whole")
+    tiles = hadamard.hadamard_q(gu, t, None, silu=True, dense="tiles")
+    g, u = gu[:, :n].double(), gu[:, n:].double()
+    assert _rel(whole, _xh64((g / (1 + torch.exp(-g))).half().double() * u)) < 1e-3
+    d = (whole.double() - tiles.double()).abs()
+    assert (d <= 2 * fused.ulp(tiles)).all() and (d > 0).double().mean() < 0.01
+    # the same call gives the same values; another block size may round a sum's last bit elsewhere
+    assert torch.equal(hadamard.hadamard_q(gu, t, None, silu=True, dense="whole"), whole)
+    other = hadamard.hadamard_q(gu, t, None, silu=True, dense="whole", block_k=64)
+    assert ((other.double() - whole.double()).abs() <= 2 * fused.ulp(whole)).all()
+    for act, mode in [(a, m) for a in ACTS[:2] for m in MODES[:2]]:
+        p = hadamard.hadamard_q(gu, t, act, mode, silu=True, dense="whole")
+        c = fused.check_codes(whole, p, act)
+        assert c["mismatches"] == 0 and c["scale_mismatch"] == 0, (act, mode, c)
+    with pytest.raises(ValueError, match="dense='sideways'"):
+        hadamard.hadamard_q(gu, t, None, silu=True, dense="sideways")
+    assert hadamard._dense(1, hadamard.plan(n)) == ("whole" if hadamard.WHOLE_MAX_ROWS >= 1 else "tiles")
+
+
+def test_the_dense_form_rule_and_its_override(monkeypatch):
+    p = hadamard.plan(11008)
+    monkeypatch.setenv(hadamard.WHOLE_ENV, "8")
+    assert [hadamard._dense(r, p) for r in (1, 8, 9, 647)] == ["whole", "whole", "tiles", "tiles"]
+    monkeypatch.setenv(hadamard.WHOLE_ENV, "0")
+    assert hadamard._dense(1, p) == "tiles"
+    monkeypatch.delenv(hadamard.WHOLE_ENV)
+    assert hadamard._dense(1, p) == ("whole" if hadamard.WHOLE_MAX_ROWS >= 1 else "tiles")

@@ -47,6 +47,9 @@ MAX_TILE = 32768  # values of the row tile a program holds (the accumulator of t
 BI = 32  # rows of the [m, p] row per step of the dense stage (one 32-bit word of H_m per column)
 CHUNK = 1024  # values of a row per program of the quantizer pass after the split dense stage
 BLOCK_KS = (16, 32, 64)  # outputs of the [m, p] row per program of the split dense stage (``_block_k``)
+DENSES = ("tiles", "whole")  # the split dense stage: a loop over 32-row tiles, or the whole row at once
+WHOLE_ENV = "QVLM_HADAMARD_WHOLE_ROWS"  # overrides WHOLE_MAX_ROWS (A/B timing of the two forms)
+WHOLE_MAX_ROWS = 0  # rows up to which ``_dense`` takes "whole" (set from GPU timings; 0: never)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,40 @@ if tk.HAS_TRITON:
             tl.store(stats_ptr + (row * NB + kb) * 2 + 1, tl.max(h, axis=None))
 
     @triton.jit
+    def _dense_wht_whole_kernel(x_ptr, bits_ptr, h_ptr, stats_ptr, K, M, NT, NB, T, D,
+                                stride_b, stride_t, stride_h, stride_hout, sqrt_n,
+                                BK: tl.constexpr, P: tl.constexpr, LOGP: tl.constexpr, MP: tl.constexpr,
+                                SILU: tl.constexpr, PREC: tl.constexpr, STATS: tl.constexpr):
+        # m > 1, split, no loop: program (row, kb) holds the whole [MP, P] row (MP = m rounded up to a
+        # power of two), Y = X H_P in one product and Z[k, :] = H_mᵀ[k, :] Y in another (``dense=
+        # "whole"``: two dependent products instead of 2 · NT, for the few rows of a decode step;
+        # the float32 sum over i is one product's, so values may differ from ``"tiles"`` in the last
+        # bit of the accumulation, as any order does)
+        row = tl.program_id(0)
+        kb = tl.program_id(1)
+        k = kb * BK + tl.arange(0, BK)
+        i = tl.arange(0, MP)
+        j = tl.arange(0, P)
+        dt = x_ptr.dtype.element_ty
+        c = i[:, None] * P + j[None, :]
+        x = _load(x_ptr, row, c, (i[:, None] < M) & (j[None, :] < P), K, T, D, stride_b, stride_t, stride_h, SILU)
+        y = tl.dot(x, _sylvester_tile(P, LOGP, dt), input_precision=PREC).to(dt)  # rows i >= M are 0
+        kin = k < M
+        w = tl.load(bits_ptr + k[:, None] * NT + (i // 32)[None, :],
+                    mask=kin[:, None] & ((i // 32)[None, :] < NT), other=0)  # [BK, MP] words
+        neg = ((w >> (i % 32)[None, :]) & 1) != 0
+        hm = tl.where(neg, -1.0, 1.0).to(dt)  # [BK, MP] = H_mᵀ[k, i]
+        z = tl.dot(hm, y, input_precision=PREC).to(dt).to(tl.float32)
+        h = tl.math.div_rn(z, sqrt_n + tl.zeros_like(z)).to(dt).to(tl.float32)
+        c = k[:, None] * P + j[None, :]
+        mask = kin[:, None] & (j[None, :] < P)
+        h = tl.where(mask, h, 0.0)
+        tl.store(h_ptr + row * stride_hout + c, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if STATS:
+            tl.store(stats_ptr + (row * NB + kb) * 2, tl.min(h, axis=None))
+            tl.store(stats_ptr + (row * NB + kb) * 2 + 1, tl.max(h, axis=None))
+
+    @triton.jit
     def _rows_q_stats_kernel(h_ptr, stats_ptr, out_ptr, scale_ptr, rowsum_ptr, s_ptr, z_ptr, K, NB, LOOP,
                              stride_h, stride_out, clip, CHUNK: tl.constexpr, NBP: tl.constexpr,
                              MODE: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
@@ -277,11 +314,21 @@ def _block_k(rows: int) -> int:
     return 16 if rows <= 32 else 64
 
 
+def _dense(rows: int, plan_: Plan) -> str:
+    """The split dense stage's form (``DENSES``): ``"tiles"`` (a loop over 32-row tiles, measured
+    on the GPU since b8d18b8) unless the whole row fits a program's tile and few rows are asked
+    for and ``whole`` was measured faster (``WHOLE_MAX_ROWS``; 0 until then; ``QVLM_HADAMARD_WHOLE_ROWS``
+    overrides it for A/B timing)."""
+    limit = int(os.environ.get(WHOLE_ENV, "") or WHOLE_MAX_ROWS)
+    return "whole" if rows <= limit and plan_.mp * plan_.p <= MAX_TILE else "tiles"
+
+
 def hadamard_q(x: torch.Tensor, t: OnlineHadamard, act: ActQuant | None, mode: InputMode = FLOAT_INPUT,
-               *, silu: bool = False, block_k: int | None = None):
+               *, silu: bool = False, block_k: int | None = None, dense: str | None = None):
     """``quantizer(x @ H)`` row by row (``fused``'s outputs by ``mode``) for ``x`` ``[M, n]``, a
     ``[B, T, H, D]`` view with contiguous D (rows (b, t), columns (h, d)), or with ``silu`` the fused
-    gate/up output ``[M, 2n]`` whose SiLU(gate) · up is transformed. Triton only (``usable``)."""
+    gate/up output ``[M, 2n]`` whose SiLU(gate) · up is transformed. Triton only (``usable``).
+    ``block_k`` and ``dense`` choose the m > 1 split's form (default ``_block_k``, ``_dense``)."""
     n = t.n
     if silu:
         if x.dim() != 2 or x.shape[1] != 2 * n or x.stride(1) != 1:
@@ -326,11 +373,19 @@ def hadamard_q(x: torch.Tensor, t: OnlineHadamard, act: ActQuant | None, mode: I
             # statistics go to scratch for pass 2 (the quantizer needs the whole row's statistic)
             h = out if kind == "float" else torch.empty(rows, n, device=x.device, dtype=dt_out)
             stats = s if kind == "float" else torch.empty(rows, nb, 2, device=x.device, dtype=torch.float32)
-            _dense_wht_part_kernel[(rows, nb)](x, words, h, stats, n, pl.m, words.shape[1], nb, T, D, sb, st, sh,
-                                               h.stride(0), math.sqrt(n), BK=bk, P=pl.p,
-                                               LOGP=pl.p.bit_length() - 1, BLOCK_I=BI, SILU=silu,
-                                               PREC=common["PREC"], STATS=kind != "float" and per_token,
-                                               num_warps=4)
+            form = dense or _dense(rows, pl)
+            if form not in DENSES:
+                raise ValueError(f"dense={form!r}: expected one of {DENSES}")
+            args = (x, words, h, stats, n, pl.m, words.shape[1], nb, T, D, sb, st, sh, h.stride(0), math.sqrt(n))
+            stats_on = kind != "float" and per_token
+            if form == "whole":
+                if pl.mp * pl.p > MAX_TILE:
+                    raise ValueError(f"dense='whole': {pl.mp}·{pl.p} values exceed a program's tile ({MAX_TILE})")
+                _dense_wht_whole_kernel[(rows, nb)](*args, BK=bk, P=pl.p, LOGP=pl.p.bit_length() - 1, MP=pl.mp,
+                                                    SILU=silu, PREC=common["PREC"], STATS=stats_on, num_warps=8)
+            else:
+                _dense_wht_part_kernel[(rows, nb)](*args, BK=bk, P=pl.p, LOGP=pl.p.bit_length() - 1, BLOCK_I=BI,
+                                                   SILU=silu, PREC=common["PREC"], STATS=stats_on, num_warps=4)
             if kind != "float":
                 chunks = -(-n // CHUNK)
                 # row sums: one program per row (a sum over programs would need a third pass)
