@@ -221,3 +221,47 @@ def test_cache_key_covers_every_file_a_method_imports(tmp_path, monkeypatch):
     finally:
         for key in [k for k in sys.modules if k.startswith("ext_")]:
             del sys.modules[key]
+
+
+def test_edited_and_to_state_hold_one_cast_at_a_time():
+    """A float edit of a model costs its float working copies and one parameter's cast, never a
+    model's worth of casts or of saved originals beside them (QuaRot on a 7B model on an 80 GB GPU
+    needed this): every cast is released before the next is made, the originals wait in host
+    memory, and the model comes back bit for bit. (The GPU run of QuaRot on Qwen2.5-VL-7B shapes is
+    the measurement: docs/benchmarks/suite_7b.md.)"""
+    import weakref
+
+    from harness.quant.config import QuantConfig
+    from harness.quant.state import QuantState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)]).float()  # casts are new tensors
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = FloatEdit(model)
+    for i in range(4):
+        edit.online_hadamard(str(i))
+    alive, made = [], []
+    real = FloatEdit.cast_each
+
+    def watched(self):
+        for path, value in real(self):
+            alive.append(sum(r() is not None for r in made))  # earlier casts still referenced
+            made.append(weakref.ref(value))
+            yield path, value
+
+    FloatEdit.cast_each = watched
+    try:
+        with edited(model, edit):
+            for i in range(4):
+                assert torch.equal(model[i].weight, edit.params[f"{i}.weight"].float())
+        state = QuantState(method="test", config=QuantConfig())
+        edit.to_state(state)
+    finally:
+        FloatEdit.cast_each = real
+    # inside edited(): each cast gone before the next (the old dict of casts held all four); to_state
+    # keeps each as the state's float parameter in host memory (on the CPU that is the cast itself)
+    assert len(made) == 8 and alive[:4] == [0] * 4, alive
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert sorted(state.float_params) == [f"{i}.weight" for i in range(4)]
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in state.float_params.values())
