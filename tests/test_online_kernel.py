@@ -260,16 +260,16 @@ def test_split_dense_stage_at_11008(interp, rows):
     n = 11008
     t = OnlineHadamard(n)
     gu = rand_acts(rows, 2 * n, 40 + rows)
-    h = hadamard.hadamard_q(gu, t, None, silu=True)
+    h = hadamard.hadamard_q(gu, t, None, silu=True, dense="tiles")
     g, u = gu[:, :n].double(), gu[:, n:].double()
     assert _rel(h, _xh64((g / (1 + torch.exp(-g))).half().double() * u)) < 1e-3
     for bk in (hadamard.BLOCK_KS if rows <= 2 else (64,)):
-        assert torch.equal(hadamard.hadamard_q(gu, t, None, silu=True, block_k=bk), h)
+        assert torch.equal(hadamard.hadamard_q(gu, t, None, silu=True, block_k=bk, dense="tiles"), h)
     cases = [(a, m) for a in ACTS for m in MODES
              if not (m.kind == "codes" and m.fp8 and not (a.bits <= 4 and a.sym)) and (a.sym or a.bits <= 7)]
     for act, mode in cases if rows <= 2 else cases[:2]:
         for bk in (16, 64) if rows == 1 else (None,):
-            p = hadamard.hadamard_q(gu, t, act, mode, silu=True, block_k=bk)
+            p = hadamard.hadamard_q(gu, t, act, mode, silu=True, block_k=bk, dense="tiles")
             assert p.kind == mode.kind and p.x.shape == (rows, n)
             c = fused.check_codes(h, p, act)
             assert c["mismatches"] == 0 and c["scale_mismatch"] == 0 and not c.get("rowsum_mismatch"), (act, mode, c)

@@ -49,7 +49,7 @@ CHUNK = 1024  # values of a row per program of the quantizer pass after the spli
 BLOCK_KS = (16, 32, 64)  # outputs of the [m, p] row per program of the split dense stage (``_block_k``)
 DENSES = ("tiles", "whole")  # the split dense stage: a loop over 32-row tiles, or the whole row at once
 WHOLE_ENV = "QVLM_HADAMARD_WHOLE_ROWS"  # overrides WHOLE_MAX_ROWS (A/B timing of the two forms)
-WHOLE_MAX_ROWS = 0  # rows up to which ``_dense`` takes "whole" (set from GPU timings; 0: never)
+WHOLE_MAX_ROWS = 1  # rows up to which ``_dense`` takes "whole": measured at 1 row (decode, batch 1)
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,22 @@ if tk.HAS_TRITON:
         t = row % T
         return tl.load(x_ptr + b * stride_b + t * stride_t + (c // D) * stride_h + c % D, mask=mask, other=0.0)
 
+    @_helper
+    def _store_block(acc, k, kin, j, row, kb, NB, h_ptr, stats_ptr, stride_hout, sqrt_n, dt: tl.constexpr,
+                     P: tl.constexpr, STATS: tl.constexpr):
+        """A split dense stage's block ``Z[k, :]`` (float32 ``acc``) rounded as the eager stages (to
+        the activation dtype, divided by √n, rounded again), stored into ``h``; with ``STATS`` the
+        block's min and max for the quantizer pass (exact in any order)."""
+        z = acc.to(dt).to(tl.float32)
+        h = tl.math.div_rn(z, sqrt_n + tl.zeros_like(z)).to(dt).to(tl.float32)
+        c = k[:, None] * P + j[None, :]
+        mask = kin[:, None] & (j[None, :] < P)
+        h = tl.where(mask, h, 0.0)
+        tl.store(h_ptr + row * stride_hout + c, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if STATS:
+            tl.store(stats_ptr + (row * NB + kb) * 2, tl.min(h, axis=None))
+            tl.store(stats_ptr + (row * NB + kb) * 2 + 1, tl.max(h, axis=None))
+
     @triton.jit
     def _wht_q_kernel(x_ptr, out_ptr, scale_ptr, rowsum_ptr, s_ptr, z_ptr, K, T, D,
                       stride_b, stride_t, stride_h, stride_out, sqrt_n, clip,
@@ -188,15 +204,7 @@ if tk.HAS_TRITON:
             neg = ((w[:, None] >> bi[None, :]) & 1) != 0
             hm = tl.where(neg, -1.0, 1.0).to(dt)  # [BK, BLOCK_I] = H_mᵀ[k, i]
             acc += tl.dot(hm, y, input_precision=PREC)
-        z = acc.to(dt).to(tl.float32)
-        h = tl.math.div_rn(z, sqrt_n + tl.zeros_like(z)).to(dt).to(tl.float32)
-        c = k[:, None] * P + j[None, :]
-        mask = kin[:, None] & (j[None, :] < P)
-        h = tl.where(mask, h, 0.0)
-        tl.store(h_ptr + row * stride_hout + c, h.to(h_ptr.dtype.element_ty), mask=mask)
-        if STATS:
-            tl.store(stats_ptr + (row * NB + kb) * 2, tl.min(h, axis=None))
-            tl.store(stats_ptr + (row * NB + kb) * 2 + 1, tl.max(h, axis=None))
+        _store_block(acc, k, kin, j, row, kb, NB, h_ptr, stats_ptr, stride_hout, sqrt_n, dt, P, STATS)
 
     @triton.jit
     def _dense_wht_whole_kernel(x_ptr, bits_ptr, h_ptr, stats_ptr, K, M, NT, NB, T, D,
@@ -222,15 +230,8 @@ if tk.HAS_TRITON:
                     mask=kin[:, None] & ((i // 32)[None, :] < NT), other=0)  # [BK, MP] words
         neg = ((w >> (i % 32)[None, :]) & 1) != 0
         hm = tl.where(neg, -1.0, 1.0).to(dt)  # [BK, MP] = H_mᵀ[k, i]
-        z = tl.dot(hm, y, input_precision=PREC).to(dt).to(tl.float32)
-        h = tl.math.div_rn(z, sqrt_n + tl.zeros_like(z)).to(dt).to(tl.float32)
-        c = k[:, None] * P + j[None, :]
-        mask = kin[:, None] & (j[None, :] < P)
-        h = tl.where(mask, h, 0.0)
-        tl.store(h_ptr + row * stride_hout + c, h.to(h_ptr.dtype.element_ty), mask=mask)
-        if STATS:
-            tl.store(stats_ptr + (row * NB + kb) * 2, tl.min(h, axis=None))
-            tl.store(stats_ptr + (row * NB + kb) * 2 + 1, tl.max(h, axis=None))
+        acc = tl.dot(hm, y, input_precision=PREC)
+        _store_block(acc, k, kin, j, row, kb, NB, h_ptr, stats_ptr, stride_hout, sqrt_n, dt, P, STATS)
 
     @triton.jit
     def _rows_q_stats_kernel(h_ptr, stats_ptr, out_ptr, scale_ptr, rowsum_ptr, s_ptr, z_ptr, K, NB, LOOP,
@@ -315,10 +316,11 @@ def _block_k(rows: int) -> int:
 
 
 def _dense(rows: int, plan_: Plan) -> str:
-    """The split dense stage's form (``DENSES``): ``"tiles"`` (a loop over 32-row tiles, measured
-    on the GPU since b8d18b8) unless the whole row fits a program's tile and few rows are asked
-    for and ``whole`` was measured faster (``WHOLE_MAX_ROWS``; 0 until then; ``QVLM_HADAMARD_WHOLE_ROWS``
-    overrides it for A/B timing)."""
+    """The split dense stage's form (``DENSES``): ``"whole"`` where the row fits a program's tile and
+    rows ≤ ``WHOLE_MAX_ROWS``, else ``"tiles"``. On an H100 (95a3315, n = 11008, CUDA-graph replays,
+    codes out): 1 row whole 10.1 µs, tiles 20.4–24.8, eager 18.2, the producer alone 8.7; 647 rows
+    whole 235–553 µs, tiles 183–490 (docs/benchmarks/perf.md). Between 1 and 647 rows it was not
+    timed, so only 1 row takes "whole". ``QVLM_HADAMARD_WHOLE_ROWS`` overrides the limit (A/B)."""
     limit = int(os.environ.get(WHOLE_ENV, "") or WHOLE_MAX_ROWS)
     return "whole" if rows <= limit and plan_.mp * plan_.p <= MAX_TILE else "tiles"
 
