@@ -247,6 +247,26 @@ def test_leaderboard_joins_each_methods_own_perf_row(tmp_path):
                              if "| awq " in line)
 
 
+
+def test_the_joined_latency_column_keeps_one_dtype(tmp_path):
+    """A perf run re-times a tinygemm variant (and its baseline) in bf16 after the fp16 pass: the
+    joined column stays in the dtype most rows were timed in, newer bf16 records notwithstanding,
+    and a row timed only in bf16 keeps its bf16 record."""
+    cells = {("fp16", "fp64 (reference)", "w16a16", "t"): scores(60, 50, 1), ("rtn", None, "w4a4", "t"): scores(60, 40, 2),
+             ("awq", None, "w4a4", "t"): scores(60, 45, 3), ("gptq", None, "w4a4", "t"): scores(60, 44, 4)}
+    perf = [_perf("fp16", "w16a16", 6.0, reference=True), _perf("rtn", "w4a4", 4.1), _perf("awq", "w4a4", 4.7),
+            _perf("fp16", "w16a16", 6.5, reference=True), _perf("rtn", "w4a4", 3.9), _perf("gptq", "w4a4", 4.4)]
+    for p, dt in zip(perf, ["fp16", "fp16", "fp16", "bf16", "bf16", "bf16"]):
+        p["variant"], p["dtype"] = p["method"], dt
+    ref_key = ("fp16", "fp64 (reference)", "w16a16", "t")
+    folder = write_run(tmp_path / "run", cells, extra_records=perf, keys={ref_key: {"reference": True}})
+    from harness.report.board import Run, build_board
+    from harness.records import read_records
+
+    t = build_board([Run("run", folder, read_records(folder / "records.jsonl"))], n_resamples=200).table
+    lat = {row[1]: t.at[row, "decode ms/tok"] for row in t.index}
+    assert lat == {"fp64 (reference)": 6.0, "rtn": 4.1, "awq": 4.7, "gptq": 4.4}, lat
+
 def test_fused_quantizers_run_after_the_online_hadamard(bundled64, interp):
     """Triton (interpreter): where a producer quantizes, the transform runs first, then the row quantizer."""
     lm = bundled64

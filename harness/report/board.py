@@ -336,11 +336,22 @@ def _join_perf(table: pd.DataFrame, perf_records: list[dict],
     """The batch-1 perf columns of each accuracy row from the perf record of the same identity
     (``row_identity``): each method's latency is its own row's, never another method's. Returns
     the table and the perf records joined (none: the table unchanged)."""
-    perf = {}  # the newest successful batch-1 record per identity (as ``latest_ok`` filters)
-    for r in perf_records:
-        if r.get("metric") == "perf" and r.get("status") == "ok" and r.get("batch_size") in (None, 1) \
-                and r.get("objective") in (None, "generate"):
-            perf[row_identity(r)] = r
+    usable = [r for r in perf_records
+              if r.get("metric") == "perf" and r.get("status") == "ok" and r.get("batch_size") in (None, 1)
+              and r.get("objective") in (None, "generate")]
+    # one dtype for the whole column: a run re-times tinygemm variants in bf16 after its fp16 pass,
+    # and a row joined from that pass beside fp16 rows would compare two dtypes' baselines. The
+    # column takes the dtype most rows were timed in; a row only timed in another keeps that one.
+    counts: dict = {}
+    for r in usable:
+        counts[r.get("dtype")] = counts.get(r.get("dtype"), 0) + 1
+    main = max(counts, key=lambda d: (counts[d], str(d))) if counts else None
+    perf = {}  # per identity: the newest successful batch-1 record, of the main dtype where one exists
+    for r in usable:
+        key = row_identity(r)
+        old = perf.get(key)
+        if old is None or r.get("dtype") == main or old.get("dtype") != main:
+            perf[key] = r
     if not perf:
         return table, []
     acc_recs = {} if acc is None else {tuple(r[c] for c in ROW): r for r in acc.to_dict("records")}
