@@ -313,3 +313,21 @@ def test_the_dense_form_rule_and_its_override(monkeypatch):
     assert hadamard._dense(1, p) == "tiles"
     monkeypatch.delenv(hadamard.WHOLE_ENV)
     assert hadamard._dense(1, p) == ("whole" if hadamard.WHOLE_MAX_ROWS >= 1 else "tiles")
+    # only the tile measured on the GPU (512 · 32) goes "whole" by default: Qwen2.5-7B's 18944 does not
+    assert hadamard.plan(18944).mp * hadamard.plan(18944).p > hadamard.WHOLE_MAX_TILE >= p.mp * p.p
+    assert hadamard._dense(1, hadamard.plan(18944)) == "tiles"
+
+
+def test_whole_row_dense_stage_reads_the_attention_output_at_3584(interp):
+    """Qwen2.5-7B's o_proj input (3584 = 28 · 128, read through the attention output's transpose)
+    goes "whole" at one row by default: x·H against float64, and the tiled form's values within
+    two ulps."""
+    n, heads = 3584, 28
+    t = OnlineHadamard(n)
+    att = rand_acts(heads, n // heads, 91).reshape(1, heads, 1, n // heads)
+    x = att.transpose(1, 2)  # [B, T, H, D] as the engine reads it
+    assert hadamard._dense(1, hadamard.plan(n)) == "whole"
+    whole = hadamard.hadamard_q(x, t, None, dense="whole")
+    tiles = hadamard.hadamard_q(x, t, None, dense="tiles")
+    assert _rel(whole, _xh64(x.reshape(1, n))) < 1e-3
+    assert ((whole.double() - tiles.double()).abs() <= 2 * fused.ulp(tiles)).all()

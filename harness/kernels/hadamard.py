@@ -50,6 +50,10 @@ BLOCK_KS = (16, 32, 64)  # outputs of the [m, p] row per program of the split de
 DENSES = ("tiles", "whole")  # the split dense stage: a loop over 32-row tiles, or the whole row at once
 WHOLE_ENV = "QVLM_HADAMARD_WHOLE_ROWS"  # overrides WHOLE_MAX_ROWS (A/B timing of the two forms)
 WHOLE_MAX_ROWS = 1  # rows up to which ``_dense`` takes "whole": measured at 1 row (decode, batch 1)
+# the largest row tile ``_dense`` gives "whole" by default: the one measured on the GPU (11008: 512 · 32);
+# wider ones (Qwen2.5-7B's 18944 = 148 · 128 → 256 · 128) were never compiled there (registers, shared
+# memory), so they keep "tiles"; ``dense="whole"`` still runs them up to MAX_TILE
+WHOLE_MAX_TILE = 16384
 
 
 @dataclass(frozen=True)
@@ -316,13 +320,13 @@ def _block_k(rows: int) -> int:
 
 
 def _dense(rows: int, plan_: Plan) -> str:
-    """The split dense stage's form (``DENSES``): ``"whole"`` where the row fits a program's tile and
-    rows ≤ ``WHOLE_MAX_ROWS``, else ``"tiles"``. On an H100 (95a3315, n = 11008, CUDA-graph replays,
+    """The split dense stage's form (``DENSES``): ``"whole"`` where the row's tile is at most
+    ``WHOLE_MAX_TILE`` and rows ≤ ``WHOLE_MAX_ROWS``, else ``"tiles"``. On an H100 (95a3315, n = 11008, CUDA-graph replays,
     codes out): 1 row whole 10.1 µs, tiles 20.4–24.8, eager 18.2, the producer alone 8.7; 647 rows
     whole 235–553 µs, tiles 183–490 (docs/benchmarks/perf.md). Between 1 and 647 rows it was not
     timed, so only 1 row takes "whole". ``QVLM_HADAMARD_WHOLE_ROWS`` overrides the limit (A/B)."""
     limit = int(os.environ.get(WHOLE_ENV, "") or WHOLE_MAX_ROWS)
-    return "whole" if rows <= limit and plan_.mp * plan_.p <= MAX_TILE else "tiles"
+    return "whole" if rows <= limit and plan_.mp * plan_.p <= WHOLE_MAX_TILE else "tiles"
 
 
 def hadamard_q(x: torch.Tensor, t: OnlineHadamard, act: ActQuant | None, mode: InputMode = FLOAT_INPUT,
