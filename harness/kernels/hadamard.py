@@ -321,10 +321,8 @@ def _block_k(rows: int) -> int:
 
 def _dense(rows: int, plan_: Plan) -> str:
     """The split dense stage's form (``DENSES``): ``"whole"`` where the row's tile is at most
-    ``WHOLE_MAX_TILE`` and rows ≤ ``WHOLE_MAX_ROWS``, else ``"tiles"``. On an H100 (95a3315, n = 11008, CUDA-graph replays,
-    codes out): 1 row whole 10.1 µs, tiles 20.4–24.8, eager 18.2, the producer alone 8.7; 647 rows
-    whole 235–553 µs, tiles 183–490 (docs/benchmarks/perf.md). Between 1 and 647 rows it was not
-    timed, so only 1 row takes "whole". ``QVLM_HADAMARD_WHOLE_ROWS`` overrides the limit (A/B)."""
+    ``WHOLE_MAX_TILE`` and rows ≤ ``WHOLE_MAX_ROWS`` (what was measured faster on the GPU:
+    docs/benchmarks/perf.md), else ``"tiles"``. ``QVLM_HADAMARD_WHOLE_ROWS`` overrides the row limit."""
     limit = int(os.environ.get(WHOLE_ENV, "") or WHOLE_MAX_ROWS)
     return "whole" if rows <= limit and plan_.mp * plan_.p <= WHOLE_MAX_TILE else "tiles"
 
@@ -384,9 +382,7 @@ def hadamard_q(x: torch.Tensor, t: OnlineHadamard, act: ActQuant | None, mode: I
                 raise ValueError(f"dense={form!r}: expected one of {DENSES}")
             args = (x, words, h, stats, n, pl.m, words.shape[1], nb, T, D, sb, st, sh, h.stride(0), math.sqrt(n))
             stats_on = kind != "float" and per_token
-            if form == "whole":
-                if pl.mp * pl.p > MAX_TILE:
-                    raise ValueError(f"dense='whole': {pl.mp}·{pl.p} values exceed a program's tile ({MAX_TILE})")
+            if form == "whole":  # ``plan`` keeps mp · p within MAX_TILE
                 _dense_wht_whole_kernel[(rows, nb)](*args, BK=bk, P=pl.p, LOGP=pl.p.bit_length() - 1, MP=pl.mp,
                                                     SILU=silu, PREC=common["PREC"], STATS=stats_on, num_warps=8)
             else:

@@ -366,9 +366,9 @@ class LlavaEngine:
         for key, names in groups.items():
             rec = self.online_timings[key]
             rec["layers"] = len(names)
-            pl = hadamard.plan(cand[names[0]].online.n)
+            pl = hadamard.plan(cand[names[0]].online.n)  # a Plan: every candidate is one the kernel covers
             for ph in rec["phases"].values():  # which form of the split dense stage the fused path ran
-                if not isinstance(pl, str) and pl.m > 1:
+                if pl.m > 1:
                     ph["dense"] = hadamard._dense(ph["rows"], pl)
             if rec["choice"] != hadamard.KERNEL:
                 why = (f"eager: timed faster ({rec['cost_eager_ms'] * 1e3:.1f} us vs fused "
